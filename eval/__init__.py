@@ -1,0 +1,1 @@
+"""Evaluation and benchmarks (perplexity, decode speed) and the CLI."""

@@ -1,0 +1,191 @@
+"""The `palu-jax` command line (the composition root: may import anything).
+
+  palu-jax convert SRC OUT
+  palu-jax generate MODEL --prompt TEXT [--chat] --max-new-tokens N ...
+  palu-jax ppl MODEL --dataset {wikitext2,c4,tinystories,PATH} --seqlen N
+  palu-jax demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+from palu_jax.errors import PaluError
+
+
+def _jax_backend() -> str:
+  import jax
+  return jax.default_backend()
+
+
+def cmd_convert(args) -> int:
+  from palu_jax.checkpoint import convert_checkpoint
+  t = time.perf_counter()
+  out = convert_checkpoint(args.src, args.out, overwrite=args.overwrite)
+  print(f"converted {args.src} -> {out} in {time.perf_counter() - t:.1f}s")
+  return 0
+
+
+def render_chat(tokenizer, prompt: str) -> str:
+  """Applies the tokenizer's chat template to one user message."""
+  template = getattr(tokenizer, "chat_template", None)
+  if not template:
+    raise PaluError("--chat: this model's tokenizer has no chat template")
+  import jinja2
+  env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+  return env.from_string(template).render(
+      messages=[{"role": "user", "content": prompt}],
+      add_generation_prompt=True, bos_token="", eos_token="")
+
+
+def cmd_generate(args) -> int:
+  from palu_jax.api import load_model
+  from palu_jax.generate import Generator
+  from palu_jax.sampling import SamplingConfig
+  model, tok = load_model(args.model, dtype=args.dtype)
+  if tok is None:
+    raise PaluError(f"{args.model}: no tokenizer found next to the checkpoint")
+  text = render_chat(tok, args.prompt) if args.chat else args.prompt
+  ids = tok.encode(text)
+  if not ids:
+    raise PaluError("--prompt is empty: give some text (or a BOS-adding "
+                    "tokenizer)")
+  sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p)
+  gen = Generator(model)
+  if not args.chat:
+    print(args.prompt, end="", flush=True)
+  produced: list[int] = []
+  # Decode prompt + continuation and print the new suffix, so tokenizers that
+  # strip a leading space at the start of a decode still stream correctly.
+  prefix = tok.decode(ids)
+  shown = [prefix]
+
+  def stream(step, new_ids):
+    t = int(new_ids[0])
+    if t in gen.eos_ids or (produced and produced[-1] in gen.eos_ids):
+      produced.append(t)
+      return
+    produced.append(t)
+    text_now = tok.decode(ids + produced)
+    # Hold back partial UTF-8 sequences until they complete.
+    if not text_now.endswith("\ufffd"):
+      print(text_now[len(shown[0]):], end="", flush=True)
+      shown[0] = text_now
+
+  start = time.perf_counter()
+  gen.generate_ids([ids], max_new_tokens=args.max_new_tokens,
+                   sampling=sampling, seed=args.seed, on_token=stream)
+  elapsed = time.perf_counter() - start
+  print()
+  print(f"[{len(produced)} tokens in {elapsed:.2f}s, compile included]",
+        file=sys.stderr)
+  return 0
+
+
+def cmd_ppl(args) -> int:
+  from eval.perplexity import perplexity
+  from palu_jax.api import load_model
+  from palu_jax.data import load_text
+  model, tok = load_model(args.model, dtype=args.dtype)
+  if tok is None:
+    raise PaluError(f"{args.model}: no tokenizer found next to the checkpoint")
+  ids = tok.encode(load_text(args.dataset, data_dir_override=args.data_dir),
+                   add_bos=False)
+  r = perplexity(model, ids, seqlen=args.seqlen, batch_size=args.batch_size,
+                 limit=args.limit)
+  total = len(ids) // args.seqlen
+  print(f"dataset: {args.dataset}  windows: {r.windows}/{total}  "
+        f"tokens: {r.tokens}  nll: {r.nll:.5f}")
+  print(f"perplexity: {r.perplexity:.4f}")
+  return 0
+
+
+def cmd_demo(args) -> int:
+  """Convert SmolLM2-135M, measure WikiText-2 perplexity, generate."""
+  from palu_jax.checkpoint import is_model_dir
+  if not is_model_dir(args.out):
+    cmd_convert(argparse.Namespace(src="smollm2-135m", out=args.out,
+                                   overwrite=os.path.exists(args.out)))
+  else:
+    print(f"using the converted model in {args.out}")
+  on_gpu = _jax_backend() == "gpu"
+  limit = None if on_gpu else args.cpu_windows
+  note = "all windows" if limit is None else (
+      f"first {limit} windows on CPU; a GPU runs all of them")
+  print(f"\n== WikiText-2 perplexity, seqlen 2048, float32 ({note})")
+  cmd_ppl(argparse.Namespace(model=args.out, dataset="wikitext2", seqlen=2048,
+                             batch_size=1, limit=limit, dtype="float32",
+                             data_dir=None))
+  print("\n== Greedy continuation (bfloat16)")
+  cmd_generate(argparse.Namespace(
+      model=args.out, prompt="The capital of France is Paris. The capital of "
+      "Germany is", chat=False, max_new_tokens=48, temperature=0.0, top_k=0,
+      top_p=1.0, seed=0, dtype="bfloat16"))
+  return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="palu-jax", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = p.add_subparsers(dest="command", required=True)
+
+  c = sub.add_parser("convert", help="convert a checkpoint to a palu-jax dir")
+  c.add_argument("src", help="HF dir, .gguf, llama2.c .bin, or smollm2-135m")
+  c.add_argument("out", help="output model directory")
+  c.add_argument("--overwrite", action="store_true")
+  c.set_defaults(fn=cmd_convert)
+
+  dtype_help = "weights/activations dtype (norms, softmax, logits are f32)"
+  g = sub.add_parser("generate", help="generate text (streams tokens)")
+  g.add_argument("model")
+  g.add_argument("--prompt", required=True)
+  g.add_argument("--chat", action="store_true",
+                 help="wrap the prompt in the model's chat template")
+  g.add_argument("--max-new-tokens", type=int, default=64)
+  g.add_argument("--temperature", type=float, default=0.0,
+                 help="0 = greedy (default)")
+  g.add_argument("--top-k", type=int, default=0, help="0 = off")
+  g.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+  g.add_argument("--seed", type=int, default=0)
+  g.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                 help=dtype_help)
+  g.set_defaults(fn=cmd_generate)
+
+  q = sub.add_parser("ppl", help="perplexity (non-overlapping windows)")
+  q.add_argument("model")
+  q.add_argument("--dataset", default="wikitext2",
+                 help="wikitext2, c4, tinystories, or a .txt/.jsonl path")
+  q.add_argument("--seqlen", type=int, default=2048)
+  q.add_argument("--limit", type=int, default=None, help="max windows")
+  q.add_argument("--batch-size", type=int, default=1)
+  q.add_argument("--data-dir", default=None,
+                 help="local data root (default: $PALU_JAX_DATA or ../shared/data)")
+  q.add_argument("--dtype", choices=["bfloat16", "float32"], default="float32",
+                 help=dtype_help)
+  q.set_defaults(fn=cmd_ppl)
+
+  d = sub.add_parser("demo", help="convert SmolLM2-135M, perplexity, generate")
+  d.add_argument("--out", default="demo_out/smollm2-135m")
+  d.add_argument("--cpu-windows", type=int, default=8,
+                 help="perplexity windows evaluated when no GPU is present")
+  d.set_defaults(fn=cmd_demo)
+  return p
+
+
+def main(argv: list[str] | None = None) -> int:
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+  args = build_parser().parse_args(argv)
+  try:
+    return args.fn(args)
+  except PaluError as e:
+    print(f"palu-jax: error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

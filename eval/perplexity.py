@@ -1,0 +1,82 @@
+"""Perplexity with the standard protocol.
+
+Tokenize the whole text, cut non-overlapping windows of `seqlen` tokens (the
+partial tail is dropped), and average the next-token NLL over every predicted
+position (seqlen - 1 per window). This is the GPTQ/Palu evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from palu_jax.errors import PaluError
+
+
+@dataclasses.dataclass(frozen=True)
+class PerplexityResult:
+  perplexity: float
+  nll: float          # mean NLL per predicted token (nats)
+  windows: int
+  tokens: int         # predicted tokens
+  seqlen: int
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _window_nll(graphdef, state, windows: jax.Array) -> jax.Array:
+  """windows [B, T] -> [B] summed NLL of tokens 1..T-1 (float32)."""
+  model = nnx.merge(graphdef, state)
+  logits, _ = model(windows)                           # [B, T, V] f32
+  logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+  target = windows[:, 1:]
+  nll = -jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
+  return jnp.sum(nll, axis=-1)
+
+
+def perplexity(model, token_ids, *, seqlen: int = 2048, batch_size: int = 1,
+               limit: int | None = None, progress: bool = True
+               ) -> PerplexityResult:
+  """Perplexity of `model` on a token stream.
+
+  Args:
+    model: a palu_jax model (anything callable as model(tokens)).
+    token_ids: 1-D sequence of token ids of the whole corpus.
+    seqlen: window length T.
+    batch_size: windows per jitted call (the last batch is padded).
+    limit: evaluate only the first `limit` windows.
+  """
+  ids = np.asarray(token_ids, dtype=np.int32)
+  n = len(ids) // seqlen
+  if limit is not None:
+    n = min(n, limit)
+  if n == 0:
+    raise PaluError(f"corpus has {len(ids)} tokens, fewer than one window of "
+                    f"seqlen={seqlen}")
+  if seqlen > model.cfg.max_seq_len:
+    raise PaluError(f"seqlen={seqlen} exceeds the model context "
+                    f"max_seq_len={model.cfg.max_seq_len}")
+  windows = ids[:n * seqlen].reshape(n, seqlen)
+  graphdef, state = nnx.split(model)
+  total = 0.0
+  bar = tqdm(total=n, desc=f"ppl (seqlen {seqlen})", unit="win",
+             disable=not progress)
+  for i in range(0, n, batch_size):
+    batch = windows[i:i + batch_size]
+    real = len(batch)
+    if real < batch_size:  # keep one compiled shape
+      batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - real, 0)])
+    sums = np.asarray(_window_nll(graphdef, state, jnp.asarray(batch)))
+    total += float(np.sum(sums[:real], dtype=np.float64))
+    bar.update(real)
+  bar.close()
+  tokens = n * (seqlen - 1)
+  nll = total / tokens
+  return PerplexityResult(perplexity=math.exp(nll), nll=nll, windows=n,
+                          tokens=tokens, seqlen=seqlen)

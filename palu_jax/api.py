@@ -1,0 +1,32 @@
+"""High-level loading: a model directory or source checkpoint -> NNX model."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from palu_jax.checkpoint import load_source, load_tokenizer_for
+from palu_jax.errors import ConfigError
+from palu_jax.model import Transformer, from_params
+
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32,
+          "float16": jnp.float16}
+
+
+def parse_dtype(name: str):
+  if name not in DTYPES:
+    raise ConfigError("dtype", f"{name!r} is not one of {sorted(DTYPES)}")
+  return DTYPES[name]
+
+
+def load_model(src: str, *, dtype: str = "bfloat16"
+               ) -> tuple[Transformer, object]:
+  """Loads (model, tokenizer) from a converted directory or a source.
+
+  Args:
+    src: converted model directory, HF directory, .gguf, llama2.c .bin, or a
+      preset name such as 'smollm2-135m'.
+    dtype: 'bfloat16' (default) or 'float32' weights and activations.
+  """
+  cfg, params, _ = load_source(src)
+  model = from_params(cfg, params, dtype=parse_dtype(dtype))
+  return model, load_tokenizer_for(src)

@@ -1,0 +1,185 @@
+"""Converted-model directories: orbax params + config JSON + tokenizer.
+
+Layout of a model directory::
+
+  palu_jax.json     marker: format version, kind, source, dtype (written last)
+  config.json       ModelConfig.to_dict()
+  params/           orbax checkpoint of the nested parameter dict
+  tokenizer.*       whatever the tokenizer's `save` writes
+
+Writes are atomic: everything goes to a sibling temporary directory that is
+renamed into place only when complete, so an interrupted conversion never
+leaves a directory that loads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Iterator, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+
+import convert
+from palu_jax.config import ModelConfig
+from palu_jax.errors import CheckpointError
+
+MARKER = "palu_jax.json"
+FORMAT_VERSION = 1
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: str, *, overwrite: bool = False) -> Iterator[str]:
+  """Yields a temp dir that replaces `out_dir` only if the block succeeds."""
+  out_dir = os.path.abspath(out_dir)
+  if os.path.exists(out_dir) and not overwrite:
+    raise CheckpointError(out_dir, "output directory already exists (pass "
+                          "overwrite=True / --overwrite to replace it)")
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+  try:
+    yield tmp
+    if os.path.exists(out_dir):
+      old = tmp + ".old"
+      os.rename(out_dir, old)
+      os.rename(tmp, out_dir)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(tmp, out_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+  """Writes a text file via rename, so readers never see half of it."""
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(tmp)
+    raise
+
+
+def _nested(flat: Mapping[str, Any]) -> dict:
+  out: dict = {}
+  for key, value in flat.items():
+    node = out
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return out
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, Mapping):
+      out.update(_flat(v, key + "."))
+    else:
+      out[key] = v
+  return out
+
+
+def save_model(out_dir: str, cfg: ModelConfig, params: Mapping[str, Any], *,
+               tokenizer=None, meta: Mapping[str, Any] | None = None,
+               overwrite: bool = False) -> str:
+  """Writes a model directory atomically; returns its absolute path."""
+  import orbax.checkpoint as ocp
+  with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(cfg.to_dict(), f, indent=1)
+    tree = _nested({k: jnp.asarray(v) for k, v in params.items()})
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(os.path.join(tmp, "params"), tree)
+    ckptr.wait_until_finished()
+    if tokenizer is not None:
+      tokenizer.save(tmp)
+    dtypes = sorted({str(np.asarray(v).dtype) for v in params.values()})
+    marker = {"format": "palu-jax", "version": FORMAT_VERSION, "kind": "base",
+              "dtypes": dtypes, **(meta or {})}
+    with open(os.path.join(tmp, MARKER), "w") as f:
+      json.dump(marker, f, indent=1)
+  return os.path.abspath(out_dir)
+
+
+def is_model_dir(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, MARKER))
+
+
+def read_marker(path: str) -> dict[str, Any]:
+  marker = os.path.join(path, MARKER)
+  if not os.path.isfile(marker):
+    raise CheckpointError(marker, "not a palu-jax model directory (no "
+                          f"{MARKER}; an interrupted conversion leaves none)")
+  try:
+    with open(marker) as f:
+      meta = json.load(f)
+  except ValueError as e:
+    raise CheckpointError(marker, f"invalid JSON: {e}") from e
+  if meta.get("format") != "palu-jax" or meta.get("version") != FORMAT_VERSION:
+    raise CheckpointError(marker, f"unsupported format {meta.get('format')!r} "
+                          f"version {meta.get('version')!r}", field="version")
+  return meta
+
+
+def load_model_dir(path: str) -> tuple[ModelConfig, dict[str, np.ndarray],
+                                       dict[str, Any]]:
+  """Reads (config, flat numpy params, marker) from a model directory."""
+  import orbax.checkpoint as ocp
+  meta = read_marker(path)
+  cfg_path = os.path.join(path, "config.json")
+  try:
+    with open(cfg_path) as f:
+      cfg = ModelConfig.from_dict(json.load(f))
+  except FileNotFoundError as e:
+    raise CheckpointError(cfg_path, "config.json is missing") from e
+  except ValueError as e:
+    raise CheckpointError(cfg_path, str(e)) from e
+  params_dir = os.path.join(path, "params")
+  if not os.path.isdir(params_dir):
+    raise CheckpointError(params_dir, "parameter checkpoint is missing")
+  try:
+    tree = ocp.StandardCheckpointer().restore(params_dir)
+  except Exception as e:  # orbax raises many types for damaged checkpoints
+    raise CheckpointError(params_dir, f"cannot restore parameters: {e}") from e
+  return cfg, {k: np.asarray(v) for k, v in _flat(tree).items()}, meta
+
+
+def load_source(src: str) -> tuple[ModelConfig, dict[str, np.ndarray],
+                                   dict[str, Any]]:
+  """(config, params, meta) from a model directory or any source checkpoint."""
+  if os.path.isdir(src) and is_model_dir(src):
+    return load_model_dir(src)
+  cfg, params = convert.load_checkpoint(src)
+  return ModelConfig.from_dict(cfg), params, {"kind": "base", "source": src}
+
+
+def load_tokenizer_for(src: str):
+  """The tokenizer of a model directory or source checkpoint (or None)."""
+  if os.path.isdir(src) and is_model_dir(src):
+    return convert.load_tokenizer(src)
+  where = convert.find_tokenizer_source(src)
+  return None if where is None else convert.load_tokenizer(where)
+
+
+def convert_checkpoint(src: str, out_dir: str, *, overwrite: bool = False,
+                       progress: bool = False) -> str:
+  """Source checkpoint -> palu-jax model directory (atomic)."""
+  cfg, params = convert.load_checkpoint(src)
+  tok = load_tokenizer_for(src)
+  return save_model(out_dir, ModelConfig.from_dict(cfg), params, tokenizer=tok,
+                    meta={"source": os.path.abspath(convert.resolve_source(src))},
+                    overwrite=overwrite)

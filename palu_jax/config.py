@@ -1,0 +1,80 @@
+"""Model configuration: a frozen dataclass built from the canonical dict."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from palu_jax.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class RopeScaling:
+  """Llama-3.x frequency-dependent RoPE scaling (`rope_type: llama3`)."""
+  factor: float
+  low_freq_factor: float
+  high_freq_factor: float
+  original_max_position_embeddings: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ModelConfig:
+  """Shape and numerics of a Llama-family decoder."""
+  vocab_size: int
+  dim: int                 # D
+  n_layers: int            # L
+  n_heads: int             # N
+  n_kv_heads: int          # K
+  head_dim: int            # H
+  hidden_dim: int          # F
+  norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  rope_scaling: RopeScaling | None = None
+  max_seq_len: int = 2048
+  tie_embeddings: bool = False
+  qkv_bias: bool = False
+  arch: str = "llama"
+  bos_id: int | None = None
+  eos_ids: tuple[int, ...] = ()
+
+  def __post_init__(self):
+    for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads",
+                 "head_dim", "hidden_dim", "max_seq_len"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value <= 0:
+        raise ConfigError(name, f"must be a positive integer, got {value!r}")
+    if self.n_heads % self.n_kv_heads:
+      raise ConfigError("n_kv_heads", f"{self.n_kv_heads} does not divide "
+                        f"n_heads={self.n_heads}")
+    if self.head_dim % 2:
+      raise ConfigError("head_dim", f"RoPE needs an even head_dim, got "
+                        f"{self.head_dim}")
+    if self.rope_theta <= 0:
+      raise ConfigError("rope_theta", f"must be positive, got {self.rope_theta}")
+
+  @property
+  def q_per_kv(self) -> int:
+    """G: query heads sharing one KV head."""
+    return self.n_heads // self.n_kv_heads
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+    d = dict(d)
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise ConfigError(sorted(unknown)[0], "unknown config field")
+    if d.get("rope_scaling"):
+      try:
+        d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+      except TypeError as e:
+        raise ConfigError("rope_scaling", str(e)) from e
+    d["eos_ids"] = tuple(d.get("eos_ids") or ())
+    try:
+      return cls(**d)
+    except TypeError as e:
+      raise ConfigError("config", str(e)) from e
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["eos_ids"] = list(self.eos_ids)
+    return d

@@ -1,0 +1,105 @@
+"""Text corpora for perplexity and calibration, loaded through `datasets`.
+
+Local files come first (offline, deterministic): the directory named by
+`--data-dir` or $PALU_JAX_DATA, else `../shared/data` beside the repository,
+else the copies packaged with palu_jax (WikiText-2 test only). The Hugging
+Face hub is tried only when no local copy exists.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Callable
+
+from palu_jax.errors import PaluError
+
+log = logging.getLogger(__name__)
+
+DATA_ENV = "PALU_JAX_DATA"
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_REPO_SHARED = os.path.join(os.path.dirname(_PACKAGE_DIR), "..", "shared", "data")
+
+# name -> (path under the data dir, packaged fallback, hub loader args).
+CORPORA = {
+    "wikitext2": ("wikitext2/test.txt", "data_files/wikitext2_test.txt.bz2",
+                  ("wikitext", "wikitext-2-raw-v1", "test")),
+    "c4": ("c4/validation_sample.jsonl", None,
+           ("allenai/c4", "en", "validation")),
+    "tinystories": ("tinystories/valid.txt", None,
+                    ("roneneldan/TinyStories", None, "validation")),
+}
+
+
+class DatasetError(PaluError, FileNotFoundError):
+  pass
+
+
+def data_dir(override: str | None = None) -> str:
+  return os.path.abspath(override or os.environ.get(DATA_ENV) or _REPO_SHARED)
+
+
+def _text_of_record(rec: dict, path: str) -> str:
+  if "text" in rec:
+    return rec["text"]
+  if "prompt" in rec and "response" in rec:  # shared/ C4 sample layout
+    return rec["prompt"] + rec["response"]
+  raise DatasetError(f"{path}: jsonl records need a 'text' field (or "
+                     f"'prompt' + 'response'); got keys {sorted(rec)}")
+
+
+def _load_local(path: str) -> str:
+  """A .txt(.bz2) file as one document, or a .jsonl as documents joined."""
+  import datasets
+  datasets.disable_progress_bars()
+  if path.endswith(".jsonl"):
+    ds = datasets.load_dataset("json", data_files=path, split="train")
+    return "\n\n".join(_text_of_record(r, path) for r in ds)
+  ds = datasets.load_dataset("text", data_files=path, sample_by="document",
+                             split="train")
+  return ds[0]["text"] if len(ds) else ""
+
+
+def _load_hub(name: str, config: str | None, split: str) -> str:
+  import datasets
+  if name == "allenai/c4":
+    ds = datasets.load_dataset(name, data_files={
+        "validation": "en/c4-validation.00000-of-00008.json.gz"}, split=split)
+    ds = ds.select(range(min(1100, len(ds))))
+  else:
+    ds = datasets.load_dataset(name, config, split=split)
+  return "\n\n".join(ds["text"])
+
+
+def load_text(dataset: str, *, data_dir_override: str | None = None) -> str:
+  """The evaluation text of a named corpus or of a file path.
+
+  Args:
+    dataset: 'wikitext2' | 'c4' | 'tinystories' | path to .txt/.jsonl.
+
+  Returns:
+    One string (documents joined by blank lines, as in Palu's evaluation).
+  """
+  if dataset not in CORPORA:
+    if not os.path.exists(dataset):
+      raise DatasetError(f"{dataset}: unknown dataset name (known: "
+                         f"{sorted(CORPORA)}) and no such file")
+    return _load_local(dataset)
+  rel, packaged, hub = CORPORA[dataset]
+  local = os.path.join(data_dir(data_dir_override), rel)
+  if os.path.exists(local):
+    return _load_local(local)
+  if packaged and os.path.exists(os.path.join(_PACKAGE_DIR, packaged)):
+    return _load_local(os.path.join(_PACKAGE_DIR, packaged))
+  try:
+    return _load_hub(*hub)
+  except Exception as e:  # network and hub errors come in many types
+    raise DatasetError(f"{local}: dataset {dataset!r} not found locally and "
+                       f"the hub copy could not be loaded ({e}); set "
+                       f"${DATA_ENV} or --data-dir") from e
+
+
+def tokenize_corpus(text: str, encode: Callable[[str], list[int]]) -> list[int]:
+  """Tokenizes a whole corpus without BOS (Palu/GPTQ perplexity protocol)."""
+  return encode(text)

@@ -1,0 +1,169 @@
+"""Batched generation: prefill + decode as one jitted program.
+
+The decode loop is a `lax.while_loop` over a `DecodeState`; prompts are
+right-padded to a power-of-two bucket, so calls with similar prompt lengths
+reuse one compiled program. Any model exposing `init_cache` and
+`__call__(tokens, cache, num_valid=, logits_at=)` works, including
+compressed ones.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from palu_jax.errors import GenerationError
+from palu_jax.sampling import SamplingConfig, sample
+from palu_jax.typing import Array
+
+MIN_BUCKET = 16
+
+
+def bucket_length(n: int, cap: int) -> int:
+  """Next power of two >= n (at least MIN_BUCKET), clipped to cap."""
+  b = MIN_BUCKET
+  while b < n:
+    b *= 2
+  return max(min(b, cap), n)
+
+
+@struct.dataclass
+class DecodeState:
+  cache: object        # the model's cache pytree
+  tokens: Array        # [B, M] generated ids, pad after a sequence ends
+  last: Array          # [B] token fed at the next step
+  step: Array          # [] tokens generated so far
+  done: Array          # [B] bool, EOS seen
+  key: Array           # PRNG key
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens",
+                                             "max_len", "stream"))
+def _generate_program(graphdef, state, prompt, lengths, key, temperature,
+                      top_k, top_p, eos_ids, pad_id, *, max_new_tokens,
+                      max_len, stream):
+  """prompt [B, P] right-padded, lengths [B] -> tokens [B, M], steps []."""
+  model = nnx.merge(graphdef, state)
+  batch = prompt.shape[0]
+  cache = model.init_cache(batch, max_len)
+  logits, cache = model(prompt, cache, num_valid=lengths,
+                        logits_at=lengths - 1)
+  key, sub = jax.random.split(key)
+  first = sample(logits[:, 0], sub, temperature, top_k, top_p)
+  if stream:
+    jax.debug.callback(_dispatch_stream, jnp.int32(0), first, ordered=True)
+  tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
+  init = DecodeState(cache=cache, tokens=tokens.at[:, 0].set(first),
+                     last=first, step=jnp.int32(1),
+                     done=jnp.isin(first, eos_ids), key=key)
+
+  def cond(s: DecodeState):
+    return (s.step < max_new_tokens) & ~jnp.all(s.done)
+
+  def body(s: DecodeState):
+    m = nnx.merge(graphdef, state)
+    logits, cache = m(s.last[:, None], s.cache)
+    key, sub = jax.random.split(s.key)
+    nxt = sample(logits[:, 0], sub, temperature, top_k, top_p)
+    nxt = jnp.where(s.done, pad_id, nxt)
+    if stream:
+      jax.debug.callback(_dispatch_stream, s.step, nxt, ordered=True)
+    return DecodeState(
+        cache=cache,
+        tokens=jax.lax.dynamic_update_slice_in_dim(s.tokens, nxt[:, None],
+                                                   s.step, axis=1),
+        last=nxt, step=s.step + 1, done=s.done | jnp.isin(nxt, eos_ids),
+        key=key)
+
+  final = jax.lax.while_loop(cond, body, init)
+  return final.tokens, final.step
+
+
+class Generator:
+  """Jitted text generation for a model (plain or compressed).
+
+  Example:
+    gen = Generator(model)
+    outs = gen.generate_ids([[1, 2, 3], [4, 5]], max_new_tokens=32)
+  """
+
+  def __init__(self, model, *, eos_ids: Sequence[int] | None = None,
+               pad_id: int = 0):
+    self.graphdef, self.state = nnx.split(model)
+    self.cfg = model.cfg
+    self.eos_ids = list(self.cfg.eos_ids if eos_ids is None else eos_ids)
+    self.pad_id = pad_id
+
+  def generate_ids(self, prompts: Sequence[Sequence[int]], *,
+                   max_new_tokens: int = 64,
+                   sampling: SamplingConfig = SamplingConfig(),
+                   seed: int = 0,
+                   on_token: Callable[[int, np.ndarray], None] | None = None,
+                   ) -> list[list[int]]:
+    """Generates up to max_new_tokens ids per prompt (EOS included, if hit).
+
+    Args:
+      prompts: token-id lists (different lengths allowed).
+      on_token: optional callback(step, ids [B]) called as each token is
+        produced (streaming); sequences that already stopped report pad_id.
+    """
+    if not prompts:
+      raise GenerationError("no prompts given")
+    lengths = [len(p) for p in prompts]
+    if min(lengths) == 0:
+      raise GenerationError(f"prompt {lengths.index(0)} is empty; give at "
+                            "least one token (e.g. BOS)")
+    if max_new_tokens < 1:
+      raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    ctx = self.cfg.max_seq_len
+    longest = max(lengths)
+    if longest + max_new_tokens > ctx:
+      raise GenerationError(
+          f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} "
+          f"exceeds the model context of {ctx} tokens (max_seq_len)")
+    width = bucket_length(longest, ctx - max_new_tokens)
+    prompt = np.full((len(prompts), width), self.pad_id, np.int32)
+    for i, p in enumerate(prompts):
+      prompt[i, :len(p)] = p
+    eos = np.asarray(self.eos_ids or [-1], np.int32)
+    _STREAM_TARGET[0] = on_token
+    try:
+      tokens, steps = _generate_program(
+        self.graphdef, self.state, jnp.asarray(prompt),
+        jnp.asarray(lengths, jnp.int32), jax.random.key(seed),
+        *sampling.as_arrays(), jnp.asarray(eos), jnp.int32(self.pad_id),
+        max_new_tokens=max_new_tokens, max_len=width + max_new_tokens,
+        stream=on_token is not None)
+      tokens = np.asarray(tokens)[:, :int(steps)]
+    finally:
+      _STREAM_TARGET[0] = None
+    outs = []
+    for row in tokens:
+      ids = []
+      for t in row.tolist():
+        ids.append(t)
+        if t in self.eos_ids:
+          break
+      outs.append(ids)
+    return outs
+
+  def compiled_programs(self) -> int:
+    """How many generation programs are compiled (for recompile checks)."""
+    return _generate_program._cache_size()
+
+
+# The compiled program calls this fixed function, which forwards to the
+# callback of the call in flight: callbacks must not be static arguments, or
+# a cached program would keep calling the first one.
+_STREAM_TARGET: list = [None]
+
+
+def _dispatch_stream(step, ids):
+  target = _STREAM_TARGET[0]
+  if target is not None:
+    target(int(step), np.asarray(ids))

@@ -1,0 +1,67 @@
+"""Grouped-query attention with RoPE, reading and writing a KV cache."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from palu_jax.config import ModelConfig
+from palu_jax.model.cache import LayerKV
+from palu_jax.model.layers import apply_rope, linear
+from palu_jax.typing import Array
+
+_MASKED = -1e30  # finite, so fully masked (padding) rows stay NaN-free
+
+
+def attend(q: Array, k: Array, v: Array, q_pos: Array) -> Array:
+  """Causal GQA attention with float32 scores and softmax.
+
+  Args:
+    q: [B, T, N, H] queries (already rotated).
+    k: [B, S, K, H] keys (already rotated); row s holds position s.
+    v: [B, S, K, H] values.
+    q_pos: [B, T] position of each query; key s is visible iff s <= q_pos.
+
+  Returns:
+    [B, T, N, H] in q's dtype.
+  """
+  b, t, n, h = q.shape
+  kh = k.shape[2]
+  q = q.reshape(b, t, kh, n // kh, h)
+  scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k,
+                      preferred_element_type=jnp.float32) * (h ** -0.5)
+  visible = jnp.arange(k.shape[1])[None, None, :] <= q_pos[:, :, None]  # [B,T,S]
+  scores = jnp.where(visible[:, None, None], scores, _MASKED)
+  probs = jax.nn.softmax(scores, axis=-1)
+  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  return out.reshape(b, t, n, h).astype(q.dtype)
+
+
+class Attention(nnx.Module):
+  """Multi-head attention with `n_kv_heads` shared key/value heads."""
+
+  def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    self.cfg = cfg
+    qd, kd = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    self.q_proj = linear(cfg.dim, qd, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+    self.k_proj = linear(cfg.dim, kd, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+    self.v_proj = linear(cfg.dim, kd, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+    self.o_proj = linear(qd, cfg.dim, bias=False, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: Array, cos: Array, sin: Array, q_pos: Array,
+               cache: LayerKV | None, start: Array
+               ) -> tuple[Array, LayerKV | None]:
+    """x [B, T, D]; cos/sin [B, T, H]; q_pos [B, T]; start [B] cache offset."""
+    b, t, _ = x.shape
+    c = self.cfg
+    q = apply_rope(self.q_proj(x).reshape(b, t, c.n_heads, c.head_dim), cos, sin)
+    k = apply_rope(self.k_proj(x).reshape(b, t, c.n_kv_heads, c.head_dim),
+                   cos, sin)
+    v = self.v_proj(x).reshape(b, t, c.n_kv_heads, c.head_dim)
+    if cache is not None:
+      cache = cache.write(k, v, start)
+      k, v = cache.k, cache.v
+    out = attend(q, k, v, q_pos)
+    return self.o_proj(out.reshape(b, t, c.n_heads * c.head_dim)), cache

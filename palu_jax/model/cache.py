@@ -1,0 +1,62 @@
+"""KV caches: pytrees preallocated to a maximum length.
+
+A cache holds one state per layer plus per-sequence lengths. The generation
+loop only calls `init_cache`, passes the cache through the model and reads
+`lengths`, so a compressed cache (per-layer latents instead of K/V) replaces
+this one by giving each layer another state type.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from palu_jax.typing import Array
+
+
+def write_rows(buf: Array, new: Array, start: Array) -> Array:
+  """Writes new [B, T, ...] into buf [B, S, ...] at per-sequence offsets [B]."""
+  return jax.vmap(lambda b, n, s: jax.lax.dynamic_update_slice_in_dim(
+      b, n.astype(b.dtype), s, axis=0))(buf, new, start)
+
+
+@struct.dataclass
+class LayerKV:
+  """One layer's full-precision keys and values (post-RoPE keys)."""
+  k: Array  # [B, S, K, H]
+  v: Array  # [B, S, K, H]
+
+  def write(self, k_new: Array, v_new: Array, start: Array) -> "LayerKV":
+    """k_new/v_new [B, T, K, H] written at rows start[b] .. start[b]+T-1."""
+    return LayerKV(k=write_rows(self.k, k_new, start),
+                   v=write_rows(self.v, v_new, start))
+
+  def nbytes_per_token(self) -> int:
+    return (self.k[0, 0].nbytes + self.v[0, 0].nbytes)
+
+
+@struct.dataclass
+class Cache:
+  """Per-layer states and the number of valid tokens of each sequence."""
+  layers: tuple  # one state per layer (LayerKV, or a compressed variant)
+  lengths: Array  # [B] int32
+
+  @property
+  def max_len(self) -> int:
+    return jax.tree_util.tree_leaves(self.layers[0])[0].shape[1]
+
+  @property
+  def batch(self) -> int:
+    return self.lengths.shape[0]
+
+  def nbytes(self) -> int:
+    return sum(x.nbytes for x in jax.tree_util.tree_leaves(self.layers))
+
+
+def init_kv_cache(n_layers: int, batch: int, max_len: int, n_kv_heads: int,
+                  head_dim: int, dtype) -> Cache:
+  shape = (batch, max_len, n_kv_heads, head_dim)
+  layers = tuple(LayerKV(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+                 for _ in range(n_layers))
+  return Cache(layers=layers, lengths=jnp.zeros((batch,), jnp.int32))

@@ -1,0 +1,82 @@
+"""Building blocks: RMSNorm, RoPE, SwiGLU MLP."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from palu_jax.config import ModelConfig
+from palu_jax.typing import Array
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm computed in float32, returned in the input dtype."""
+
+  def __init__(self, dim: int, eps: float, *, dtype=jnp.bfloat16):
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((dim,), dtype))
+
+  def __call__(self, x: Array) -> Array:
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return (xf * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+  """[H/2] float32 inverse frequencies, with llama3 scaling when configured."""
+  h = cfg.head_dim
+  inv = (1.0 / (np.float32(cfg.rope_theta) **
+                (np.arange(0, h, 2, dtype=np.float32) / np.float32(h))))
+  s = cfg.rope_scaling
+  if s is None:
+    return inv.astype(np.float32)
+  old = s.original_max_position_embeddings
+  low_wavelen = old / s.low_freq_factor
+  high_wavelen = old / s.high_freq_factor
+  wavelen = 2 * np.pi / inv
+  scaled = np.where(wavelen > low_wavelen, inv / s.factor, inv)
+  smooth = (old / wavelen - s.low_freq_factor) / (
+      s.high_freq_factor - s.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_cos_sin(positions: Array, inv_freq: np.ndarray) -> tuple[Array, Array]:
+  """positions [B, T] -> cos, sin [B, T, H] (rotate-half layout), float32."""
+  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+  angles = jnp.concatenate([angles, angles], axis=-1)
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+  """x [B, T, heads, H]; cos/sin [B, T, H]. Rotate-half RoPE in float32."""
+  xf = x.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+  out = xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+  return out.astype(x.dtype)
+
+
+def linear(din: int, dout: int, *, bias: bool, dtype, rngs: nnx.Rngs):
+  """A [din, dout] projection computed and stored in `dtype`."""
+  return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=dtype,
+                    kernel_init=nnx.initializers.normal(din ** -0.5),
+                    rngs=rngs)
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    self.gate_proj = linear(cfg.dim, cfg.hidden_dim, bias=False, dtype=dtype,
+                            rngs=rngs)
+    self.up_proj = linear(cfg.dim, cfg.hidden_dim, bias=False, dtype=dtype,
+                          rngs=rngs)
+    self.down_proj = linear(cfg.hidden_dim, cfg.dim, bias=False, dtype=dtype,
+                            rngs=rngs)
+
+  def __call__(self, x: Array) -> Array:
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
