@@ -109,8 +109,11 @@ def load_gguf(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     raise CheckpointError(path, "file does not exist")
   reader = open_gguf(path)
   cfg = _config(reader, path)
-  named = keymap.map_keys({t.name: t for t in reader.tensors}, _RULES, path,
-                          ignore=lambda n: n == "rope_freqs.weight")
+  if any(t.name == "rope_freqs.weight" for t in reader.tensors):
+    raise CheckpointError(path, "per-frequency RoPE factors (Llama-3.1-style "
+                          "GGUF) are not supported; convert the Hugging Face "
+                          "checkpoint instead", field="rope_freqs.weight")
+  named = keymap.map_keys({t.name: t for t in reader.tensors}, _RULES, path)
   params = {}
   for key, (src, t) in named.items():
     w = _dequantize(t, path)
@@ -120,5 +123,5 @@ def load_gguf(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     elif key.endswith(("k_proj.kernel", "k_proj.bias")):
       w = keymap.unpermute_rope(w, cfg["n_kv_heads"])
     params[key] = w.T if w.ndim == 2 and key != keymap.EMBED else w
-  keymap.check_mapped(params, named, cfg, lambda src: path)
+  keymap.check_mapped(params, named, cfg, lambda src: path, _RULES)
   return cfg, params

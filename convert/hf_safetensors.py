@@ -155,5 +155,6 @@ def load_hf_dir(directory: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     arr = np.asarray(arr)
     params[key] = arr.T if arr.ndim == 2 and key != keymap.EMBED else arr
   keymap.check_mapped(params, named, cfg,
-                      lambda src: where.get(src, directory))
+                      lambda src: where.get(src, directory),
+                      _RULES)
   return cfg, params

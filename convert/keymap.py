@@ -73,19 +73,33 @@ def check_params(params: Mapping[str, np.ndarray], cfg: Mapping[str, Any],
           f"which implies {shape}", field=key)
 
 
+def source_name(canonical: str, rules: list[tuple[str, str]]) -> str:
+  """The source-format name of a canonical key (inverse of the rules)."""
+  for src, dst in rules:
+    rx = re.escape(dst).replace(re.escape("{i}"), r"(\d+)") + "$"
+    m = re.match(rx, canonical)
+    if m:
+      name = src.replace(r"(\d+)", m.group(1)) if m.groups() else src
+      return name.replace("\\.", ".")
+  return canonical
+
+
 def check_mapped(params: Mapping[str, np.ndarray],
                  named: Mapping[str, tuple[str, Any]], cfg: Mapping[str, Any],
-                 path_of: Callable[[str | None], str]) -> None:
+                 path_of: Callable[[str | None], str],
+                 rules: list[tuple[str, str]]) -> None:
   """`check_params`, but errors name the *source* tensor and its file.
 
   Args:
     named: canonical key -> (source key, tensor), as `map_keys` returns.
     path_of: source key (or None) -> the file that holds it.
+    rules: the `map_keys` rules, to name tensors that are missing.
   """
   try:
     check_params(params, cfg, path_of(None))
   except CheckpointError as e:
-    src = named[e.field][0] if e.field in named else e.field
+    src = (named[e.field][0] if e.field in named
+           else source_name(e.field, rules))
     raise CheckpointError(path_of(src), e.reason, field=src) from None
 
 

@@ -72,7 +72,11 @@ def load_checkpoint(src: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
 def find_tokenizer_source(src: str) -> str | None:
   """Where the tokenizer of a source checkpoint lives, or None if unknown."""
   path = resolve_source(src)
-  if os.path.isdir(path) or path.endswith(".gguf"):
+  if os.path.isdir(path):
+    names = ("tokenizer.json", "tokenizer.bin", "tokenizer.model")
+    return path if any(os.path.exists(os.path.join(path, n))
+                       for n in names) else None
+  if path.endswith(".gguf"):
     return path
   if path.endswith(".bin"):
     folder = os.path.dirname(path) or "."

@@ -169,8 +169,6 @@ def load_source(src: str) -> tuple[ModelConfig, dict[str, np.ndarray],
 
 def load_tokenizer_for(src: str):
   """The tokenizer of a model directory or source checkpoint (or None)."""
-  if os.path.isdir(src) and is_model_dir(src):
-    return convert.load_tokenizer(src)
   where = convert.find_tokenizer_source(src)
   return None if where is None else convert.load_tokenizer(where)
 
