@@ -42,6 +42,35 @@ class DecodeState:
   key: Array           # PRNG key
 
 
+def decode_loop(graphdef, state, init: DecodeState, temperature, top_k, top_p,
+                eos_ids, pad_id, *, max_new_tokens: int,
+                stream: bool = False) -> DecodeState:
+  """Runs decode steps until every sequence hit EOS or M tokens exist.
+
+  One step feeds `last` [B] through the model with the cache, samples the
+  next token and appends it to `tokens` [B, M] at column `step`.
+  """
+  def cond(s: DecodeState):
+    return (s.step < max_new_tokens) & ~jnp.all(s.done)
+
+  def body(s: DecodeState):
+    model = nnx.merge(graphdef, state)
+    logits, cache = model(s.last[:, None], s.cache)
+    key, sub = jax.random.split(s.key)
+    nxt = sample(logits[:, 0], sub, temperature, top_k, top_p)
+    nxt = jnp.where(s.done, pad_id, nxt)
+    if stream:
+      jax.debug.callback(_dispatch_stream, s.step, nxt, ordered=True)
+    return DecodeState(
+        cache=cache,
+        tokens=jax.lax.dynamic_update_slice_in_dim(s.tokens, nxt[:, None],
+                                                   s.step, axis=1),
+        last=nxt, step=s.step + 1, done=s.done | jnp.isin(nxt, eos_ids),
+        key=key)
+
+  return jax.lax.while_loop(cond, body, init)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens",
                                              "max_len", "stream"))
 def _generate_program(graphdef, state, prompt, lengths, key, temperature,
@@ -61,26 +90,9 @@ def _generate_program(graphdef, state, prompt, lengths, key, temperature,
   init = DecodeState(cache=cache, tokens=tokens.at[:, 0].set(first),
                      last=first, step=jnp.int32(1),
                      done=jnp.isin(first, eos_ids), key=key)
-
-  def cond(s: DecodeState):
-    return (s.step < max_new_tokens) & ~jnp.all(s.done)
-
-  def body(s: DecodeState):
-    m = nnx.merge(graphdef, state)
-    logits, cache = m(s.last[:, None], s.cache)
-    key, sub = jax.random.split(s.key)
-    nxt = sample(logits[:, 0], sub, temperature, top_k, top_p)
-    nxt = jnp.where(s.done, pad_id, nxt)
-    if stream:
-      jax.debug.callback(_dispatch_stream, s.step, nxt, ordered=True)
-    return DecodeState(
-        cache=cache,
-        tokens=jax.lax.dynamic_update_slice_in_dim(s.tokens, nxt[:, None],
-                                                   s.step, axis=1),
-        last=nxt, step=s.step + 1, done=s.done | jnp.isin(nxt, eos_ids),
-        key=key)
-
-  final = jax.lax.while_loop(cond, body, init)
+  final = decode_loop(graphdef, state, init, temperature, top_k, top_p,
+                      eos_ids, pad_id, max_new_tokens=max_new_tokens,
+                      stream=stream)
   return final.tokens, final.step
 
 

@@ -47,8 +47,15 @@ def sample(logits: Array, key: Array, temperature: Array, top_k: Array,
   Returns:
     [B] int32 token ids.
   """
-  vocab = logits.shape[-1]
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  # Greedy decoding skips the vocabulary sort entirely.
+  return jax.lax.cond(temperature > 0,
+                      lambda: _draw(logits, key, temperature, top_k, top_p),
+                      lambda: greedy)
+
+
+def _draw(logits, key, temperature, top_k, top_p):
+  vocab = logits.shape[-1]
   scaled = logits / jnp.maximum(temperature, 1e-6)
   desc = -jnp.sort(-scaled, axis=-1)                                  # [B, V]
   k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
@@ -60,5 +67,4 @@ def sample(logits: Array, key: Array, temperature: Array, top_k: Array,
   n_keep = jnp.maximum(jnp.sum(keep & (ranks < k), axis=-1), 1)       # [B]
   cutoff = jnp.take_along_axis(desc, (n_keep - 1)[:, None], axis=-1)  # [B, 1]
   filtered = jnp.where(scaled >= cutoff, scaled, -jnp.inf)
-  drawn = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
-  return jnp.where(temperature > 0, drawn, greedy)
+  return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)

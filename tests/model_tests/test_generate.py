@@ -86,9 +86,10 @@ def test_sample_filters():
   top = np.argsort(-np.asarray(logits), axis=-1)
   greedy = np.asarray(top[:, 0])
   keys = jax.random.split(jax.random.key(0), 64)
-  def draws(t, k, p):
-    return np.stack([np.asarray(sample(logits, kk, jnp.float32(t), jnp.int32(k),
-                                       jnp.float32(p))) for kk in keys])
+  many = jax.jit(jax.vmap(sample, in_axes=(None, 0, None, None, None)))
+  def draws(t, k, p):  # [64 keys, 4 rows]
+    return np.asarray(many(logits, keys, jnp.float32(t), jnp.int32(k),
+                           jnp.float32(p)))
   np.testing.assert_array_equal(draws(0.0, 0, 1.0)[0], greedy)
   np.testing.assert_array_equal(draws(1.0, 1, 1.0), np.tile(greedy, (64, 1)))
   np.testing.assert_array_equal(draws(1.0, 0, 1e-6), np.tile(greedy, (64, 1)))

@@ -1,0 +1,45 @@
+"""The palu-jax command line on the real stories260K model."""
+
+import os
+
+import pytest
+
+from conftest import shared_path
+from eval.cli import main
+from palu_jax.api import load_model
+from palu_jax.generate import Generator
+
+
+@pytest.fixture(scope="module")
+def stories_bin():
+  return shared_path("models/stories260K/stories260K.bin")
+
+
+def test_convert_then_ppl_and_generate(tmp_path, stories_bin, capsys):
+  out = tmp_path / "stories"
+  assert main(["convert", stories_bin, str(out)]) == 0
+  assert os.path.exists(out / "palu_jax.json")
+  assert os.path.exists(out / "tokenizer.bin")
+  assert main(["ppl", str(out), "--dataset", "tinystories", "--seqlen", "256",
+               "--limit", "3", "--batch-size", "3"]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert lines[-1].startswith("perplexity: ")
+  assert 1.0 < float(lines[-1].split()[1]) < 20.0
+  assert main(["generate", str(out), "--prompt", "Once upon a time",
+               "--max-new-tokens", "24"]) == 0
+  printed = capsys.readouterr().out
+  model, tok = load_model(str(out), dtype="bfloat16")
+  ids = tok.encode("Once upon a time")
+  gen = Generator(model).generate_ids([ids], max_new_tokens=24)[0]
+  assert printed.rstrip("\n") == tok.decode(ids + gen)
+
+
+def test_cli_reports_errors(tmp_path, capsys):
+  assert main(["ppl", str(tmp_path / "missing.gguf")]) == 2
+  err = capsys.readouterr().err
+  assert "palu-jax: error:" in err and "missing.gguf" in err
+
+
+def test_cli_unknown_dataset(stories_bin, capsys):
+  assert main(["ppl", stories_bin, "--dataset", "no_such_corpus"]) == 2
+  assert "unknown dataset" in capsys.readouterr().err
