@@ -34,11 +34,22 @@ def smollm2(gguf_path, shared, full):
   from transformers import AutoModelForCausalLM, AutoTokenizer
   folder, name = os.path.split(gguf_path)
   tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+  # transformers' GGUF converter drops llama.cpp's `smollm` pre-tokenizer;
+  # restore SmolLM2's published tokenizer.json chain (Digits(individual) ->
+  # ByteLevel), otherwise digit runs tokenize differently from the model's
+  # training (e.g. 304,986 vs 304,978 tokens on WikiText-2 test).
+  from tokenizers import pre_tokenizers
+  tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Digits(individual_digits=True),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True,
+                               use_regex=True)])
   model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
                                                dtype=torch.float32).eval()
-  out = {"implementation": f"transformers {__import__('transformers').__version__}"
-         f" + torch {torch.__version__} (fp32, CPU), GGUF dequantized by "
-         "transformers", "prompts": []}
+  out = _existing("smollm2_135m.json")
+  out.update({"implementation": f"transformers {__import__('transformers').__version__}"
+              f" + torch {torch.__version__} (fp32, CPU), GGUF dequantized by "
+              "transformers; SmolLM2's Digits+ByteLevel pre-tokenizer",
+              "prompts": []})
   for p in SMOL_PROMPTS:
     ids = tok(p, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
@@ -60,6 +71,15 @@ def smollm2(gguf_path, shared, full):
     out["ppl_full_2048"] = {"seqlen": 2048, **_ppl(model, ids, 2048, None)}
     out["ppl_full_2048"]["seconds"] = time.time() - t
   return out
+
+
+def _existing(name):
+  """Keeps keys of an earlier run (e.g. --full results) when re-running."""
+  path = os.path.join(HERE, name)
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  return {}
 
 
 def _ppl(model, ids, seqlen, limit):

@@ -1,0 +1,207 @@
+"""Decode throughput and peak memory against the HBM read bound.
+
+For each model shape, batch and context, a cache is filled with random
+values at the given length and the jitted decode loop of
+`palu_jax.generate` (the one `Generator` runs) is timed. Next to it, in the
+same run: the HBM bandwidth measured with a large copy, and the time to
+read the weights once (and weights + KV cache) at that bandwidth.
+
+  python -m eval.bench_decode [--models llama2-7b smollm2-135m] [--out DIR]
+
+Weights are random (decode speed does not depend on their values, and
+SmolLM2's GGUF is not on the GPU machine); shapes are exact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from eval.report import markdown_table, write_results
+from palu_jax.config import ModelConfig
+from palu_jax.generate import DecodeState, decode_loop
+from palu_jax.model import random_model
+
+SHAPES = {
+    "smollm2-135m": ModelConfig(
+        vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3,
+        head_dim=64, hidden_dim=1536, rope_theta=100000.0, max_seq_len=32768,
+        tie_embeddings=True),
+    "llama2-7b": ModelConfig(
+        vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,
+        head_dim=128, hidden_dim=11008, max_seq_len=32768),
+    "tiny": ModelConfig(  # CPU smoke test of this script
+        vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+        head_dim=16, hidden_dim=128, max_seq_len=4096),
+}
+
+
+def _time(fn, repeats: int) -> float:
+  """Median wall time of fn() (which must block until the device is done)."""
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def measure_bandwidth(gib: float = 2.0, repeats: int = 20) -> float:
+  """Device-memory bandwidth in bytes/s from an elementwise pass (read+write)."""
+  n = int(gib * 2**30) // 2
+  x = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
+  f = jax.jit(lambda v: v * 1.5)
+  f(x).block_until_ready()
+  t = _time(lambda: f(x).block_until_ready(), repeats)
+  return 2 * x.nbytes / t
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps"),
+                   donate_argnames=("init",))
+def _decode(graphdef, state, init, *, steps):
+  return decode_loop(graphdef, state, init, jnp.float32(0), jnp.int32(0),
+                     jnp.float32(1), jnp.asarray([-1], jnp.int32),
+                     jnp.int32(0), max_new_tokens=steps)
+
+
+@functools.partial(jax.jit, static_argnames=("batch", "max_len", "graphdef"))
+def _random_cache(graphdef, state, key, *, batch, max_len):
+  model = nnx.merge(graphdef, state)
+  cache = model.init_cache(batch, max_len)
+  leaves, tree = jax.tree_util.tree_flatten(cache.layers)
+  keys = jax.random.split(key, len(leaves))
+  leaves = [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+  return cache.replace(layers=jax.tree_util.tree_unflatten(tree, leaves))
+
+
+def weight_read_bytes(model) -> int:
+  """Bytes a decode step must read: every weight except the embedding table,
+  of which only B rows are read (unless it doubles as the LM head)."""
+  _, state = nnx.split(model)
+  total = sum(x.nbytes for x in jax.tree_util.tree_leaves(state))
+  if model.lm_head is not None:
+    total -= model.embed.embedding[...].nbytes
+  return total
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype) -> int:
+  return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+
+
+def bench_one(model, graphdef, state, *, batch, ctx, steps, repeats, bw):
+  cfg = model.cfg
+  max_len = ctx + steps + 1
+  cache = _random_cache(graphdef, state, jax.random.key(1), batch=batch,
+                        max_len=max_len)
+  def fresh(cache):  # new arrays each time: the loop state is donated
+    return DecodeState(
+        cache=cache.replace(lengths=jnp.full((batch,), ctx, jnp.int32)),
+        tokens=jnp.zeros((batch, steps), jnp.int32),
+        last=jnp.arange(batch, dtype=jnp.int32) + 5, step=jnp.int32(0),
+        done=jnp.zeros((batch,), bool), key=jax.random.key(0))
+  holder = [_decode(graphdef, state, fresh(cache), steps=steps)]  # compile
+  jax.block_until_ready(holder[0])
+  def run():
+    holder[0] = _decode(graphdef, state, fresh(holder[0].cache), steps=steps)
+    jax.block_until_ready(holder[0].tokens)
+  seconds = _time(run, repeats)
+  step_s = seconds / steps
+  w_bytes = weight_read_bytes(model)
+  kv_bytes = batch * (ctx + steps / 2) * kv_bytes_per_token(cfg, model.dtype)
+  stats = jax.local_devices()[0].memory_stats() or {}
+  del holder, cache
+  return {
+      "batch": batch, "context": ctx, "steps": steps,
+      "ms_per_step": 1e3 * step_s,
+      "tokens_per_s": batch / step_s,
+      "weight_read_ms": 1e3 * w_bytes / bw,
+      "weight_kv_read_ms": 1e3 * (w_bytes + kv_bytes) / bw,
+      "frac_of_weight_bound": (w_bytes / bw) / step_s,
+      "frac_of_weight_kv_bound": ((w_bytes + kv_bytes) / bw) / step_s,
+      "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
+  }
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--models", nargs="+", default=["smollm2-135m", "llama2-7b"],
+                  choices=sorted(SHAPES))
+  ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+  ap.add_argument("--contexts", nargs="+", type=int,
+                  default=[1024, 2048, 4096, 8192, 16384])
+  ap.add_argument("--steps", type=int, default=64)
+  ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--dtype", default="bfloat16")
+  ap.add_argument("--bandwidth-gib", type=float, default=2.0)
+  ap.add_argument("--out", default="eval/results")
+  ap.add_argument("--name", default="bench_decode")
+  args = ap.parse_args(argv)
+
+  device = jax.devices()[0]
+  bw = measure_bandwidth(args.bandwidth_gib)
+  limit = (device.memory_stats() or {}).get("bytes_limit")
+  print(f"device: {device.device_kind}  measured bandwidth: {bw / 1e9:.0f} GB/s",
+        flush=True)
+  rows = []
+  cols = ["model", "batch", "context", "ms_per_step", "tokens_per_s",
+          "weight_read_ms", "weight_kv_read_ms", "frac_of_weight_bound",
+          "frac_of_weight_kv_bound", "peak_gib", "note"]
+  header = (f"# Decode throughput ({args.dtype}, greedy, {args.steps} steps)\n\n"
+            f"Device: {device.device_kind}; measured HBM bandwidth "
+            f"{bw / 1e9:.0f} GB/s (bf16 elementwise pass, read + write). "
+            "`frac_of_*_bound` = bound time / measured step time. Peak memory "
+            "is the process peak after the row (rows run in ascending size).\n\n")
+
+  def save():  # after every row, so a time-out keeps what was measured
+    payload = {"device": device.device_kind, "platform": platform.platform(),
+               "jax": jax.__version__, "bandwidth_bytes_per_s": bw,
+               "dtype": args.dtype, "steps": args.steps, "rows": rows}
+    return write_results(args.out, args.name, payload,
+                         header + markdown_table(rows, cols))
+
+  for name in args.models:
+    cfg = SHAPES[name]
+    model = random_model(cfg, dtype=jnp.dtype(args.dtype))
+    graphdef, state = nnx.split(model)
+    w_total = sum(x.nbytes for x in jax.tree_util.tree_leaves(state))
+    combos = sorted(((b, c) for b in args.batches for c in args.contexts),
+                    key=lambda bc: bc[0] * bc[1])  # ascending memory
+    for batch, ctx in combos:
+      need = w_total + batch * (ctx + args.steps + 1) * kv_bytes_per_token(
+          cfg, model.dtype)
+      row = {"model": name, "batch": batch, "context": ctx}
+      if limit and need > 0.92 * limit:
+        row["note"] = f"does not fit: needs {need / 2**30:.0f} GiB"
+        rows.append(row)
+        save()
+        print(row, flush=True)
+        continue
+      try:
+        row.update(bench_one(model, graphdef, state, batch=batch, ctx=ctx,
+                             steps=args.steps, repeats=args.repeats, bw=bw))
+      except jax.errors.JaxRuntimeError as e:  # out of memory
+        row["note"] = f"failed: {str(e).splitlines()[0][:80]}"
+      rows.append(row)
+      save()
+      print({k: (round(v, 3) if isinstance(v, float) else v)
+             for k, v in row.items()}, flush=True)
+    del model, graphdef, state
+  paths = save()
+  print(header + markdown_table(rows, cols))
+  print("wrote", *paths)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
