@@ -8,8 +8,8 @@ read the weights once (and weights + KV cache) at that bandwidth.
 
   python -m eval.bench_decode [--models llama2-7b smollm2-135m] [--out DIR]
 
-Weights are random (decode speed does not depend on their values, and
-SmolLM2's GGUF is not on the GPU machine); shapes are exact.
+Weights are pseudo-random (decode speed does not depend on their values,
+and SmolLM2's GGUF is not on the GPU machine); shapes are exact.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from flax import nnx
 
 from eval.report import markdown_table, write_results
 from palu_jax.config import ModelConfig
-from palu_jax.generate import DecodeState, decode_loop
-from palu_jax.model import random_model
+from palu_jax.generate import CHUNK, DecodeState, decode_loop
+from palu_jax.model import Transformer
 
 SHAPES = {
     "smollm2-135m": ModelConfig(
@@ -61,7 +61,7 @@ def measure_bandwidth(gib: float = 4.0, repeats: int = 20) -> dict[str, float]:
   """Device-memory bandwidth (bytes/s) of a streaming read (sum) and of an
   elementwise pass (read + write); the larger is the reference."""
   n = int(gib * 2**30) // 2
-  x = _normal(jax.random.key(0), shape=(n,), dtype=jnp.bfloat16)
+  x = _pseudo_random(jnp.float32(0), shape=(n,), dtype=jnp.bfloat16)
   read = jax.jit(lambda v: jnp.sum(v, dtype=jnp.float32))
   scale = jax.jit(lambda v: v * 1.5)
   out = {}
@@ -78,25 +78,41 @@ def measure_bandwidth(gib: float = 4.0, repeats: int = 20) -> dict[str, float]:
 def _decode(graphdef, state, init, *, steps):
   return decode_loop(graphdef, state, init, jnp.float32(0), jnp.int32(0),
                      jnp.float32(1), jnp.asarray([-1], jnp.int32),
-                     jnp.int32(0), max_new_tokens=steps)
+                     jnp.int32(0), max_new_tokens=steps, greedy=True)
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "dtype"))
-def _normal(key, *, shape, dtype):
-  return jax.random.normal(key, shape, dtype)
+def _pseudo_random(seed, *, shape, dtype):
+  """Cheap non-zero values in [-0.05, 0.05): a hash of the element index.
+
+  `jax.random` programs over multi-GiB arrays compiled for minutes on the
+  GPU; decode speed does not depend on the values, only on their not being
+  all zeros.
+  """
+  i = jax.lax.iota(jnp.float32, int(np.prod(shape))) * 0.6180339 + seed
+  x = jnp.sin(i) * 43758.5453
+  return ((x - jnp.floor(x) - 0.5) * 0.1).astype(dtype).reshape(shape)
+
+
+def _fill(tree, seed: int):
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  out = [_pseudo_random(jnp.float32(seed + k), shape=x.shape, dtype=x.dtype)
+         for k, x in enumerate(leaves)]
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def bench_model(cfg: ModelConfig, dtype) -> Transformer:
+  """A model of `cfg`'s exact shapes with pseudo-random weights."""
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype,
+                                                rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  return nnx.merge(graphdef, _fill(state, 0))
 
 
 def _random_cache(model, key, *, batch, max_len):
-  """An empty cache whose buffers hold random values (never time zeros).
-
-  Filled leaf by leaf: one small compiled program serves every layer, where
-  one program for the whole cache compiled for minutes.
-  """
+  """An empty cache whose buffers hold non-zero values (never time zeros)."""
   cache = model.init_cache(batch, max_len)
-  leaves, tree = jax.tree_util.tree_flatten(cache.layers)
-  keys = jax.random.split(key, len(leaves))
-  leaves = [_normal(k, shape=x.shape, dtype=x.dtype) for k, x in zip(keys, leaves)]
-  return cache.replace(layers=jax.tree_util.tree_unflatten(tree, leaves))
+  return cache.replace(layers=_fill(cache.layers, 1000))
 
 
 def weight_read_bytes(model) -> int:
@@ -115,12 +131,14 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype) -> int:
 
 def bench_one(model, graphdef, state, *, batch, ctx, steps, repeats, bw):
   cfg = model.cfg
-  max_len = ctx + steps + 1
+  if steps % CHUNK:
+    raise ValueError(f"--steps must be a multiple of {CHUNK}")
+  max_len = ctx + steps + CHUNK
   cache = _random_cache(model, jax.random.key(1), batch=batch, max_len=max_len)
   def fresh(cache):  # new arrays each time: the loop state is donated
     return DecodeState(
         cache=cache.replace(lengths=jnp.full((batch,), ctx, jnp.int32)),
-        tokens=jnp.zeros((batch, steps), jnp.int32),
+        tokens=jnp.zeros((batch, steps + CHUNK), jnp.int32),
         last=jnp.arange(batch, dtype=jnp.int32) + 5, step=jnp.int32(0),
         done=jnp.zeros((batch,), bool), key=jax.random.key(0))
   t0 = time.perf_counter()
@@ -194,8 +212,8 @@ def main(argv=None) -> int:
   for name in args.models:
     cfg = SHAPES[name]
     t0 = time.perf_counter()
-    model = random_model(cfg, dtype=jnp.dtype(args.dtype))
-    print(f"{name}: random init {time.perf_counter() - t0:.1f}s", flush=True)
+    model = bench_model(cfg, jnp.dtype(args.dtype))
+    print(f"{name}: weights filled in {time.perf_counter() - t0:.1f}s", flush=True)
     graphdef, state = nnx.split(model)
     w_total = sum(x.nbytes for x in jax.tree_util.tree_leaves(state))
     combos = sorted(((b, c) for b in args.batches for c in args.contexts),

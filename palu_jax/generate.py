@@ -42,22 +42,28 @@ class DecodeState:
   key: Array           # PRNG key
 
 
+# Decode steps per iteration of the outer while loop. The inner loop has a
+# static trip count, so XLA runs it without reading a predicate back from the
+# device; only every CHUNK-th step pays that synchronisation.
+CHUNK = 8
+
+
 def decode_loop(graphdef, state, init: DecodeState, temperature, top_k, top_p,
-                eos_ids, pad_id, *, max_new_tokens: int,
+                eos_ids, pad_id, *, max_new_tokens: int, greedy: bool = False,
                 stream: bool = False) -> DecodeState:
   """Runs decode steps until every sequence hit EOS or M tokens exist.
 
   One step feeds `last` [B] through the model with the cache, samples the
-  next token and appends it to `tokens` [B, M] at column `step`.
+  next token and appends it to `tokens` [B, M + CHUNK] at column `step`.
+  Steps run in chunks of CHUNK, so up to CHUNK - 1 steps past M may run:
+  `tokens` and the cache need that much slack.
   """
-  def cond(s: DecodeState):
-    return (s.step < max_new_tokens) & ~jnp.all(s.done)
-
-  def body(s: DecodeState):
+  def step(_, s: DecodeState) -> DecodeState:
     model = nnx.merge(graphdef, state)
     logits, cache = model(s.last[:, None], s.cache)
     key, sub = jax.random.split(s.key)
-    nxt = sample(logits[:, 0], sub, temperature, top_k, top_p)
+    nxt = (jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32) if greedy
+           else sample(logits[:, 0], sub, temperature, top_k, top_p))
     nxt = jnp.where(s.done, pad_id, nxt)
     if stream:
       jax.debug.callback(_dispatch_stream, s.step, nxt, ordered=True)
@@ -68,14 +74,18 @@ def decode_loop(graphdef, state, init: DecodeState, temperature, top_k, top_p,
         last=nxt, step=s.step + 1, done=s.done | jnp.isin(nxt, eos_ids),
         key=key)
 
-  return jax.lax.while_loop(cond, body, init)
+  def cond(s: DecodeState):
+    return (s.step < max_new_tokens) & ~jnp.all(s.done)
+
+  return jax.lax.while_loop(
+      cond, lambda s: jax.lax.fori_loop(0, CHUNK, step, s), init)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens",
-                                             "max_len", "stream"))
+                                             "max_len", "greedy", "stream"))
 def _generate_program(graphdef, state, prompt, lengths, key, temperature,
                       top_k, top_p, eos_ids, pad_id, *, max_new_tokens,
-                      max_len, stream):
+                      max_len, greedy, stream):
   """prompt [B, P] right-padded, lengths [B] -> tokens [B, M], steps []."""
   model = nnx.merge(graphdef, state)
   batch = prompt.shape[0]
@@ -83,17 +93,19 @@ def _generate_program(graphdef, state, prompt, lengths, key, temperature,
   logits, cache = model(prompt, cache, num_valid=lengths,
                         logits_at=lengths - 1)
   key, sub = jax.random.split(key)
-  first = sample(logits[:, 0], sub, temperature, top_k, top_p)
+  first = (jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32) if greedy
+           else sample(logits[:, 0], sub, temperature, top_k, top_p))
   if stream:
     jax.debug.callback(_dispatch_stream, jnp.int32(0), first, ordered=True)
-  tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
+  tokens = jnp.full((batch, max_new_tokens + CHUNK), pad_id, jnp.int32)
   init = DecodeState(cache=cache, tokens=tokens.at[:, 0].set(first),
                      last=first, step=jnp.int32(1),
                      done=jnp.isin(first, eos_ids), key=key)
   final = decode_loop(graphdef, state, init, temperature, top_k, top_p,
                       eos_ids, pad_id, max_new_tokens=max_new_tokens,
-                      stream=stream)
-  return final.tokens, final.step
+                      greedy=greedy, stream=stream)
+  return (final.tokens[:, :max_new_tokens],
+          jnp.minimum(final.step, max_new_tokens))
 
 
 class Generator:
@@ -143,14 +155,18 @@ class Generator:
     for i, p in enumerate(prompts):
       prompt[i, :len(p)] = p
     eos = np.asarray(self.eos_ids or [-1], np.int32)
+    if on_token is not None:  # hide the slack steps past M
+      user_fn = on_token
+      on_token = lambda step, ids: step < max_new_tokens and user_fn(step, ids)
     _STREAM_TARGET[0] = on_token
     try:
       tokens, steps = _generate_program(
         self.graphdef, self.state, jnp.asarray(prompt),
         jnp.asarray(lengths, jnp.int32), jax.random.key(seed),
         *sampling.as_arrays(), jnp.asarray(eos), jnp.int32(self.pad_id),
-        max_new_tokens=max_new_tokens, max_len=width + max_new_tokens,
-        stream=on_token is not None)
+        max_new_tokens=max_new_tokens,
+        max_len=width + max_new_tokens + CHUNK,
+        greedy=sampling.temperature == 0, stream=on_token is not None)
       tokens = np.asarray(tokens)[:, :int(steps)]
     finally:
       _STREAM_TARGET[0] = None

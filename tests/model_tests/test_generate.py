@@ -39,12 +39,18 @@ def test_ragged_batch_greedy_matches_reference(model):
 
 
 def test_no_recompilation_for_same_bucket(model):
+  """Greedy and sampled decoding are one program each per prompt bucket;
+  sampling values, seeds and prompt lengths in the bucket reuse them."""
   gen = Generator(model, eos_ids=[])
   gen.generate_ids([[1, 2, 3]], max_new_tokens=8)
+  gen.generate_ids([[1, 2, 3]], max_new_tokens=8,
+                   sampling=SamplingConfig(temperature=1.0))
   before = gen.compiled_programs()
   gen.generate_ids([[4, 5, 6, 7, 8]], max_new_tokens=8, seed=3,
                    sampling=SamplingConfig(temperature=0.7, top_k=5, top_p=0.9))
   gen.generate_ids([[9] * 16], max_new_tokens=8)
+  gen.generate_ids([[9] * 7], max_new_tokens=8, seed=5,
+                   sampling=SamplingConfig(temperature=2.0, top_p=0.5))
   assert gen.compiled_programs() == before
   gen.generate_ids([[9] * 17], max_new_tokens=8)  # next bucket: one compile
   assert gen.compiled_programs() == before + 1
