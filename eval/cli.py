@@ -101,6 +101,14 @@ def cmd_ppl(args) -> int:
   total = len(ids) // args.seqlen
   print(f"dataset: {args.dataset}  windows: {r.windows}/{total}  "
         f"tokens: {r.tokens}  nll: {r.nll:.5f}")
+  if getattr(args, "out", None):
+    from eval.report import markdown_table, write_results
+    row = {"model": args.model, "dataset": args.dataset, "seqlen": r.seqlen,
+           "dtype": args.dtype, "windows": r.windows, "tokens": r.tokens,
+           "nll": r.nll, "perplexity": r.perplexity}
+    name = f"ppl_{os.path.basename(os.path.normpath(args.model))}_{args.dataset}"
+    write_results(args.out, name, {"rows": [row]},
+                  markdown_table([row], list(row)))
   print(f"perplexity: {r.perplexity:.4f}")
   return 0
 
@@ -120,7 +128,7 @@ def cmd_demo(args) -> int:
   print(f"\n== WikiText-2 perplexity, seqlen 2048, float32 ({note})")
   cmd_ppl(argparse.Namespace(model=args.out, dataset="wikitext2", seqlen=2048,
                              batch_size=1, limit=limit, dtype="float32",
-                             data_dir=None))
+                             data_dir=None, out=None))
   print("\n== Greedy continuation (bfloat16)")
   cmd_generate(argparse.Namespace(
       model=args.out, prompt="The capital of France is Paris. The capital of "
@@ -167,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="local data root (default: $PALU_JAX_DATA or ../shared/data)")
   q.add_argument("--dtype", choices=["bfloat16", "float32"], default="float32",
                  help=dtype_help)
+  q.add_argument("--out", default=None,
+                 help="also write ppl_<model>_<dataset>.json/.md into this dir")
   q.set_defaults(fn=cmd_ppl)
 
   d = sub.add_parser("demo", help="convert SmolLM2-135M, perplexity, generate")
