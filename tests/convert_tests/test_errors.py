@@ -105,13 +105,20 @@ def test_pickled_checkpoints_are_refused_unopened(tmp_path, name):
   assert not flag.exists()
 
 
-def test_gguf_unknown_architecture_and_truncation(tmp_path):
+def _bare_gguf(path, arch):
+  """A GGUF with one tensor and no model metadata beyond the architecture."""
   import gguf
-  path = tmp_path / "m.gguf"
-  w = gguf.GGUFWriter(str(path), "gpt2")
+  w = gguf.GGUFWriter(str(path), arch)
   w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
-  w.write_header_to_file(); w.write_kv_data_to_file()
-  w.write_tensors_to_file(); w.close()
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return path
+
+
+def test_gguf_unknown_architecture_and_truncation(tmp_path):
+  path = _bare_gguf(tmp_path / "m.gguf", "gpt2")
   with pytest.raises(CheckpointError, match="unsupported GGUF architecture") as e:
     load_checkpoint(str(path))
   assert e.value.field == "general.architecture"
@@ -137,12 +144,7 @@ def test_gguf_unsupported_quant_type(tmp_path, monkeypatch):
 
 
 def test_gguf_missing_metadata(tmp_path):
-  import gguf
-  path = tmp_path / "m.gguf"
-  w = gguf.GGUFWriter(str(path), "llama")
-  w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
-  w.write_header_to_file(); w.write_kv_data_to_file()
-  w.write_tensors_to_file(); w.close()
+  path = _bare_gguf(tmp_path / "m.gguf", "llama")
   with pytest.raises(CheckpointError) as e:
     load_checkpoint(str(path))
   assert e.value.field == "llama.attention.head_count"
