@@ -148,7 +148,7 @@ def load_model_dir(path: str) -> tuple[ModelConfig, dict[str, np.ndarray],
     raise CheckpointError(cfg_path, "config.json is missing") from e
   except ValueError as e:
     raise CheckpointError(cfg_path, str(e)) from e
-  params_dir = os.path.join(path, "params")
+  params_dir = os.path.join(os.path.abspath(path), "params")  # orbax: absolute
   if not os.path.isdir(params_dir):
     raise CheckpointError(params_dir, "parameter checkpoint is missing")
   try:

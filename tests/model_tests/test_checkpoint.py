@@ -33,6 +33,13 @@ def test_convert_and_load_round_trip(tmp_path, src):
   assert a.cfg == b.cfg
 
 
+def test_relative_paths(tmp_path, src, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  checkpoint.convert_checkpoint("hf", "conv")
+  cfg, params, meta = checkpoint.load_model_dir("conv")
+  assert meta["kind"] == "base" and cfg.n_layers == HF["num_hidden_layers"]
+
+
 def test_existing_output_is_not_clobbered(tmp_path, src):
   out = tmp_path / "conv"
   checkpoint.convert_checkpoint(str(src), str(out))
