@@ -1,0 +1,30 @@
+"""Corpus loading: local files through `datasets`, packaged fallback."""
+
+import pytest
+
+from conftest import shared_path
+from palu_jax import data
+
+
+def test_packaged_wikitext_equals_shared_copy(tmp_path, monkeypatch):
+  monkeypatch.setenv(data.DATA_ENV, str(tmp_path))  # no local files there
+  packaged = data.load_text("wikitext2")
+  with open(shared_path("data/wikitext2/test.txt")) as f:
+    assert packaged == f.read()
+
+
+def test_c4_sample_joins_prompt_and_response():
+  text = data.load_text("c4", data_dir_override=shared_path("data"))
+  assert text.count("\n\n") >= 199 and len(text) > 100_000
+
+
+def test_any_jsonl_and_bad_names(tmp_path):
+  p = tmp_path / "x.jsonl"
+  p.write_text('{"text": "a b"}\n{"text": "c"}\n')
+  assert data.load_text(str(p)) == "a b\n\nc"
+  q = tmp_path / "y.jsonl"
+  q.write_text('{"body": "a"}\n')
+  with pytest.raises(data.DatasetError, match="'text'"):
+    data.load_text(str(q))
+  with pytest.raises(data.DatasetError, match="unknown dataset"):
+    data.load_text("no-such-corpus")
