@@ -15,7 +15,6 @@ and SmolLM2's GGUF is not on the GPU machine); shapes are exact.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import os
 import platform
@@ -153,7 +152,7 @@ def bench_one(model, graphdef, state, *, batch, ctx, steps, repeats, bw):
   w_bytes = weight_read_bytes(model)
   kv_bytes = batch * (ctx + steps / 2) * kv_bytes_per_token(cfg, model.dtype)
   stats = jax.local_devices()[0].memory_stats() or {}
-  del holder, cache
+
   return {
       "batch": batch, "context": ctx, "steps": steps,
       "ms_per_step": 1e3 * step_s,

@@ -67,10 +67,10 @@ def cmd_generate(args) -> int:
 
   def stream(step, new_ids):
     t = int(new_ids[0])
-    if t in gen.eos_ids or (produced and produced[-1] in gen.eos_ids):
-      produced.append(t)
-      return
+    stopped = bool(produced) and produced[-1] in gen.eos_ids
     produced.append(t)
+    if stopped or t in gen.eos_ids:
+      return
     text_now = tok.decode(ids + produced)
     # Hold back partial UTF-8 sequences until they complete.
     if not text_now.endswith("\ufffd"):

@@ -173,8 +173,8 @@ def load_tokenizer_for(src: str):
   return None if where is None else convert.load_tokenizer(where)
 
 
-def convert_checkpoint(src: str, out_dir: str, *, overwrite: bool = False,
-                       progress: bool = False) -> str:
+def convert_checkpoint(src: str, out_dir: str, *, overwrite: bool = False
+                       ) -> str:
   """Source checkpoint -> palu-jax model directory (atomic)."""
   cfg, params = convert.load_checkpoint(src)
   tok = load_tokenizer_for(src)

@@ -8,14 +8,10 @@ Face hub is tried only when no local copy exists.
 
 from __future__ import annotations
 
-import json
-import logging
 import os
-from typing import Callable
 
 from palu_jax.errors import PaluError
 
-log = logging.getLogger(__name__)
 
 DATA_ENV = "PALU_JAX_DATA"
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -98,8 +94,3 @@ def load_text(dataset: str, *, data_dir_override: str | None = None) -> str:
     raise DatasetError(f"{local}: dataset {dataset!r} not found locally and "
                        f"the hub copy could not be loaded ({e}); set "
                        f"${DATA_ENV} or --data-dir") from e
-
-
-def tokenize_corpus(text: str, encode: Callable[[str], list[int]]) -> list[int]:
-  """Tokenizes a whole corpus without BOS (Palu/GPTQ perplexity protocol)."""
-  return encode(text)

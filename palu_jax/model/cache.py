@@ -32,9 +32,6 @@ class LayerKV:
     return LayerKV(k=write_rows(self.k, k_new, start),
                    v=write_rows(self.v, v_new, start))
 
-  def nbytes_per_token(self) -> int:
-    return (self.k[0, 0].nbytes + self.v[0, 0].nbytes)
-
 
 @struct.dataclass
 class Cache:

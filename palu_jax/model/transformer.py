@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
