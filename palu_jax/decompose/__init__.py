@@ -1,0 +1,1 @@
+"""Low-rank decomposition of k/v projections (Palu): SVD and rank allocation."""
