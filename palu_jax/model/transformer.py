@@ -67,6 +67,19 @@ class Transformer(nnx.Module):
     return jnp.einsum("BTD,DV->BTV", x, self.lm_head.kernel[...],
                       preferred_element_type=jnp.float32)
 
+  def prelude(self, tokens: Array, cache: Cache | None = None):
+    """Embeddings and RoPE tables shared by every layer.
+
+    Returns:
+      x [B, T, D], cos/sin [B, T, H], q_pos [B, T], start [B] (cache offset).
+    """
+    b, t = tokens.shape
+    start = (jnp.zeros((b,), jnp.int32) if cache is None
+             else cache.lengths)
+    q_pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
+    cos, sin = rope_cos_sin(q_pos, rope_inv_freq(self.cfg))
+    return self.embed(tokens), cos, sin, q_pos, start
+
   def __call__(self, tokens: Array, cache: Cache | None = None, *,
                num_valid: Array | None = None,
                logits_at: Array | None = None) -> tuple[Array, Cache | None]:
@@ -84,12 +97,8 @@ class Transformer(nnx.Module):
     Returns:
       logits [B, T, V] (or [B, 1, V] with `logits_at`) float32, new cache.
     """
-    b, t = tokens.shape
-    start = (jnp.zeros((b,), jnp.int32) if cache is None
-             else cache.lengths)
-    q_pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
-    cos, sin = rope_cos_sin(q_pos, rope_inv_freq(self.cfg))
-    x = self.embed(tokens)
+    t = tokens.shape[1]
+    x, cos, sin, q_pos, start = self.prelude(tokens, cache)
     states = []
     for i, layer in enumerate(self.layers):
       x, state = layer(x, cos, sin, q_pos,

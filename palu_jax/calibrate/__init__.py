@@ -1,0 +1,1 @@
+"""Calibration statistics for Palu: input Gram matrices and Fisher scores."""

@@ -1,0 +1,65 @@
+"""Per-layer Gram matrices XᵀX of the k/v projection inputs.
+
+The k and v projections of a layer share one input: the output of that
+layer's attention RMSNorm. Windows stream through the model in jitted
+batches and only the [D, D] float32 sums are kept, never the activations.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from palu_jax.errors import PaluError
+from palu_jax.typing import Array
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _batch_grams(graphdef, state, windows: Array) -> Array:
+  """windows [B, T] -> [L, D, D] float32 Σ over B·T of hᵀh per layer."""
+  model = nnx.merge(graphdef, state)
+  x, cos, sin, q_pos, start = model.prelude(windows)
+  grams = []
+  for layer in model.layers:
+    h = layer.attn_norm(x).astype(jnp.float32)            # [B, T, D]
+    grams.append(jnp.einsum("BTD,BTE->DE", h, h,
+                            precision=jax.lax.Precision.HIGHEST))
+    x, _ = layer(x, cos, sin, q_pos, None, start)
+  return jnp.stack(grams)
+
+
+def kv_input_grams(model, windows, *, batch_size: int = 1,
+                   progress: bool = True) -> tuple[np.ndarray, int]:
+  """Accumulates XᵀX of each layer's k/v projection input.
+
+  Args:
+    model: a palu_jax Transformer.
+    windows: [N, T] int token windows.
+
+  Returns:
+    (grams [L, D, D] float64 on the host, number of tokens seen).
+  """
+  windows = np.asarray(windows, np.int32)
+  if windows.ndim != 2 or len(windows) == 0:
+    raise PaluError(f"calibration windows must be a non-empty [N, T] array, "
+                    f"got shape {windows.shape}")
+  graphdef, state = nnx.split(model)
+  total = None
+  bar = tqdm(total=len(windows), desc="calibration (XᵀX)", unit="win",
+             disable=not progress)
+  for i in range(0, len(windows), batch_size):
+    batch = windows[i:i + batch_size]
+    g = np.asarray(_batch_grams(graphdef, state, jnp.asarray(batch)),
+                   np.float64)
+    if not np.all(np.isfinite(g)):
+      raise PaluError(f"calibration produced NaN/Inf activations in windows "
+                      f"{i}..{i + len(batch) - 1}; try --dtype float32")
+    total = g if total is None else total + g
+    bar.update(len(batch))
+  bar.close()
+  return total, int(windows.size)
