@@ -1,0 +1,79 @@
+"""Fisher information of the k/v projections (for Palu's rank allocation).
+
+Per module m: F_m = mean over its parameters of sqrt(mean over batches of
+g²), where g is the gradient of the mean next-token NLL of a batch with
+respect to the projection kernel (Palu's rank_search). Gradients are taken
+with `jax.grad` for the k/v kernels only.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from palu_jax.errors import PaluError
+from palu_jax.typing import Array
+
+
+def is_kv_kernel(path, value) -> bool:
+  """nnx filter: the kernels of every layer's k_proj and v_proj."""
+  return (isinstance(value, nnx.Param) and len(path) >= 2
+          and path[-1] == "kernel" and path[-2] in ("k_proj", "v_proj"))
+
+
+def lm_loss(model, windows: Array) -> Array:
+  """Mean next-token NLL over windows [B, T] (float32)."""
+  logits, _ = model(windows)
+  logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+  nll = -jnp.take_along_axis(logp, windows[:, 1:, None], axis=-1)
+  return jnp.mean(nll)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _kv_grads(graphdef, kv_state, rest, windows):
+  def loss(kv):
+    return lm_loss(nnx.merge(graphdef, kv, rest), windows)
+  return jax.grad(loss)(kv_state)
+
+
+def kv_fisher(model, windows, *, batch_size: int = 1, progress: bool = True
+              ) -> dict[str, float]:
+  """Fisher score per k/v projection.
+
+  Args:
+    model: a palu_jax Transformer (its dtype is used for the gradients).
+    windows: [N, T] int token windows; each batch of `batch_size` windows is
+      one gradient sample.
+
+  Returns:
+    {'layers.{i}.attn.{k,v}_proj': F_m}.
+  """
+  windows = np.asarray(windows, np.int32)
+  if windows.ndim != 2 or len(windows) == 0:
+    raise PaluError(f"calibration windows must be a non-empty [N, T] array, "
+                    f"got shape {windows.shape}")
+  graphdef, kv_state, rest = nnx.split(model, is_kv_kernel, ...)
+  sq = None
+  batches = 0
+  bar = tqdm(total=len(windows), desc="calibration (Fisher)", unit="win",
+             disable=not progress)
+  for i in range(0, len(windows), batch_size):
+    g = _kv_grads(graphdef, kv_state, rest, jnp.asarray(windows[i:i + batch_size]))
+    g2 = jax.tree_util.tree_map(lambda a: jnp.square(a.astype(jnp.float32)), g)
+    sq = g2 if sq is None else jax.tree_util.tree_map(jnp.add, sq, g2)
+    batches += 1
+    bar.update(min(batch_size, len(windows) - i))
+  bar.close()
+  scores = {}
+  for path, variable in nnx.to_flat_state(sq):  # path ends in 'kernel'
+    f = float(jnp.mean(jnp.sqrt(variable[...] / batches)))
+    if not np.isfinite(f):
+      raise PaluError(f"Fisher score of {'.'.join(map(str, path))} is not "
+                      "finite; the calibration loss diverged")
+    scores[".".join(str(p) for p in path[:-1])] = f
+  return scores
