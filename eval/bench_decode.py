@@ -108,7 +108,12 @@ def bench_model(cfg: ModelConfig, dtype) -> Transformer:
   return nnx.merge(graphdef, _fill(state, 0))
 
 
-def _random_cache(model, key, *, batch, max_len):
+def cache_len(ctx: int, steps: int) -> int:
+  """Cache rows a timed run needs: context + steps + the chunk slack."""
+  return ctx + steps + CHUNK
+
+
+def _random_cache(model, *, batch, max_len):
   """An empty cache whose buffers hold non-zero values (never time zeros)."""
   cache = model.init_cache(batch, max_len)
   return cache.replace(layers=_fill(cache.layers, 1000))
@@ -132,8 +137,7 @@ def bench_one(model, graphdef, state, *, batch, ctx, steps, repeats, bw):
   cfg = model.cfg
   if steps % CHUNK:
     raise ValueError(f"--steps must be a multiple of {CHUNK}")
-  max_len = ctx + steps + CHUNK
-  cache = _random_cache(model, jax.random.key(1), batch=batch, max_len=max_len)
+  cache = _random_cache(model, batch=batch, max_len=cache_len(ctx, steps))
   def fresh(cache):  # new arrays each time: the loop state is donated
     return DecodeState(
         cache=cache.replace(lengths=jnp.full((batch,), ctx, jnp.int32)),
@@ -152,7 +156,6 @@ def bench_one(model, graphdef, state, *, batch, ctx, steps, repeats, bw):
   w_bytes = weight_read_bytes(model)
   kv_bytes = batch * (ctx + steps / 2) * kv_bytes_per_token(cfg, model.dtype)
   stats = jax.local_devices()[0].memory_stats() or {}
-
   return {
       "batch": batch, "context": ctx, "steps": steps,
       "ms_per_step": 1e3 * step_s,
@@ -218,20 +221,17 @@ def main(argv=None) -> int:
     combos = sorted(((b, c) for b in args.batches for c in args.contexts),
                     key=lambda bc: bc[0] * bc[1])  # ascending memory
     for batch, ctx in combos:
-      need = w_total + batch * (ctx + args.steps + 1) * kv_bytes_per_token(
+      need = w_total + batch * cache_len(ctx, args.steps) * kv_bytes_per_token(
           cfg, model.dtype)
       row = {"model": name, "batch": batch, "context": ctx}
       if limit and need > 0.92 * limit:
         row["note"] = f"does not fit: needs {need / 2**30:.0f} GiB"
-        rows.append(row)
-        save()
-        print(row, flush=True)
-        continue
-      try:
-        row.update(bench_one(model, graphdef, state, batch=batch, ctx=ctx,
-                             steps=args.steps, repeats=args.repeats, bw=bw))
-      except jax.errors.JaxRuntimeError as e:  # out of memory
-        row["note"] = f"failed: {str(e).splitlines()[0][:80]}"
+      else:
+        try:
+          row.update(bench_one(model, graphdef, state, batch=batch, ctx=ctx,
+                               steps=args.steps, repeats=args.repeats, bw=bw))
+        except jax.errors.JaxRuntimeError as e:  # out of memory
+          row["note"] = f"failed: {str(e).splitlines()[0][:80]}"
       rows.append(row)
       save()
       print({k: (round(v, 3) if isinstance(v, float) else v)

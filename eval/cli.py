@@ -101,7 +101,7 @@ def cmd_ppl(args) -> int:
   total = len(ids) // args.seqlen
   print(f"dataset: {args.dataset}  windows: {r.windows}/{total}  "
         f"tokens: {r.tokens}  nll: {r.nll:.5f}")
-  if getattr(args, "out", None):
+  if args.out:
     from eval.report import markdown_table, write_results
     row = {"model": args.model, "dataset": args.dataset, "seqlen": r.seqlen,
            "dtype": args.dtype, "windows": r.windows, "tokens": r.tokens,

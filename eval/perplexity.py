@@ -18,6 +18,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from palu_jax.errors import PaluError
+from palu_jax.losses import next_token_nll
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,12 +33,7 @@ class PerplexityResult:
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _window_nll(graphdef, state, windows: jax.Array) -> jax.Array:
   """windows [B, T] -> [B] summed NLL of tokens 1..T-1 (float32)."""
-  model = nnx.merge(graphdef, state)
-  logits, _ = model(windows)                           # [B, T, V] f32
-  logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-  target = windows[:, 1:]
-  nll = -jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
-  return jnp.sum(nll, axis=-1)
+  return jnp.sum(next_token_nll(nnx.merge(graphdef, state), windows), axis=-1)
 
 
 def perplexity(model, token_ids, *, seqlen: int = 2048, batch_size: int = 1,

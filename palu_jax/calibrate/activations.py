@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from palu_jax.calibrate.windows import as_windows
 from palu_jax.errors import PaluError
 from palu_jax.typing import Array
 
@@ -44,10 +45,7 @@ def kv_input_grams(model, windows, *, batch_size: int = 1,
   Returns:
     (grams [L, D, D] float64 on the host, number of tokens seen).
   """
-  windows = np.asarray(windows, np.int32)
-  if windows.ndim != 2 or len(windows) == 0:
-    raise PaluError(f"calibration windows must be a non-empty [N, T] array, "
-                    f"got shape {windows.shape}")
+  windows = as_windows(windows)
   graphdef, state = nnx.split(model)
   total = None
   bar = tqdm(total=len(windows), desc="calibration (XᵀX)", unit="win",

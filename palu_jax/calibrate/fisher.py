@@ -16,7 +16,9 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from palu_jax.calibrate.windows import as_windows
 from palu_jax.errors import PaluError
+from palu_jax.losses import next_token_nll
 from palu_jax.typing import Array
 
 
@@ -28,10 +30,7 @@ def is_kv_kernel(path, value) -> bool:
 
 def lm_loss(model, windows: Array) -> Array:
   """Mean next-token NLL over windows [B, T] (float32)."""
-  logits, _ = model(windows)
-  logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-  nll = -jnp.take_along_axis(logp, windows[:, 1:, None], axis=-1)
-  return jnp.mean(nll)
+  return jnp.mean(next_token_nll(model, windows))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -53,10 +52,7 @@ def kv_fisher(model, windows, *, batch_size: int = 1, progress: bool = True
   Returns:
     {'layers.{i}.attn.{k,v}_proj': F_m}.
   """
-  windows = np.asarray(windows, np.int32)
-  if windows.ndim != 2 or len(windows) == 0:
-    raise PaluError(f"calibration windows must be a non-empty [N, T] array, "
-                    f"got shape {windows.shape}")
+  windows = as_windows(windows)
   graphdef, kv_state, rest = nnx.split(model, is_kv_kernel, ...)
   sq = None
   batches = 0
