@@ -78,3 +78,56 @@ class ModelConfig:
     d = dataclasses.asdict(self)
     d["eos_ids"] = list(self.eos_ids)
     return d
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class PaluConfig:
+  """Shape of a Palu-compressed attention: per layer, per KV-head group, the
+  latent rank of keys and of values.
+
+  Groups are `group_size` consecutive KV heads (1: M-LRD, K: J-LRD). The cache
+  of layer l stores Σ_g k_ranks[l][g] key latents and Σ_g v_ranks[l][g] value
+  latents per token. How the ranks were found is provenance, kept in the
+  checkpoint's marker, not here (this config is hashed as jit-static state).
+  """
+  group_size: int
+  k_ranks: tuple[tuple[int, ...], ...]  # [L][K // group_size]
+  v_ranks: tuple[tuple[int, ...], ...]
+
+  def validate(self, cfg: ModelConfig) -> None:
+    """Raises ConfigError unless the ranks fit `cfg`."""
+    if self.group_size < 1 or cfg.n_kv_heads % self.group_size:
+      raise ConfigError("group_size", f"{self.group_size} does not divide "
+                        f"n_kv_heads={cfg.n_kv_heads}")
+    groups, full = cfg.n_kv_heads // self.group_size, self.group_size * cfg.head_dim
+    for name in ("k_ranks", "v_ranks"):
+      ranks = getattr(self, name)
+      if len(ranks) != cfg.n_layers:
+        raise ConfigError(name, f"{len(ranks)} layers, the model has "
+                          f"{cfg.n_layers}")
+      for i, layer in enumerate(ranks):
+        if len(layer) != groups:
+          raise ConfigError(f"{name}[{i}]", f"{len(layer)} groups, expected "
+                            f"{groups}")
+        for r in layer:
+          if not isinstance(r, int) or not 1 <= r <= full:
+            raise ConfigError(f"{name}[{i}]", f"rank {r!r} is impossible for "
+                              f"a group of width {full} (1..{full})")
+
+  def kv_latents_per_token(self) -> int:
+    """Σ over layers of key + value latent widths (cache entries per token)."""
+    return sum(map(sum, self.k_ranks)) + sum(map(sum, self.v_ranks))
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "PaluConfig":
+    try:
+      return cls(group_size=int(d["group_size"]),
+                 k_ranks=tuple(tuple(int(r) for r in l) for l in d["k_ranks"]),
+                 v_ranks=tuple(tuple(int(r) for r in l) for l in d["v_ranks"]))
+    except (KeyError, TypeError, ValueError) as e:
+      raise ConfigError("compression", f"invalid Palu config: {e!r}") from e
+
+  def to_dict(self) -> dict[str, Any]:
+    return {"group_size": self.group_size,
+            "k_ranks": [list(l) for l in self.k_ranks],
+            "v_ranks": [list(l) for l in self.v_ranks]}

@@ -27,16 +27,31 @@ def attend(q: Array, k: Array, v: Array, q_pos: Array) -> Array:
     [B, T, N, H] in q's dtype.
   """
   b, t, n, h = q.shape
+  probs = causal_probs(q, k, q_pos)
+  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  return out.reshape(b, t, n, h).astype(q.dtype)
+
+
+def causal_probs(q: Array, k: Array, q_pos: Array) -> Array:
+  """Causal softmax(q·kᵀ/√H) in float32.
+
+  Args:
+    q: [B, T, N, H] rotated queries; query head n reads KV head n // G.
+    k: [B, S, K, H] rotated keys; row s holds position s.
+    q_pos: [B, T]; key s is visible iff s <= q_pos.
+
+  Returns:
+    [B, K, G, T, S] float32 probabilities.
+  """
+  b, t, n, h = q.shape
   kh = k.shape[2]
   q = q.reshape(b, t, kh, n // kh, h)
   scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k,
                       preferred_element_type=jnp.float32) * (h ** -0.5)
   visible = jnp.arange(k.shape[1])[None, None, :] <= q_pos[:, :, None]  # [B,T,S]
   scores = jnp.where(visible[:, None, None], scores, _MASKED)
-  probs = jax.nn.softmax(scores, axis=-1)
-  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v.dtype), v,
-                   preferred_element_type=jnp.float32)
-  return out.reshape(b, t, n, h).astype(q.dtype)
+  return jax.nn.softmax(scores, axis=-1)
 
 
 class Attention(nnx.Module):

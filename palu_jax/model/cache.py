@@ -34,6 +34,19 @@ class LayerKV:
 
 
 @struct.dataclass
+class LayerLatent:
+  """One layer's Palu latents: h_k = x·A_k (pre-RoPE) and h_v = x·A_v, with
+  every head group's latents side by side along R."""
+  hk: Array  # [B, S, Rk]
+  hv: Array  # [B, S, Rv]
+
+  def write(self, hk_new: Array, hv_new: Array, start: Array) -> "LayerLatent":
+    """hk_new [B, T, Rk] / hv_new [B, T, Rv] written at rows start[b]..."""
+    return LayerLatent(hk=write_rows(self.hk, hk_new, start),
+                       hv=write_rows(self.hv, hv_new, start))
+
+
+@struct.dataclass
 class Cache:
   """Per-layer states and the number of valid tokens of each sequence."""
   layers: tuple  # one state per layer (LayerKV, or a compressed variant)
@@ -56,4 +69,13 @@ def init_kv_cache(n_layers: int, batch: int, max_len: int, n_kv_heads: int,
   shape = (batch, max_len, n_kv_heads, head_dim)
   layers = tuple(LayerKV(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
                  for _ in range(n_layers))
+  return Cache(layers=layers, lengths=jnp.zeros((batch,), jnp.int32))
+
+
+def init_latent_cache(k_widths, v_widths, batch: int, max_len: int, dtype
+                      ) -> Cache:
+  """An empty Palu cache; k_widths/v_widths [L] are Σ ranks per layer."""
+  layers = tuple(LayerLatent(hk=jnp.zeros((batch, max_len, rk), dtype),
+                             hv=jnp.zeros((batch, max_len, rv), dtype))
+                 for rk, rv in zip(k_widths, v_widths))
   return Cache(layers=layers, lengths=jnp.zeros((batch,), jnp.int32))

@@ -9,20 +9,31 @@ import numpy as np
 from flax import nnx
 
 from convert import keymap
-from palu_jax.config import ModelConfig
+from palu_jax.config import ModelConfig, PaluConfig
 from palu_jax.errors import CheckpointError
 from palu_jax.model.attention import Attention
-from palu_jax.model.cache import Cache, init_kv_cache
+from palu_jax.model.cache import Cache, init_kv_cache, init_latent_cache
+from palu_jax.model.latent_attention import LatentAttention
 from palu_jax.model.layers import MLP, RMSNorm, linear, rope_cos_sin, rope_inv_freq
 from palu_jax.typing import Array
 
 
 class Block(nnx.Module):
-  """Pre-norm residual block: attention then SwiGLU MLP."""
+  """Pre-norm residual block: attention then SwiGLU MLP.
 
-  def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+  `latent` = (group_size, k_ranks, v_ranks) makes the attention a Palu
+  `LatentAttention`; None keeps the dense one.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs,
+               latent: tuple | None = None):
     self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype=dtype)
-    self.attn = Attention(cfg, dtype=dtype, rngs=rngs)
+    if latent is None:
+      self.attn = Attention(cfg, dtype=dtype, rngs=rngs)
+    else:
+      group_size, k_ranks, v_ranks = latent
+      self.attn = LatentAttention(cfg, group_size=group_size, k_ranks=k_ranks,
+                                  v_ranks=v_ranks, dtype=dtype, rngs=rngs)
     self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype=dtype)
     self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
@@ -36,17 +47,24 @@ class Transformer(nnx.Module):
   """Decoder-only transformer (Llama, Llama-3, Mistral, Qwen2 layouts).
 
   Weights and activations use `dtype` (bfloat16 by default); norms, RoPE,
-  attention softmax and logits are computed in float32.
+  attention softmax and logits are computed in float32. With `palu`, every
+  layer's attention reads a low-rank latent cache (Palu).
   """
 
   def __init__(self, cfg: ModelConfig, *, dtype=jnp.bfloat16,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, palu: PaluConfig | None = None):
     self.cfg = cfg
+    self.palu = palu
     self.dtype = jnp.dtype(dtype)
     self.embed = nnx.Embed(cfg.vocab_size, cfg.dim, dtype=dtype,
                            param_dtype=dtype, rngs=rngs)
-    self.layers = nnx.List([Block(cfg, dtype=dtype, rngs=rngs)
-                            for _ in range(cfg.n_layers)])
+    if palu is not None:
+      palu.validate(cfg)
+    self.layers = nnx.List([
+        Block(cfg, dtype=dtype, rngs=rngs,
+              latent=None if palu is None else
+              (palu.group_size, palu.k_ranks[i], palu.v_ranks[i]))
+        for i in range(cfg.n_layers)])
     self.final_norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype=dtype)
     self.lm_head = (None if cfg.tie_embeddings else
                     linear(cfg.dim, cfg.vocab_size, bias=False, dtype=dtype,
@@ -54,7 +72,11 @@ class Transformer(nnx.Module):
 
   def init_cache(self, batch: int, max_len: int) -> Cache:
     """An empty cache for `batch` sequences of up to `max_len` tokens."""
-    c = self.cfg
+    c, p = self.cfg, self.palu
+    if p is not None:
+      return init_latent_cache([sum(r) for r in p.k_ranks],
+                               [sum(r) for r in p.v_ranks], batch, max_len,
+                               self.dtype)
     return init_kv_cache(c.n_layers, batch, max_len, c.n_kv_heads, c.head_dim,
                          self.dtype)
 
@@ -125,13 +147,33 @@ def _nest(flat: Mapping[str, np.ndarray], dtype) -> dict:
   return out
 
 
+def _check_shapes(params: Mapping[str, np.ndarray], state) -> None:
+  """Names the first missing, unexpected or misshapen parameter."""
+  want = {".".join(map(str, path)): v.shape
+          for path, v in nnx.to_flat_state(state)}
+  missing = sorted(set(want) - set(params))
+  extra = sorted(set(params) - set(want))
+  if missing or extra:
+    raise CheckpointError(None, f"parameters do not fit the model: missing "
+                          f"{missing[:3]}, unexpected {extra[:3]}")
+  for k, shape in want.items():
+    if tuple(np.shape(params[k])) != tuple(shape):
+      raise CheckpointError(None, f"{k}: shape {np.shape(params[k])}, the "
+                            f"model needs {tuple(shape)}", field=k)
+
+
 def from_params(cfg: ModelConfig, params: Mapping[str, np.ndarray], *,
-                dtype=jnp.bfloat16) -> Transformer:
-  """Builds a Transformer holding `params` (canonical flat keys) in `dtype`."""
-  keymap.check_params(params, cfg.to_dict(), None)
+                dtype=jnp.bfloat16, palu: PaluConfig | None = None
+                ) -> Transformer:
+  """Builds a Transformer holding `params` (canonical flat keys) in `dtype`;
+  `palu` for a compressed model's parameters."""
+  if palu is None:
+    keymap.check_params(params, cfg.to_dict(), None)
   abstract = nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype,
-                                                rngs=nnx.Rngs(0)))
+                                                rngs=nnx.Rngs(0), palu=palu))
   graphdef, state = nnx.split(abstract)
+  if palu is not None:
+    _check_shapes(params, state)
   try:
     state.replace_by_pure_dict(_nest(params, dtype))
   except (KeyError, ValueError) as e:
@@ -139,10 +181,10 @@ def from_params(cfg: ModelConfig, params: Mapping[str, np.ndarray], *,
   return nnx.merge(graphdef, state)
 
 
-def random_model(cfg: ModelConfig, *, dtype=jnp.bfloat16, seed: int = 0
-                 ) -> Transformer:
+def random_model(cfg: ModelConfig, *, dtype=jnp.bfloat16, seed: int = 0,
+                 palu: PaluConfig | None = None) -> Transformer:
   """A randomly initialised model (benchmarks, tests), built under jit."""
   @nnx.jit
   def make():
-    return Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(seed))
+    return Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(seed), palu=palu)
   return make()

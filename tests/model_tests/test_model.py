@@ -58,9 +58,14 @@ def test_llama3_scaling_changes_the_model():
 
 @pytest.mark.parametrize("variant", ["gqa_tied", "qwen2_bias"])
 def test_incremental_decode_equals_full_forward_ragged(variant):
+  model, _, hf = make_model(variant)
+  assert_incremental_matches_full(model, hf["vocab_size"])
+
+
+def assert_incremental_matches_full(model, vocab_size):
   """Prefill a right-padded ragged batch, then decode token by token: every
   step's logits equal the full forward of that sequence."""
-  model, _, hf = make_model(variant)
+  hf = {"vocab_size": vocab_size}
   rng = np.random.default_rng(2)
   lengths = [3, 9, 6]
   total = 14

@@ -1,0 +1,113 @@
+"""Palu attention: the cache holds low-rank latents instead of keys/values.
+
+Per group g of KV heads (see `PaluConfig`), with A the down-projections and
+B the up-projections found by decomposition:
+
+  h_k = x·A_k[g]   [B, S, r_g]   cached, pre-RoPE
+  h_v = x·A_v[g]   [B, S, r'_g]  cached
+  K   = RoPE(h_k·B_k[g] (+ b_k))  rebuilt from the cache at every call
+  out = Σ_heads (softmax(q·Kᵀ)·h_v)·(B_v[g]·W_o[head])
+
+The value up-projection is folded into W_o offline (`o_latent`, one
+[r'_g, D] map per query head), so the attention weights latents directly and
+values are never rebuilt. With q/k/v biases (Qwen2), b_k is added after the
+key up-projection and b_v, which survives the softmax average unchanged,
+becomes a constant output bias `o_bias`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax.numpy as jnp
+from flax import nnx
+
+from palu_jax.config import ModelConfig
+from palu_jax.model.attention import causal_probs
+from palu_jax.model.cache import LayerLatent
+from palu_jax.model.layers import (apply_rope, linear, rope_cos_sin,
+                                   rope_inv_freq)
+from palu_jax.typing import Array
+
+
+def rank_slices(ranks: Sequence[int]) -> tuple[tuple[int, int], ...]:
+  """(start, stop) of each group's latents along R."""
+  edges = [0]
+  for r in ranks:
+    edges.append(edges[-1] + r)
+  return tuple(zip(edges[:-1], edges[1:]))
+
+
+class LatentAttention(nnx.Module):
+  """GQA attention over a Palu latent cache (pure jnp; kernels replace it on
+  GPU in pallas_kernels)."""
+
+  def __init__(self, cfg: ModelConfig, *, group_size: int,
+               k_ranks: Sequence[int], v_ranks: Sequence[int], dtype,
+               rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.group_size = group_size
+    self.k_slices = rank_slices(k_ranks)
+    self.v_slices = rank_slices(v_ranks)
+    d, h = cfg.dim, cfg.head_dim
+    rk, rv = sum(k_ranks), sum(v_ranks)
+    width = group_size * h                  # key columns of one group
+    heads = group_size * cfg.q_per_kv       # query heads of one group
+    normal = nnx.initializers.normal
+    self.q_proj = linear(d, cfg.n_heads * h, bias=cfg.qkv_bias, dtype=dtype,
+                         rngs=rngs)
+    self.k_down = nnx.Param(normal(d ** -0.5)(rngs.params(), (d, rk), dtype))
+    self.k_up = nnx.Param(normal(rk ** -0.5)(rngs.params(), (rk, width), dtype))
+    self.v_down = nnx.Param(normal(d ** -0.5)(rngs.params(), (d, rv), dtype))
+    self.o_latent = nnx.Param(normal((rv * cfg.q_per_kv) ** -0.5)(
+        rngs.params(), (rv, heads, d), dtype))
+    if cfg.qkv_bias:
+      self.k_bias = nnx.Param(jnp.zeros((cfg.n_kv_heads * h,), dtype))
+      self.o_bias = nnx.Param(jnp.zeros((d,), dtype))
+    else:
+      self.k_bias = self.o_bias = None
+
+  def latents(self, x: Array) -> tuple[Array, Array]:
+    """x [B, T, D] -> (h_k [B, T, Rk], h_v [B, T, Rv])."""
+    return (jnp.einsum("BTD,DR->BTR", x, self.k_down[...]),
+            jnp.einsum("BTD,DR->BTR", x, self.v_down[...]))
+
+  def keys(self, hk: Array, group: int) -> Array:
+    """Rebuilds group `group`'s rotated keys [B, S, group_size, H] from its
+    latents; row s is rotated for position s."""
+    c = self.cfg
+    lo, hi = self.k_slices[group]
+    k = jnp.einsum("BSR,RC->BSC", hk[..., lo:hi], self.k_up[lo:hi])
+    if self.k_bias is not None:
+      width = self.group_size * c.head_dim
+      k = k + self.k_bias[group * width:(group + 1) * width]
+    b, s, _ = hk.shape
+    k = k.reshape(b, s, self.group_size, c.head_dim)
+    positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    cos, sin = rope_cos_sin(positions, rope_inv_freq(c))
+    return apply_rope(k, cos, sin)
+
+  def __call__(self, x: Array, cos: Array, sin: Array, q_pos: Array,
+               cache: LayerLatent | None, start: Array
+               ) -> tuple[Array, LayerLatent | None]:
+    """x [B, T, D]; cos/sin [B, T, H]; q_pos [B, T]; start [B] cache offset."""
+    b, t, _ = x.shape
+    c = self.cfg
+    q = apply_rope(self.q_proj(x).reshape(b, t, c.n_heads, c.head_dim), cos, sin)
+    hk, hv = self.latents(x)
+    if cache is not None:
+      cache = cache.write(hk, hv, start)
+      hk, hv = cache.hk, cache.hv
+    heads = self.group_size * c.q_per_kv
+    out = jnp.zeros((b, t, c.dim), jnp.float32)
+    for g, (lo, hi) in enumerate(self.v_slices):
+      probs = causal_probs(q[:, :, g * heads:(g + 1) * heads],
+                           self.keys(hk, g), q_pos)          # [B,K,G,T,S]
+      mixed = jnp.einsum("BKGTS,BSR->BTKGR", probs.astype(hv.dtype),
+                         hv[..., lo:hi], preferred_element_type=jnp.float32)
+      mixed = mixed.reshape(b, t, heads, hi - lo).astype(x.dtype)
+      out = out + jnp.einsum("BTNR,RND->BTD", mixed, self.o_latent[lo:hi],
+                             preferred_element_type=jnp.float32)
+    if self.o_bias is not None:
+      out = out + self.o_bias[...].astype(jnp.float32)
+    return out.astype(x.dtype), cache

@@ -1,0 +1,119 @@
+"""Palu latent-cache model against the dense model it was folded from."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from palu_jax.config import PaluConfig
+from palu_jax.decompose import lrd, svd
+from palu_jax.decompose.fold import palu_params
+from palu_jax.errors import CheckpointError, ConfigError
+from palu_jax.model import from_params
+from model_tests.test_model import assert_incremental_matches_full, make_model
+
+
+def _base_params(model):
+  from flax import nnx
+  return {".".join(map(str, p)): np.asarray(v[...], np.float32)
+          for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def _decompose(params, cfg, group_size, keep):
+  """Plain SVD of every layer's k/v projection, `keep` of each group's dims."""
+  groups = cfg.n_kv_heads // group_size
+  rank = max(1, int(round(keep * group_size * cfg.head_dim)))
+  parts = {}
+  for kind in ("k", "v"):
+    parts[kind] = [lrd.decompose_projection(
+        params[f"layers.{i}.attn.{kind}_proj.kernel"], [rank] * groups,
+        n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+        group_size=group_size) for i in range(cfg.n_layers)]
+  return parts
+
+
+def _compressed(variant, group_size, keep):
+  model, _, hf = make_model(variant)
+  base = _base_params(model)
+  parts = _decompose(base, model.cfg, group_size, keep)
+  params, palu = palu_params(base, model.cfg, group_size, parts["k"], parts["v"])
+  return model, base, parts, from_params(model.cfg, params, dtype=jnp.float32,
+                                         palu=palu), hf
+
+
+def _tokens(hf, n=2, t=20, seed=3):
+  return jnp.asarray(np.random.default_rng(seed).integers(
+      0, hf["vocab_size"], (n, t)))
+
+
+@pytest.mark.parametrize("variant", ["mha", "gqa_tied", "qwen2_bias",
+                                     "mistral_headdim"])
+@pytest.mark.parametrize("group", [1, 2])
+def test_full_rank_reproduces_the_dense_model(variant, group):
+  model, _, _, palu_model, hf = _compressed(variant, group, 1.0)
+  tokens = _tokens(hf)
+  want, _ = model(tokens)
+  got, _ = palu_model(tokens)
+  np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["gqa_tied", "qwen2_bias", "llama3_scaling"])
+@pytest.mark.parametrize("group", [1, "all"])
+def test_folded_latent_path_equals_explicit_reconstruction(variant, group):
+  """Truncated factors: the latent model (B_v folded into W_o, keys rebuilt
+  from latents) equals the dense model whose W_k, W_v are replaced by
+  down·up and whose W_o is the original."""
+  model0, _, _ = make_model(variant)
+  group = model0.cfg.n_kv_heads if group == "all" else group
+  model, base, parts, palu_model, hf = _compressed(variant, group, 0.5)
+  explicit = dict(base)
+  for i in range(model.cfg.n_layers):
+    for kind in ("k", "v"):
+      explicit[f"layers.{i}.attn.{kind}_proj.kernel"] = lrd.reconstruct(
+          parts[kind][i])
+  dense = from_params(model.cfg, explicit, dtype=jnp.float32)
+  tokens = _tokens(hf)
+  want, _ = dense(tokens)
+  got, _ = palu_model(tokens)
+  np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
+  # ... and the truncation really changed the model.
+  orig, _ = model(tokens)
+  assert float(jnp.max(jnp.abs(orig - want))) > 1e-3
+
+
+@pytest.mark.parametrize("variant", ["gqa_tied", "qwen2_bias"])
+def test_incremental_decode_equals_full_forward_ragged(variant):
+  _, _, _, palu_model, hf = _compressed(variant, 1, 0.5)
+  assert_incremental_matches_full(palu_model, hf["vocab_size"])
+
+
+def test_latent_cache_shapes_and_bytes():
+  _, _, _, palu_model, _ = _compressed("gqa_tied", 1, 0.5)
+  cache = palu_model.init_cache(3, 10)
+  p = palu_model.palu
+  assert cache.layers[0].hk.shape == (3, 10, sum(p.k_ranks[0]))
+  assert cache.layers[0].hv.shape == (3, 10, sum(p.v_ranks[0]))
+  # Half the dims kept -> half the dense cache's bytes.
+  dense = make_model("gqa_tied")[0].init_cache(3, 10)
+  assert cache.nbytes() * 2 == dense.nbytes()
+
+
+def test_palu_config_rejects_impossible_ranks():
+  model, _, _ = make_model("gqa_tied")     # K=2, H=16
+  cfg = model.cfg
+  ok = dict(group_size=1, k_ranks=((8, 8),) * 2, v_ranks=((8, 8),) * 2)
+  PaluConfig(**ok).validate(cfg)
+  with pytest.raises(ConfigError, match="group_size"):
+    PaluConfig(**dict(ok, group_size=3)).validate(cfg)
+  with pytest.raises(ConfigError, match=r"k_ranks\[1\].*rank 17"):
+    PaluConfig(**dict(ok, k_ranks=((8, 8), (8, 17)))).validate(cfg)
+  with pytest.raises(ConfigError, match="v_ranks.*1 layers"):
+    PaluConfig(**dict(ok, v_ranks=((8, 8),))).validate(cfg)
+  assert PaluConfig.from_dict(PaluConfig(**ok).to_dict()) == PaluConfig(**ok)
+
+
+def test_params_that_do_not_fit_are_named():
+  model, base, parts, palu_model, _ = _compressed("gqa_tied", 1, 0.5)
+  params, palu = palu_params(base, model.cfg, 1, parts["k"], parts["v"])
+  params["layers.1.attn.k_up"] = params["layers.1.attn.k_up"][:-1]
+  with pytest.raises(CheckpointError, match="layers.1.attn.k_up"):
+    from_params(model.cfg, params, palu=palu)
