@@ -1,6 +1,7 @@
 """The `palu-jax` command line (the composition root: may import anything).
 
   palu-jax convert SRC OUT
+  palu-jax compress MODEL --ratio 0.5 --mode jlrd --alloc fisher --out DIR
   palu-jax generate MODEL --prompt TEXT [--chat] --max-new-tokens N ...
   palu-jax ppl MODEL --dataset {wikitext2,c4,tinystories,PATH} --seqlen N
   palu-jax demo
@@ -27,6 +28,34 @@ def cmd_convert(args) -> int:
   t = time.perf_counter()
   out = convert_checkpoint(args.src, args.out, overwrite=args.overwrite)
   print(f"converted {args.src} -> {out} in {time.perf_counter() - t:.1f}s")
+  return 0
+
+
+def cmd_compress(args) -> int:
+  from palu_jax.compress import (CalibrationConfig, CompressionConfig,
+                                 compress_checkpoint)
+  comp = CompressionConfig(ratio=args.ratio, mode=args.mode,
+                           group_size=args.group_size, alloc=args.alloc,
+                           whiten=args.whiten, multiple=args.rank_multiple,
+                           k_fraction=args.k_fraction)
+  calib = CalibrationConfig(dataset=args.calib_dataset,
+                            windows=args.calib_windows,
+                            seqlen=args.calib_seqlen,
+                            fisher_windows=args.fisher_windows,
+                            seed=args.seed, batch_size=args.batch_size)
+  cache = None if args.no_calib_cache else args.calib_cache
+  t = time.perf_counter()
+  out, report = compress_checkpoint(args.model, args.out, comp, calib,
+                                    dtype=args.dtype, cache_dir=cache,
+                                    data_dir=args.data_dir,
+                                    overwrite=args.overwrite)
+  print(f"compressed {args.model} -> {out} in {time.perf_counter() - t:.1f}s "
+        f"(calibration {report['calibration_seconds']:.1f}s, decomposition "
+        f"{report['compress_seconds']:.1f}s)")
+  print(f"KV cache: {report['kv_bytes_per_token']} B/token, "
+        f"{report['kept_fraction']:.1%} of the dense "
+        f"{report['dense_kv_bytes_per_token']} B/token; ranks in "
+        f"{os.path.join(out, 'ranks.md')}")
   return 0
 
 
@@ -149,6 +178,46 @@ def build_parser() -> argparse.ArgumentParser:
   c.set_defaults(fn=cmd_convert)
 
   dtype_help = "weights/activations dtype (norms, softmax, logits are f32)"
+  k = sub.add_parser("compress", help="Palu: low-rank latent KV cache",
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  k.add_argument("model", help="model directory, checkpoint, or preset")
+  k.add_argument("--out", required=True, help="output model directory")
+  k.add_argument("--ratio", type=float, default=0.5,
+                 help="fraction of the KV cache removed, in (0, 1)")
+  k.add_argument("--mode", choices=["mlrd", "glrd", "jlrd"], default="jlrd",
+                 help="head groups: per head, per --group-size, all heads")
+  k.add_argument("--group-size", type=int, default=4,
+                 help="KV heads per group for glrd")
+  k.add_argument("--alloc", choices=["uniform", "fisher", "error"],
+                 default="fisher", help="rank allocation across modules")
+  k.add_argument("--whiten", choices=["none", "input", "attention"],
+                 default="input", help="SVD metric: plain, ‖XΔW‖ (Palu), or "
+                 "attention-aware")
+  k.add_argument("--no-whiten", dest="whiten", action="store_const",
+                 const="none", help="plain SVD (same as --whiten none)")
+  k.add_argument("--rank-multiple", type=int, default=16,
+                 help="ranks are multiples of this")
+  k.add_argument("--k-fraction", type=float, default=None,
+                 help="share of the latent budget for keys (default: keys "
+                 "and values share one pool)")
+  k.add_argument("--calib-dataset", default="wikitext2-calib",
+                 help="corpus name or .txt/.jsonl path")
+  k.add_argument("--calib-windows", type=int, default=32)
+  k.add_argument("--calib-seqlen", type=int, default=512)
+  k.add_argument("--fisher-windows", type=int, default=None,
+                 help="windows used for Fisher scores (default: all)")
+  k.add_argument("--batch-size", type=int, default=1)
+  k.add_argument("--seed", type=int, default=0)
+  k.add_argument("--dtype", choices=["bfloat16", "float32"], default="float32",
+                 help="calibration dtype")
+  k.add_argument("--calib-cache", default=os.path.join(
+      os.path.expanduser("~"), ".cache", "palu_jax", "calibration"),
+                 help="where calibration statistics are cached")
+  k.add_argument("--no-calib-cache", action="store_true")
+  k.add_argument("--data-dir", default=None)
+  k.add_argument("--overwrite", action="store_true")
+  k.set_defaults(fn=cmd_compress)
+
   g = sub.add_parser("generate", help="generate text (streams tokens)")
   g.add_argument("model")
   g.add_argument("--prompt", required=True)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from palu_jax.checkpoint import load_source, load_tokenizer_for
-from palu_jax.errors import ConfigError
+from palu_jax.config import PaluConfig
+from palu_jax.errors import CheckpointError, ConfigError
 from palu_jax.model import Transformer, from_params
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32,
@@ -23,10 +24,16 @@ def load_model(src: str, *, dtype: str = "bfloat16"
   """Loads (model, tokenizer) from a converted directory or a source.
 
   Args:
-    src: converted model directory, HF directory, .gguf, llama2.c .bin, or a
-      preset name such as 'smollm2-135m'.
+    src: converted or Palu-compressed model directory, HF directory, .gguf,
+      llama2.c .bin, or a preset name such as 'smollm2-135m'.
     dtype: 'bfloat16' (default) or 'float32' weights and activations.
   """
-  cfg, params, _ = load_source(src)
-  model = from_params(cfg, params, dtype=parse_dtype(dtype))
+  cfg, params, meta = load_source(src)
+  palu = None
+  if meta.get("kind") == "palu":
+    if "palu" not in meta:
+      raise CheckpointError(src, "compressed checkpoint without its 'palu' "
+                            "ranks", field="palu")
+    palu = PaluConfig.from_dict(meta["palu"])
+  model = from_params(cfg, params, dtype=parse_dtype(dtype), palu=palu)
   return model, load_tokenizer_for(src)

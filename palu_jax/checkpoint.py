@@ -58,12 +58,17 @@ def atomic_directory(out_dir: str, *, overwrite: bool = False) -> Iterator[str]:
 
 def atomic_write_text(path: str, text: str) -> None:
   """Writes a text file via rename, so readers never see half of it."""
+  atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+  """Writes a file via rename, so readers never see half of it."""
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
   try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
     os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(FileNotFoundError):
@@ -95,8 +100,13 @@ def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def save_model(out_dir: str, cfg: ModelConfig, params: Mapping[str, Any], *,
                tokenizer=None, meta: Mapping[str, Any] | None = None,
-               overwrite: bool = False) -> str:
-  """Writes a model directory atomically; returns its absolute path."""
+               overwrite: bool = False,
+               extra_files: Mapping[str, str] | None = None) -> str:
+  """Writes a model directory atomically; returns its absolute path.
+
+  `meta` entries go into the marker (a compressed model's `kind: palu` and
+  ranks); `extra_files` are written as text beside it (reports).
+  """
   import orbax.checkpoint as ocp
   with atomic_directory(out_dir, overwrite=overwrite) as tmp:
     with open(os.path.join(tmp, "config.json"), "w") as f:
@@ -107,6 +117,9 @@ def save_model(out_dir: str, cfg: ModelConfig, params: Mapping[str, Any], *,
     ckptr.wait_until_finished()
     if tokenizer is not None:
       tokenizer.save(tmp)
+    for name, text in (extra_files or {}).items():
+      with open(os.path.join(tmp, name), "w") as f:
+        f.write(text)
     dtypes = sorted({str(np.asarray(v).dtype) for v in params.values()})
     marker = {"format": "palu-jax", "version": FORMAT_VERSION, "kind": "base",
               "dtypes": dtypes, **(meta or {})}

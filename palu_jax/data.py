@@ -8,6 +8,7 @@ Face hub is tried only when no local copy exists.
 
 from __future__ import annotations
 
+import json
 import os
 
 from palu_jax.errors import PaluError
@@ -25,6 +26,12 @@ CORPORA = {
            ("allenai/c4", "en", "validation")),
     "tinystories": ("tinystories/valid.txt", None,
                     ("roneneldan/TinyStories", None, "validation")),
+    # Calibration text: Palu calibrates on WikiText-2 train, which is not
+    # available offline; the local validation split (tokenized form, with
+    # <unk>) stands in, and the hub's train split is used when no local copy
+    # exists. Never the test split, which perplexity reports.
+    "wikitext2-calib": ("wikitext2/valid.tokens.txt", None,
+                        ("wikitext", "wikitext-2-raw-v1", "train")),
 }
 
 
@@ -45,9 +52,24 @@ def _text_of_record(rec: dict, path: str) -> str:
                      f"'prompt' + 'response'); got keys {sorted(rec)}")
 
 
+def _read_plain(path: str) -> str:
+  """The same text as `_load_local`, without `datasets` (GPU hosts that lack
+  it; tests check both agree)."""
+  import bz2
+  opener = bz2.open if path.endswith(".bz2") else open
+  with opener(path, "rt", encoding="utf-8") as f:
+    if path.endswith(".jsonl"):
+      return "\n\n".join(_text_of_record(json.loads(line), path)
+                         for line in f if line.strip())
+    return f.read()
+
+
 def _load_local(path: str) -> str:
   """A .txt(.bz2) file as one document, or a .jsonl as documents joined."""
-  import datasets
+  try:
+    import datasets
+  except ImportError:
+    return _read_plain(path)
   datasets.disable_progress_bars()
   if path.endswith(".jsonl"):
     ds = datasets.load_dataset("json", data_files=path, split="train")

@@ -100,3 +100,42 @@ def uniform(full_dims: Sequence[int], total: int, *, multiple: int = 1) -> list[
   """Ranks ∝ full dims (the same kept fraction everywhere), exact total."""
   return allocate([float(d) for d in full_dims], full_dims, total,
                   multiple=multiple)
+
+
+def allocate_by_error(spectra: Sequence[np.ndarray], full_dims: Sequence[int],
+                      total: int, *, multiple: int = 1,
+                      weights: Sequence[float] | None = None) -> list[int]:
+  """Ranks that minimise Σ_m weight_m · (discarded σ² of m), exactly.
+
+  Each module keeps >= `multiple`; every further chunk of `multiple` ranks
+  removes the squared singular values it covers from the module's error.
+  Singular values are sorted, so chunk gains fall within a module and
+  taking the largest gains globally is optimal (and a prefix per module).
+
+  Args:
+    spectra: per module, its (weighted) singular values, descending.
+    weights: per-module error weight (default 1).
+  """
+  n = len(full_dims)
+  if len(spectra) != n:
+    raise ConfigError("spectra", f"{len(spectra)} spectra for {n} modules")
+  _validate(full_dims, total, multiple)
+  weights = np.ones(n) if weights is None else np.asarray(weights, np.float64)
+  if weights.shape != (n,) or not np.all(np.isfinite(weights)) or np.any(
+      weights < 0):
+    raise ConfigError("weights", "need one finite non-negative weight per "
+                      "module")
+  chunks = []  # (-gain, module, chunk index): sorted = best first, stable
+  for m, (sig, dim) in enumerate(zip(spectra, full_dims)):
+    energy = np.square(np.asarray(sig, np.float64))
+    if energy.shape[0] < dim or not np.all(np.isfinite(energy)):
+      raise ConfigError("spectra", f"module {m}: need {dim} finite singular "
+                        f"values, got {energy.shape[0]}")
+    for c in range(1, dim // multiple):
+      gain = weights[m] * energy[c * multiple:(c + 1) * multiple].sum()
+      chunks.append((-gain, m, c))
+  chunks.sort()
+  ranks = np.ones(n, np.int64)
+  for _, m, _ in chunks[:total // multiple - n]:
+    ranks[m] += 1
+  return [int(r) * multiple for r in ranks]

@@ -12,7 +12,6 @@ discarded error is Σ_{i>r} σ_i².
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import NamedTuple
 
@@ -29,7 +28,29 @@ log = logging.getLogger(__name__)
 class LowRank(NamedTuple):
   down: Array      # [d, r]
   up: Array        # [r, n]
-  singular: Array  # [min(d, n)] all singular values (of W or of Sᵀ·W)
+  singular: Array  # [min(d, n)] all singular values (of W or of Sᵀ·W·M)
+
+
+class Factorization(NamedTuple):
+  """A full SVD of a (weighted) projection, ready to truncate at any rank:
+  W = left·diag(singular)·right exactly (up to jitter)."""
+  left: Array      # [d, m]  (S⁻ᵀ·U for whitened SVD)
+  singular: Array  # [m] descending
+  right: Array     # [m, n]  (Vᵀ·M⁻¹ with an output metric)
+
+  def truncate(self, rank: int) -> LowRank:
+    """The rank-`rank` pair, with √σ split evenly between down and up."""
+    if not 1 <= rank <= self.singular.shape[0]:
+      raise ConfigError("rank", f"{rank} is impossible for a "
+                        f"{self.left.shape[0]}x{self.right.shape[1]} matrix "
+                        f"(1..{self.singular.shape[0]})")
+    root = jnp.sqrt(self.singular[:rank])
+    return LowRank(self.left[:, :rank] * root, root[:, None] * self.right[:rank],
+                   self.singular)
+
+  def discarded(self, rank: int) -> float:
+    """Σ_{i>rank} σ_i²: the (weighted) squared error of truncating."""
+    return float(jnp.sum(jnp.square(self.singular[rank:].astype(jnp.float32))))
 
 
 def _check_rank(w: Array, rank: int) -> None:
@@ -38,19 +59,10 @@ def _check_rank(w: Array, rank: int) -> None:
                       f"{w.shape[1]} matrix (1..{min(w.shape)})")
 
 
-@functools.partial(jax.jit, static_argnames=("rank",))
-def _split(u: Array, s: Array, vt: Array, rank: int) -> tuple[Array, Array]:
-  root = jnp.sqrt(s[:rank])
-  return u[:, :rank] * root, root[:, None] * vt[:rank]
-
-
 def plain_svd(w: Array, rank: int) -> LowRank:
   """Truncated SVD of w [d, n] (minimises ‖W − W'‖_F)."""
   _check_rank(w, rank)
-  w = jnp.asarray(w, jnp.float32)
-  u, s, vt = jnp.linalg.svd(w, full_matrices=False)
-  down, up = _split(u, s, vt, rank)
-  return LowRank(down, up, s)
+  return factorize(w).truncate(rank)
 
 
 def whitening_factor(gram: Array, *, jitter: float | None = None,
@@ -84,17 +96,42 @@ def whitening_factor(gram: Array, *, jitter: float | None = None,
                   f"{tries[-1]:.3g}; is the calibration data degenerate?")
 
 
-def whitened_svd(w: Array, gram: Array, rank: int, *,
-                 jitter: float | None = None) -> LowRank:
-  """Truncated SVD of w [d, n] that minimises ‖X·W − X·W'‖ (XᵀX = gram)."""
-  _check_rank(w, rank)
+def factorize(w: Array, gram: Array | None = None, *,
+              out_factor: Array | None = None,
+              jitter: float | None = None) -> Factorization:
+  """Full SVD of w [d, n] under the metric ‖Sᵀ·(W − W')·M‖_F.
+
+  Args:
+    gram: XᵀX [d, d] of the inputs (whitening, S = chol(XᵀX)); None = I.
+    out_factor: M [n, n] lower triangular (an output metric M·Mᵀ: how much
+      an error in each output column costs downstream); None = I.
+  """
   w = jnp.asarray(w, jnp.float32)
-  s_low, _ = whitening_factor(gram, jitter=jitter)
-  u, sig, vt = jnp.linalg.svd(s_low.T @ w, full_matrices=False)
-  left, up = _split(u, sig, vt, rank)
-  # down = S⁻ᵀ·U_r·√Σ_r: solve Sᵀ·down = U_r·√Σ_r.
-  down = jax.scipy.linalg.solve_triangular(s_low, left, trans="T", lower=True)
-  return LowRank(down, up, sig)
+  target = w
+  if gram is not None:
+    s_low, _ = whitening_factor(gram, jitter=jitter)
+    target = s_low.T @ target
+  if out_factor is not None:
+    out_factor = jnp.asarray(out_factor, jnp.float32)
+    target = target @ out_factor
+  u, sig, vt = jnp.linalg.svd(target, full_matrices=False)
+  if gram is not None:
+    # down = S⁻ᵀ·U: solve Sᵀ·down = U.
+    u = jax.scipy.linalg.solve_triangular(s_low, u, trans="T", lower=True)
+  if out_factor is not None:
+    # up = Vᵀ·M⁻¹: solve Mᵀ·upᵀ = V.
+    vt = jax.scipy.linalg.solve_triangular(out_factor, vt.T, trans="T",
+                                           lower=True).T
+  return Factorization(u, sig, vt)
+
+
+def whitened_svd(w: Array, gram: Array, rank: int, *,
+                 jitter: float | None = None,
+                 out_factor: Array | None = None) -> LowRank:
+  """Truncated SVD of w [d, n] that minimises ‖X·W − X·W'‖ (XᵀX = gram),
+  or ‖X·(W − W')·M‖ with an output metric factor M."""
+  _check_rank(w, rank)
+  return factorize(w, gram, out_factor=out_factor, jitter=jitter).truncate(rank)
 
 
 def activation_error(x: Array, w: Array, lr: LowRank) -> float:

@@ -1,0 +1,238 @@
+"""Palu compression sweep: perplexity and cache size of many configurations.
+
+Calibrates once (cached), factorizes once per (group size, whitening), then
+compresses at each configuration and measures WikiText-2 and C4 perplexity
+next to the dense base model, in one run:
+
+  python -m eval.palu_sweep --model smollm2-135m --out eval/results \\
+      [--calib-windows 256 --calib-seqlen 2048] [--only NAME ...] [--limit N]
+
+Results are merged into <out>/<name>.json/.md by row name, so the sweep can
+be run in parts (and resumed) and finished rows are kept.
+
+Speed: every configuration has other ranks, hence other shapes; to compile
+once, rows are evaluated on a copy whose latents are zero-padded to the full
+group width. The padding adds exact zeros to every sum, so the perplexity is
+that of the compressed model; `--check-padding` also evaluates the first row
+unpadded and records both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eval.perplexity import perplexity
+from eval.report import markdown_table, write_results
+from palu_jax.checkpoint import load_source, load_tokenizer_for
+from palu_jax.compress import (CalibrationConfig, CompressionConfig,
+                               calibrate, compress_params, factorize_model,
+                               kv_bytes_per_token)
+from palu_jax.config import ModelConfig, PaluConfig
+from palu_jax.data import load_text
+from palu_jax.decompose import lrd
+from palu_jax.model import from_params
+
+
+def _row(name, **kw):
+  return name, kw
+
+
+# name -> CompressionConfig fields (+ 'calib': 'small' for the CPU default
+# calibration set instead of the sweep's large one).
+ROWS = dict([
+    # Palu as published: whitened SVD, Fisher ranks, three modes x ratios.
+    *[_row(f"{m}-{int(r * 100)}-fisher-white", mode=m, ratio=r)
+      for m in ("jlrd", "glrd", "mlrd") for r in (0.3, 0.5, 0.7)],
+    # Uniform vs Fisher; plain vs whitened (50%).
+    *[_row(f"{m}-50-uniform-white", mode=m, ratio=0.5, alloc="uniform")
+      for m in ("jlrd", "mlrd")],
+    _row("jlrd-50-fisher-plain", mode="jlrd", ratio=0.5, whiten="none"),
+    _row("mlrd-50-fisher-plain", mode="mlrd", ratio=0.5, whiten="none"),
+    # Levers (50%, J-LRD).
+    _row("jlrd-50-fisher-white-smallcalib", mode="jlrd", ratio=0.5,
+         calib="small"),
+    _row("jlrd-50-error-white", mode="jlrd", ratio=0.5, alloc="error"),
+    _row("jlrd-50-fisher-attn", mode="jlrd", ratio=0.5, whiten="attention"),
+    _row("jlrd-50-error-attn", mode="jlrd", ratio=0.5, alloc="error",
+         whiten="attention"),
+    _row("jlrd-50-uniform-attn", mode="jlrd", ratio=0.5, alloc="uniform",
+         whiten="attention"),
+    *[_row(f"jlrd-50-uniform-attn-k{int(f * 100)}", mode="jlrd", ratio=0.5,
+           alloc="uniform", whiten="attention", k_fraction=f)
+      for f in (0.25, 0.35, 0.45)],
+    *[_row(f"jlrd-50-error-attn-k{int(f * 100)}", mode="jlrd", ratio=0.5,
+           alloc="error", whiten="attention", k_fraction=f)
+      for f in (0.25, 0.35, 0.45)],
+    _row("jlrd-50-error-attn-smallcalib", mode="jlrd", ratio=0.5,
+         alloc="error", whiten="attention", calib="small"),
+])
+
+
+def pad_to_full_rank(cfg: ModelConfig, params: dict, palu: PaluConfig
+                     ) -> tuple[dict, PaluConfig]:
+  """Zero-pads every group's latents to the full group width (same math,
+  one shape for all configurations)."""
+  width = palu.group_size * cfg.head_dim
+  out = dict(params)
+  for i in range(cfg.n_layers):
+    pre = f"layers.{i}.attn."
+    for names, ranks in ((("k_down", "k_up"), palu.k_ranks[i]),
+                         (("v_down", "o_latent"), palu.v_ranks[i])):
+      down, up = params[pre + names[0]], params[pre + names[1]]
+      downs, ups, at = [], [], 0
+      for r in ranks:
+        d = np.zeros((down.shape[0], width), down.dtype)
+        d[:, :r] = down[:, at:at + r]
+        u = np.zeros((width,) + up.shape[1:], up.dtype)
+        u[:r] = up[at:at + r]
+        downs.append(d)
+        ups.append(u)
+        at += r
+      out[pre + names[0]] = np.concatenate(downs, 1)
+      out[pre + names[1]] = np.concatenate(ups, 0)
+  groups = cfg.n_kv_heads // palu.group_size
+  full = tuple((width,) * groups for _ in range(cfg.n_layers))
+  return out, PaluConfig(group_size=palu.group_size, k_ranks=full, v_ranks=full)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--model", default="smollm2-135m")
+  p.add_argument("--out", default="eval/results")
+  p.add_argument("--name", default=None, help="results file stem")
+  p.add_argument("--datasets", nargs="+", default=["wikitext2", "c4"])
+  p.add_argument("--seqlen", type=int, default=2048)
+  p.add_argument("--limit", type=int, default=None, help="windows per dataset")
+  p.add_argument("--batch-size", type=int, default=4)
+  p.add_argument("--calib-dataset", default="wikitext2-calib")
+  p.add_argument("--calib-windows", type=int, default=256)
+  p.add_argument("--calib-seqlen", type=int, default=2048)
+  p.add_argument("--calib-cache", default="/tmp/palu_jax_calib")
+  p.add_argument("--only", nargs="*", default=None, help="row names (or "
+                 "prefixes) to run; 'base' for the dense model")
+  p.add_argument("--multiple", type=int, default=16)
+  p.add_argument("--check-padding", action="store_true")
+  p.add_argument("--data-dir", default=None)
+  args = p.parse_args(argv)
+  name = args.name or f"palu_{os.path.basename(args.model).split('.')[0]}"
+
+  cfg, base, _ = load_source(args.model)
+  tok = load_tokenizer_for(args.model)
+  dense = from_params(cfg, base, dtype=jnp.float32)
+  corpora = {d: tok.encode(load_text(d, data_dir_override=args.data_dir),
+                           add_bos=False) for d in args.datasets}
+  path = os.path.join(args.out, name + ".json")
+  done = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      done = {r["name"]: r for r in json.load(f)["rows"]}
+
+  def wanted(row_name):
+    return args.only is None or any(row_name.startswith(o) for o in args.only)
+
+  def evaluate(model):
+    return {d: perplexity(model, ids, seqlen=args.seqlen, limit=args.limit,
+                          batch_size=args.batch_size, progress=False).perplexity
+            for d, ids in corpora.items()}
+
+  def save():
+    rows = sorted(done.values(), key=lambda r: order.get(r["name"], 1e9))
+    cols = ["name", "mode", "alloc", "whiten", "ratio", "k_fraction", "calib",
+            "kv_bytes_per_token", "kept", *[f"ppl_{d}" for d in corpora],
+            *[f"delta_{d}" for d in corpora], "compress_s"]
+    meta = {"model": args.model, "seqlen": args.seqlen, "limit": args.limit,
+            "device": jax.devices()[0].device_kind,
+            "calibration": {"large": f"{args.calib_windows}x{args.calib_seqlen}",
+                            "small": "32x512"}}
+    write_results(args.out, name, {"meta": meta, "rows": rows},
+                  f"Model {args.model}, seqlen {args.seqlen}, windows "
+                  f"{args.limit or 'all'}, {meta['device']}\n\n"
+                  + markdown_table(rows, cols))
+
+  order = {"base": -1, **{n: i for i, n in enumerate(ROWS)}}
+  if wanted("base") and "base" not in done:
+    t = time.perf_counter()
+    ppl = evaluate(dense)
+    done["base"] = {"name": "base", "kv_bytes_per_token":
+                    kv_bytes_per_token(cfg, None), "kept": 1.0,
+                    **{f"ppl_{d}": v for d, v in ppl.items()},
+                    "eval_s": time.perf_counter() - t}
+    save()
+  base_ppl = {d: done["base"][f"ppl_{d}"] for d in corpora} if "base" in done else {}
+
+  calibs = {"large": CalibrationConfig(dataset=args.calib_dataset,
+                                       windows=args.calib_windows,
+                                       seqlen=args.calib_seqlen),
+            "small": CalibrationConfig(dataset=args.calib_dataset)}
+  stats, factor_cache = {}, {}
+  for row_name, kw in ROWS.items():
+    if not wanted(row_name) or row_name in done:
+      continue
+    kw = dict(kw)
+    which = kw.pop("calib", "large")
+    comp = CompressionConfig(multiple=args.multiple, **kw)
+    try:
+      size = comp.validate(cfg)
+    except Exception as e:  # e.g. G-LRD group 4 on 3 KV heads
+      done[row_name] = {"name": row_name, **kw, "skipped": str(e)}
+      print(f"{row_name}: skipped ({e})", flush=True)
+      save()
+      continue
+    if size in (1, cfg.n_kv_heads) and lrd.Mode(comp.mode) is lrd.Mode.GLRD:
+      done[row_name] = {"name": row_name, **kw, "skipped":
+                        f"G-LRD with group {size} equals "
+                        f"{'M' if size == 1 else 'J'}-LRD on {cfg.n_kv_heads} "
+                        f"KV heads"}
+      save()
+      continue
+    if which not in stats:
+      stats[which] = calibrate(dense, tok, calibs[which],
+                               cache_dir=args.calib_cache,
+                               data_dir=args.data_dir)
+      print(f"calibration {which}: {stats[which].tokens} tokens in "
+            f"{stats[which].seconds:.1f}s", flush=True)
+    key = (which, size, comp.whiten)
+    t = time.perf_counter()
+    if key not in factor_cache:
+      factor_cache[key] = factorize_model(cfg, base, stats[which], size,
+                                          comp.whiten, calibs[which].seqlen)
+    params, palu, report = compress_params(cfg, base, stats[which], comp,
+                                           factors=factor_cache[key])
+    seconds = time.perf_counter() - t
+    padded, full = pad_to_full_rank(cfg, params, palu)
+    t = time.perf_counter()
+    ppl = evaluate(from_params(cfg, padded, dtype=jnp.float32, palu=full))
+    row = {"name": row_name, "mode": comp.mode, "alloc": comp.alloc,
+           "whiten": comp.whiten, "ratio": comp.ratio,
+           "k_fraction": comp.k_fraction,
+           "calib": f"{calibs[which].windows}x{calibs[which].seqlen}",
+           "kv_bytes_per_token": report["kv_bytes_per_token"],
+           "kept": report["kept_fraction"], "k_latents": report["k_latents"],
+           "v_latents": report["v_latents"],
+           **{f"ppl_{d}": v for d, v in ppl.items()},
+           **{f"delta_{d}": f"{100 * (v / base_ppl[d] - 1):+.1f}%"
+              for d, v in ppl.items() if d in base_ppl},
+           "compress_s": round(seconds, 2),
+           "eval_s": round(time.perf_counter() - t, 1),
+           "ranks": palu.to_dict()}
+    if args.check_padding:
+      row["ppl_unpadded"] = evaluate(from_params(cfg, params,
+                                                 dtype=jnp.float32, palu=palu))
+      args.check_padding = False
+    done[row_name] = row
+    print(row_name, {d: round(v, 3) for d, v in ppl.items()},
+          row.get("ppl_unpadded", ""), flush=True)
+    save()
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

@@ -1,0 +1,378 @@
+"""Palu compression: calibrate, decompose per head group, allocate ranks,
+fold, and describe the result.
+
+  stats = calibrate(model, tokenizer, CalibrationConfig(...), cache_dir=...)
+  params, palu, report = compress_params(cfg, base_params, stats,
+                                         CompressionConfig(ratio=0.5))
+
+Calibration statistics (XᵀX per layer, Fisher scores) depend only on the
+model and the calibration settings, so they are cached on disk under a key
+of both; later runs with other compression settings reuse them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+from typing import Any, Mapping
+
+import numpy as np
+from flax import nnx
+
+from palu_jax.checkpoint import atomic_write_bytes
+from palu_jax.config import ModelConfig, PaluConfig
+from palu_jax.decompose import lrd, metrics, ranks
+from palu_jax.decompose.fold import palu_params
+from palu_jax.decompose.svd import Factorization, factorize
+from palu_jax.errors import ConfigError, PaluError
+
+log = logging.getLogger(__name__)
+
+ALLOCATIONS = ("uniform", "fisher", "error")
+WHITENING = ("none", "input", "attention")
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class CalibrationConfig:
+  """Which text calibrates, and how much of it."""
+  dataset: str = "wikitext2-calib"  # or a corpus name / .txt / .jsonl path
+  windows: int = 32                 # N random windows ...
+  seqlen: int = 512                 # ... of T tokens
+  fisher_windows: int | None = None  # Fisher on the first n (default: all)
+  seed: int = 0
+  batch_size: int = 1
+
+  def validate(self) -> None:
+    for name in ("windows", "seqlen", "batch_size"):
+      if getattr(self, name) < 1:
+        raise ConfigError(f"calibration.{name}", "must be >= 1")
+    if self.fisher_windows is not None and not (
+        1 <= self.fisher_windows <= self.windows):
+      raise ConfigError("calibration.fisher_windows",
+                        f"must be in 1..windows={self.windows}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class CompressionConfig:
+  """How to compress.
+
+  ratio: fraction of the KV cache removed (0.5 keeps half the latents).
+  mode: 'mlrd' | 'glrd' | 'jlrd' (head groups of 1, group_size, all).
+  alloc: 'uniform' (same kept fraction everywhere), 'fisher' (Palu: rank ∝
+    Fisher score), 'error' (least total truncation error, measured on the
+    whitened spectra; needs whiten != 'none' for meaningful units).
+  whiten: 'none' (plain SVD), 'input' (Palu: ‖X·ΔW‖), 'attention' (also
+    weighted by what the error costs: query metric for keys, W_o for values).
+  multiple: ranks are multiples of this (kernel tiles).
+  k_fraction: share of the latent budget given to keys; None pools keys and
+    values together (Palu).
+  """
+  ratio: float = 0.5
+  mode: str = "jlrd"
+  group_size: int = 4
+  alloc: str = "fisher"
+  whiten: str = "input"
+  multiple: int = 16
+  k_fraction: float | None = None
+
+  def validate(self, cfg: ModelConfig) -> int:
+    """Checks every field against `cfg`; returns the head-group size."""
+    if not 0 < self.ratio < 1:
+      raise ConfigError("ratio", f"KV reduction must be in (0, 1), got "
+                        f"{self.ratio}")
+    if self.alloc not in ALLOCATIONS:
+      raise ConfigError("alloc", f"{self.alloc!r} not in {ALLOCATIONS}")
+    if self.whiten not in WHITENING:
+      raise ConfigError("whiten", f"{self.whiten!r} not in {WHITENING}")
+    if self.k_fraction is not None and not 0 < self.k_fraction < 1:
+      raise ConfigError("k_fraction", f"must be in (0, 1), got "
+                        f"{self.k_fraction}")
+    try:
+      mode = lrd.Mode(self.mode)
+    except ValueError:
+      raise ConfigError("mode", f"{self.mode!r} is not one of "
+                        f"{[m.value for m in lrd.Mode]}") from None
+    size = lrd.resolve_group_size(mode, cfg.n_kv_heads, self.group_size)
+    if (size * cfg.head_dim) % self.multiple:
+      raise ConfigError("multiple", f"{self.multiple} does not divide the "
+                        f"group width {size * cfg.head_dim}")
+    return size
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class CalibrationStats:
+  """What compression needs from calibration (all on the host)."""
+  grams: np.ndarray            # [L, D, D] float64 Σ xᵀx of the k/v inputs
+  tokens: int                  # tokens summed into grams
+  fisher: dict[str, float]     # 'layers.{i}.attn.{k,v}_proj' -> score ({} if
+                               # not computed)
+  seconds: float = 0.0         # wall time spent calibrating (0 if cached)
+
+
+def model_fingerprint(model) -> str:
+  """A hash of every parameter (and the dtype): the calibration cache key's
+  model half."""
+  h = hashlib.blake2b(digest_size=16)
+  for path, v in sorted(nnx.to_flat_state(nnx.state(model, nnx.Param)),
+                        key=lambda kv: str(kv[0])):
+    a = np.asarray(v[...])
+    h.update(f"{path}:{a.dtype}:{a.shape}".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
+def _save_grams(path: str, grams: np.ndarray, tokens: int) -> None:
+  buf = io.BytesIO()
+  np.savez(buf, grams=grams, tokens=tokens)
+  atomic_write_bytes(path, buf.getvalue())
+
+
+def calibrate(model, tokenizer, calib: CalibrationConfig, *,
+              fisher: bool = True, cache_dir: str | None = None,
+              progress: bool = True, data_dir: str | None = None
+              ) -> CalibrationStats:
+  """XᵀX of the k/v inputs (and Fisher scores) on random calibration windows.
+
+  With `cache_dir`, results are stored there (and reused) under a key of
+  the model's parameters and `calib`; Gram matrices and Fisher scores are
+  cached separately, so a run that needs no Fisher scores skips them.
+  """
+  from palu_jax.calibrate.activations import kv_input_grams
+  from palu_jax.calibrate.fisher import kv_fisher
+  from palu_jax.calibrate.windows import sample_windows
+  from palu_jax.data import load_text
+  calib.validate()
+  grams_path = fisher_path = None
+  if cache_dir:
+    key = hashlib.blake2b(
+        (model_fingerprint(model) + json.dumps(dataclasses.asdict(calib),
+                                               sort_keys=True)).encode(),
+        digest_size=16).hexdigest()
+    grams_path = os.path.join(cache_dir, f"calib-{key}-grams.npz")
+    fisher_path = os.path.join(cache_dir, f"calib-{key}-fisher.json")
+  start = time.perf_counter()
+  windows = None
+
+  def get_windows():
+    ids = tokenizer.encode(load_text(calib.dataset, data_dir_override=data_dir),
+                           add_bos=False)
+    return sample_windows(ids, count=calib.windows, seqlen=calib.seqlen,
+                          seed=calib.seed)
+
+  if grams_path and os.path.exists(grams_path):
+    log.info("calibration Gram matrices from %s", grams_path)
+    with np.load(grams_path) as z:
+      grams, tokens = z["grams"], int(z["tokens"])
+  else:
+    windows = get_windows()
+    grams, tokens = kv_input_grams(model, windows, batch_size=calib.batch_size,
+                                   progress=progress)
+    if grams_path:
+      _save_grams(grams_path, grams, tokens)
+  scores: dict[str, float] = {}
+  if fisher:
+    if fisher_path and os.path.exists(fisher_path):
+      with open(fisher_path) as f:
+        scores = json.load(f)
+    else:
+      windows = get_windows() if windows is None else windows
+      scores = kv_fisher(model, windows[:calib.fisher_windows or calib.windows],
+                         batch_size=calib.batch_size, progress=progress)
+      if fisher_path:
+        atomic_write_bytes(fisher_path, json.dumps(scores).encode())
+  return CalibrationStats(grams=grams, tokens=tokens, fisher=scores,
+                          seconds=time.perf_counter() - start)
+
+
+def factorize_model(cfg: ModelConfig, base: Mapping[str, np.ndarray],
+                    stats: CalibrationStats | None, group_size: int,
+                    whiten: str, seqlen: int = 2048
+                    ) -> dict[str, list[list[Factorization]]]:
+  """Full SVDs {'k': [L][groups], 'v': [L][groups]} of every head group."""
+  if whiten != "none" and stats is None:
+    raise PaluError(f"whiten={whiten!r} needs calibration statistics")
+  cols = lrd.group_columns(cfg.n_kv_heads, cfg.head_dim, group_size)
+  out: dict[str, list[list[Factorization]]] = {"k": [], "v": []}
+  for i in range(cfg.n_layers):
+    pre = f"layers.{i}.attn."
+    gram = None if whiten == "none" else stats.grams[i] / stats.tokens
+    for kind in ("k", "v"):
+      w = np.asarray(base[pre + f"{kind}_proj.kernel"], np.float32)
+      layer = []
+      for g, c in enumerate(cols):
+        factor = None
+        if whiten == "attention":
+          heads = range(g * group_size, (g + 1) * group_size)
+          ms = ([metrics.key_metric(base[pre + "q_proj.kernel"], gram, cfg, j,
+                                    seqlen) for j in heads] if kind == "k" else
+                [metrics.value_metric(base[pre + "o_proj.kernel"], cfg, j)
+                 for j in heads])
+          factor = metrics.group_factor(ms)
+        layer.append(factorize(w[:, c], gram, out_factor=factor))
+      out[kind].append(layer)
+  return out
+
+
+def allocate_ranks(cfg: ModelConfig, factors, stats: CalibrationStats | None,
+                   comp: CompressionConfig, group_size: int
+                   ) -> dict[str, list[list[int]]]:
+  """Per-group ranks {'k': [L][groups], 'v': ...} meeting the budget exactly."""
+  groups = cfg.n_kv_heads // group_size
+  width = group_size * cfg.head_dim
+  keep = 1.0 - comp.ratio
+  modules = [(kind, i, g) for kind in ("k", "v") for i in range(cfg.n_layers)
+             for g in range(groups)]
+  if comp.k_fraction is None:
+    pools, shares = [modules], [1.0]
+  else:
+    pools = [[m for m in modules if m[0] == kind] for kind in ("k", "v")]
+    shares = [comp.k_fraction, 1 - comp.k_fraction]
+  budget = keep * len(modules) * width
+  totals = []
+  for pool, share in zip(pools, shares):
+    cap = len(pool) * width
+    if share * budget > cap:
+      raise ConfigError("k_fraction", f"{share:.3f} of the budget exceeds "
+                        f"the full size {cap} of one kind")
+    totals.append(ranks.target_total([width] * len(pool), share * budget / cap,
+                                     comp.multiple))
+  chosen: dict[tuple, int] = {}
+  for pool, total in zip(pools, totals):
+    dims = [width] * len(pool)
+    if comp.alloc == "uniform":
+      got = ranks.uniform(dims, total, multiple=comp.multiple)
+    elif comp.alloc == "fisher":
+      if stats is None or not stats.fisher:
+        raise PaluError("alloc='fisher' needs Fisher scores from calibration")
+      got = ranks.allocate([stats.fisher[f"layers.{i}.attn.{kind}_proj"]
+                            for kind, i, _ in pool], dims, total,
+                           multiple=comp.multiple)
+    else:
+      spectra = [np.asarray(factors[kind][i][g].singular) for kind, i, g in pool]
+      # Normalise each module by its total energy: key and value errors (and
+      # layers) live in different units; relative error is comparable.
+      weights = [1.0 / max(float(np.sum(np.square(s, dtype=np.float64))), 1e-30)
+                 for s in spectra]
+      got = ranks.allocate_by_error(spectra, dims, total,
+                                    multiple=comp.multiple, weights=weights)
+    chosen.update(zip(pool, got))
+  return {kind: [[chosen[(kind, i, g)] for g in range(groups)]
+                 for i in range(cfg.n_layers)] for kind in ("k", "v")}
+
+
+def compress_params(cfg: ModelConfig, base: Mapping[str, np.ndarray],
+                    stats: CalibrationStats | None, comp: CompressionConfig,
+                    *, factors=None, seqlen: int = 2048
+                    ) -> tuple[dict[str, np.ndarray], PaluConfig, dict]:
+  """Dense params -> (Palu params, PaluConfig, report).
+
+  `factors` (from factorize_model with the same group size and whitening)
+  may be passed to reuse SVDs across ratios and allocations.
+  """
+  size = comp.validate(cfg)
+  start = time.perf_counter()
+  if factors is None:
+    factors = factorize_model(cfg, base, stats, size, comp.whiten, seqlen)
+  chosen = allocate_ranks(cfg, factors, stats, comp, size)
+  parts = {kind: [[f.truncate(r) for f, r in zip(factors[kind][i], chosen[kind][i])]
+                  for i in range(cfg.n_layers)] for kind in ("k", "v")}
+  params, palu = palu_params(base, cfg, size, parts["k"], parts["v"])
+  report = rank_report(cfg, palu, stats)
+  report["compress_seconds"] = time.perf_counter() - start
+  return params, palu, report
+
+
+def kv_bytes_per_token(cfg: ModelConfig, palu: PaluConfig | None,
+                       bytes_per_value: int = 2) -> int:
+  """Cache bytes per token over all layers (bf16/fp16 entries)."""
+  if palu is None:
+    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * bytes_per_value
+  return palu.kv_latents_per_token() * bytes_per_value
+
+
+def rank_report(cfg: ModelConfig, palu: PaluConfig,
+                stats: CalibrationStats | None) -> dict:
+  """Chosen ranks per layer and module, with totals and cache sizes."""
+  layers = []
+  for i in range(cfg.n_layers):
+    row = {"layer": i, "k_ranks": list(palu.k_ranks[i]),
+           "v_ranks": list(palu.v_ranks[i])}
+    if stats is not None and stats.fisher:
+      row["fisher_k"] = stats.fisher.get(f"layers.{i}.attn.k_proj")
+      row["fisher_v"] = stats.fisher.get(f"layers.{i}.attn.v_proj")
+    layers.append(row)
+  full = kv_bytes_per_token(cfg, None)
+  ours = kv_bytes_per_token(cfg, palu)
+  return {"layers": layers, "kv_bytes_per_token": ours,
+          "dense_kv_bytes_per_token": full, "kept_fraction": ours / full,
+          "k_latents": sum(map(sum, palu.k_ranks)),
+          "v_latents": sum(map(sum, palu.v_ranks))}
+
+
+def format_rank_report(report: dict) -> str:
+  """A markdown table of the ranks per layer."""
+  lines = ["| layer | k ranks | v ranks | Fisher k | Fisher v |",
+           "|---:|---|---|---:|---:|"]
+  for r in report["layers"]:
+    fk, fv = r.get("fisher_k"), r.get("fisher_v")
+    lines.append(f"| {r['layer']} | {r['k_ranks']} | {r['v_ranks']} | "
+                 f"{'' if fk is None else f'{fk:.3g}'} | "
+                 f"{'' if fv is None else f'{fv:.3g}'} |")
+  lines.append(f"\nKV cache: {report['kv_bytes_per_token']} B/token "
+               f"(dense {report['dense_kv_bytes_per_token']} B/token, kept "
+               f"{report['kept_fraction']:.1%}; k latents "
+               f"{report['k_latents']}, v latents {report['v_latents']})")
+  return "\n".join(lines)
+
+
+def compress_checkpoint(src: str, out_dir: str, comp: CompressionConfig,
+                        calib: CalibrationConfig = CalibrationConfig(), *,
+                        dtype: str = "float32", cache_dir: str | None = None,
+                        data_dir: str | None = None, overwrite: bool = False,
+                        progress: bool = True) -> tuple[str, dict]:
+  """Source checkpoint or model directory -> compressed model directory.
+
+  Calibration runs the dense model in `dtype`. The directory holds the Palu
+  params (orbax), its PaluConfig in the marker (kind 'palu'), how it was made,
+  and `ranks.md`. Returns (absolute path, report).
+  """
+  from palu_jax.api import parse_dtype
+  from palu_jax.checkpoint import load_source, load_tokenizer_for, save_model
+  from palu_jax.model import from_params
+  cfg, base, meta = load_source(src)
+  if meta.get("kind") == "palu":
+    raise ConfigError("model", f"{src} is already Palu-compressed; compress "
+                      "the dense model instead")
+  comp.validate(cfg)
+  tok = load_tokenizer_for(src)
+  stats = None
+  if comp.whiten != "none" or comp.alloc != "uniform":
+    if tok is None:
+      raise PaluError(f"{src}: calibration needs the model's tokenizer, and "
+                      "none was found next to the checkpoint")
+    model = from_params(cfg, base, dtype=parse_dtype(dtype))
+    stats = calibrate(model, tok, calib, fisher=comp.alloc == "fisher",
+                      cache_dir=cache_dir, progress=progress, data_dir=data_dir)
+    del model
+  params, palu, report = compress_params(cfg, base, stats, comp,
+                                         seqlen=calib.seqlen)
+  report["calibration_seconds"] = 0.0 if stats is None else stats.seconds
+  provenance = {"kind": "palu", "palu": palu.to_dict(),
+                "compression": comp.to_dict(),
+                "calibration": dataclasses.asdict(calib),
+                "source": meta.get("source", os.path.abspath(src)
+                                   if os.path.exists(src) else src),
+                "kv_bytes_per_token": report["kv_bytes_per_token"],
+                "dense_kv_bytes_per_token": report["dense_kv_bytes_per_token"]}
+  path = save_model(out_dir, cfg, params, tokenizer=tok, meta=provenance,
+                    overwrite=overwrite, extra_files={
+                        "ranks.md": format_rank_report(report) + "\n"})
+  return path, report
