@@ -73,6 +73,31 @@ ROWS = dict([
       for f in (0.25, 0.35, 0.45)],
     _row("jlrd-50-error-attn-smallcalib", mode="jlrd", ratio=0.5,
          alloc="error", whiten="attention", calib="small"),
+    *[_row(f"jlrd-50-{a}-attn-k{int(f * 100)}", mode="jlrd", ratio=0.5,
+           alloc=a, whiten="attention", k_fraction=f)
+      for a in ("fisher", "fisher-error", "uniform") for f in (0.3, 0.35, 0.4)
+      if (a, f) != ("uniform", 0.35)],
+    _row("jlrd-50-fisher-white-k35", mode="jlrd", ratio=0.5, k_fraction=0.35),
+    _row("mlrd-50-fisher-attn-k35", mode="mlrd", ratio=0.5,
+         whiten="attention", k_fraction=0.35),
+    *[_row(f"jlrd-{int(r * 100)}-fisher-attn-k35", mode="jlrd", ratio=r,
+           whiten="attention", k_fraction=0.35) for r in (0.3, 0.7)],
+    # Shared key/value latent (one cache entry serves both).
+    *[_row(f"shared-50-{a}-{w}-kw{kw}", mode="jlrd", ratio=0.5, alloc=a,
+           whiten=w, shared_kv=True, k_weight=kw)
+      for a, w, kw in (("uniform", "input", 1.0), ("uniform", "attention", 1.0),
+                       ("uniform", "attention", 0.5), ("uniform", "attention", 2.0),
+                       ("fisher", "attention", 1.0), ("error", "attention", 1.0),
+                       ("fisher-error", "attention", 1.0),
+                       ("fisher", "input", 1.0))],
+    _row("shared-50-uniform-attention-kw1.0-smallcalib", mode="jlrd",
+         ratio=0.5, alloc="uniform", whiten="attention", shared_kv=True,
+         calib="small"),
+    _row("shared-50-uniform-attention-kw1.0-mlrd", mode="mlrd", ratio=0.5,
+         alloc="uniform", whiten="attention", shared_kv=True),
+    *[_row(f"shared-{int(r * 100)}-uniform-attention-kw1.0", mode="jlrd",
+           ratio=r, alloc="uniform", whiten="attention", shared_kv=True)
+      for r in (0.3, 0.7)],
 ])
 
 
@@ -81,26 +106,32 @@ def pad_to_full_rank(cfg: ModelConfig, params: dict, palu: PaluConfig
   """Zero-pads every group's latents to the full group width (same math,
   one shape for all configurations)."""
   width = palu.group_size * cfg.head_dim
+  if palu.shared_kv:
+    width = min(2 * width, cfg.dim)
   out = dict(params)
+
+  def pad(a, ranks, axis):
+    pieces, at = [], 0
+    for r in ranks:
+      piece = np.zeros(a.shape[:axis] + (width,) + a.shape[axis + 1:], a.dtype)
+      idx = (slice(None),) * axis
+      piece[idx + (slice(0, r),)] = a[idx + (slice(at, at + r),)]
+      pieces.append(piece)
+      at += r
+    return np.concatenate(pieces, axis)
+
   for i in range(cfg.n_layers):
     pre = f"layers.{i}.attn."
-    for names, ranks in ((("k_down", "k_up"), palu.k_ranks[i]),
-                         (("v_down", "o_latent"), palu.v_ranks[i])):
-      down, up = params[pre + names[0]], params[pre + names[1]]
-      downs, ups, at = [], [], 0
-      for r in ranks:
-        d = np.zeros((down.shape[0], width), down.dtype)
-        d[:, :r] = down[:, at:at + r]
-        u = np.zeros((width,) + up.shape[1:], up.dtype)
-        u[:r] = up[at:at + r]
-        downs.append(d)
-        ups.append(u)
-        at += r
-      out[pre + names[0]] = np.concatenate(downs, 1)
-      out[pre + names[1]] = np.concatenate(ups, 0)
+    k, v = palu.k_ranks[i], palu.v_ranks[i]
+    out[pre + "k_down"] = pad(params[pre + "k_down"], k, 1)
+    out[pre + "k_up"] = pad(params[pre + "k_up"], k, 0)
+    out[pre + "o_latent"] = pad(params[pre + "o_latent"], v, 0)
+    if not palu.shared_kv:
+      out[pre + "v_down"] = pad(params[pre + "v_down"], v, 1)
   groups = cfg.n_kv_heads // palu.group_size
   full = tuple((width,) * groups for _ in range(cfg.n_layers))
-  return out, PaluConfig(group_size=palu.group_size, k_ranks=full, v_ranks=full)
+  return out, PaluConfig(group_size=palu.group_size, k_ranks=full,
+                         v_ranks=full, shared_kv=palu.shared_kv)
 
 
 def main(argv=None) -> int:
@@ -145,7 +176,8 @@ def main(argv=None) -> int:
 
   def save():
     rows = sorted(done.values(), key=lambda r: order.get(r["name"], 1e9))
-    cols = ["name", "mode", "alloc", "whiten", "ratio", "k_fraction", "calib",
+    cols = ["name", "mode", "alloc", "whiten", "ratio", "k_fraction",
+            "shared_kv", "k_weight", "calib",
             "kv_bytes_per_token", "kept", *[f"ppl_{d}" for d in corpora],
             *[f"delta_{d}" for d in corpora], "compress_s"]
     meta = {"model": args.model, "seqlen": args.seqlen, "limit": args.limit,
@@ -199,11 +231,12 @@ def main(argv=None) -> int:
                                data_dir=args.data_dir)
       print(f"calibration {which}: {stats[which].tokens} tokens in "
             f"{stats[which].seconds:.1f}s", flush=True)
-    key = (which, size, comp.whiten)
+    key = (which, size, comp.whiten, comp.shared_kv, comp.k_weight)
     t = time.perf_counter()
     if key not in factor_cache:
-      factor_cache[key] = factorize_model(cfg, base, stats[which], size,
-                                          comp.whiten, calibs[which].seqlen)
+      factor_cache[key] = factorize_model(
+          cfg, base, stats[which], size, comp.whiten, calibs[which].seqlen,
+          shared_kv=comp.shared_kv, k_weight=comp.k_weight)
     params, palu, report = compress_params(cfg, base, stats[which], comp,
                                            factors=factor_cache[key])
     seconds = time.perf_counter() - t
@@ -212,7 +245,8 @@ def main(argv=None) -> int:
     ppl = evaluate(from_params(cfg, padded, dtype=jnp.float32, palu=full))
     row = {"name": row_name, "mode": comp.mode, "alloc": comp.alloc,
            "whiten": comp.whiten, "ratio": comp.ratio,
-           "k_fraction": comp.k_fraction,
+           "k_fraction": comp.k_fraction, "shared_kv": comp.shared_kv,
+           "k_weight": comp.k_weight,
            "calib": f"{calibs[which].windows}x{calibs[which].seqlen}",
            "kv_bytes_per_token": report["kv_bytes_per_token"],
            "kept": report["kept_fraction"], "k_latents": report["k_latents"],

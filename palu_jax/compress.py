@@ -28,12 +28,12 @@ from palu_jax.checkpoint import atomic_write_bytes
 from palu_jax.config import ModelConfig, PaluConfig
 from palu_jax.decompose import lrd, metrics, ranks
 from palu_jax.decompose.fold import palu_params
-from palu_jax.decompose.svd import Factorization, factorize
+from palu_jax.decompose.svd import Factorization, LowRank, factorize
 from palu_jax.errors import ConfigError, PaluError
 
 log = logging.getLogger(__name__)
 
-ALLOCATIONS = ("uniform", "fisher", "error")
+ALLOCATIONS = ("uniform", "fisher", "error", "fisher-error")
 WHITENING = ("none", "input", "attention")
 
 
@@ -71,6 +71,9 @@ class CompressionConfig:
   multiple: ranks are multiples of this (kernel tiles).
   k_fraction: share of the latent budget given to keys; None pools keys and
     values together (Palu).
+  shared_kv: one latent per head group for keys and values (decomposes
+    [W_k W_v] jointly, each side's error normalised to its own energy and
+    keys' weighted by `k_weight`); the cache stores it once.
   """
   ratio: float = 0.5
   mode: str = "jlrd"
@@ -79,6 +82,8 @@ class CompressionConfig:
   whiten: str = "input"
   multiple: int = 16
   k_fraction: float | None = None
+  shared_kv: bool = False
+  k_weight: float = 1.0
 
   def validate(self, cfg: ModelConfig) -> int:
     """Checks every field against `cfg`; returns the head-group size."""
@@ -92,6 +97,11 @@ class CompressionConfig:
     if self.k_fraction is not None and not 0 < self.k_fraction < 1:
       raise ConfigError("k_fraction", f"must be in (0, 1), got "
                         f"{self.k_fraction}")
+    if self.shared_kv and self.k_fraction is not None:
+      raise ConfigError("k_fraction", "a shared key/value latent has one "
+                        "budget; use k_weight to balance keys and values")
+    if not self.k_weight > 0:
+      raise ConfigError("k_weight", f"must be positive, got {self.k_weight}")
     try:
       mode = lrd.Mode(self.mode)
     except ValueError:
@@ -194,30 +204,54 @@ def calibrate(model, tokenizer, calib: CalibrationConfig, *,
 
 def factorize_model(cfg: ModelConfig, base: Mapping[str, np.ndarray],
                     stats: CalibrationStats | None, group_size: int,
-                    whiten: str, seqlen: int = 2048
+                    whiten: str, seqlen: int = 2048, *,
+                    shared_kv: bool = False, k_weight: float = 1.0
                     ) -> dict[str, list[list[Factorization]]]:
-  """Full SVDs {'k': [L][groups], 'v': [L][groups]} of every head group."""
+  """Full SVDs of every head group: {'k': [L][groups], 'v': [L][groups]},
+  or {'kv': [L][groups]} of the joint [W_k W_v] with `shared_kv`."""
   if whiten != "none" and stats is None:
     raise PaluError(f"whiten={whiten!r} needs calibration statistics")
   cols = lrd.group_columns(cfg.n_kv_heads, cfg.head_dim, group_size)
-  out: dict[str, list[list[Factorization]]] = {"k": [], "v": []}
+  out: dict[str, list[list[Factorization]]] = (
+      {"kv": []} if shared_kv else {"k": [], "v": []})
   for i in range(cfg.n_layers):
     pre = f"layers.{i}.attn."
     gram = None if whiten == "none" else stats.grams[i] / stats.tokens
-    for kind in ("k", "v"):
-      w = np.asarray(base[pre + f"{kind}_proj.kernel"], np.float32)
-      layer = []
-      for g, c in enumerate(cols):
-        factor = None
+    w = {kind: np.asarray(base[pre + f"{kind}_proj.kernel"], np.float32)
+         for kind in ("k", "v")}
+    layer: dict[str, list[Factorization]] = {kind: [] for kind in out}
+    for g, c in enumerate(cols):
+      factor = {}
+      for kind in ("k", "v"):
         if whiten == "attention":
           heads = range(g * group_size, (g + 1) * group_size)
           ms = ([metrics.key_metric(base[pre + "q_proj.kernel"], gram, cfg, j,
                                     seqlen) for j in heads] if kind == "k" else
                 [metrics.value_metric(base[pre + "o_proj.kernel"], cfg, j)
                  for j in heads])
-          factor = metrics.group_factor(ms)
-        layer.append(factorize(w[:, c], gram, out_factor=factor))
-      out[kind].append(layer)
+          factor[kind] = metrics.group_factor(ms)
+        elif shared_kv:
+          factor[kind] = np.eye(c.stop - c.start)
+        else:
+          factor[kind] = None
+      if not shared_kv:
+        for kind in ("k", "v"):
+          layer[kind].append(factorize(w[kind][:, c], gram,
+                                       out_factor=factor[kind]))
+        continue
+      # Joint: each side scaled to unit energy (its own units), keys by
+      # k_weight, so neither dominates the shared latent by scale alone.
+      g_in = np.eye(cfg.dim) if gram is None else gram
+      for kind in ("k", "v"):
+        wm = w[kind][:, c].astype(np.float64) @ factor[kind]
+        energy = float(np.trace(wm.T @ g_in @ wm))
+        scale = (k_weight if kind == "k" else 1.0) ** 0.5 / max(energy, 1e-30) ** 0.5
+        factor[kind] = factor[kind] * scale
+      joint = np.concatenate([w["k"][:, c], w["v"][:, c]], axis=1)
+      layer["kv"].append(factorize(joint, gram, out_factor=metrics.block_diag(
+          [factor["k"], factor["v"]])))
+    for kind in out:
+      out[kind].append(layer[kind])
   return out
 
 
@@ -228,6 +262,8 @@ def allocate_ranks(cfg: ModelConfig, factors, stats: CalibrationStats | None,
   groups = cfg.n_kv_heads // group_size
   width = group_size * cfg.head_dim
   keep = 1.0 - comp.ratio
+  if comp.shared_kv:
+    return _allocate_shared(cfg, factors, stats, comp, groups, width)
   modules = [(kind, i, g) for kind in ("k", "v") for i in range(cfg.n_layers)
              for g in range(groups)]
   if comp.k_fraction is None:
@@ -250,9 +286,7 @@ def allocate_ranks(cfg: ModelConfig, factors, stats: CalibrationStats | None,
     if comp.alloc == "uniform":
       got = ranks.uniform(dims, total, multiple=comp.multiple)
     elif comp.alloc == "fisher":
-      if stats is None or not stats.fisher:
-        raise PaluError("alloc='fisher' needs Fisher scores from calibration")
-      got = ranks.allocate([stats.fisher[f"layers.{i}.attn.{kind}_proj"]
+      got = ranks.allocate([_fisher(stats, f"layers.{i}.attn.{kind}_proj")
                             for kind, i, _ in pool], dims, total,
                            multiple=comp.multiple)
     else:
@@ -261,11 +295,56 @@ def allocate_ranks(cfg: ModelConfig, factors, stats: CalibrationStats | None,
       # layers) live in different units; relative error is comparable.
       weights = [1.0 / max(float(np.sum(np.square(s, dtype=np.float64))), 1e-30)
                  for s in spectra]
+      if comp.alloc == "fisher-error":  # ... scaled by the module's Fisher
+        weights = [w * _fisher(stats, f"layers.{i}.attn.{kind}_proj")
+                   for w, (kind, i, _) in zip(weights, pool)]
       got = ranks.allocate_by_error(spectra, dims, total,
                                     multiple=comp.multiple, weights=weights)
     chosen.update(zip(pool, got))
   return {kind: [[chosen[(kind, i, g)] for g in range(groups)]
                  for i in range(cfg.n_layers)] for kind in ("k", "v")}
+
+
+def _allocate_shared(cfg, factors, stats, comp, groups, width):
+  """One rank per (layer, group) latent; the budget counts it once against
+  the dense cache's 2·width entries."""
+  full = min(2 * width, cfg.dim)
+  modules = [(i, g) for i in range(cfg.n_layers) for g in range(groups)]
+  budget = (1.0 - comp.ratio) * 2 * width * len(modules)
+  if budget > full * len(modules):
+    raise ConfigError("ratio", f"keeping {1 - comp.ratio:.0%} of the cache "
+                      f"needs latents wider than the model ({cfg.dim})")
+  dims = [full] * len(modules)
+  total = ranks.target_total(dims, budget / (full * len(modules)),
+                             comp.multiple)
+  if comp.alloc == "uniform":
+    got = ranks.uniform(dims, total, multiple=comp.multiple)
+  elif comp.alloc == "fisher":
+    got = ranks.allocate([_fisher(stats, f"layers.{i}.attn.k_proj") +
+                          _fisher(stats, f"layers.{i}.attn.v_proj")
+                          for i, _ in modules], dims, total,
+                         multiple=comp.multiple)
+  else:
+    spectra = [np.asarray(factors["kv"][i][g].singular) for i, g in modules]
+    weights = [1.0 / max(float(np.sum(np.square(s, dtype=np.float64))), 1e-30)
+               for s in spectra]
+    if comp.alloc == "fisher-error":
+      weights = [w * (_fisher(stats, f"layers.{i}.attn.k_proj") +
+                      _fisher(stats, f"layers.{i}.attn.v_proj"))
+                 for w, (i, _) in zip(weights, modules)]
+    got = ranks.allocate_by_error(spectra, dims, total,
+                                  multiple=comp.multiple, weights=weights)
+  chosen = dict(zip(modules, got))
+  per_layer = [[chosen[(i, g)] for g in range(groups)]
+               for i in range(cfg.n_layers)]
+  return {"k": per_layer, "v": per_layer}
+
+
+def _fisher(stats: CalibrationStats | None, module: str) -> float:
+  if stats is None or module not in stats.fisher:
+    raise PaluError(f"this allocation needs the Fisher score of {module}; "
+                    "calibrate with fisher=True")
+  return stats.fisher[module]
 
 
 def compress_params(cfg: ModelConfig, base: Mapping[str, np.ndarray],
@@ -280,11 +359,23 @@ def compress_params(cfg: ModelConfig, base: Mapping[str, np.ndarray],
   size = comp.validate(cfg)
   start = time.perf_counter()
   if factors is None:
-    factors = factorize_model(cfg, base, stats, size, comp.whiten, seqlen)
+    factors = factorize_model(cfg, base, stats, size, comp.whiten, seqlen,
+                              shared_kv=comp.shared_kv, k_weight=comp.k_weight)
   chosen = allocate_ranks(cfg, factors, stats, comp, size)
-  parts = {kind: [[f.truncate(r) for f, r in zip(factors[kind][i], chosen[kind][i])]
-                  for i in range(cfg.n_layers)] for kind in ("k", "v")}
-  params, palu = palu_params(base, cfg, size, parts["k"], parts["v"])
+  if comp.shared_kv:
+    width = size * cfg.head_dim
+    joint = [[f.truncate(r) for f, r in zip(factors["kv"][i], chosen["k"][i])]
+             for i in range(cfg.n_layers)]
+    parts = {"k": [[LowRank(p.down, p.up[:, :width], p.singular) for p in l]
+                   for l in joint],
+             "v": [[LowRank(p.down, p.up[:, width:], p.singular) for p in l]
+                   for l in joint]}
+  else:
+    parts = {kind: [[f.truncate(r) for f, r in zip(factors[kind][i],
+                                                   chosen[kind][i])]
+                     for i in range(cfg.n_layers)] for kind in ("k", "v")}
+  params, palu = palu_params(base, cfg, size, parts["k"], parts["v"],
+                             shared_kv=comp.shared_kv)
   report = rank_report(cfg, palu, stats)
   report["compress_seconds"] = time.perf_counter() - start
   return params, palu, report
@@ -359,7 +450,7 @@ def compress_checkpoint(src: str, out_dir: str, comp: CompressionConfig,
       raise PaluError(f"{src}: calibration needs the model's tokenizer, and "
                       "none was found next to the checkpoint")
     model = from_params(cfg, base, dtype=parse_dtype(dtype))
-    stats = calibrate(model, tok, calib, fisher=comp.alloc == "fisher",
+    stats = calibrate(model, tok, calib, fisher="fisher" in comp.alloc,
                       cache_dir=cache_dir, progress=progress, data_dir=data_dir)
     del model
   params, palu, report = compress_params(cfg, base, stats, comp,

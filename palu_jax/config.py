@@ -93,6 +93,9 @@ class PaluConfig:
   group_size: int
   k_ranks: tuple[tuple[int, ...], ...]  # [L][K // group_size]
   v_ranks: tuple[tuple[int, ...], ...]
+  # One latent per group serves keys and values (v_ranks == k_ranks); the
+  # cache stores it once.
+  shared_kv: bool = False
 
   def validate(self, cfg: ModelConfig) -> None:
     """Raises ConfigError unless the ranks fit `cfg`."""
@@ -100,6 +103,11 @@ class PaluConfig:
       raise ConfigError("group_size", f"{self.group_size} does not divide "
                         f"n_kv_heads={cfg.n_kv_heads}")
     groups, full = cfg.n_kv_heads // self.group_size, self.group_size * cfg.head_dim
+    if self.shared_kv:
+      if self.v_ranks != self.k_ranks:
+        raise ConfigError("v_ranks", "a shared key/value latent needs "
+                          "v_ranks == k_ranks")
+      full = min(2 * full, cfg.dim)
     for name in ("k_ranks", "v_ranks"):
       ranks = getattr(self, name)
       if len(ranks) != cfg.n_layers:
@@ -116,18 +124,21 @@ class PaluConfig:
 
   def kv_latents_per_token(self) -> int:
     """Σ over layers of key + value latent widths (cache entries per token)."""
-    return sum(map(sum, self.k_ranks)) + sum(map(sum, self.v_ranks))
+    k = sum(map(sum, self.k_ranks))
+    return k if self.shared_kv else k + sum(map(sum, self.v_ranks))
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "PaluConfig":
     try:
       return cls(group_size=int(d["group_size"]),
                  k_ranks=tuple(tuple(int(r) for r in l) for l in d["k_ranks"]),
-                 v_ranks=tuple(tuple(int(r) for r in l) for l in d["v_ranks"]))
+                 v_ranks=tuple(tuple(int(r) for r in l) for l in d["v_ranks"]),
+                 shared_kv=bool(d.get("shared_kv", False)))
     except (KeyError, TypeError, ValueError) as e:
       raise ConfigError("compression", f"invalid Palu config: {e!r}") from e
 
   def to_dict(self) -> dict[str, Any]:
     return {"group_size": self.group_size,
             "k_ranks": [list(l) for l in self.k_ranks],
-            "v_ranks": [list(l) for l in self.v_ranks]}
+            "v_ranks": [list(l) for l in self.v_ranks],
+            "shared_kv": self.shared_kv}

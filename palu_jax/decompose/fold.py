@@ -49,13 +49,15 @@ def value_bias_output(b_v: np.ndarray, w_o: np.ndarray, cfg: ModelConfig
 
 def palu_params(base: Mapping[str, np.ndarray], cfg: ModelConfig,
                 group_size: int, k_parts: Sequence[Sequence[LowRank]],
-                v_parts: Sequence[Sequence[LowRank]]
+                v_parts: Sequence[Sequence[LowRank]], *,
+                shared_kv: bool = False
                 ) -> tuple[dict[str, np.ndarray], PaluConfig]:
   """Compressed flat params (float32) and their PaluConfig.
 
   Args:
     base: canonical flat params of the dense model.
     k_parts, v_parts: [L][groups] factors of each layer's k/v projection.
+    shared_kv: k and v factors share their down-projections (one latent).
   """
   out = {k: v for k, v in base.items()
          if not any(f".attn.{m}." in k for m in ("k_proj", "v_proj", "o_proj"))}
@@ -63,7 +65,8 @@ def palu_params(base: Mapping[str, np.ndarray], cfg: ModelConfig,
     pre = f"layers.{i}.attn."
     out[pre + "k_down"] = np.concatenate([np.asarray(p.down) for p in ks], 1)
     out[pre + "k_up"] = np.concatenate([np.asarray(p.up) for p in ks], 0)
-    out[pre + "v_down"] = np.concatenate([np.asarray(p.down) for p in vs], 1)
+    if not shared_kv:
+      out[pre + "v_down"] = np.concatenate([np.asarray(p.down) for p in vs], 1)
     w_o = base[pre + "o_proj.kernel"]
     out[pre + "o_latent"] = fold_value_output(vs, w_o, cfg, group_size)
     if cfg.qkv_bias:
@@ -73,6 +76,7 @@ def palu_params(base: Mapping[str, np.ndarray], cfg: ModelConfig,
   palu = PaluConfig(
       group_size=group_size,
       k_ranks=tuple(tuple(int(p.down.shape[1]) for p in ks) for ks in k_parts),
-      v_ranks=tuple(tuple(int(p.down.shape[1]) for p in vs) for vs in v_parts))
+      v_ranks=tuple(tuple(int(p.down.shape[1]) for p in vs) for vs in v_parts),
+      shared_kv=shared_kv)
   palu.validate(cfg)
   return out, palu

@@ -75,8 +75,15 @@ def value_metric(w_o: np.ndarray, cfg: ModelConfig, kv_head: int) -> np.ndarray:
 
 def group_factor(metrics: list[np.ndarray]) -> np.ndarray:
   """Block-diagonal lower factor for a group of KV heads' metrics."""
-  h = metrics[0].shape[0]
-  out = np.zeros((h * len(metrics),) * 2)
-  for j, m in enumerate(metrics):
-    out[j * h:(j + 1) * h, j * h:(j + 1) * h] = _psd_factor(m)
+  return block_diag([_psd_factor(m) for m in metrics])
+
+
+def block_diag(blocks: list[np.ndarray]) -> np.ndarray:
+  """Square blocks on the diagonal."""
+  n = sum(b.shape[0] for b in blocks)
+  out = np.zeros((n, n))
+  at = 0
+  for b in blocks:
+    out[at:at + b.shape[0], at:at + b.shape[0]] = b
+    at += b.shape[0]
   return out

@@ -13,6 +13,11 @@ The value up-projection is folded into W_o offline (`o_latent`, one
 values are never rebuilt. With q/k/v biases (Qwen2), b_k is added after the
 key up-projection and b_v, which survives the softmax average unchanged,
 becomes a constant output bias `o_bias`.
+
+With `shared_kv`, one latent h = x·A per group feeds both (K = h·B_k, and
+B_v folded as above): the cache stores it once, and the pair (A, [B_k B_v])
+is the best rank-r factorization of the joint map [W_k W_v] (a block
+split into separate key and value latents is one of its candidates).
 """
 
 from __future__ import annotations
@@ -44,9 +49,10 @@ class LatentAttention(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, group_size: int,
                k_ranks: Sequence[int], v_ranks: Sequence[int], dtype,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, shared_kv: bool = False):
     self.cfg = cfg
     self.group_size = group_size
+    self.shared_kv = shared_kv
     self.k_slices = rank_slices(k_ranks)
     self.v_slices = rank_slices(v_ranks)
     d, h = cfg.dim, cfg.head_dim
@@ -58,7 +64,8 @@ class LatentAttention(nnx.Module):
                          rngs=rngs)
     self.k_down = nnx.Param(normal(d ** -0.5)(rngs.params(), (d, rk), dtype))
     self.k_up = nnx.Param(normal(rk ** -0.5)(rngs.params(), (rk, width), dtype))
-    self.v_down = nnx.Param(normal(d ** -0.5)(rngs.params(), (d, rv), dtype))
+    self.v_down = (None if shared_kv else
+                   nnx.Param(normal(d ** -0.5)(rngs.params(), (d, rv), dtype)))
     self.o_latent = nnx.Param(normal((rv * cfg.q_per_kv) ** -0.5)(
         rngs.params(), (rv, heads, d), dtype))
     if cfg.qkv_bias:
@@ -68,9 +75,12 @@ class LatentAttention(nnx.Module):
       self.k_bias = self.o_bias = None
 
   def latents(self, x: Array) -> tuple[Array, Array]:
-    """x [B, T, D] -> (h_k [B, T, Rk], h_v [B, T, Rv])."""
-    return (jnp.einsum("BTD,DR->BTR", x, self.k_down[...]),
-            jnp.einsum("BTD,DR->BTR", x, self.v_down[...]))
+    """x [B, T, D] -> (h_k [B, T, Rk], h_v [B, T, Rv]); h_v is empty [B, T, 0]
+    with a shared latent (h_k serves both)."""
+    hk = jnp.einsum("BTD,DR->BTR", x, self.k_down[...])
+    if self.shared_kv:
+      return hk, hk[..., :0]
+    return hk, jnp.einsum("BTD,DR->BTR", x, self.v_down[...])
 
   def keys(self, hk: Array, group: int) -> Array:
     """Rebuilds group `group`'s rotated keys [B, S, group_size, H] from its
@@ -98,6 +108,8 @@ class LatentAttention(nnx.Module):
     if cache is not None:
       cache = cache.write(hk, hv, start)
       hk, hv = cache.hk, cache.hv
+    if self.shared_kv:
+      hv = hk
     heads = self.group_size * c.q_per_kv
     out = jnp.zeros((b, t, c.dim), jnp.float32)
     for g, (lo, hi) in enumerate(self.v_slices):

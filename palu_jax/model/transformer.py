@@ -21,7 +21,7 @@ from palu_jax.typing import Array
 class Block(nnx.Module):
   """Pre-norm residual block: attention then SwiGLU MLP.
 
-  `latent` = (group_size, k_ranks, v_ranks) makes the attention a Palu
+  `latent` = (group_size, k_ranks, v_ranks, shared_kv) makes the attention a Palu
   `LatentAttention`; None keeps the dense one.
   """
 
@@ -31,9 +31,10 @@ class Block(nnx.Module):
     if latent is None:
       self.attn = Attention(cfg, dtype=dtype, rngs=rngs)
     else:
-      group_size, k_ranks, v_ranks = latent
+      group_size, k_ranks, v_ranks, shared_kv = latent
       self.attn = LatentAttention(cfg, group_size=group_size, k_ranks=k_ranks,
-                                  v_ranks=v_ranks, dtype=dtype, rngs=rngs)
+                                  v_ranks=v_ranks, dtype=dtype, rngs=rngs,
+                                  shared_kv=shared_kv)
     self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype=dtype)
     self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
@@ -63,7 +64,8 @@ class Transformer(nnx.Module):
     self.layers = nnx.List([
         Block(cfg, dtype=dtype, rngs=rngs,
               latent=None if palu is None else
-              (palu.group_size, palu.k_ranks[i], palu.v_ranks[i]))
+              (palu.group_size, palu.k_ranks[i], palu.v_ranks[i],
+               palu.shared_kv))
         for i in range(cfg.n_layers)])
     self.final_norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype=dtype)
     self.lm_head = (None if cfg.tie_embeddings else
@@ -75,7 +77,8 @@ class Transformer(nnx.Module):
     c, p = self.cfg, self.palu
     if p is not None:
       return init_latent_cache([sum(r) for r in p.k_ranks],
-                               [sum(r) for r in p.v_ranks], batch, max_len,
+                               [0 if p.shared_kv else sum(r)
+                                for r in p.v_ranks], batch, max_len,
                                self.dtype)
     return init_kv_cache(c.n_layers, batch, max_len, c.n_kv_heads, c.head_dim,
                          self.dtype)
