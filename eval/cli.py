@@ -34,10 +34,12 @@ def cmd_convert(args) -> int:
 def cmd_compress(args) -> int:
   from palu_jax.compress import (CalibrationConfig, CompressionConfig,
                                  compress_checkpoint)
-  comp = CompressionConfig(ratio=args.ratio, mode=args.mode,
-                           group_size=args.group_size, alloc=args.alloc,
-                           whiten=args.whiten, multiple=args.rank_multiple,
-                           k_fraction=args.k_fraction)
+  given = {name: getattr(args, name) for name in (
+      "ratio", "mode", "group_size", "alloc", "whiten", "multiple",
+      "k_fraction", "shared_kv", "k_weight", "rope_span")
+      if getattr(args, name) is not None}
+  comp = (CompressionConfig.palu(**given) if args.palu
+          else CompressionConfig(**given))
   calib = CalibrationConfig(dataset=args.calib_dataset,
                             windows=args.calib_windows,
                             seqlen=args.calib_seqlen,
@@ -182,24 +184,39 @@ def build_parser() -> argparse.ArgumentParser:
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   k.add_argument("model", help="model directory, checkpoint, or preset")
   k.add_argument("--out", required=True, help="output model directory")
-  k.add_argument("--ratio", type=float, default=0.5,
-                 help="fraction of the KV cache removed, in (0, 1)")
-  k.add_argument("--mode", choices=["mlrd", "glrd", "jlrd"], default="jlrd",
-                 help="head groups: per head, per --group-size, all heads")
-  k.add_argument("--group-size", type=int, default=4,
-                 help="KV heads per group for glrd")
-  k.add_argument("--alloc", choices=["uniform", "fisher", "error"],
-                 default="fisher", help="rank allocation across modules")
+  k.add_argument("--palu", action="store_true",
+                 help="Palu as published (separate latents, input whitening, "
+                 "Fisher ranks); flags below still override")
+  k.add_argument("--ratio", type=float, default=None,
+                 help="fraction of the KV cache removed, in (0, 1) [0.5]")
+  k.add_argument("--mode", choices=["mlrd", "glrd", "jlrd"], default=None,
+                 help="head groups: per head, per --group-size, all heads "
+                 "[jlrd]")
+  k.add_argument("--group-size", type=int, default=None,
+                 help="KV heads per group for glrd [4]")
+  k.add_argument("--alloc", choices=["uniform", "fisher", "error",
+                                     "fisher-error"], default=None,
+                 help="rank allocation across modules [uniform; --palu: "
+                 "fisher]")
   k.add_argument("--whiten", choices=["none", "input", "attention"],
-                 default="input", help="SVD metric: plain, ‖XΔW‖ (Palu), or "
-                 "attention-aware")
+                 default=None, help="SVD metric: plain, ‖XΔW‖ (Palu), or "
+                 "attention-aware [attention; --palu: input]")
   k.add_argument("--no-whiten", dest="whiten", action="store_const",
                  const="none", help="plain SVD (same as --whiten none)")
-  k.add_argument("--rank-multiple", type=int, default=16,
-                 help="ranks are multiples of this")
+  k.add_argument("--rank-multiple", dest="multiple", type=int, default=None,
+                 help="ranks are multiples of this [16]")
   k.add_argument("--k-fraction", type=float, default=None,
-                 help="share of the latent budget for keys (default: keys "
-                 "and values share one pool)")
+                 help="separate latents: share of the budget for keys "
+                 "[one pool]")
+  k.add_argument("--shared-kv", dest="shared_kv", action="store_true",
+                 default=None, help="one latent for keys and values [on; "
+                 "--palu: off]")
+  k.add_argument("--separate-kv", dest="shared_kv", action="store_false",
+                 help="separate key and value latents (Palu)")
+  k.add_argument("--k-weight", type=float, default=None,
+                 help="shared latent: weight of key error vs value error [2]")
+  k.add_argument("--rope-span", type=int, default=None,
+                 help="attention whitening: RoPE distances averaged [512]")
   k.add_argument("--calib-dataset", default="wikitext2-calib",
                  help="corpus name or .txt/.jsonl path")
   k.add_argument("--calib-windows", type=int, default=32)

@@ -98,6 +98,22 @@ ROWS = dict([
     *[_row(f"shared-{int(r * 100)}-uniform-attention-kw1.0", mode="jlrd",
            ratio=r, alloc="uniform", whiten="attention", shared_kv=True)
       for r in (0.3, 0.7)],
+    # Key metric span x key weight x allocation.
+    *[_row(f"shared-50-{a}-attention-kw{kw}-span{sp}", mode="jlrd", ratio=0.5,
+           alloc=a, whiten="attention", shared_kv=True, k_weight=kw,
+           rope_span=sp)
+      for a, kw, sp in (("uniform", 1.0, 512), ("uniform", 2.0, 512),
+                        ("uniform", 3.0, 512), ("uniform", 2.0, 128),
+                        ("uniform", 2.0, 32), ("error", 2.0, 512),
+                        ("fisher-error", 2.0, 512), ("error", 2.0, 128))],
+    _row("shared-50-uniform-attention-kw2.0-span512-smallcalib", mode="jlrd",
+         ratio=0.5, alloc="uniform", whiten="attention", shared_kv=True,
+         k_weight=2.0, rope_span=512, calib="small"),
+    _row("jlrd-50-uniform-attn-k35-span512", mode="jlrd", ratio=0.5,
+         alloc="uniform", whiten="attention", k_fraction=0.35, rope_span=512),
+    *[_row(f"shared-{int(r * 100)}-uniform-attention-kw2.0-span512",
+           mode="jlrd", ratio=r, alloc="uniform", whiten="attention",
+           shared_kv=True, k_weight=2.0, rope_span=512) for r in (0.3, 0.7)],
 ])
 
 
@@ -177,7 +193,7 @@ def main(argv=None) -> int:
   def save():
     rows = sorted(done.values(), key=lambda r: order.get(r["name"], 1e9))
     cols = ["name", "mode", "alloc", "whiten", "ratio", "k_fraction",
-            "shared_kv", "k_weight", "calib",
+            "shared_kv", "k_weight", "rope_span", "calib",
             "kv_bytes_per_token", "kept", *[f"ppl_{d}" for d in corpora],
             *[f"delta_{d}" for d in corpora], "compress_s"]
     meta = {"model": args.model, "seqlen": args.seqlen, "limit": args.limit,
@@ -231,11 +247,12 @@ def main(argv=None) -> int:
                                data_dir=args.data_dir)
       print(f"calibration {which}: {stats[which].tokens} tokens in "
             f"{stats[which].seconds:.1f}s", flush=True)
-    key = (which, size, comp.whiten, comp.shared_kv, comp.k_weight)
+    span = comp.rope_span or calibs[which].seqlen
+    key = (which, size, comp.whiten, comp.shared_kv, comp.k_weight, span)
     t = time.perf_counter()
     if key not in factor_cache:
       factor_cache[key] = factorize_model(
-          cfg, base, stats[which], size, comp.whiten, calibs[which].seqlen,
+          cfg, base, stats[which], size, comp.whiten, span,
           shared_kv=comp.shared_kv, k_weight=comp.k_weight)
     params, palu, report = compress_params(cfg, base, stats[which], comp,
                                            factors=factor_cache[key])
@@ -246,7 +263,7 @@ def main(argv=None) -> int:
     row = {"name": row_name, "mode": comp.mode, "alloc": comp.alloc,
            "whiten": comp.whiten, "ratio": comp.ratio,
            "k_fraction": comp.k_fraction, "shared_kv": comp.shared_kv,
-           "k_weight": comp.k_weight,
+           "k_weight": comp.k_weight, "rope_span": span,
            "calib": f"{calibs[which].windows}x{calibs[which].seqlen}",
            "kv_bytes_per_token": report["kv_bytes_per_token"],
            "kept": report["kept_fraction"], "k_latents": report["k_latents"],

@@ -60,3 +60,50 @@ def test_impossible_requests_are_named():
     ranks.target_total([64], 1.5, 32)
   with pytest.raises(ConfigError, match="non-negative"):
     ranks.allocate([1, -1], [64, 64], 64, multiple=32)
+
+
+def _brute_force(spectra, full, total, multiple, weights):
+  import itertools
+  best = None
+  options = [range(multiple, f + 1, multiple) for f in full]
+  for combo in itertools.product(*options):
+    if sum(combo) != total:
+      continue
+    cost = sum(w * float(np.sum(np.square(s[r:])))
+               for s, r, w in zip(spectra, combo, weights))
+    if best is None or cost < best[0] - 1e-12:
+      best = (cost, list(combo))
+  return best
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_error_allocation_is_optimal_and_exact(data):
+  """Greedy on sorted spectra = brute-force minimum of Σ w·discarded σ²."""
+  multiple = data.draw(st.sampled_from([1, 2, 4]))
+  n = data.draw(st.integers(1, 4))
+  full = [multiple * data.draw(st.integers(1, 4)) for _ in range(n)]
+  spectra = [np.sort(np.asarray(data.draw(st.lists(
+      st.floats(0, 10, allow_nan=False), min_size=f, max_size=f))))[::-1]
+      for f in full]
+  weights = [data.draw(st.floats(0.01, 5)) for _ in range(n)]
+  total = multiple * data.draw(st.integers(n, sum(full) // multiple))
+  got = ranks.allocate_by_error(spectra, full, total, multiple=multiple,
+                                weights=weights)
+  assert sum(got) == total
+  assert all(r % multiple == 0 and multiple <= r <= f for r, f in zip(got, full))
+  cost = sum(w * float(np.sum(np.square(s[r:])))
+             for s, r, w in zip(spectra, got, weights))
+  best_cost, _ = _brute_force(spectra, full, total, multiple, weights)
+  assert cost <= best_cost + 1e-9 * (1 + best_cost)
+  assert got == ranks.allocate_by_error(spectra, full, total,
+                                        multiple=multiple, weights=weights)
+
+
+def test_error_allocation_bad_input():
+  with pytest.raises(ConfigError, match="spectra"):
+    ranks.allocate_by_error([np.ones(4)], [4, 4], 4)
+  with pytest.raises(ConfigError, match="spectra"):
+    ranks.allocate_by_error([np.array([1.0, np.nan, 0, 0])], [4], 4)
+  with pytest.raises(ConfigError, match="weights"):
+    ranks.allocate_by_error([np.ones(4)], [4], 4, weights=[-1.0])

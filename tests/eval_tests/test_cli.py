@@ -43,3 +43,27 @@ def test_cli_reports_errors(tmp_path, capsys):
 def test_cli_unknown_dataset(stories_bin, capsys):
   assert main(["ppl", stories_bin, "--dataset", "no_such_corpus"]) == 2
   assert "unknown dataset" in capsys.readouterr().err
+
+
+def test_compress_then_ppl_and_generate(tmp_path, stories_bin, capsys):
+  out = tmp_path / "palu"
+  assert main(["compress", stories_bin, "--out", str(out), "--ratio", "0.5",
+               "--rank-multiple", "4", "--calib-dataset", "tinystories",
+               "--calib-windows", "4", "--calib-seqlen", "64",
+               "--calib-cache", str(tmp_path / "cache")]) == 0
+  printed = capsys.readouterr().out
+  assert "KV cache: 320 B/token, 50.0% of the dense 640 B/token" in printed
+  assert main(["ppl", str(out), "--dataset", "tinystories", "--seqlen", "256",
+               "--limit", "2"]) == 0
+  ppl = float(capsys.readouterr().out.strip().splitlines()[-1].split()[1])
+  assert 1.0 < ppl < 40.0
+  assert main(["generate", str(out), "--prompt", "Once upon a time",
+               "--max-new-tokens", "12"]) == 0
+  model, tok = load_model(str(out), dtype="bfloat16")
+  ids = tok.encode("Once upon a time")
+  gen = Generator(model).generate_ids([ids], max_new_tokens=12)[0]
+  assert capsys.readouterr().out.rstrip("\n") == tok.decode(ids + gen)
+  # The faithful Palu preset with bad input names the field.
+  assert main(["compress", stories_bin, "--out", str(tmp_path / "x"),
+               "--palu", "--mode", "glrd", "--group-size", "3"]) == 2
+  assert "group_size" in capsys.readouterr().err

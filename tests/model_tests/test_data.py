@@ -28,3 +28,12 @@ def test_any_jsonl_and_bad_names(tmp_path):
     data.load_text(str(q))
   with pytest.raises(data.DatasetError, match="unknown dataset"):
     data.load_text("no-such-corpus")
+
+
+@pytest.mark.parametrize("name", ["wikitext2", "c4", "tinystories",
+                                  "wikitext2-calib"])
+def test_plain_reader_equals_datasets(name):
+  """Hosts without `datasets` read local files directly, to the same text."""
+  from palu_jax import data
+  path = shared_path("data", data.CORPORA[name][0])
+  assert data._read_plain(path) == data._load_local(path)
