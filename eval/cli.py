@@ -145,24 +145,33 @@ def cmd_ppl(args) -> int:
 
 
 def cmd_demo(args) -> int:
-  """Convert SmolLM2-135M, measure WikiText-2 perplexity, generate."""
+  """Convert SmolLM2-135M, compress its KV cache by half, compare perplexity,
+  generate from the compressed model."""
   from palu_jax.checkpoint import is_model_dir
   if not is_model_dir(args.out):
     cmd_convert(argparse.Namespace(src="smollm2-135m", out=args.out,
                                    overwrite=os.path.exists(args.out)))
   else:
     print(f"using the converted model in {args.out}")
+  palu_dir = args.out.rstrip("/") + "-palu50"
+  if not is_model_dir(palu_dir):
+    print("\n== Palu: halve the KV cache (default settings)")
+    cmd_compress(build_parser().parse_args(
+        ["compress", args.out, "--out", palu_dir, "--overwrite"]))
+  else:
+    print(f"using the compressed model in {palu_dir}")
   on_gpu = _jax_backend() == "gpu"
   limit = None if on_gpu else args.cpu_windows
   note = "all windows" if limit is None else (
       f"first {limit} windows on CPU; a GPU runs all of them")
-  print(f"\n== WikiText-2 perplexity, seqlen 2048, float32 ({note})")
-  cmd_ppl(argparse.Namespace(model=args.out, dataset="wikitext2", seqlen=2048,
-                             batch_size=1, limit=limit, dtype="float32",
-                             data_dir=None, out=None))
-  print("\n== Greedy continuation (bfloat16)")
+  for name, model in (("dense", args.out), ("Palu 50%", palu_dir)):
+    print(f"\n== {name}: WikiText-2 perplexity, seqlen 2048, float32 ({note})")
+    cmd_ppl(argparse.Namespace(model=model, dataset="wikitext2", seqlen=2048,
+                               batch_size=1, limit=limit, dtype="float32",
+                               data_dir=None, out=None))
+  print("\n== Palu 50%: greedy continuation (bfloat16)")
   cmd_generate(argparse.Namespace(
-      model=args.out, prompt="The capital of France is Paris. The capital of "
+      model=palu_dir, prompt="The capital of France is Paris. The capital of "
       "Germany is", chat=False, max_new_tokens=48, temperature=0.0, top_k=0,
       top_p=1.0, seed=0, dtype="bfloat16"))
   return 0
@@ -265,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="also write ppl_<model>_<dataset>.json/.md into this dir")
   q.set_defaults(fn=cmd_ppl)
 
-  d = sub.add_parser("demo", help="convert SmolLM2-135M, perplexity, generate")
+  d = sub.add_parser("demo", help="SmolLM2-135M: convert, compress, "
+                     "perplexity, generate")
   d.add_argument("--out", default="demo_out/smollm2-135m")
   d.add_argument("--cpu-windows", type=int, default=8,
                  help="perplexity windows evaluated when no GPU is present")

@@ -45,8 +45,8 @@ def _row(name, **kw):
   return name, kw
 
 
-# name -> CompressionConfig fields (+ 'calib': 'small' for the CPU default
-# calibration set instead of the sweep's large one).
+# name -> changes from CompressionConfig.palu() (+ 'calib': 'small' for the
+# CPU default calibration set instead of the sweep's large one).
 ROWS = dict([
     # Palu as published: whitened SVD, Fisher ranks, three modes x ratios.
     *[_row(f"{m}-{int(r * 100)}-fisher-white", mode=m, ratio=r)
@@ -160,12 +160,15 @@ def main(argv=None) -> int:
   p.add_argument("--limit", type=int, default=None, help="windows per dataset")
   p.add_argument("--batch-size", type=int, default=4)
   p.add_argument("--calib-dataset", default="wikitext2-calib")
+  p.add_argument("--small-calib-windows", type=int, default=32)
+  p.add_argument("--small-calib-seqlen", type=int, default=512)
   p.add_argument("--calib-windows", type=int, default=256)
   p.add_argument("--calib-seqlen", type=int, default=2048)
   p.add_argument("--calib-cache", default="/tmp/palu_jax_calib")
   p.add_argument("--only", nargs="*", default=None, help="row names (or "
                  "prefixes) to run; 'base' for the dense model")
   p.add_argument("--multiple", type=int, default=16)
+  p.add_argument("--group-size", type=int, default=4, help="G-LRD group")
   p.add_argument("--check-padding", action="store_true")
   p.add_argument("--data-dir", default=None)
   args = p.parse_args(argv)
@@ -199,7 +202,8 @@ def main(argv=None) -> int:
     meta = {"model": args.model, "seqlen": args.seqlen, "limit": args.limit,
             "device": jax.devices()[0].device_kind,
             "calibration": {"large": f"{args.calib_windows}x{args.calib_seqlen}",
-                            "small": "32x512"}}
+                            "small": f"{args.small_calib_windows}x"
+                                     f"{args.small_calib_seqlen}"}}
     write_results(args.out, name, {"meta": meta, "rows": rows},
                   f"Model {args.model}, seqlen {args.seqlen}, windows "
                   f"{args.limit or 'all'}, {meta['device']}\n\n"
@@ -219,14 +223,18 @@ def main(argv=None) -> int:
   calibs = {"large": CalibrationConfig(dataset=args.calib_dataset,
                                        windows=args.calib_windows,
                                        seqlen=args.calib_seqlen),
-            "small": CalibrationConfig(dataset=args.calib_dataset)}
+            "small": CalibrationConfig(dataset=args.calib_dataset,
+                                       windows=args.small_calib_windows,
+                                       seqlen=args.small_calib_seqlen)}
   stats, factor_cache = {}, {}
   for row_name, kw in ROWS.items():
     if not wanted(row_name) or row_name in done:
       continue
     kw = dict(kw)
     which = kw.pop("calib", "large")
-    comp = CompressionConfig(multiple=args.multiple, **kw)
+    # Rows name what they change from Palu as published.
+    comp = CompressionConfig.palu(**{"multiple": args.multiple,
+                                     "group_size": args.group_size, **kw})
     try:
       size = comp.validate(cfg)
     except Exception as e:  # e.g. G-LRD group 4 on 3 KV heads
