@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="rank allocation across modules [uniform; --palu: "
                  "fisher]")
   k.add_argument("--whiten", choices=["none", "input", "attention"],
-                 default=None, help="SVD metric: plain, ‖XΔW‖ (Palu), or "
+                 nargs="?", const="input", default=None,
+                 help="SVD metric: plain, ‖XΔW‖ (Palu; a bare --whiten), or "
                  "attention-aware [attention; --palu: input]")
   k.add_argument("--no-whiten", dest="whiten", action="store_const",
                  const="none", help="plain SVD (same as --whiten none)")

@@ -23,6 +23,7 @@ from typing import Any, Mapping
 
 import numpy as np
 from flax import nnx
+from tqdm.auto import tqdm
 
 from palu_jax.checkpoint import atomic_write_bytes
 from palu_jax.config import ModelConfig, PaluConfig
@@ -219,7 +220,8 @@ def calibrate(model, tokenizer, calib: CalibrationConfig, *,
 def factorize_model(cfg: ModelConfig, base: Mapping[str, np.ndarray],
                     stats: CalibrationStats | None, group_size: int,
                     whiten: str, seqlen: int = 2048, *,
-                    shared_kv: bool = False, k_weight: float = 1.0
+                    shared_kv: bool = False, k_weight: float = 1.0,
+                    progress: bool = False
                     ) -> dict[str, list[list[Factorization]]]:
   """Full SVDs of every head group: {'k': [L][groups], 'v': [L][groups]},
   or {'kv': [L][groups]} of the joint [W_k W_v] with `shared_kv`."""
@@ -234,7 +236,8 @@ def factorize_model(cfg: ModelConfig, base: Mapping[str, np.ndarray],
   cols = lrd.group_columns(cfg.n_kv_heads, cfg.head_dim, group_size)
   out: dict[str, list[list[Factorization]]] = (
       {"kv": []} if shared_kv else {"k": [], "v": []})
-  for i in range(cfg.n_layers):
+  for i in tqdm(range(cfg.n_layers), desc="decomposition", unit="layer",
+                disable=not progress):
     pre = f"layers.{i}.attn."
     gram = None if whiten == "none" else stats.grams[i] / stats.tokens
     w = {kind: np.asarray(base[pre + f"{kind}_proj.kernel"], np.float32)
@@ -369,7 +372,8 @@ def _fisher(stats: CalibrationStats | None, module: str) -> float:
 
 def compress_params(cfg: ModelConfig, base: Mapping[str, np.ndarray],
                     stats: CalibrationStats | None, comp: CompressionConfig,
-                    *, factors=None, seqlen: int = 2048
+                    *, factors=None, seqlen: int = 2048,
+                    progress: bool = False
                     ) -> tuple[dict[str, np.ndarray], PaluConfig, dict]:
   """Dense params -> (Palu params, PaluConfig, report).
 
@@ -381,7 +385,8 @@ def compress_params(cfg: ModelConfig, base: Mapping[str, np.ndarray],
   if factors is None:
     factors = factorize_model(cfg, base, stats, size, comp.whiten,
                               comp.rope_span or seqlen,
-                              shared_kv=comp.shared_kv, k_weight=comp.k_weight)
+                              shared_kv=comp.shared_kv, k_weight=comp.k_weight,
+                              progress=progress)
   chosen = allocate_ranks(cfg, factors, stats, comp, size)
   if comp.shared_kv:
     width = size * cfg.head_dim
@@ -475,7 +480,7 @@ def compress_checkpoint(src: str, out_dir: str, comp: CompressionConfig,
                       cache_dir=cache_dir, progress=progress, data_dir=data_dir)
     del model
   params, palu, report = compress_params(cfg, base, stats, comp,
-                                         seqlen=calib.seqlen)
+                                         seqlen=calib.seqlen, progress=progress)
   report["calibration_seconds"] = 0.0 if stats is None else stats.seconds
   provenance = {"kind": "palu", "palu": palu.to_dict(),
                 "compression": comp.to_dict(),

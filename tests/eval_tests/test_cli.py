@@ -67,3 +67,17 @@ def test_compress_then_ppl_and_generate(tmp_path, stories_bin, capsys):
   assert main(["compress", stories_bin, "--out", str(tmp_path / "x"),
                "--palu", "--mode", "glrd", "--group-size", "3"]) == 2
   assert "group_size" in capsys.readouterr().err
+
+
+def test_compress_flags_map_to_the_config():
+  """The issue's spelling `--whiten` (bare) means Palu's input whitening."""
+  from eval.cli import build_parser
+  args = build_parser().parse_args(
+      ["compress", "m", "--out", "o", "--ratio", "0.5", "--mode", "glrd",
+       "--group-size", "4", "--alloc", "fisher", "--whiten"])
+  assert (args.whiten, args.mode, args.group_size, args.alloc) == (
+      "input", "glrd", 4, "fisher")
+  assert build_parser().parse_args(
+      ["compress", "m", "--out", "o", "--no-whiten"]).whiten == "none"
+  assert build_parser().parse_args(
+      ["compress", "m", "--out", "o", "--separate-kv"]).shared_kv is False
