@@ -38,6 +38,7 @@ from palu_jax.compress import (CalibrationConfig, CompressionConfig,
 from palu_jax.config import ModelConfig, PaluConfig
 from palu_jax.data import load_text
 from palu_jax.decompose import lrd
+from palu_jax.errors import ConfigError
 from palu_jax.model import from_params
 
 
@@ -237,7 +238,7 @@ def main(argv=None) -> int:
                                      "group_size": args.group_size, **kw})
     try:
       size = comp.validate(cfg)
-    except Exception as e:  # e.g. G-LRD group 4 on 3 KV heads
+    except ConfigError as e:  # e.g. G-LRD group 4 on 3 KV heads
       done[row_name] = {"name": row_name, **kw, "skipped": str(e)}
       print(f"{row_name}: skipped ({e})", flush=True)
       save()
@@ -262,8 +263,14 @@ def main(argv=None) -> int:
       factor_cache[key] = factorize_model(
           cfg, base, stats[which], size, comp.whiten, span,
           shared_kv=comp.shared_kv, k_weight=comp.k_weight)
-    params, palu, report = compress_params(cfg, base, stats[which], comp,
-                                           factors=factor_cache[key])
+    try:
+      params, palu, report = compress_params(cfg, base, stats[which], comp,
+                                             factors=factor_cache[key])
+    except ConfigError as e:  # e.g. a ratio below one rank multiple per head
+      done[row_name] = {"name": row_name, **kw, "skipped": str(e)}
+      print(f"{row_name}: skipped ({e})", flush=True)
+      save()
+      continue
     seconds = time.perf_counter() - t
     padded, full = pad_to_full_rank(cfg, params, palu)
     t = time.perf_counter()

@@ -22,7 +22,14 @@ def target_total(full_dims: Sequence[int], keep_ratio: float, multiple: int) -> 
     raise ConfigError("ratio", f"kept fraction must be in (0, 1], got "
                       f"{keep_ratio}")
   units = round(sum(full_dims) * keep_ratio / multiple)
-  return max(units, len(full_dims)) * multiple
+  if units < len(full_dims):
+    # Every module keeps at least one multiple; never round the ratio up
+    # silently.
+    raise ConfigError("ratio", f"keeping {keep_ratio:.1%} is below the "
+                      f"minimum {len(full_dims) * multiple / sum(full_dims):.1%}"
+                      f" ({multiple} per module of {len(full_dims)}); lower "
+                      "the rank multiple or the reduction")
+  return units * multiple
 
 
 def _validate(full_dims, total, multiple):

@@ -107,3 +107,10 @@ def test_error_allocation_bad_input():
     ranks.allocate_by_error([np.array([1.0, np.nan, 0, 0])], [4], 4)
   with pytest.raises(ConfigError, match="weights"):
     ranks.allocate_by_error([np.ones(4)], [4], 4, weights=[-1.0])
+
+
+def test_unreachable_ratio_is_refused_not_rounded():
+  """8-wide modules in multiples of 4 keep at least half: 30 % is refused."""
+  with pytest.raises(ConfigError, match="minimum 50.0%"):
+    ranks.target_total([8] * 10, 0.3, 4)
+  assert ranks.target_total([8] * 10, 0.5, 4) == 40
