@@ -20,7 +20,6 @@ unpadded and records both.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import time

@@ -5,57 +5,31 @@ fold, and describe the result.
   params, palu, report = compress_params(cfg, base_params, stats,
                                          CompressionConfig(ratio=0.5))
 
-Calibration statistics (XᵀX per layer, Fisher scores) depend only on the
-model and the calibration settings, so they are cached on disk under a key
-of both; later runs with other compression settings reuse them.
+Calibration (`palu_jax.calibrate.statistics`, re-exported here) is cached on
+disk, so later runs with other compression settings reuse it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import io
-import json
-import logging
 import os
 import time
 from typing import Any, Mapping
 
 import numpy as np
-from flax import nnx
 from tqdm.auto import tqdm
 
-from palu_jax.checkpoint import atomic_write_bytes
+from palu_jax.calibrate.statistics import (CalibrationConfig,
+                                           CalibrationStats, calibrate)
 from palu_jax.config import ModelConfig, PaluConfig
 from palu_jax.decompose import lrd, metrics, ranks
 from palu_jax.decompose.fold import palu_params
 from palu_jax.decompose.svd import Factorization, LowRank, factorize
 from palu_jax.errors import ConfigError, PaluError
 
-log = logging.getLogger(__name__)
 
 ALLOCATIONS = ("uniform", "fisher", "error", "fisher-error")
 WHITENING = ("none", "input", "attention")
-
-
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class CalibrationConfig:
-  """Which text calibrates, and how much of it."""
-  dataset: str = "wikitext2-calib"  # or a corpus name / .txt / .jsonl path
-  windows: int = 32                 # N random windows ...
-  seqlen: int = 512                 # ... of T tokens
-  fisher_windows: int | None = None  # Fisher on the first n (default: all)
-  seed: int = 0
-  batch_size: int = 1
-
-  def validate(self) -> None:
-    for name in ("windows", "seqlen", "batch_size"):
-      if getattr(self, name) < 1:
-        raise ConfigError(f"calibration.{name}", "must be >= 1")
-    if self.fisher_windows is not None and not (
-        1 <= self.fisher_windows <= self.windows):
-      raise ConfigError("calibration.fisher_windows",
-                        f"must be in 1..windows={self.windows}")
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -130,91 +104,6 @@ class CompressionConfig:
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
-
-
-@dataclasses.dataclass
-class CalibrationStats:
-  """What compression needs from calibration (all on the host)."""
-  grams: np.ndarray            # [L, D, D] float64 Σ xᵀx of the k/v inputs
-  tokens: int                  # tokens summed into grams
-  fisher: dict[str, float]     # 'layers.{i}.attn.{k,v}_proj' -> score ({} if
-                               # not computed)
-  seconds: float = 0.0         # wall time spent calibrating (0 if cached)
-
-
-def model_fingerprint(model) -> str:
-  """A hash of every parameter (and the dtype): the calibration cache key's
-  model half."""
-  h = hashlib.blake2b(digest_size=16)
-  for path, v in sorted(nnx.to_flat_state(nnx.state(model, nnx.Param)),
-                        key=lambda kv: str(kv[0])):
-    a = np.asarray(v[...])
-    h.update(f"{path}:{a.dtype}:{a.shape}".encode())
-    h.update(a.tobytes())
-  return h.hexdigest()
-
-
-def _save_grams(path: str, grams: np.ndarray, tokens: int) -> None:
-  buf = io.BytesIO()
-  np.savez(buf, grams=grams, tokens=tokens)
-  atomic_write_bytes(path, buf.getvalue())
-
-
-def calibrate(model, tokenizer, calib: CalibrationConfig, *,
-              fisher: bool = True, cache_dir: str | None = None,
-              progress: bool = True, data_dir: str | None = None
-              ) -> CalibrationStats:
-  """XᵀX of the k/v inputs (and Fisher scores) on random calibration windows.
-
-  With `cache_dir`, results are stored there (and reused) under a key of
-  the model's parameters and `calib`; Gram matrices and Fisher scores are
-  cached separately, so a run that needs no Fisher scores skips them.
-  """
-  from palu_jax.calibrate.activations import kv_input_grams
-  from palu_jax.calibrate.fisher import kv_fisher
-  from palu_jax.calibrate.windows import sample_windows
-  from palu_jax.data import load_text
-  calib.validate()
-  grams_path = fisher_path = None
-  if cache_dir:
-    key = hashlib.blake2b(
-        (model_fingerprint(model) + json.dumps(dataclasses.asdict(calib),
-                                               sort_keys=True)).encode(),
-        digest_size=16).hexdigest()
-    grams_path = os.path.join(cache_dir, f"calib-{key}-grams.npz")
-    fisher_path = os.path.join(cache_dir, f"calib-{key}-fisher.json")
-  start = time.perf_counter()
-  windows = None
-
-  def get_windows():
-    ids = tokenizer.encode(load_text(calib.dataset, data_dir_override=data_dir),
-                           add_bos=False)
-    return sample_windows(ids, count=calib.windows, seqlen=calib.seqlen,
-                          seed=calib.seed)
-
-  if grams_path and os.path.exists(grams_path):
-    log.info("calibration Gram matrices from %s", grams_path)
-    with np.load(grams_path) as z:
-      grams, tokens = z["grams"], int(z["tokens"])
-  else:
-    windows = get_windows()
-    grams, tokens = kv_input_grams(model, windows, batch_size=calib.batch_size,
-                                   progress=progress)
-    if grams_path:
-      _save_grams(grams_path, grams, tokens)
-  scores: dict[str, float] = {}
-  if fisher:
-    if fisher_path and os.path.exists(fisher_path):
-      with open(fisher_path) as f:
-        scores = json.load(f)
-    else:
-      windows = get_windows() if windows is None else windows
-      scores = kv_fisher(model, windows[:calib.fisher_windows or calib.windows],
-                         batch_size=calib.batch_size, progress=progress)
-      if fisher_path:
-        atomic_write_bytes(fisher_path, json.dumps(scores).encode())
-  return CalibrationStats(grams=grams, tokens=tokens, fisher=scores,
-                          seconds=time.perf_counter() - start)
 
 
 def factorize_model(cfg: ModelConfig, base: Mapping[str, np.ndarray],

@@ -10,7 +10,6 @@ import pytest
 from conftest import shared_path
 from palu_jax import compress as C
 from palu_jax.calibrate.windows import sample_windows
-from palu_jax.decompose import lrd
 from palu_jax.errors import ConfigError, PaluError
 from palu_jax.model import from_params
 from model_tests.test_latent_model import _base_params

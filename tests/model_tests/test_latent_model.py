@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from palu_jax.config import PaluConfig
-from palu_jax.decompose import lrd, svd
+from palu_jax.decompose import lrd
 from palu_jax.decompose.fold import palu_params
 from palu_jax.errors import CheckpointError, ConfigError
 from palu_jax.model import from_params
