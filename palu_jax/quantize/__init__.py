@@ -1,0 +1,1 @@
+"""Latent-cache quantization: Hadamard rotation and packed integer codes."""
