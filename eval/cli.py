@@ -36,7 +36,8 @@ def cmd_compress(args) -> int:
                                  compress_checkpoint)
   given = {name: getattr(args, name) for name in (
       "ratio", "mode", "group_size", "alloc", "whiten", "multiple",
-      "k_fraction", "shared_kv", "k_weight", "rope_span")
+      "k_fraction", "shared_kv", "k_weight", "rope_span", "hadamard",
+      "kv_bits", "quant_group")
       if getattr(args, name) is not None}
   comp = (CompressionConfig.palu(**given) if args.palu
           else CompressionConfig(**given))
@@ -227,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
                  help="shared latent: weight of key error vs value error [2]")
   k.add_argument("--rope-span", type=int, default=None,
                  help="attention whitening: RoPE distances averaged [512]")
+  k.add_argument("--hadamard", action="store_true", default=None,
+                 help="fold a Walsh-Hadamard rotation into the latents")
+  k.add_argument("--kv-bits", type=int, choices=[16, 4, 3, 2], default=None,
+                 help="latent cache precision: packed 4/3/2-bit codes [16]")
+  k.add_argument("--quant-group", type=int, default=None,
+                 help="latents per quantization group (per token) [32]")
   k.add_argument("--calib-dataset", default="wikitext2-calib",
                  help="corpus name or .txt/.jsonl path")
   k.add_argument("--calib-windows", type=int, default=32)

@@ -109,6 +109,12 @@ ROWS = dict([
     _row("shared-50-uniform-attention-kw2.0-span512-smallcalib", mode="jlrd",
          ratio=0.5, alloc="uniform", whiten="attention", shared_kv=True,
          k_weight=2.0, rope_span=512, calib="small"),
+    # Quantized latents (issue 5), default compression.
+    *[_row(f"default-{int(r * 100)}-int{b}{'-hadamard' if h else ''}",
+           mode="jlrd", ratio=r, alloc="uniform", whiten="attention",
+           shared_kv=True, k_weight=2.0, rope_span=512, calib="small",
+           kv_bits=b, hadamard=h)
+      for r in (0.3, 0.5) for b in (4, 3, 2) for h in (False, True)],
     _row("jlrd-50-uniform-attn-k35-span512", mode="jlrd", ratio=0.5,
          alloc="uniform", whiten="attention", k_fraction=0.35, rope_span=512),
     *[_row(f"shared-{int(r * 100)}-uniform-attention-kw2.0-span512",
@@ -196,7 +202,8 @@ def main(argv=None) -> int:
   def save():
     rows = sorted(done.values(), key=lambda r: order.get(r["name"], 1e9))
     cols = ["name", "mode", "alloc", "whiten", "ratio", "k_fraction",
-            "shared_kv", "k_weight", "rope_span", "calib",
+            "shared_kv", "k_weight", "rope_span", "kv_bits", "hadamard",
+            "calib",
             "kv_bytes_per_token", "kept", *[f"ppl_{d}" for d in corpora],
             *[f"delta_{d}" for d in corpora], "compress_s"]
     meta = {"model": args.model, "seqlen": args.seqlen, "limit": args.limit,
@@ -271,13 +278,17 @@ def main(argv=None) -> int:
       save()
       continue
     seconds = time.perf_counter() - t
-    padded, full = pad_to_full_rank(cfg, params, palu)
     t = time.perf_counter()
-    ppl = evaluate(from_params(cfg, padded, dtype=jnp.float32, palu=full))
+    if palu.kv_bits == 16:
+      padded, full = pad_to_full_rank(cfg, params, palu)
+      ppl = evaluate(from_params(cfg, padded, dtype=jnp.float32, palu=full))
+    else:  # zero padding would change the quantization groups' ranges
+      ppl = evaluate(from_params(cfg, params, dtype=jnp.float32, palu=palu))
     row = {"name": row_name, "mode": comp.mode, "alloc": comp.alloc,
            "whiten": comp.whiten, "ratio": comp.ratio,
            "k_fraction": comp.k_fraction, "shared_kv": comp.shared_kv,
            "k_weight": comp.k_weight, "rope_span": span,
+           "kv_bits": comp.kv_bits, "hadamard": comp.hadamard,
            "calib": f"{calibs[which].windows}x{calibs[which].seqlen}",
            "kv_bytes_per_token": report["kv_bytes_per_token"],
            "kept": report["kept_fraction"], "k_latents": report["k_latents"],

@@ -26,6 +26,7 @@ from palu_jax.decompose import lrd, metrics, ranks
 from palu_jax.decompose.fold import palu_params
 from palu_jax.decompose.svd import Factorization, LowRank, factorize
 from palu_jax.errors import ConfigError, PaluError
+from palu_jax.quantize.hadamard import fold_rotation
 
 
 ALLOCATIONS = ("uniform", "fisher", "error", "fisher-error")
@@ -53,6 +54,10 @@ class CompressionConfig:
     keys' weighted by `k_weight`); the cache stores it once.
   rope_span: the attention-aware key metric averages RoPE over causal
     distances 0..rope_span-1 (None: the calibration window length).
+  hadamard: fold a (block) Walsh-Hadamard rotation into every group's down
+    and up projections: the model is unchanged, its latents lose outliers.
+  kv_bits, quant_group: latent cache precision (16, or 4/3/2-bit codes in
+    groups of quant_group latents per token).
   """
   ratio: float = 0.5
   mode: str = "jlrd"
@@ -64,6 +69,9 @@ class CompressionConfig:
   shared_kv: bool = True
   k_weight: float = 2.0
   rope_span: int | None = 512
+  hadamard: bool = False
+  kv_bits: int = 16
+  quant_group: int = 32
 
   @classmethod
   def palu(cls, **overrides) -> "CompressionConfig":
@@ -89,6 +97,8 @@ class CompressionConfig:
                         "budget; use k_weight to balance keys and values")
     if self.rope_span is not None and self.rope_span < 1:
       raise ConfigError("rope_span", f"must be >= 1, got {self.rope_span}")
+    if self.kv_bits not in (2, 3, 4, 16):
+      raise ConfigError("kv_bits", f"must be 16, 4, 3 or 2, got {self.kv_bits}")
     if not self.k_weight > 0:
       raise ConfigError("k_weight", f"must be positive, got {self.k_weight}")
     try:
@@ -289,8 +299,16 @@ def compress_params(cfg: ModelConfig, base: Mapping[str, np.ndarray],
     parts = {kind: [[f.truncate(r) for f, r in zip(factors[kind][i],
                                                    chosen[kind][i])]
                      for i in range(cfg.n_layers)] for kind in ("k", "v")}
+  if comp.hadamard:
+    parts = {kind: [[LowRank(*fold_rotation(np.asarray(p.down),
+                                            np.asarray(p.up)), p.singular)
+                     for p in layer] for layer in parts[kind]]
+             for kind in ("k", "v")}
   params, palu = palu_params(base, cfg, size, parts["k"], parts["v"],
                              shared_kv=comp.shared_kv)
+  palu = dataclasses.replace(palu, kv_bits=comp.kv_bits,
+                             quant_group=comp.quant_group)
+  palu.validate(cfg)
   report = rank_report(cfg, palu, stats)
   report["compress_seconds"] = time.perf_counter() - start
   return params, palu, report
@@ -298,10 +316,19 @@ def compress_params(cfg: ModelConfig, base: Mapping[str, np.ndarray],
 
 def kv_bytes_per_token(cfg: ModelConfig, palu: PaluConfig | None,
                        bytes_per_value: int = 2) -> int:
-  """Cache bytes per token over all layers (bf16/fp16 entries)."""
+  """Cache bytes per token over all layers: 16-bit entries, or packed codes
+  plus the 16-bit scale and offset of each quantization group."""
   if palu is None:
     return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * bytes_per_value
-  return palu.kv_latents_per_token() * bytes_per_value
+  if palu.kv_bits == 16:
+    return palu.kv_latents_per_token() * bytes_per_value
+  from palu_jax.quantize.int_quant import packed_width
+  unit = 1 if palu.kv_bits == 4 else 4
+  widths = [sum(r) for r in palu.k_ranks]
+  if not palu.shared_kv:
+    widths += [sum(r) for r in palu.v_ranks]
+  return sum(packed_width(w, palu.kv_bits) * unit + 2 * (w // palu.quant_group)
+             * 2 for w in widths)
 
 
 def rank_report(cfg: ModelConfig, palu: PaluConfig,

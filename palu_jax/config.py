@@ -96,12 +96,22 @@ class PaluConfig:
   # One latent per group serves keys and values (v_ranks == k_ranks); the
   # cache stores it once.
   shared_kv: bool = False
+  # Latent cache precision: 16 (model dtype) or 4/3/2-bit per-token codes in
+  # groups of `quant_group` latents, with 16-bit scale/offset per group.
+  kv_bits: int = 16
+  quant_group: int = 32
+  scale_dtype: str = "bfloat16"
 
   def validate(self, cfg: ModelConfig) -> None:
     """Raises ConfigError unless the ranks fit `cfg`."""
     if self.group_size < 1 or cfg.n_kv_heads % self.group_size:
       raise ConfigError("group_size", f"{self.group_size} does not divide "
                         f"n_kv_heads={cfg.n_kv_heads}")
+    if self.kv_bits not in (2, 3, 4, 16):
+      raise ConfigError("kv_bits", f"must be 16, 4, 3 or 2, got {self.kv_bits}")
+    if self.scale_dtype not in ("bfloat16", "float16"):
+      raise ConfigError("scale_dtype", f"{self.scale_dtype!r} is not "
+                        "bfloat16 or float16")
     groups, full = cfg.n_kv_heads // self.group_size, self.group_size * cfg.head_dim
     if self.shared_kv:
       if self.v_ranks != self.k_ranks:
@@ -121,6 +131,10 @@ class PaluConfig:
           if not isinstance(r, int) or not 1 <= r <= full:
             raise ConfigError(f"{name}[{i}]", f"rank {r!r} is impossible for "
                               f"a group of width {full} (1..{full})")
+        if self.kv_bits < 16 and sum(layer) % self.quant_group:
+          raise ConfigError("quant_group", f"{self.quant_group} does not "
+                            f"divide layer {i}'s {name[0]} latent width "
+                            f"{sum(layer)}")
 
   def kv_latents_per_token(self) -> int:
     """Σ over layers of key + value latent widths (cache entries per token)."""
@@ -133,7 +147,10 @@ class PaluConfig:
       return cls(group_size=int(d["group_size"]),
                  k_ranks=tuple(tuple(int(r) for r in l) for l in d["k_ranks"]),
                  v_ranks=tuple(tuple(int(r) for r in l) for l in d["v_ranks"]),
-                 shared_kv=bool(d.get("shared_kv", False)))
+                 shared_kv=bool(d.get("shared_kv", False)),
+                 kv_bits=int(d.get("kv_bits", 16)),
+                 quant_group=int(d.get("quant_group", 32)),
+                 scale_dtype=str(d.get("scale_dtype", "bfloat16")))
     except (KeyError, TypeError, ValueError) as e:
       raise ConfigError("compression", f"invalid Palu config: {e!r}") from e
 
@@ -141,4 +158,5 @@ class PaluConfig:
     return {"group_size": self.group_size,
             "k_ranks": [list(l) for l in self.k_ranks],
             "v_ranks": [list(l) for l in self.v_ranks],
-            "shared_kv": self.shared_kv}
+            "shared_kv": self.shared_kv, "kv_bits": self.kv_bits,
+            "quant_group": self.quant_group, "scale_dtype": self.scale_dtype}

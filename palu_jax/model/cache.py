@@ -47,6 +47,65 @@ class LayerLatent:
 
 
 @struct.dataclass
+class LayerQuantLatent:
+  """One layer's Palu latents as packed per-token integer codes.
+
+  Codes are packed along R (`palu_jax.quantize.int_quant.pack`), scales and
+  offsets are 16-bit per group of `group` latents; values are quantized when
+  written and dequantized when read, so attention sees exactly the values a
+  fake-quant forward sees.
+  """
+  k_codes: Array    # [B, S, packed(Rk)] uint8 (4-bit) or uint32 (3/2-bit)
+  k_scale: Array    # [B, S, Rk / group]
+  k_offset: Array   # [B, S, Rk / group]
+  v_codes: Array    # [B, S, packed(Rv)] (width 0 with a shared latent)
+  v_scale: Array
+  v_offset: Array
+  bits: int = struct.field(pytree_node=False, default=4)
+  group: int = struct.field(pytree_node=False, default=32)
+  k_width: int = struct.field(pytree_node=False, default=0)
+  v_width: int = struct.field(pytree_node=False, default=0)
+
+  def write(self, hk_new: Array, hv_new: Array, start: Array
+            ) -> "LayerQuantLatent":
+    """Quantizes, packs and writes hk_new [B, T, Rk], hv_new [B, T, Rv]."""
+    from palu_jax.quantize import int_quant
+    out = {}
+    for side, h in (("k", hk_new), ("v", hv_new)):
+      codes = getattr(self, f"{side}_codes")
+      if h.shape[-1] == 0:
+        out.update({f"{side}_codes": codes,
+                    f"{side}_scale": getattr(self, f"{side}_scale"),
+                    f"{side}_offset": getattr(self, f"{side}_offset")})
+        continue
+      q, scale, offset = int_quant.quantize(
+          h, bits=self.bits, group=self.group,
+          scale_dtype=getattr(self, f"{side}_scale").dtype)
+      out[f"{side}_codes"] = write_rows(codes, int_quant.pack(q, self.bits),
+                                        start)
+      out[f"{side}_scale"] = write_rows(getattr(self, f"{side}_scale"), scale,
+                                        start)
+      out[f"{side}_offset"] = write_rows(getattr(self, f"{side}_offset"),
+                                         offset, start)
+    return self.replace(**out)
+
+  def read(self, dtype) -> tuple[Array, Array]:
+    """Dequantized (h_k [B, S, Rk], h_v [B, S, Rv]) in `dtype`."""
+    from palu_jax.quantize import int_quant
+    out = []
+    for side, width in (("k", self.k_width), ("v", self.v_width)):
+      codes = getattr(self, f"{side}_codes")
+      if width == 0:
+        out.append(jnp.zeros(codes.shape[:2] + (0,), dtype))
+        continue
+      q = int_quant.unpack(codes, self.bits, width)
+      out.append(int_quant.dequantize(q, getattr(self, f"{side}_scale"),
+                                      getattr(self, f"{side}_offset"),
+                                      group=self.group, dtype=dtype))
+    return out[0], out[1]
+
+
+@struct.dataclass
 class Cache:
   """Per-layer states and the number of valid tokens of each sequence."""
   layers: tuple  # one state per layer (LayerKV, or a compressed variant)
@@ -79,3 +138,21 @@ def init_latent_cache(k_widths, v_widths, batch: int, max_len: int, dtype
                              hv=jnp.zeros((batch, max_len, rv), dtype))
                  for rk, rv in zip(k_widths, v_widths))
   return Cache(layers=layers, lengths=jnp.zeros((batch,), jnp.int32))
+
+
+def init_quant_latent_cache(k_widths, v_widths, batch: int, max_len: int, *,
+                            bits: int, group: int, scale_dtype) -> Cache:
+  """An empty packed Palu cache; widths [L] are Σ ranks per layer."""
+  from palu_jax.quantize import int_quant
+  def side(width):
+    dtype = jnp.uint8 if bits == 4 else jnp.uint32
+    return (jnp.zeros((batch, max_len, int_quant.packed_width(width, bits)),
+                      dtype),
+            jnp.zeros((batch, max_len, width // group), scale_dtype),
+            jnp.zeros((batch, max_len, width // group), scale_dtype))
+  layers = []
+  for rk, rv in zip(k_widths, v_widths):
+    (kc, ks, ko), (vc, vs, vo) = side(rk), side(rv)
+    layers.append(LayerQuantLatent(kc, ks, ko, vc, vs, vo, bits=bits,
+                                   group=group, k_width=rk, v_width=rv))
+  return Cache(layers=tuple(layers), lengths=jnp.zeros((batch,), jnp.int32))

@@ -29,7 +29,7 @@ from flax import nnx
 
 from palu_jax.config import ModelConfig
 from palu_jax.model.attention import causal_probs
-from palu_jax.model.cache import LayerLatent
+from palu_jax.model.cache import LayerLatent, LayerQuantLatent
 from palu_jax.model.layers import (apply_rope, linear, rope_cos_sin,
                                    rope_inv_freq)
 from palu_jax.typing import Array
@@ -49,10 +49,14 @@ class LatentAttention(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, group_size: int,
                k_ranks: Sequence[int], v_ranks: Sequence[int], dtype,
-               rngs: nnx.Rngs, shared_kv: bool = False):
+               rngs: nnx.Rngs, shared_kv: bool = False, kv_bits: int = 16,
+               quant_group: int = 32, scale_dtype=jnp.bfloat16):
     self.cfg = cfg
     self.group_size = group_size
     self.shared_kv = shared_kv
+    self.kv_bits = kv_bits
+    self.quant_group = quant_group
+    self.scale_dtype = jnp.dtype(scale_dtype)
     self.k_slices = rank_slices(k_ranks)
     self.v_slices = rank_slices(v_ranks)
     d, h = cfg.dim, cfg.head_dim
@@ -82,6 +86,18 @@ class LatentAttention(nnx.Module):
       return hk, hk[..., :0]
     return hk, jnp.einsum("BTD,DR->BTR", x, self.v_down[...])
 
+  def _fake_quant(self, h: Array) -> Array:
+    """quantize -> dequantize, exactly as a write to and read from the packed
+    cache (scale dtype: see PaluConfig; bf16 here unless set on the cache)."""
+    from palu_jax.quantize import int_quant
+    if h.shape[-1] == 0:
+      return h
+    q, scale, offset = int_quant.quantize(h, bits=self.kv_bits,
+                                          group=self.quant_group,
+                                          scale_dtype=self.scale_dtype)
+    return int_quant.dequantize(q, scale, offset, group=self.quant_group,
+                                dtype=h.dtype)
+
   def keys(self, hk: Array, group: int) -> Array:
     """Rebuilds group `group`'s rotated keys [B, S, group_size, H] from its
     latents; row s is rotated for position s."""
@@ -107,7 +123,10 @@ class LatentAttention(nnx.Module):
     hk, hv = self.latents(x)
     if cache is not None:
       cache = cache.write(hk, hv, start)
-      hk, hv = cache.hk, cache.hv
+      hk, hv = (cache.read(x.dtype) if isinstance(cache, LayerQuantLatent)
+                else (cache.hk, cache.hv))
+    elif self.kv_bits < 16:  # no cache: the same values a packed cache holds
+      hk, hv = self._fake_quant(hk), self._fake_quant(hv)
     if self.shared_kv:
       hv = hk
     heads = self.group_size * c.q_per_kv

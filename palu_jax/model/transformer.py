@@ -12,7 +12,8 @@ from convert import keymap
 from palu_jax.config import ModelConfig, PaluConfig
 from palu_jax.errors import CheckpointError
 from palu_jax.model.attention import Attention
-from palu_jax.model.cache import Cache, init_kv_cache, init_latent_cache
+from palu_jax.model.cache import (Cache, init_kv_cache, init_latent_cache,
+                                  init_quant_latent_cache)
 from palu_jax.model.latent_attention import LatentAttention
 from palu_jax.model.layers import MLP, RMSNorm, linear, rope_cos_sin, rope_inv_freq
 from palu_jax.typing import Array
@@ -21,7 +22,8 @@ from palu_jax.typing import Array
 class Block(nnx.Module):
   """Pre-norm residual block: attention then SwiGLU MLP.
 
-  `latent` = (group_size, k_ranks, v_ranks, shared_kv) makes the attention a Palu
+  `latent` = (group_size, k_ranks, v_ranks, shared_kv, (kv_bits,
+  quant_group, scale_dtype)) makes the attention a Palu
   `LatentAttention`; None keeps the dense one.
   """
 
@@ -31,10 +33,11 @@ class Block(nnx.Module):
     if latent is None:
       self.attn = Attention(cfg, dtype=dtype, rngs=rngs)
     else:
-      group_size, k_ranks, v_ranks, shared_kv = latent
+      group_size, k_ranks, v_ranks, shared_kv, quant = latent
       self.attn = LatentAttention(cfg, group_size=group_size, k_ranks=k_ranks,
                                   v_ranks=v_ranks, dtype=dtype, rngs=rngs,
-                                  shared_kv=shared_kv)
+                                  shared_kv=shared_kv, kv_bits=quant[0],
+                                  quant_group=quant[1], scale_dtype=quant[2])
     self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype=dtype)
     self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
@@ -65,7 +68,8 @@ class Transformer(nnx.Module):
         Block(cfg, dtype=dtype, rngs=rngs,
               latent=None if palu is None else
               (palu.group_size, palu.k_ranks[i], palu.v_ranks[i],
-               palu.shared_kv))
+               palu.shared_kv,
+               (palu.kv_bits, palu.quant_group, palu.scale_dtype)))
         for i in range(cfg.n_layers)])
     self.final_norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype=dtype)
     self.lm_head = (None if cfg.tie_embeddings else
@@ -75,6 +79,12 @@ class Transformer(nnx.Module):
   def init_cache(self, batch: int, max_len: int) -> Cache:
     """An empty cache for `batch` sequences of up to `max_len` tokens."""
     c, p = self.cfg, self.palu
+    if p is not None and p.kv_bits < 16:
+      return init_quant_latent_cache(
+          [sum(r) for r in p.k_ranks],
+          [0 if p.shared_kv else sum(r) for r in p.v_ranks], batch, max_len,
+          bits=p.kv_bits, group=p.quant_group,
+          scale_dtype=jnp.dtype(p.scale_dtype))
     if p is not None:
       return init_latent_cache([sum(r) for r in p.k_ranks],
                                [0 if p.shared_kv else sum(r)
