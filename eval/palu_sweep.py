@@ -113,7 +113,7 @@ ROWS = dict([
     *[_row(f"default-{int(r * 100)}-int{b}{'-hadamard' if h else ''}",
            mode="jlrd", ratio=r, alloc="uniform", whiten="attention",
            shared_kv=True, k_weight=2.0, rope_span=512, calib="small",
-           kv_bits=b, hadamard=h)
+           kv_bits=b, hadamard=h, multiple=32)  # ranks fill whole quant groups
       for r in (0.3, 0.5) for b in (4, 3, 2) for h in (False, True)],
     _row("jlrd-50-uniform-attn-k35-span512", mode="jlrd", ratio=0.5,
          alloc="uniform", whiten="attention", k_fraction=0.35, rope_span=512),
