@@ -39,6 +39,7 @@ from palu_jax.data import load_text
 from palu_jax.decompose import lrd
 from palu_jax.errors import ConfigError
 from palu_jax.model import from_params
+from palu_jax.quantize.kv_baselines import bytes_per_token
 
 
 def _row(name, **kw):
@@ -115,6 +116,10 @@ ROWS = dict([
            shared_kv=True, k_weight=2.0, rope_span=512, calib="small",
            kv_bits=b, hadamard=h, multiple=32)  # ranks fill whole quant groups
       for r in (0.3, 0.5) for b in (4, 3, 2) for h in (False, True)],
+    # Full-cache quantization baselines (dense model, simulated).
+    *[_row(f"{m}-{b}", baseline=(m, b, 32, 128 if m == "kivi" else 0))
+      for m, b in (("kivi", 4), ("kivi", 2), ("rtn", 4), ("rtn", 3),
+                   ("rtn", 2))],
     _row("jlrd-50-uniform-attn-k35-span512", mode="jlrd", ratio=0.5,
          alloc="uniform", whiten="attention", k_fraction=0.35, rope_span=512),
     *[_row(f"shared-{int(r * 100)}-uniform-attention-kw2.0-span512",
@@ -238,6 +243,27 @@ def main(argv=None) -> int:
     if not wanted(row_name) or row_name in done:
       continue
     kw = dict(kw)
+    if "baseline" in kw:
+      method, bits, group, residual = kw["baseline"]
+      for layer in dense.layers:
+        layer.attn.kv_quant = (method, bits, group, residual)
+      t = time.perf_counter()
+      ppl = evaluate(dense)
+      for layer in dense.layers:
+        layer.attn.kv_quant = None
+      done[row_name] = {
+          "name": row_name, "mode": "dense", "alloc": method,
+          "kv_bits": bits, "kv_bytes_per_token": round(bytes_per_token(
+              cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, method=method,
+              bits=bits, group=group, residual=residual, context=args.seqlen),
+              1),
+          "kept": None, **{f"ppl_{d}": v for d, v in ppl.items()},
+          **{f"delta_{d}": f"{100 * (v / base_ppl[d] - 1):+.1f}%"
+             for d, v in ppl.items() if d in base_ppl},
+          "eval_s": round(time.perf_counter() - t, 1)}
+      print(row_name, {d: round(v, 3) for d, v in ppl.items()}, flush=True)
+      save()
+      continue
     which = kw.pop("calib", "large")
     # Rows name what they change from Palu as published.
     comp = CompressionConfig.palu(**{"multiple": args.multiple,

@@ -1,6 +1,5 @@
 """Quantized latent cache in the model: Hadamard fold, packed decode."""
 
-import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
