@@ -9,10 +9,13 @@ Face hub is tried only when no local copy exists.
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 from palu_jax.errors import PaluError
 
+
+log = logging.getLogger(__name__)
 
 DATA_ENV = "PALU_JAX_DATA"
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -30,9 +33,13 @@ CORPORA = {
     # available offline; the local validation split (tokenized form, with
     # <unk>) stands in, and the hub's train split is used when no local copy
     # exists. Never the test split, which perplexity reports.
-    "wikitext2-calib": ("wikitext2/valid.tokens.txt", None,
+    "wikitext2-calib": ("wikitext2/valid.tokens.txt",
+                        "data_files/wikitext2_valid_tokens.txt.bz2",
                         ("wikitext", "wikitext-2-raw-v1", "train")),
 }
+# Corpora whose hub copy (Palu's WikiText-2 train) is preferred to the
+# packaged stand-in when no local copy exists.
+HUB_BEFORE_PACKAGED = {"wikitext2-calib"}
 
 
 class DatasetError(PaluError, FileNotFoundError):
@@ -108,11 +115,16 @@ def load_text(dataset: str, *, data_dir_override: str | None = None) -> str:
   local = os.path.join(data_dir(data_dir_override), rel)
   if os.path.exists(local):
     return _load_local(local)
-  if packaged and os.path.exists(os.path.join(_PACKAGE_DIR, packaged)):
-    return _load_local(os.path.join(_PACKAGE_DIR, packaged))
+  packaged = packaged and os.path.join(_PACKAGE_DIR, packaged)
+  if packaged and dataset not in HUB_BEFORE_PACKAGED:
+    return _load_local(packaged)
   try:
     return _load_hub(*hub)
   except Exception as e:  # network and hub errors come in many types
+    if packaged:
+      log.warning("%s: hub copy unavailable (%s); using the packaged %s",
+                  dataset, e, os.path.basename(packaged))
+      return _load_local(packaged)
     raise DatasetError(f"{local}: dataset {dataset!r} not found locally and "
                        f"the hub copy could not be loaded ({e}); set "
                        f"${DATA_ENV} or --data-dir") from e

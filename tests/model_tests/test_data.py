@@ -37,3 +37,15 @@ def test_plain_reader_equals_datasets(name):
   from palu_jax import data
   path = shared_path("data", data.CORPORA[name][0])
   assert data._read_plain(path) == data._load_local(path)
+
+
+def test_calibration_text_falls_back_to_the_packaged_copy(tmp_path, monkeypatch):
+  """Offline and without ../shared: the hub fails, the packaged validation
+  text (identical to the shared file) is used."""
+  monkeypatch.setenv(data.DATA_ENV, str(tmp_path))
+  def offline(*a):
+    raise ConnectionError("no network")
+  monkeypatch.setattr(data, "_load_hub", offline)
+  got = data.load_text("wikitext2-calib")
+  with open(shared_path("data/wikitext2/valid.tokens.txt")) as f:
+    assert got == f.read()
