@@ -232,6 +232,10 @@ def main(argv=None) -> int:
     save()
   base_ppl = {d: done["base"][f"ppl_{d}"] for d in corpora} if "base" in done else {}
 
+  def deltas(ppl):
+    return {f"delta_{d}": f"{100 * (v / base_ppl[d] - 1):+.1f}%"
+            for d, v in ppl.items() if d in base_ppl}
+
   calibs = {"large": CalibrationConfig(dataset=args.calib_dataset,
                                        windows=args.calib_windows,
                                        seqlen=args.calib_seqlen),
@@ -258,8 +262,7 @@ def main(argv=None) -> int:
               bits=bits, group=group, residual=residual, context=args.seqlen),
               1),
           "kept": None, **{f"ppl_{d}": v for d, v in ppl.items()},
-          **{f"delta_{d}": f"{100 * (v / base_ppl[d] - 1):+.1f}%"
-             for d, v in ppl.items() if d in base_ppl},
+          **deltas(ppl),
           "eval_s": round(time.perf_counter() - t, 1)}
       print(row_name, {d: round(v, 3) for d, v in ppl.items()}, flush=True)
       save()
@@ -320,8 +323,7 @@ def main(argv=None) -> int:
            "kept": report["kept_fraction"], "k_latents": report["k_latents"],
            "v_latents": report["v_latents"],
            **{f"ppl_{d}": v for d, v in ppl.items()},
-           **{f"delta_{d}": f"{100 * (v / base_ppl[d] - 1):+.1f}%"
-              for d, v in ppl.items() if d in base_ppl},
+           **deltas(ppl),
            "compress_s": round(seconds, 2),
            "eval_s": round(time.perf_counter() - t, 1),
            "ranks": palu.to_dict()}

@@ -213,10 +213,7 @@ def allocate_ranks(cfg: ModelConfig, factors, stats: CalibrationStats | None,
                            multiple=comp.multiple)
     else:
       spectra = [np.asarray(factors[kind][i][g].singular) for kind, i, g in pool]
-      # Normalise each module by its total energy: key and value errors (and
-      # layers) live in different units; relative error is comparable.
-      weights = [1.0 / max(float(np.sum(np.square(s, dtype=np.float64))), 1e-30)
-                 for s in spectra]
+      weights = _relative_error_weights(spectra)
       if comp.alloc == "fisher-error":  # ... scaled by the module's Fisher
         weights = [w * _fisher(stats, f"layers.{i}.attn.{kind}_proj")
                    for w, (kind, i, _) in zip(weights, pool)]
@@ -248,8 +245,7 @@ def _allocate_shared(cfg, factors, stats, comp, groups, width):
                          multiple=comp.multiple)
   else:
     spectra = [np.asarray(factors["kv"][i][g].singular) for i, g in modules]
-    weights = [1.0 / max(float(np.sum(np.square(s, dtype=np.float64))), 1e-30)
-               for s in spectra]
+    weights = _relative_error_weights(spectra)
     if comp.alloc == "fisher-error":
       weights = [w * (_fisher(stats, f"layers.{i}.attn.k_proj") +
                       _fisher(stats, f"layers.{i}.attn.v_proj"))
@@ -260,6 +256,13 @@ def _allocate_shared(cfg, factors, stats, comp, groups, width):
   per_layer = [[chosen[(i, g)] for g in range(groups)]
                for i in range(cfg.n_layers)]
   return {"k": per_layer, "v": per_layer}
+
+
+def _relative_error_weights(spectra) -> list[float]:
+  """1 / total energy of each module: key and value errors (and layers) live
+  in different units; relative errors are comparable."""
+  return [1.0 / max(float(np.sum(np.square(s, dtype=np.float64))), 1e-30)
+          for s in spectra]
 
 
 def _fisher(stats: CalibrationStats | None, module: str) -> float:
@@ -322,13 +325,13 @@ def kv_bytes_per_token(cfg: ModelConfig, palu: PaluConfig | None,
     return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * bytes_per_value
   if palu.kv_bits == 16:
     return palu.kv_latents_per_token() * bytes_per_value
-  from palu_jax.quantize.int_quant import packed_width
-  unit = 1 if palu.kv_bits == 4 else 4
+  from palu_jax.quantize.int_quant import packed_nbytes
   widths = [sum(r) for r in palu.k_ranks]
   if not palu.shared_kv:
     widths += [sum(r) for r in palu.v_ranks]
-  return sum(packed_width(w, palu.kv_bits) * unit + 2 * (w // palu.quant_group)
-             * 2 for w in widths)
+  return sum(packed_nbytes(w, palu.kv_bits)
+             + 2 * (w // palu.quant_group) * bytes_per_value  # scale + offset
+             for w in widths)
 
 
 def rank_report(cfg: ModelConfig, palu: PaluConfig,

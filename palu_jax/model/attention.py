@@ -45,14 +45,31 @@ def causal_probs(q: Array, k: Array, q_pos: Array) -> Array:
   Returns:
     [B, K, G, T, S] float32 probabilities.
   """
+  return _causal_softmax(_scores(q, k), q_pos, q.shape[-1])
+
+
+def _scores(q: Array, k: Array) -> Array:
+  """q [B, T, N, H], k [B, S, K, H] -> unscaled q·kᵀ [B, K, G, T, S] f32."""
   b, t, n, h = q.shape
   kh = k.shape[2]
-  q = q.reshape(b, t, kh, n // kh, h)
-  scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k,
-                      preferred_element_type=jnp.float32) * (h ** -0.5)
-  visible = jnp.arange(k.shape[1])[None, None, :] <= q_pos[:, :, None]  # [B,T,S]
-  scores = jnp.where(visible[:, None, None], scores, _MASKED)
+  return jnp.einsum("BTKGH,BSKH->BKGTS", q.reshape(b, t, kh, n // kh, h), k,
+                    preferred_element_type=jnp.float32)
+
+
+def _causal_softmax(scores: Array, q_pos: Array, head_dim: int) -> Array:
+  """softmax(scores/√H) [B, K, G, T, S] with key s visible iff s <= q_pos."""
+  visible = jnp.arange(scores.shape[-1])[None, None, :] <= q_pos[:, :, None]
+  scores = jnp.where(visible[:, None, None], scores * (head_dim ** -0.5),
+                     _MASKED)                                   # [B,T,S] mask
   return jax.nn.softmax(scores, axis=-1)
+
+
+def rotated_queries(q_proj, x: Array, cfg: ModelConfig, cos: Array,
+                    sin: Array) -> Array:
+  """x [B, T, D] -> RoPE'd queries [B, T, N, H] (both attention kinds)."""
+  b, t, _ = x.shape
+  return apply_rope(q_proj(x).reshape(b, t, cfg.n_heads, cfg.head_dim),
+                    cos, sin)
 
 
 def _attend_quantized(q, k, v, q_pos, method, bits, group, residual):
@@ -61,18 +78,10 @@ def _attend_quantized(q, k, v, q_pos, method, bits, group, residual):
   from palu_jax.quantize.kv_baselines import quantized_kv
   kq, vq = quantized_kv(k, v, method=method, bits=bits, group=group)
   b, t, n, h = q.shape
-  kh = k.shape[2]
   recent = (q_pos[:, :, None] - jnp.arange(k.shape[1])[None, None, :]
             < residual)                                    # [B, T, S]
-  qg = q.reshape(b, t, kh, n // kh, h)
-  exact = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k,
-                     preferred_element_type=jnp.float32)
-  approx = jnp.einsum("BTKGH,BSKH->BKGTS", qg, kq,
-                      preferred_element_type=jnp.float32)
-  scores = jnp.where(recent[:, None, None], exact, approx) * (h ** -0.5)
-  visible = jnp.arange(k.shape[1])[None, None, :] <= q_pos[:, :, None]
-  scores = jnp.where(visible[:, None, None], scores, _MASKED)
-  probs = jax.nn.softmax(scores, axis=-1)
+  scores = jnp.where(recent[:, None, None], _scores(q, k), _scores(q, kq))
+  probs = _causal_softmax(scores, q_pos, h)
   near = jnp.where(recent[:, None, None], probs, 0.0)
   out = (jnp.einsum("BKGTS,BSKH->BTKGH", near, v.astype(jnp.float32)) +
          jnp.einsum("BKGTS,BSKH->BTKGH", probs - near, vq.astype(jnp.float32)))
@@ -99,7 +108,7 @@ class Attention(nnx.Module):
     """x [B, T, D]; cos/sin [B, T, H]; q_pos [B, T]; start [B] cache offset."""
     b, t, _ = x.shape
     c = self.cfg
-    q = apply_rope(self.q_proj(x).reshape(b, t, c.n_heads, c.head_dim), cos, sin)
+    q = rotated_queries(self.q_proj, x, c, cos, sin)
     k = apply_rope(self.k_proj(x).reshape(b, t, c.n_kv_heads, c.head_dim),
                    cos, sin)
     v = self.v_proj(x).reshape(b, t, c.n_kv_heads, c.head_dim)

@@ -145,9 +145,8 @@ def init_quant_latent_cache(k_widths, v_widths, batch: int, max_len: int, *,
   """An empty packed Palu cache; widths [L] are Σ ranks per layer."""
   from palu_jax.quantize import int_quant
   def side(width):
-    dtype = jnp.uint8 if bits == 4 else jnp.uint32
     return (jnp.zeros((batch, max_len, int_quant.packed_width(width, bits)),
-                      dtype),
+                      int_quant.packed_dtype(bits)),
             jnp.zeros((batch, max_len, width // group), scale_dtype),
             jnp.zeros((batch, max_len, width // group), scale_dtype))
   layers = []

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from palu_jax.config import ModelConfig
-from palu_jax.model.attention import causal_probs
+from palu_jax.model.attention import causal_probs, rotated_queries
 from palu_jax.model.cache import LayerLatent, LayerQuantLatent
 from palu_jax.model.layers import (apply_rope, linear, rope_cos_sin,
                                    rope_inv_freq)
@@ -87,20 +87,16 @@ class LatentAttention(nnx.Module):
     return hk, jnp.einsum("BTD,DR->BTR", x, self.v_down[...])
 
   def _fake_quant(self, h: Array) -> Array:
-    """quantize -> dequantize, exactly as a write to and read from the packed
-    cache (scale dtype: see PaluConfig; bf16 here unless set on the cache)."""
+    """The values a write to and read from the packed cache give back."""
     from palu_jax.quantize import int_quant
     if h.shape[-1] == 0:
       return h
-    q, scale, offset = int_quant.quantize(h, bits=self.kv_bits,
-                                          group=self.quant_group,
-                                          scale_dtype=self.scale_dtype)
-    return int_quant.dequantize(q, scale, offset, group=self.quant_group,
-                                dtype=h.dtype)
+    return int_quant.fake_quantize(h, bits=self.kv_bits, group=self.quant_group,
+                                   scale_dtype=self.scale_dtype)
 
-  def keys(self, hk: Array, group: int) -> Array:
+  def keys(self, hk: Array, group: int, cos: Array, sin: Array) -> Array:
     """Rebuilds group `group`'s rotated keys [B, S, group_size, H] from its
-    latents; row s is rotated for position s."""
+    latents; cos/sin [B, S, H] are the tables of positions 0..S-1."""
     c = self.cfg
     lo, hi = self.k_slices[group]
     k = jnp.einsum("BSR,RC->BSC", hk[..., lo:hi], self.k_up[lo:hi])
@@ -108,10 +104,7 @@ class LatentAttention(nnx.Module):
       width = self.group_size * c.head_dim
       k = k + self.k_bias[group * width:(group + 1) * width]
     b, s, _ = hk.shape
-    k = k.reshape(b, s, self.group_size, c.head_dim)
-    positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    cos, sin = rope_cos_sin(positions, rope_inv_freq(c))
-    return apply_rope(k, cos, sin)
+    return apply_rope(k.reshape(b, s, self.group_size, c.head_dim), cos, sin)
 
   def __call__(self, x: Array, cos: Array, sin: Array, q_pos: Array,
                cache: LayerLatent | None, start: Array
@@ -119,7 +112,7 @@ class LatentAttention(nnx.Module):
     """x [B, T, D]; cos/sin [B, T, H]; q_pos [B, T]; start [B] cache offset."""
     b, t, _ = x.shape
     c = self.cfg
-    q = apply_rope(self.q_proj(x).reshape(b, t, c.n_heads, c.head_dim), cos, sin)
+    q = rotated_queries(self.q_proj, x, c, cos, sin)
     hk, hv = self.latents(x)
     if cache is not None:
       cache = cache.write(hk, hv, start)
@@ -130,10 +123,14 @@ class LatentAttention(nnx.Module):
     if self.shared_kv:
       hv = hk
     heads = self.group_size * c.q_per_kv
+    s = hk.shape[1]
+    key_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    key_cos, key_sin = rope_cos_sin(key_pos, rope_inv_freq(c))  # once per call
     out = jnp.zeros((b, t, c.dim), jnp.float32)
     for g, (lo, hi) in enumerate(self.v_slices):
       probs = causal_probs(q[:, :, g * heads:(g + 1) * heads],
-                           self.keys(hk, g), q_pos)          # [B,K,G,T,S]
+                           self.keys(hk, g, key_cos, key_sin),
+                           q_pos)                            # [B,K,G,T,S]
       mixed = jnp.einsum("BKGTS,BSR->BTKGR", probs.astype(hv.dtype),
                          hv[..., lo:hi], preferred_element_type=jnp.float32)
       mixed = mixed.reshape(b, t, heads, hi - lo).astype(x.dtype)

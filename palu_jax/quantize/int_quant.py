@@ -70,11 +70,29 @@ def dequantize(codes: Array, scale: Array, offset: Array, *, group: int,
   return out.reshape(codes.shape).astype(dtype)
 
 
+def fake_quantize(x: Array, *, bits: int, group: int,
+                  scale_dtype=jnp.bfloat16) -> Array:
+  """quantize -> dequantize in x's dtype: the values a packed cache returns."""
+  q, scale, offset = quantize(x, bits=bits, group=group,
+                              scale_dtype=scale_dtype)
+  return dequantize(q, scale, offset, group=group, dtype=x.dtype)
+
+
+def packed_dtype(bits: int):
+  """Storage element: bytes for 4-bit codes, uint32 words for 3/2-bit."""
+  return jnp.uint8 if bits == 4 else jnp.uint32
+
+
 def packed_width(n: int, bits: int) -> int:
-  """Storage elements per row: bytes for 4-bit, uint32 words for 3/2-bit."""
+  """Storage elements per row of n codes (see `packed_dtype`)."""
   if bits == 4:
     return (n + 1) // 2
   return (n * bits + 31) // 32
+
+
+def packed_nbytes(n: int, bits: int) -> int:
+  """Bytes per row of n packed codes."""
+  return packed_width(n, bits) * jnp.dtype(packed_dtype(bits)).itemsize
 
 
 def pack(codes: Array, bits: int) -> Array:
@@ -86,7 +104,7 @@ def pack(codes: Array, bits: int) -> Array:
   if bits == 4:
     if n % 2:
       c = jnp.concatenate([c, jnp.zeros(c.shape[:-1] + (1,), c.dtype)], -1)
-    return (c[..., 0::2] | (c[..., 1::2] << 4)).astype(jnp.uint8)
+    return (c[..., 0::2] | (c[..., 1::2] << 4)).astype(packed_dtype(bits))
   words = packed_width(n, bits)
   start = jnp.arange(n, dtype=jnp.uint32) * bits         # bit offset of code i
   word, shift = start // 32, start % 32

@@ -24,9 +24,7 @@ from palu_jax.typing import Array
 def _per_token(x: Array, bits: int, group: int) -> Array:
   """x [B, S, K, H]: fake quantization along H per (token, head), in groups
   of min(group, H)."""
-  group = min(group, x.shape[-1])
-  q, s, o = int_quant.quantize(x, bits=bits, group=group)
-  return int_quant.dequantize(q, s, o, group=group, dtype=x.dtype)
+  return int_quant.fake_quantize(x, bits=bits, group=min(group, x.shape[-1]))
 
 
 def _per_channel(x: Array, bits: int, group: int) -> Array:
