@@ -2,9 +2,9 @@
 
 Codes q = round((x − offset) / scale) in 0..2^bits − 1, per group of `group`
 consecutive values along the last axis (per token); scale and offset (the
-group minimum: the asymmetric "zero") are stored in a 16-bit float. Storage is packed: 4-bit codes two to a byte (uint8),
-3- and 2-bit codes densely bit-packed into uint32 words (a code may straddle
-two words), so the arrays' bytes are the true cache size.
+group minimum: the asymmetric "zero") are stored in a 16-bit float. Storage is packed into bytes, bits/8 bytes per code (see `pack`), so the
+arrays' bytes are the true cache size and a kernel decodes a tile with
+shifts, masks and interleaves only.
 """
 
 from __future__ import annotations
@@ -79,15 +79,14 @@ def fake_quantize(x: Array, *, bits: int, group: int,
 
 
 def packed_dtype(bits: int):
-  """Storage element: bytes for 4-bit codes, uint32 words for 3/2-bit."""
-  return jnp.uint8 if bits == 4 else jnp.uint32
+  """Storage element: bytes, for every bit width."""
+  del bits
+  return jnp.uint8
 
 
 def packed_width(n: int, bits: int) -> int:
-  """Storage elements per row of n codes (see `packed_dtype`)."""
-  if bits == 4:
-    return (n + 1) // 2
-  return (n * bits + 31) // 32
+  """Bytes per row of n codes: n is padded to a multiple of 8 codes."""
+  return -(-n // 8) * bits
 
 
 def packed_nbytes(n: int, bits: int) -> int:
@@ -95,43 +94,53 @@ def packed_nbytes(n: int, bits: int) -> int:
   return packed_width(n, bits) * jnp.dtype(packed_dtype(bits)).itemsize
 
 
+def _fields(codes: Array, width: int) -> Array:
+  """codes [..., m] (< 2^width, m a multiple of 8/width) -> bytes
+  [..., m·width/8]; byte i holds codes F·i + f at bits width·f, F = 8/width."""
+  per = 8 // width
+  c = codes.astype(jnp.uint8).reshape(*codes.shape[:-1], -1, per)
+  shifts = (jnp.arange(per, dtype=jnp.uint8) * width)
+  # disjoint bit ranges: the sum is the bitwise or
+  return jnp.sum((c << shifts).astype(jnp.uint32), -1).astype(jnp.uint8)
+
+
+def _unfields(packed: Array, width: int) -> Array:
+  """Inverse of `_fields`: bytes [..., w] -> codes [..., w·8/width]."""
+  per = 8 // width
+  shifts = jnp.arange(per, dtype=jnp.uint8) * width
+  f = (packed[..., None] >> shifts) & jnp.uint8(2 ** width - 1)
+  return f.reshape(*packed.shape[:-1], -1)
+
+
 def pack(codes: Array, bits: int) -> Array:
-  """codes uint8 [..., n] (values < 2^bits) -> packed [..., packed_width]."""
+  """codes uint8 [..., n] (values < 2^bits) -> bytes [..., packed_width].
+
+  Layout (what the decode kernels read):
+    4-bit: byte i holds codes 2i (low nibble) and 2i+1 (high nibble);
+    2-bit: byte i holds codes 4i+f at bits 2f;
+    3-bit: the low two bits as in 2-bit (2·⌈n/8⌉ bytes), then the high bit
+           plane: byte i holds bit 2 of codes 8i+f at bit f (⌈n/8⌉ bytes).
+  """
   n = codes.shape[-1]
   if bits not in BITS:
     raise ConfigError("kv_bits", f"{bits} not in {BITS}")
-  c = codes.astype(jnp.uint32)
-  if bits == 4:
-    if n % 2:
-      c = jnp.concatenate([c, jnp.zeros(c.shape[:-1] + (1,), c.dtype)], -1)
-    return (c[..., 0::2] | (c[..., 1::2] << 4)).astype(packed_dtype(bits))
-  words = packed_width(n, bits)
-  start = jnp.arange(n, dtype=jnp.uint32) * bits         # bit offset of code i
-  word, shift = start // 32, start % 32
-  out = jnp.zeros(c.shape[:-1] + (words,), jnp.uint32)
-  low = c << shift                                       # part in `word`
-  out = out.at[..., word].add(low)  # disjoint bit ranges: add == or
-  spill = (shift + bits) > 32                            # straddles a word
-  high = jnp.where(spill, c >> (32 - shift) % 32, 0)
-  nxt = jnp.minimum(word + 1, words - 1)
-  return out.at[..., nxt].add(jnp.where(spill, high, 0).astype(jnp.uint32))
+  pad = -n % 8
+  c = codes.astype(jnp.uint8)
+  if pad:
+    c = jnp.concatenate([c, jnp.zeros(c.shape[:-1] + (pad,), c.dtype)], -1)
+  if bits == 3:
+    return jnp.concatenate([_fields(c & 3, 2), _fields(c >> 2, 1)], -1)
+  return _fields(c, bits)
 
 
 def unpack(packed: Array, bits: int, n: int) -> Array:
-  """Inverse of `pack`: packed [..., packed_width] -> codes uint8 [..., n]."""
+  """Inverse of `pack`: bytes [..., packed_width] -> codes uint8 [..., n]."""
   if bits not in BITS:
     raise ConfigError("kv_bits", f"{bits} not in {BITS}")
-  if bits == 4:
-    p = packed.astype(jnp.uint8)
-    both = jnp.stack([p & 0xF, p >> 4], axis=-1).reshape(
-        p.shape[:-1] + (2 * p.shape[-1],))
-    return both[..., :n]
-  w = packed.astype(jnp.uint32)
-  start = jnp.arange(n, dtype=jnp.uint32) * bits
-  word, shift = start // 32, start % 32
-  mask = jnp.uint32(2 ** bits - 1)
-  low = w[..., word] >> shift
-  nxt = jnp.minimum(word + 1, w.shape[-1] - 1)
-  spill = (shift + bits) > 32
-  high = jnp.where(spill, w[..., nxt] << ((32 - shift) % 32), 0)
-  return ((low | high) & mask).astype(jnp.uint8)
+  p = packed.astype(jnp.uint8)
+  if bits == 3:
+    low = p.shape[-1] * 2 // 3
+    codes = _unfields(p[..., :low], 2) | (_unfields(p[..., low:], 1) << 2)
+  else:
+    codes = _unfields(p, bits)
+  return codes[..., :n]

@@ -42,11 +42,28 @@ def test_pack_unpack_round_trip(bits, n):
   codes = rng.integers(0, 2 ** bits, (2, 5, n)).astype(np.uint8)
   packed = int_quant.pack(jnp.asarray(codes), bits)
   assert packed.shape[-1] == int_quant.packed_width(n, bits)
-  assert packed.dtype == (jnp.uint8 if bits == 4 else jnp.uint32)
-  assert packed.nbytes == 10 * (((n + 1) // 2) if bits == 4 else
-                                4 * ((n * bits + 31) // 32))
+  assert packed.dtype == jnp.uint8
+  # bits/8 bytes per code, rows padded to 8 codes
+  assert packed.nbytes == 10 * bits * -(-n // 8)
   np.testing.assert_array_equal(np.asarray(int_quant.unpack(packed, bits, n)),
                                 codes)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_packed_layout_bit_by_bit(bits):
+  """The documented byte layout, checked against a loop over single codes."""
+  n = 24
+  codes = np.random.default_rng(bits).integers(0, 2 ** bits, n).astype(np.uint8)
+  packed = np.asarray(int_quant.pack(jnp.asarray(codes), bits))
+  expect = np.zeros(int_quant.packed_width(n, bits), np.uint8)
+  for i, c in enumerate(codes.tolist()):
+    if bits == 4:
+      expect[i // 2] |= c << (4 * (i % 2))
+    else:
+      expect[i // 4] |= (c & 3) << (2 * (i % 4))
+      if bits == 3:
+        expect[2 * n // 8 + i // 8] |= (c >> 2) << (i % 8)
+  np.testing.assert_array_equal(packed, expect)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])

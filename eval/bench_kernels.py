@@ -1,0 +1,311 @@
+"""Decode-attention kernels against full-KV baselines, one layer at a time.
+
+For each model shape (Llama-2-7B: 32 × 128 MHA; Llama-3-8B: 32 q / 8 kv
+heads × 128), batch and context, one decode step of attention is timed for
+  full-KV baselines: plain XLA einsum attention on the model's token-major
+    cache (`full_xla`), `jax.nn.dot_product_attention` with cuDNN
+    (`full_cudnn`) and XLA (`full_dpa_xla`), and JAX's Pallas
+    `decode_attention.mqa` on a head-major cache (`full_pallas`);
+  ours: Palu G-LRD (groups of 4 KV heads) latents at 30 % / 50 %, with RoPE
+    (`paluNN_rope`, keys rebuilt in the kernel) and without
+    (`paluNN_norope`, B_k folded into q), 16-bit and int4/3/2 latents.
+Next to it, in the same run, the HBM read bandwidth (a large reduction) and
+the tensor-core throughput (a large bf16 matmul): each row reports µs, GB/s,
+TFLOP/s, the fraction of whichever roofline binds it, and the speedup over
+the best baseline of its shape.
+
+  python -m eval.bench_kernels [--contexts 4096 16384 65536 131072]
+      [--batches 1 8] [--shapes llama2-7b llama3-8b] [--out DIR] [--tune]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import math
+import os
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eval.bench_decode import _pseudo_random, measure_bandwidth
+from eval.report import markdown_table, write_results
+from pallas_kernels.api import latent_decode_attention
+from pallas_kernels.common import KernelConfig, LatentSpec, QuantLatent
+from pallas_kernels.tuning import choose_config
+
+SHAPES = {"llama2-7b": (32, 32, 128), "llama3-8b": (32, 8, 128)}
+GROUP = 4           # KV heads per latent group (G-LRD)
+DTYPE = jnp.bfloat16
+BASELINES = ("full_xla", "full_dpa_xla", "full_cudnn", "full_pallas")
+
+
+def time_op(fn, *args, iters: int = 20, repeats: int = 5) -> float:
+  """Seconds per call of fn(*args): `iters` calls chained inside one jitted
+  loop (each call's output perturbs the next query, so none is skipped),
+  best of `repeats`."""
+  def chained(q, *rest):
+    def body(_, q):
+      out = fn(q, *rest)
+      return q + (jnp.sum(out[..., :1]) * 0).astype(q.dtype)
+    return jax.lax.fori_loop(0, iters, body, q)
+  run = jax.jit(chained)
+  jax.block_until_ready(run(*args))
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(run(*args))
+    best = min(best, time.perf_counter() - t)
+  return best / iters
+
+
+def measure_matmul_tflops(n: int = 8192, repeats: int = 10) -> float:
+  a = _pseudo_random(jnp.float32(1), shape=(n, n), dtype=DTYPE)
+  f = jax.jit(lambda x: x @ x)
+  jax.block_until_ready(f(a))
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(f(a))
+    best = min(best, time.perf_counter() - t)
+  return 2 * n ** 3 / best / 1e12
+
+
+# ------------------------------------------------------------------ baselines
+
+def _full_xla(q, k, v, lengths):
+  """q [B, N, H]; k, v [B, S, K, H] (token-major, as the model caches)."""
+  b, n, h = q.shape
+  kh = k.shape[2]
+  s = jnp.einsum("BKGH,BSKH->BKGS", q.reshape(b, kh, n // kh, h), k,
+                 preferred_element_type=jnp.float32) / math.sqrt(h)
+  valid = jnp.arange(k.shape[1])[None, None, None, :] < lengths[:, None,
+                                                                None, None]
+  p = jax.nn.softmax(jnp.where(valid, s, -jnp.inf), axis=-1)
+  out = jnp.einsum("BKGS,BSKH->BKGH", p.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  return out.reshape(b, n, h)
+
+
+def _full_dpa(implementation):
+  def f(q, k, v, lengths):
+    out = jax.nn.dot_product_attention(
+        q[:, None], k, v, key_value_seq_lengths=lengths,
+        implementation=implementation)
+    return out[:, 0]
+  return f
+
+
+def _full_pallas(k_splits):
+  from jax.experimental.pallas.ops.gpu import decode_attention as da
+
+  def f(q, k, v, lengths):
+    """k, v head-major [B, K, S, H] (no per-call transpose)."""
+    b, n, h = q.shape
+    kh = k.shape[1]
+    qr = q.reshape(b, kh, n // kh, h)
+    per_head = jax.vmap(functools.partial(da.mqa, k_splits=k_splits),
+                        in_axes=(1, 1, 1, None, None), out_axes=1)
+    out = per_head(qr, k, v, None, lengths)
+    return out.reshape(b, n, h)
+  return f
+
+
+# ---------------------------------------------------------------------- palu
+
+def palu_spec(n_heads, n_kv, head_dim, ratio, bits) -> LatentSpec:
+  rank = int(round((1 - ratio) * GROUP * head_dim / 16)) * 16
+  return LatentSpec(groups=n_kv // GROUP, kv_per_group=GROUP,
+                    q_per_kv=n_heads // n_kv, head_dim=head_dim,
+                    k_rank=rank, v_rank=rank, bits=bits)
+
+
+def _latent_side(spec, batch, ctx, seed):
+  width = spec.groups * spec.k_rank
+  if spec.bits == 16:
+    return _pseudo_random(jnp.float32(seed), shape=(batch, ctx, width),
+                          dtype=DTYPE)
+  nbytes = spec.bits * -(-width // 8)
+  codes = (_pseudo_random(jnp.float32(seed), shape=(batch, ctx, nbytes),
+                          dtype=jnp.float32) * 2550 + 128).astype(jnp.uint8)
+  groups = width // spec.quant_group
+  scale = jnp.full((batch, ctx, groups), 0.01, DTYPE)
+  offset = jnp.full((batch, ctx, groups), -0.05, DTYPE)
+  return QuantLatent(codes, scale, offset)
+
+
+def palu_flops(spec: LatentSpec, batch: int, ctx: int, rope: bool) -> float:
+  per_pos = 2 * spec.n_heads * (spec.head_dim if rope else spec.k_rank)
+  per_pos += 2 * spec.n_heads * spec.v_rank                 # p · h_v
+  if rope:
+    per_pos += 2 * spec.groups * spec.k_rank * spec.kv_per_group * \
+        spec.head_dim                                       # K = h · B_k
+  return float(batch * ctx * per_pos)
+
+
+def run(shapes, batches, contexts, ratios, bits_list, *, tune: bool,
+        save) -> list[dict]:
+  rows: list[dict] = []
+  for shape_name in shapes:
+    n_heads, n_kv, h = SHAPES[shape_name]
+    for batch in batches:
+      for ctx in contexts:
+        shape_rows = []
+        lengths = jnp.full((batch,), ctx, jnp.int32)
+        q = _pseudo_random(jnp.float32(3), shape=(batch, n_heads, h),
+                           dtype=DTYPE)
+        full_bytes = 2 * batch * ctx * n_kv * h * 2
+        full_flops = 4.0 * batch * ctx * n_heads * h
+        # token-major cache for XLA / cuDNN, head-major for the Pallas op
+        k = _pseudo_random(jnp.float32(4), shape=(batch, ctx, n_kv, h),
+                           dtype=DTYPE)
+        v = _pseudo_random(jnp.float32(5), shape=(batch, ctx, n_kv, h),
+                           dtype=DTYPE)
+        for name, fn, args in (
+            ("full_xla", _full_xla, (k, v)),
+            ("full_dpa_xla", _full_dpa("xla"), (k, v)),
+            ("full_cudnn", _full_dpa("cudnn"), (k, v))):
+          shape_rows.append(_measure(name, fn, q, args, lengths, full_bytes,
+                                     full_flops))
+        kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+        del k, v
+        best_pallas = None
+        for splits in (16, 64):
+          r = _measure("full_pallas", _full_pallas(splits), q, (kh, vh),
+                       lengths, full_bytes, full_flops)
+          r["config"] = f"k_splits={splits}"
+          if best_pallas is None or (r["us"] or 1e30) < (best_pallas["us"]
+                                                        or 1e30):
+            best_pallas = r
+        shape_rows.append(best_pallas)
+        del kh, vh
+        for ratio in ratios:
+          for bits in bits_list:
+            spec = palu_spec(n_heads, n_kv, h, ratio, bits)
+            hk = _latent_side(spec, batch, ctx, 6)
+            hv = _latent_side(spec, batch, ctx, 7)
+            k_up = _pseudo_random(jnp.float32(8), shape=(
+                spec.groups * spec.k_rank, GROUP * h), dtype=DTYPE)
+            inv = jnp.asarray(1.0 / 10000 ** (np.arange(0, h, 2) / h),
+                              jnp.float32)
+            nbytes = batch * ctx * spec.latent_bytes_per_token()
+            for rope in (True, False):
+              name = (f"palu{round(ratio * 100)}_{'rope' if rope else 'norope'}"
+                      + ("" if bits == 16 else f"_int{bits}"))
+              configs = [choose_config(spec, batch=batch, cache_len=ctx,
+                                       rope=rope)]
+              if tune:
+                configs += _tune_grid(configs[0])
+              best = None
+              for cfg in configs:
+                fn = functools.partial(
+                    _palu_call, spec=spec, inv=inv if rope else None,
+                    config=cfg)
+                r = _measure(name, fn, q, (hk, hv, k_up), lengths, nbytes,
+                             palu_flops(spec, batch, ctx, rope))
+                r["config"] = _cfg_str(cfg)
+                r["rank"] = spec.k_rank
+                if best is None or (r["us"] or 1e30) < (best["us"] or 1e30):
+                  best = r
+              shape_rows.append(best)
+            del hk, hv
+        for r in shape_rows:
+          r.update(shape=shape_name, batch=batch, kv_heads=n_kv, context=ctx)
+        base = [r["us"] for r in shape_rows
+                if r["variant"] in BASELINES and r["us"]]
+        for r in shape_rows:
+          r["speedup"] = (min(base) / r["us"]) if base and r["us"] else None
+        rows += shape_rows
+        save(rows)
+        for r in shape_rows:
+          print(f"{shape_name} B{batch} {ctx:>6} {r['variant']:<22} "
+                f"{r['us'] or float('nan'):9.1f} us  {r['gbps'] or 0:7.0f} GB/s"
+                f"  {r['tflops'] or 0:6.1f} TF  x{r['speedup'] or 0:.2f} "
+                f"{r.get('config', '')} {r.get('error', '')}", flush=True)
+  return rows
+
+
+def _palu_call(q, hk, hv, k_up, lengths, *, spec, inv, config):
+  return latent_decode_attention(q, hk, hv, k_up, lengths, spec=spec,
+                                 inv_freq=inv, implementation="pallas",
+                                 config=config)
+
+
+def _tune_grid(base: KernelConfig) -> list[KernelConfig]:
+  out = []
+  for bs in (32, 64, 128):
+    for warps in (4, 8):
+      for stages in (2, 3):
+        for mult in (0.5, 1, 2):
+          c = dataclasses.replace(base, block_s=bs, num_warps=warps,
+                                  num_stages=stages,
+                                  splits=max(1, int(base.splits * mult)))
+          if c != base and c not in out:
+            out.append(c)
+  return out
+
+
+def _cfg_str(c: KernelConfig) -> str:
+  return f"bs={c.block_s} P={c.splits} w={c.num_warps} st={c.num_stages}"
+
+
+def _measure(name, fn, q, args, lengths, nbytes, flops) -> dict:
+  row = {"variant": name, "bytes": int(nbytes), "us": None, "gbps": None,
+         "tflops": None}
+  try:
+    sec = time_op(lambda qq, *a: fn(qq, *a, lengths), q, *args)
+  except Exception as e:  # a baseline that cannot run this shape
+    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    return row
+  row.update(us=sec * 1e6, gbps=nbytes / sec / 1e9, tflops=flops / sec / 1e12)
+  return row
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
+  ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+  ap.add_argument("--contexts", nargs="+", type=int,
+                  default=[4096, 16384, 65536, 131072])
+  ap.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5])
+  ap.add_argument("--bits", nargs="+", type=int, default=[16, 4, 3, 2])
+  ap.add_argument("--tune", action="store_true",
+                  help="also sweep block size / warps / stages / splits")
+  ap.add_argument("--name", default="bench_kernels")
+  ap.add_argument("--out", default=os.path.join("eval", "results"))
+  args = ap.parse_args(argv)
+  bw = measure_bandwidth()["read"]
+  peak = measure_matmul_tflops()
+  meta = {"device": str(jax.devices()[0].device_kind),
+          "jax": jax.__version__, "python": platform.python_version(),
+          "hbm_read_gbps": bw / 1e9, "matmul_tflops": peak,
+          "group_size": GROUP, "dtype": "bfloat16"}
+  print(meta, flush=True)
+
+  def save(rows):
+    for r in rows:
+      if r["us"]:
+        r["roofline_frac"] = max(r["gbps"] * 1e9 / bw, r["tflops"] / peak)
+        r["bound"] = "hbm" if r["gbps"] * 1e9 / bw >= r["tflops"] / peak \
+            else "tensor"
+    cols = ["shape", "batch", "context", "variant", "us", "gbps", "tflops",
+            "roofline_frac", "bound", "speedup", "config"]
+    md = (f"# Decode attention kernels ({meta['device']})\n\n"
+          f"HBM read {bw / 1e9:.0f} GB/s and bf16 matmul {peak:.0f} TFLOP/s, "
+          f"measured in this run. Speedup is over the fastest full-KV "
+          f"baseline of the same shape, batch and context.\n\n"
+          + markdown_table(rows, cols))
+    write_results(args.out, args.name, {"meta": meta, "rows": rows}, md)
+
+  run(args.shapes, args.batches, args.contexts, args.ratios, args.bits,
+      tune=args.tune, save=save)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,109 @@
+"""Decode attention over a latent cache without RoPE: B_k folded into q.
+
+Without a position-dependent rotation, q·(h·B_k)ᵀ = (q·B_kᵀ)·hᵀ, so each
+query is projected once into the latent space (q' [R_k] per head) and the
+kernel attends over latents directly, like multi-query attention with a
+head dim of R_k and a value dim of R_v. A key bias adds q·b_k, the same for
+every position, which the softmax cancels.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _flash_decode
+from pallas_kernels.common import (Array, KernelConfig, LatentSpec,
+                                   combine_splits, dequantize_side, dot,
+                                   f32, masked_softmax_mix, next_pow2)
+from pallas_kernels.latent_rope_attention import _sides, _values
+
+_STATIC = ("spec", "config", "interpret")
+
+
+class _AbsorbedScores:
+  """score_fn of the non-RoPE path: query_ops = (q' [B, G, M, R_k],)."""
+
+  def prepare(self, refs, b, g):
+    return (refs[0], b)
+
+  def __call__(self, state, refs, hk, chunks, pos, g):
+    qf, b = state
+    scores = None
+    for (c0, c), h in zip(chunks, hk):
+      s = dot(qf[b, g, :, pl.ds(c0, c)], h, trans_b=True)   # [M, bs]
+      scores = s if scores is None else scores + s
+    return scores
+
+
+def absorbed_queries(q: Array, k_up: Array, spec: LatentSpec, heads: int,
+                     dtype) -> Array:
+  """q [B, N, H] -> q' = q·B_kᵀ/√H [B, G, M, R_k] (M: heads padded)."""
+  g, j, qk, h = spec.groups, spec.kv_per_group, spec.q_per_kv, spec.head_dim
+  batch = q.shape[0]
+  qg = q.reshape(batch, g, j, qk, h)
+  b = k_up.reshape(g, spec.k_rank, j, h)
+  qf = jnp.einsum("BGJQH,GRJH->BGJQR", f32(qg), f32(b)) / math.sqrt(h)
+  qf = qf.reshape(batch, g, j * qk, spec.k_rank)
+  return jnp.pad(qf, [(0, 0), (0, 0), (0, heads - j * qk), (0, 0)]
+                 ).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def absorb_attention(q: Array, hk, hv, k_up: Array, lengths: Array, *,
+                     spec: LatentSpec, inv_freq: Array | None = None,
+                     k_bias: Array | None = None,
+                     config: KernelConfig = KernelConfig(),
+                     interpret: bool = False) -> Array:
+  """Decode attention of one token over a latent cache, keys without RoPE.
+
+  Same arguments and result as `latent_rope_attention`; q is not rotated,
+  inv_freq must be None.
+  """
+  del k_bias  # softmax-invariant, see the module docstring
+  if inv_freq is not None:
+    raise ValueError("absorb_attention has no RoPE; pass inv_freq=None")
+  dtype = q.dtype
+  heads = max(16, next_pow2(spec.heads_per_group))
+  qf = absorbed_queries(q, k_up, spec, heads, dtype)
+  k_side, v_side = _sides(hk, hv, spec)
+  cache_len = (hk.codes if hasattr(hk, "codes") else hk).shape[1]
+  acc, m, l = _flash_decode.flash_decode(
+      _AbsorbedScores(), (qf,), k_side, v_side, lengths, spec=spec,
+      config=config, heads=heads, cache_len=cache_len, dtype=dtype,
+      interpret=interpret)
+  out = combine_splits(acc, m, l)[:, :, :spec.heads_per_group]
+  return out.reshape(q.shape[0], spec.n_heads, spec.v_rank)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def absorb_attention_reference(q: Array, hk, hv, k_up: Array,
+                               lengths: Array, *, spec: LatentSpec,
+                               inv_freq: Array | None = None,
+                               k_bias: Array | None = None,
+                               config: KernelConfig = KernelConfig(),
+                               interpret: bool = False) -> Array:
+  """`absorb_attention` in plain jnp: rebuild every key K = h·B_k (+ b_k)
+  and attend with f32 scores, no rotation."""
+  del config, interpret, inv_freq
+  dtype = q.dtype
+  g, j, h = spec.groups, spec.kv_per_group, spec.head_dim
+  hk_v = dequantize_side(hk, spec, g * spec.k_rank, dtype)
+  batch, s, _ = hk_v.shape
+  # f32 operands: exact products of the 16-bit values, f32 sums (what the
+  # tensor cores do; XLA:CPU has no bf16 x bf16 -> f32 dot)
+  keys = jnp.einsum("BSGR,GRC->BSGC",
+                    f32(hk_v).reshape(batch, s, g, spec.k_rank),
+                    f32(k_up).reshape(g, spec.k_rank, j * h))
+  if k_bias is not None:
+    keys = keys + k_bias.reshape(g, j * h).astype(jnp.float32)
+  keys = keys.reshape(batch, s, g, j, h).astype(dtype)
+  qg = q.reshape(batch, g, j, spec.q_per_kv, h)
+  scores = jnp.einsum("BGJQH,BSGJH->BGJQS", f32(qg), f32(keys)) / math.sqrt(h)
+  scores = scores.reshape(batch, g, spec.heads_per_group, s)
+  out = masked_softmax_mix(scores, lengths, _values(hk_v, hv, spec, dtype))
+  return out.reshape(batch, spec.n_heads, spec.v_rank)

@@ -1,0 +1,226 @@
+"""Shapes, configs and helpers shared by the latent decode kernels.
+
+Notation (as in `palu_jax/typing.py`): B batch, S cache length, G head groups
+(one latent per group), J KV heads per group, Q query heads per KV head,
+N = G·J·Q query heads, H head dim, R latent rank per group.
+
+A latent cache side (keys or values) is either a 16-bit array [B, S, G·R] or
+a `QuantLatent` of packed per-token codes (layout of `palu_jax.quantize.
+int_quant.pack`, re-implemented here so this package imports nothing above
+it) with 16-bit scales and offsets per group of `quant_group` latents.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+class QuantLatent(NamedTuple):
+  """Packed latents of one cache side."""
+  codes: Array   # [B, S, bits·⌈G·R/8⌉] uint8
+  scale: Array   # [B, S, G·R / quant_group] bf16/fp16
+  offset: Array  # [B, S, G·R / quant_group]
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class LatentSpec:
+  """Static description of one layer's latent attention.
+
+  Attributes:
+    groups: G, latent groups (one latent per group of KV heads).
+    kv_per_group: J, KV heads per group (1: M-LRD, all: J-LRD).
+    q_per_kv: Q, query heads per KV head (GQA).
+    head_dim: H.
+    k_rank / v_rank: latent ranks per group (equal with a shared latent).
+    shared: one latent serves keys and values (read once).
+    bits: 16 for a bf16/fp16 cache, else 4/3/2 for packed codes.
+    quant_group: latents per scale/offset pair.
+  """
+  groups: int
+  kv_per_group: int
+  q_per_kv: int
+  head_dim: int
+  k_rank: int
+  v_rank: int
+  shared: bool = False
+  bits: int = 16
+  quant_group: int = 32
+
+  @property
+  def heads_per_group(self) -> int:
+    return self.kv_per_group * self.q_per_kv
+
+  @property
+  def n_heads(self) -> int:
+    return self.groups * self.heads_per_group
+
+  def latent_bytes_per_token(self, scale_bytes: int = 2) -> int:
+    """Cache bytes one token adds to this layer."""
+    widths = [self.groups * self.k_rank]
+    if not self.shared:
+      widths.append(self.groups * self.v_rank)
+    if self.bits == 16:
+      return sum(2 * w for w in widths)
+    return sum(self.bits * -(-w // 8) + 2 * scale_bytes * w // self.quant_group
+               for w in widths)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class KernelConfig:
+  """Launch parameters: cache positions per tile, sequence splits
+  (flash-decoding split-K), Triton warps and pipeline stages."""
+  block_s: int = 64
+  splits: int = 1
+  num_warps: int = 4
+  num_stages: int = 2
+
+
+def f32(x: Array) -> Array:
+  return x.astype(jnp.float32)
+
+
+def next_pow2(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+def pow2_chunks(n: int, unit: int = 16) -> tuple[tuple[int, int], ...]:
+  """(start, size) pieces of [0, n) with power-of-two sizes ≥ unit, largest
+  first (Triton tiles must be powers of two); n must be a multiple of unit."""
+  out, start = [], 0
+  for bit in reversed(range(n.bit_length())):
+    size = 1 << bit
+    if size >= unit and n - start >= size:
+      out.append((start, size))
+      start += size
+  assert start == n, (n, unit)
+  return tuple(out)
+
+
+# ---------------------------------------------------------------- references
+
+def unpack_codes(codes: Array, bits: int, n: int) -> Array:
+  """Packed bytes [..., W] -> codes [..., n] (int32), with plain jnp bit
+  arithmetic on the byte index of each code."""
+  idx = jnp.arange(n)
+  c = codes.astype(jnp.int32)
+  if bits == 4:
+    return (c[..., idx // 2] >> (4 * (idx % 2))) & 15
+  low = (c[..., idx // 4] >> (2 * (idx % 4))) & 3
+  if bits == 2:
+    return low
+  plane = codes.shape[-1] * 2 // 3          # start of the high-bit plane
+  return low | (((c[..., plane + idx // 8] >> (idx % 8)) & 1) << 2)
+
+
+def dequantize_side(side, spec: LatentSpec, width: int, dtype) -> Array:
+  """A cache side as values [B, S, width] in `dtype` (f32 arithmetic)."""
+  if not isinstance(side, QuantLatent):
+    return side.astype(dtype)
+  q = unpack_codes(side.codes, spec.bits, width).astype(jnp.float32)
+  g = spec.quant_group
+  scale = jnp.repeat(side.scale.astype(jnp.float32), g, axis=-1)
+  offset = jnp.repeat(side.offset.astype(jnp.float32), g, axis=-1)
+  return (q * scale + offset).astype(dtype)
+
+
+def masked_softmax_mix(scores: Array, lengths: Array, values: Array) -> Array:
+  """softmax over keys s < lengths[b] of scores [B, G, M, S] (f32), mixing
+  values [B, G, S, R] -> [B, G, M, R] f32; a sequence of length 0 gives 0."""
+  s = scores.shape[-1]
+  valid = jnp.arange(s)[None, None, None, :] < lengths[:, None, None, None]
+  scores = jnp.where(valid, scores, -jnp.inf)
+  top = jnp.max(scores, -1, keepdims=True)
+  top = jnp.where(jnp.isfinite(top), top, 0.0)
+  p = jnp.where(valid, jnp.exp(scores - top), 0.0)
+  denom = jnp.sum(p, -1, keepdims=True)
+  mixed = jnp.einsum("BGMS,BGSR->BGMR", p, values.astype(jnp.float32))
+  return mixed / jnp.where(denom > 0, denom, 1.0)
+
+
+# ------------------------------------------------------------ kernel helpers
+
+def interleave(fields: list) -> Array:
+  """[x_0 .. x_{F-1}] each [M, W] -> [M, W·F] with column F·i + f = x_f[:, i].
+
+  Built from pairwise joins (`stack` on a new last axis) and reshapes, the
+  only interleave the Triton backend lowers.
+  """
+  if len(fields) == 1:
+    return fields[0]
+  even, odd = interleave(fields[0::2]), interleave(fields[1::2])
+  pair = jnp.stack([even, odd], axis=-1)
+  return pair.reshape(pair.shape[0], pair.shape[1] * 2)
+
+
+def _byte_fields(v: Array, width: int) -> list:
+  per = 8 // width
+  mask = 2 ** width - 1
+  return [(v >> (width * f)) & mask for f in range(per)]
+
+
+def load_codes_tile(codes_ref, b, rows, col, size: int, bits: int,
+                    row_width: int) -> Array:
+  """Codes of latents [col, col+size) at `rows` of sequence b -> int32
+  [block, size]; `col` is a multiple of 8, row_width the row's latents."""
+  if bits == 4:
+    v = codes_ref[b, rows, pl_ds(col // 2, size // 2)].astype(jnp.int32)
+    return interleave(_byte_fields(v, 4))
+  v = codes_ref[b, rows, pl_ds(col // 4, size // 4)].astype(jnp.int32)
+  low = interleave(_byte_fields(v, 2))
+  if bits == 2:
+    return low
+  plane = 2 * -(-row_width // 8)
+  hi = codes_ref[b, rows, pl_ds(plane + col // 8, size // 8)].astype(jnp.int32)
+  return low | (interleave(_byte_fields(hi, 1)) << 2)
+
+
+def load_latent_tile(side_refs, b, rows, col, size: int, spec: LatentSpec,
+                     row_width: int, block: int, dtype) -> Array:
+  """Latents [col, col+size) at `rows` of sequence b, dequantized in
+  registers -> [block, size] in `dtype`."""
+  if spec.bits == 16:
+    (h_ref,) = side_refs
+    return h_ref[b, rows, pl_ds(col, size)].astype(dtype)
+  codes_ref, scale_ref, offset_ref = side_refs
+  q = load_codes_tile(codes_ref, b, rows, col, size, spec.bits, row_width)
+  g = spec.quant_group
+  cols = pl_ds(col // g, size // g)
+
+  def expand(ref):  # one value per quant group -> one per latent
+    x = ref[b, rows, cols].astype(jnp.float32)
+    x = jnp.broadcast_to(x[:, :, None], (block, size // g, g))
+    return x.reshape(block, size)
+
+  return (q.astype(jnp.float32) * expand(scale_ref) + expand(offset_ref)
+          ).astype(dtype)
+
+
+def pl_ds(start, size):
+  from jax.experimental import pallas as pl
+  return pl.ds(start, size)
+
+
+def combine_splits(acc: Array, m: Array, l: Array) -> Array:
+  """Merges split-K partials: acc [..., P, M, R] (unnormalized), m/l
+  [..., P, M] (running max and sum) -> [..., M, R] f32."""
+  top = jnp.max(m, axis=-2, keepdims=True)
+  w = jnp.exp(m - top)                                   # [..., P, M]
+  denom = jnp.sum(w * l, axis=-2)                        # [..., M]
+  out = jnp.sum(w[..., None] * acc, axis=-3)
+  return out / jnp.where(denom > 0, denom, 1.0)[..., None]
+
+
+def dot(a: Array, b: Array, trans_b: bool = False) -> Array:
+  """a [M, K] · b [K, N] (or b [N, K] with trans_b) on tensor cores, f32."""
+  dims = (((1,), (1 if trans_b else 0,)), ((), ()))
+  if jax.default_backend() != "gpu":
+    # interpret mode: the CPU runtime has no bf16 x bf16 -> f32 dot; f32
+    # operands give the same products (exact) and the same f32 accumulation
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)

@@ -1,0 +1,185 @@
+"""Decode attention over a Palu latent cache with keys rebuilt under RoPE.
+
+Per cache tile of group g: K_j = h_k·B_k[g, j] for each of the group's KV
+heads j, rotated at the tile's positions, scored against the (already
+rotated) queries, then softmax-weighted latents h_v are summed in the
+latent space (the value up-projection lives in W_o). Keys never leave
+registers.
+
+RoPE is done on the two halves of each head (rotate-half layout): with
+K¹, K² = h·B¹, h·B² the half-columns of B, the rotated halves are
+K¹cos − K²sin and K²cos + K¹sin, so no concatenation is needed in the
+kernel, and scores are q¹·K¹ᵣ + q²·K²ᵣ.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _flash_decode
+from pallas_kernels.common import (Array, KernelConfig, LatentSpec,
+                                   combine_splits, dequantize_side, dot,
+                                   f32, masked_softmax_mix, next_pow2)
+
+_STATIC = ("spec", "config", "interpret")
+
+
+class _RopeScores:
+  """score_fn of the RoPE path (see `_flash_decode`).
+
+  query_ops: q1, q2 [B, G, J, M, Hh] (block-diagonal: row n is zero outside
+  its KV head j), b1, b2 [G, J, R, Hh], bias1, bias2 [G, J, Hh], inv_freq [Hh].
+  """
+
+  def __init__(self, spec: LatentSpec, dtype):
+    self.spec, self.dtype = spec, dtype
+
+  def prepare(self, refs, b, g):
+    q1, q2 = refs[0], refs[1]
+    return ([q1[b, g, j] for j in range(self.spec.kv_per_group)],
+            [q2[b, g, j] for j in range(self.spec.kv_per_group)],
+            refs[6][...])
+
+  def __call__(self, state, refs, hk, chunks, pos, g):
+    q1s, q2s, inv_freq = state
+    _, _, b1, b2, bias1, bias2, _ = refs
+    angle = pos.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    cos, sin = jnp.cos(angle), jnp.sin(angle)                # [bs, Hh]
+    scores = None
+    for j in range(self.spec.kv_per_group):
+      k1 = bias1[g, j, :].astype(jnp.float32)[None, :]
+      k2 = bias2[g, j, :].astype(jnp.float32)[None, :]
+      for (c0, c), h in zip(chunks, hk):
+        k1 = k1 + dot(h, b1[g, j, pl.ds(c0, c), :])
+        k2 = k2 + dot(h, b2[g, j, pl.ds(c0, c), :])
+      r1 = (k1 * cos - k2 * sin).astype(self.dtype)
+      r2 = (k2 * cos + k1 * sin).astype(self.dtype)
+      s = (dot(q1s[j], r1, trans_b=True)
+           + dot(q2s[j], r2, trans_b=True))              # [M, bs]
+      scores = s if scores is None else scores + s
+    return scores
+
+
+def rope_operands(q: Array, k_up: Array, k_bias: Array | None,
+                  inv_freq: Array, spec: LatentSpec, heads: int, dtype):
+  """Rearranges queries and B_k into the kernel's half-column tiles.
+
+  q [B, N, H] (rotated) -> q1, q2 [B, G, J, M, Hh] scaled by 1/√H; k_up
+  [G·R, J·H] -> b1, b2 [G, J, R, Hh]; biases [G, J, Hh]; inv_freq [Hh].
+  Hh = H/2 padded to a power of two ≥ 16 with zero columns; M = query heads
+  of a group padded to `heads` rows with zeros.
+  """
+  g, j, qk, h = spec.groups, spec.kv_per_group, spec.q_per_kv, spec.head_dim
+  half = h // 2
+  hh = max(16, next_pow2(half))
+  batch = q.shape[0]
+  pad_cols = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, hh - half)])
+  qg = q.reshape(batch, g, j, qk, h).astype(jnp.float32) / math.sqrt(h)
+  eye = jnp.eye(j, dtype=jnp.float32)
+  # row (j', n) of KV head j's tile is q_n if j' == j else 0
+  blockdiag = jnp.einsum("BGiqH,ij->BGjiqH", qg, eye).reshape(
+      batch, g, j, j * qk, h)
+  blockdiag = jnp.pad(blockdiag, [(0, 0)] * 3 + [(0, heads - j * qk), (0, 0)])
+  q1 = pad_cols(blockdiag[..., :half]).astype(dtype)
+  q2 = pad_cols(blockdiag[..., half:]).astype(dtype)
+  b = k_up.reshape(g, spec.k_rank, j, h).transpose(0, 2, 1, 3)
+  b1 = pad_cols(b[..., :half]).astype(dtype)
+  b2 = pad_cols(b[..., half:]).astype(dtype)
+  if k_bias is None:
+    k_bias = jnp.zeros((g * j * h,), jnp.float32)
+  kb = k_bias.reshape(g, j, h).astype(jnp.float32)
+  inv = pad_cols(jnp.asarray(inv_freq, jnp.float32))
+  return (q1, q2, b1, b2, pad_cols(kb[..., :half]), pad_cols(kb[..., half:]),
+          inv)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def latent_rope_attention(q: Array, hk, hv, k_up: Array, lengths: Array, *,
+                          spec: LatentSpec, inv_freq: Array,
+                          k_bias: Array | None = None,
+                          config: KernelConfig = KernelConfig(),
+                          interpret: bool = False) -> Array:
+  """Decode attention of one new token over a latent cache, RoPE keys.
+
+  Args:
+    q: [B, N, H] rotated queries of the new token (bf16 or fp16).
+    hk: key latents [B, S, G·R_k] or a `QuantLatent`.
+    hv: value latents (same kinds, [.., G·R_v]); None with `spec.shared`.
+    k_up: [G·R_k, J·H] key up-projection (rows of group g: g·R_k..).
+    lengths: [B] valid cache rows per sequence (row s holds position s).
+    spec: shapes, see `LatentSpec`; inv_freq [H/2] RoPE frequencies.
+    k_bias: [G·J·H] key bias added after the up-projection, or None.
+
+  Returns:
+    [B, N, R_v] float32: per query head, softmax(q·Kᵀ/√H)·h_v.
+  """
+  dtype = q.dtype
+  heads = max(16, next_pow2(spec.heads_per_group))
+  ops = rope_operands(q, k_up, k_bias, inv_freq, spec, heads, dtype)
+  k_side, v_side = _sides(hk, hv, spec)
+  cache_len = (hk.codes if hasattr(hk, "codes") else hk).shape[1]
+  acc, m, l = _flash_decode.flash_decode(
+      _RopeScores(spec, dtype), ops, k_side, v_side, lengths, spec=spec,
+      config=config, heads=heads, cache_len=cache_len, dtype=dtype,
+      interpret=interpret)
+  out = combine_splits(acc, m, l)[:, :, :spec.heads_per_group]
+  return out.reshape(q.shape[0], spec.n_heads, spec.v_rank)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def latent_rope_attention_reference(q: Array, hk, hv, k_up: Array,
+                                    lengths: Array, *, spec: LatentSpec,
+                                    inv_freq: Array,
+                                    k_bias: Array | None = None,
+                                    config: KernelConfig = KernelConfig(),
+                                    interpret: bool = False) -> Array:
+  """`latent_rope_attention` in plain jnp: rebuild every key, rotate, attend
+  (scores and softmax in f32)."""
+  del config, interpret
+  dtype = q.dtype
+  g, j, h = spec.groups, spec.kv_per_group, spec.head_dim
+  hk_v = dequantize_side(hk, spec, g * spec.k_rank, dtype)
+  batch, s, _ = hk_v.shape
+  # f32 operands: exact products of the 16-bit values, f32 sums (what the
+  # tensor cores do; XLA:CPU has no bf16 x bf16 -> f32 dot)
+  keys = jnp.einsum("BSGR,GRC->BSGC",
+                    f32(hk_v).reshape(batch, s, g, spec.k_rank),
+                    f32(k_up).reshape(g, spec.k_rank, j * h))
+  if k_bias is not None:
+    keys = keys + k_bias.reshape(g, j * h).astype(jnp.float32)
+  keys = keys.reshape(batch, s, g, j, h)
+  angle = jnp.arange(s, dtype=jnp.float32)[:, None] * jnp.asarray(
+      inv_freq, jnp.float32)[None, :]
+  cos = jnp.concatenate([jnp.cos(angle)] * 2, -1)[None, :, None, None, :]
+  sin = jnp.concatenate([jnp.sin(angle)] * 2, -1)[None, :, None, None, :]
+  rotated = jnp.concatenate([-keys[..., h // 2:], keys[..., :h // 2]], -1)
+  keys = (keys * cos + rotated * sin).astype(dtype)
+  qg = q.reshape(batch, g, j, spec.q_per_kv, h)
+  scores = jnp.einsum("BGJQH,BSGJH->BGJQS", f32(qg), f32(keys)) / math.sqrt(h)
+  scores = scores.reshape(batch, g, spec.heads_per_group, s)
+  values = _values(hk_v, hv, spec, dtype)
+  out = masked_softmax_mix(scores, lengths, values)
+  return out.reshape(batch, spec.n_heads, spec.v_rank)
+
+
+def _values(hk_v: Array, hv, spec: LatentSpec, dtype) -> Array:
+  """Value latents [B, G, S, R_v] (the key latents with a shared latent)."""
+  if spec.shared:
+    v = hk_v
+  else:
+    v = dequantize_side(hv, spec, spec.groups * spec.v_rank, dtype)
+  batch, s, _ = v.shape
+  return v.reshape(batch, s, spec.groups, spec.v_rank).transpose(0, 2, 1, 3)
+
+
+def _sides(hk, hv, spec: LatentSpec) -> tuple[tuple, tuple]:
+  """Cache arrays of each side as the kernel takes them."""
+  as_tuple = lambda x: tuple(x) if hasattr(x, "codes") else (x,)
+  if spec.shared:
+    return as_tuple(hk), ()
+  return as_tuple(hk), as_tuple(hv)
