@@ -240,13 +240,11 @@ def _tune_grid(base: KernelConfig) -> list[KernelConfig]:
   out = []
   for bs in (32, 64, 128):
     for warps in (4, 8):
-      for stages in (2, 3):
-        for mult in (0.5, 1, 2):
-          c = dataclasses.replace(base, block_s=bs, num_warps=warps,
-                                  num_stages=stages,
-                                  splits=max(1, int(base.splits * mult)))
-          if c != base and c not in out:
-            out.append(c)
+      for stages in (1, 2):
+        c = dataclasses.replace(base, block_s=bs, num_warps=warps,
+                                num_stages=stages)
+        if c != base and c not in out:
+          out.append(c)
   return out
 
 

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common import (KernelConfig, LatentSpec, dot, load_latent_tile,
-                                   pow2_chunks)
+from pallas_kernels.common import (KernelConfig, LatentSpec, dot,
+                                   load_latent_pieces, piece_layout)
 
 _FLOOR = -1e30  # finite "minus infinity": masked rows never produce NaN
 
@@ -37,18 +37,19 @@ def _kernel(lengths_ref, *refs, spec: LatentSpec, config: KernelConfig,
   length = lengths_ref[b]
   start = p * span
   n_blocks = jnp.clip(pl.cdiv(length - start, bs), 0, span // bs)
-  k_chunks = pow2_chunks(spec.k_rank, _unit(spec))
-  v_chunks = pow2_chunks(spec.v_rank, _unit(spec))
+  k_layout = piece_layout(spec, spec.k_rank)
+  v_layout = piece_layout(spec, spec.v_rank)
+  k_rows = [pl.ds(c0, n, stride) for c0, n, stride in k_layout]
   state = score_fn.prepare(query_refs, b, g)  # loop-invariant operands
 
   def body(i, carry):
     m, l, accs = carry
     s0 = start + i * bs
     rows = pl.ds(s0, bs)
-    hk = [load_latent_tile(k_refs, b, rows, g * spec.k_rank + c0, c, spec,
-                           k_width, bs, dtype) for c0, c in k_chunks]
+    hk = load_latent_pieces(k_refs, b, rows, g * spec.k_rank, spec.k_rank,
+                            spec, k_width, bs, dtype)
     pos = s0 + jnp.arange(bs, dtype=jnp.int32)
-    s = score_fn(state, query_refs, hk, k_chunks, pos, g)    # [M, bs] f32
+    s = score_fn(state, query_refs, list(zip(hk, k_rows)), pos, g)  # [M, bs]
     s = jnp.where((pos < length)[None, :], s, _FLOOR)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     corr = jnp.exp(m - m_new)          # rescales what was accumulated so far
@@ -57,26 +58,20 @@ def _kernel(lengths_ref, *refs, spec: LatentSpec, config: KernelConfig,
     if spec.shared:
       hv = hk                          # one latent read serves both
     else:
-      hv = [load_latent_tile(v_refs, b, rows, g * spec.v_rank + c0, c, spec,
-                             v_width, bs, dtype) for c0, c in v_chunks]
+      hv = load_latent_pieces(v_refs, b, rows, g * spec.v_rank, spec.v_rank,
+                              spec, v_width, bs, dtype)
     pd = prob.astype(dtype)
-    accs = tuple(corr[:, None] * a + dot(pd, h)
-                 for a, h in zip(accs, hv))
+    accs = tuple(corr[:, None] * a + dot(pd, h) for a, h in zip(accs, hv))
     return m_new, l, accs
 
   m0 = jnp.full((heads,), _FLOOR, jnp.float32)
   l0 = jnp.zeros((heads,), jnp.float32)
-  acc0 = tuple(jnp.zeros((heads, c), jnp.float32) for _, c in v_chunks)
+  acc0 = tuple(jnp.zeros((heads, n), jnp.float32) for _, n, _ in v_layout)
   m, l, accs = jax.lax.fori_loop(0, n_blocks, body, (m0, l0, acc0))
-  for (c0, c), a in zip(v_chunks, accs):
-    acc_ref[b, g, p, :, pl.ds(c0, c)] = a
+  for (c0, n, stride), a in zip(v_layout, accs):
+    acc_ref[b, g, p, :, pl.ds(c0, n, stride)] = a
   m_ref[b, g, p, :] = m
   l_ref[b, g, p, :] = l
-
-
-def _unit(spec: LatentSpec) -> int:
-  """Smallest latent chunk: a quant group must not straddle two chunks."""
-  return 16 if spec.bits == 16 else max(16, spec.quant_group)
 
 
 def flash_decode(score_fn, query_ops: tuple, k_side: tuple, v_side: tuple,

@@ -29,13 +29,13 @@ class _AbsorbedScores:
   """score_fn of the non-RoPE path: query_ops = (q' [B, G, M, R_k],)."""
 
   def prepare(self, refs, b, g):
-    return (refs[0], b)
+    return b
 
-  def __call__(self, state, refs, hk, chunks, pos, g):
-    qf, b = state
+  def __call__(self, b, refs, pieces, pos, g):
+    (qf,) = refs
     scores = None
-    for (c0, c), h in zip(chunks, hk):
-      s = dot(qf[b, g, :, pl.ds(c0, c)], h, trans_b=True)   # [M, bs]
+    for h, rows in pieces:
+      s = dot(qf[b, g, :, rows], h, trans_b=True)                # [M, bs]
       scores = s if scores is None else scores + s
     return scores
 

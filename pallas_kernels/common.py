@@ -158,52 +158,76 @@ def interleave(fields: list) -> Array:
   return pair.reshape(pair.shape[0], pair.shape[1] * 2)
 
 
-def _byte_fields(v: Array, width: int) -> list:
-  per = 8 // width
-  mask = 2 ** width - 1
-  return [(v >> (width * f)) & mask for f in range(per)]
+def fields_per_byte(bits: int) -> int:
+  """Codes per byte of the packed layout (3-bit: its 2-bit low plane)."""
+  return {16: 1, 4: 2, 3: 4, 2: 4}[bits]
 
 
-def load_codes_tile(codes_ref, b, rows, col, size: int, bits: int,
-                    row_width: int) -> Array:
-  """Codes of latents [col, col+size) at `rows` of sequence b -> int32
-  [block, size]; `col` is a multiple of 8, row_width the row's latents."""
-  if bits == 4:
-    v = codes_ref[b, rows, pl_ds(col // 2, size // 2)].astype(jnp.int32)
-    return interleave(_byte_fields(v, 4))
-  v = codes_ref[b, rows, pl_ds(col // 4, size // 4)].astype(jnp.int32)
-  low = interleave(_byte_fields(v, 2))
-  if bits == 2:
-    return low
-  plane = 2 * -(-row_width // 8)
-  hi = codes_ref[b, rows, pl_ds(plane + col // 8, size // 8)].astype(jnp.int32)
-  return low | (interleave(_byte_fields(hi, 1)) << 2)
+def piece_layout(spec: LatentSpec, rank: int) -> tuple[tuple[int, int, int],
+                                                       ...]:
+  """How the kernel splits a group's `rank` latents into register tiles:
+  (start, size, stride) per piece, latents start + stride·i, i < size.
+
+  16-bit latents come in power-of-two chunks. Packed codes come as byte
+  fields: the f-th field of a chunk's bytes holds latents c0 + F·i + f, so
+  each field is decoded with one shift and mask and used as it is (the
+  matching rows of B_k, columns of q' and of the output are read strided),
+  with no interleaving in registers.
+  """
+  unit = 16 if spec.bits == 16 else max(16, spec.quant_group)
+  per = fields_per_byte(spec.bits)
+  return tuple((c0 + f, c // per, per) for c0, c in pow2_chunks(rank, unit)
+               for f in range(per))
 
 
-def load_latent_tile(side_refs, b, rows, col, size: int, spec: LatentSpec,
-                     row_width: int, block: int, dtype) -> Array:
-  """Latents [col, col+size) at `rows` of sequence b, dequantized in
-  registers -> [block, size] in `dtype`."""
+def load_latent_pieces(side_refs, b, rows, group_col, rank: int,
+                       spec: LatentSpec, row_width: int, block: int, dtype
+                       ) -> list:
+  """The latents of one group (columns group_col.. of the cache row) at
+  `rows` of sequence b, dequantized in registers: one [block, size] tile
+  per piece of `piece_layout(spec, rank)`, in that order."""
+  pieces = piece_layout(spec, rank)
   if spec.bits == 16:
     (h_ref,) = side_refs
-    return h_ref[b, rows, pl_ds(col, size)].astype(dtype)
+    return [h_ref[b, rows, pl_ds(group_col + c0, size)].astype(dtype)
+            for c0, size, _ in pieces]
   codes_ref, scale_ref, offset_ref = side_refs
-  q = load_codes_tile(codes_ref, b, rows, col, size, spec.bits, row_width)
+  per = fields_per_byte(spec.bits)
+  width = 2 if spec.bits == 3 else spec.bits
   g = spec.quant_group
-  cols = pl_ds(col // g, size // g)
+  out = []
+  for k in range(0, len(pieces), per):
+    c0, size = pieces[k][0], pieces[k][1] * per           # the chunk
+    col = group_col + c0
+    v = codes_ref[b, rows, pl_ds(col // per, size // per)].astype(jnp.int32)
+    fields = [(v >> (width * f)) & (2 ** width - 1) for f in range(per)]
+    if spec.bits == 3:
+      plane = 2 * -(-row_width // 8)
+      hi = codes_ref[b, rows, pl_ds(plane + col // 8, size // 8)].astype(
+          jnp.int32)
+      hi = interleave([hi, hi])                 # column i: byte i // 2
+      # a traced iota: a constant array would become a kernel-body constant
+      odd = jax.lax.broadcasted_iota(jnp.int32, (1, size // 4), 1) % 2 * 4
+      fields = [lo | (((hi >> (odd + f)) & 1) << 2)
+                for f, lo in enumerate(fields)]
+    n = size // per                        # latents per field
+    groups = size // g
+    scale = scale_ref[b, rows, pl_ds(col // g, groups)].astype(jnp.float32)
+    offset = offset_ref[b, rows, pl_ds(col // g, groups)].astype(jnp.float32)
+    if groups > 1:  # field column i is latent c0 + per·i + f: group i·per/g
+      rep = n // groups
+      scale = jnp.broadcast_to(scale[:, :, None], (block, groups, rep)
+                               ).reshape(block, n)
+      offset = jnp.broadcast_to(offset[:, :, None], (block, groups, rep)
+                                ).reshape(block, n)
+    out += [(q.astype(jnp.float32) * scale + offset).astype(dtype)
+            for q in fields]
+  return out
 
-  def expand(ref):  # one value per quant group -> one per latent
-    x = ref[b, rows, cols].astype(jnp.float32)
-    x = jnp.broadcast_to(x[:, :, None], (block, size // g, g))
-    return x.reshape(block, size)
 
-  return (q.astype(jnp.float32) * expand(scale_ref) + expand(offset_ref)
-          ).astype(dtype)
-
-
-def pl_ds(start, size):
+def pl_ds(start, size, stride: int = 1):
   from jax.experimental import pallas as pl
-  return pl.ds(start, size)
+  return pl.ds(start, size, stride)
 
 
 def combine_splits(acc: Array, m: Array, l: Array) -> Array:

@@ -40,29 +40,34 @@ class _RopeScores:
     self.spec, self.dtype = spec, dtype
 
   def prepare(self, refs, b, g):
-    q1, q2 = refs[0], refs[1]
-    return ([q1[b, g, j] for j in range(self.spec.kv_per_group)],
-            [q2[b, g, j] for j in range(self.spec.kv_per_group)],
-            refs[6][...])
+    return b, refs[6][...]
 
-  def __call__(self, state, refs, hk, chunks, pos, g):
-    q1s, q2s, inv_freq = state
-    _, _, b1, b2, bias1, bias2, _ = refs
+  def __call__(self, state, refs, pieces, pos, g):
+    b, inv_freq = state
+    q1, q2, b1, b2, bias1, bias2, _ = refs
     angle = pos.astype(jnp.float32)[:, None] * inv_freq[None, :]
     cos, sin = jnp.cos(angle), jnp.sin(angle)                # [bs, Hh]
-    scores = None
-    for j in range(self.spec.kv_per_group):
+
+    def head(j, scores):
+      # one KV head at a time (a loop, not unrolled): only its slice of B
+      # is live, which keeps the tiles within shared memory
       k1 = bias1[g, j, :].astype(jnp.float32)[None, :]
       k2 = bias2[g, j, :].astype(jnp.float32)[None, :]
-      for (c0, c), h in zip(chunks, hk):
-        k1 = k1 + dot(h, b1[g, j, pl.ds(c0, c), :])
-        k2 = k2 + dot(h, b2[g, j, pl.ds(c0, c), :])
+      for h, rows in pieces:
+        k1 = k1 + dot(h, b1[g, j, rows, :])
+        k2 = k2 + dot(h, b2[g, j, rows, :])
       r1 = (k1 * cos - k2 * sin).astype(self.dtype)
       r2 = (k2 * cos + k1 * sin).astype(self.dtype)
-      s = (dot(q1s[j], r1, trans_b=True)
-           + dot(q2s[j], r2, trans_b=True))              # [M, bs]
-      scores = s if scores is None else scores + s
-    return scores
+      return scores + (dot(q1[b, g, j], r1, trans_b=True)
+                       + dot(q2[b, g, j], r2, trans_b=True))  # [M, bs]
+
+    m = q1.shape[3]
+    zero = jnp.zeros((m, pos.shape[0]), jnp.float32)
+    if self.spec.kv_per_group == 1:
+      # a traced zero: strided ref indexing rejects a Python int index in
+      # interpret mode, and jnp.int32(0) would be a kernel-body constant
+      return head(g * 0, zero)
+    return jax.lax.fori_loop(0, self.spec.kv_per_group, head, zero)
 
 
 def rope_operands(q: Array, k_up: Array, k_bias: Array | None,

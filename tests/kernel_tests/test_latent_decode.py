@@ -17,7 +17,7 @@ from pallas_kernels import api
 from pallas_kernels.absorb_attention import (absorb_attention,
                                              absorb_attention_reference)
 from pallas_kernels.common import (KernelConfig, LatentSpec, QuantLatent,
-                                   pow2_chunks, unpack_codes)
+                                   piece_layout, pow2_chunks, unpack_codes)
 from pallas_kernels.latent_rope_attention import (
     latent_rope_attention, latent_rope_attention_reference)
 from palu_jax.quantize import int_quant
@@ -163,6 +163,10 @@ def test_kernel_unpack_equals_int_quant(bits):
 def test_pow2_chunks():
   assert pow2_chunks(80) == ((0, 64), (64, 16))
   assert pow2_chunks(96, 32) == ((0, 64), (64, 32))
+  spec = LatentSpec(groups=1, kv_per_group=1, q_per_kv=1, head_dim=16,
+                    k_rank=96, v_rank=96, bits=4)
+  assert piece_layout(spec, 96) == ((0, 32, 2), (1, 32, 2), (64, 16, 2),
+                                    (65, 16, 2))
   assert pow2_chunks(256) == ((0, 256),)
 
 
