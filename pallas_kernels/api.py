@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import absorb_attention as _absorb
 from pallas_kernels import latent_rope_attention as _rope
-from pallas_kernels.common import Array, KernelConfig, LatentSpec
+from pallas_kernels.common import Array, KernelConfig, LatentSpec, rank_unit
 from pallas_kernels.tuning import choose_config
 
 log = logging.getLogger(__name__)
@@ -34,15 +34,14 @@ def unsupported_reason(spec: LatentSpec, q: Array, cache_len: int
   h = spec.head_dim
   if h % 16 or h > 256:
     return f"head_dim {h} (needs a multiple of 16 up to 256)"
+  if spec.bits != 16 and spec.quant_group & (spec.quant_group - 1):
+    return f"quant_group {spec.quant_group} (needs a power of two)"
+  unit = rank_unit(spec)
   for name in ("k_rank", "v_rank"):
     r = getattr(spec, name)
-    if r % 16 or r == 0:
-      return f"{name} {r} (needs a positive multiple of 16)"
-  if spec.bits != 16:
-    g = spec.quant_group
-    if g & (g - 1) or spec.k_rank % g or spec.v_rank % g:
-      return (f"quant_group {g} (needs a power of two dividing the ranks "
-              f"{spec.k_rank}/{spec.v_rank})")
+    if r % unit or r == 0:
+      return (f"{name} {r} (needs a positive multiple of {unit} at "
+              f"{spec.bits} bits)")
   if cache_len % 16:
     return f"cache length {cache_len} (needs a multiple of 16)"
   return None

@@ -174,10 +174,17 @@ def piece_layout(spec: LatentSpec, rank: int) -> tuple[tuple[int, int, int],
   matching rows of B_k, columns of q' and of the output are read strided),
   with no interleaving in registers.
   """
-  unit = 16 if spec.bits == 16 else max(16, spec.quant_group)
   per = fields_per_byte(spec.bits)
-  return tuple((c0 + f, c // per, per) for c0, c in pow2_chunks(rank, unit)
+  return tuple((c0 + f, c // per, per) for c0, c in pow2_chunks(rank, rank_unit(spec))
                for f in range(per))
+
+
+def rank_unit(spec: LatentSpec) -> int:
+  """Ranks must be multiples of this: pieces are ≥ 16 wide (the smallest
+  tensor-core dot) and quant groups never straddle two chunks."""
+  if spec.bits == 16:
+    return 16
+  return max(16 * fields_per_byte(spec.bits), spec.quant_group)
 
 
 def load_latent_pieces(side_refs, b, rows, group_col, rank: int,

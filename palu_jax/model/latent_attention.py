@@ -44,8 +44,14 @@ def rank_slices(ranks: Sequence[int]) -> tuple[tuple[int, int], ...]:
 
 
 class LatentAttention(nnx.Module):
-  """GQA attention over a Palu latent cache (pure jnp; kernels replace it on
-  GPU in pallas_kernels)."""
+  """GQA attention over a Palu latent cache.
+
+  Decoding one token per sequence goes through `pallas_kernels.api` (the
+  Pallas kernel on a GPU, its jnp reference elsewhere; `implementation`
+  forces one); everything else (prefill, chunks) is the jnp path below.
+  """
+
+  implementation: str | None = None  # "pallas" | "xla" | None (automatic)
 
   def __init__(self, cfg: ModelConfig, *, group_size: int,
                k_ranks: Sequence[int], v_ranks: Sequence[int], dtype,
@@ -106,6 +112,54 @@ class LatentAttention(nnx.Module):
     b, s, _ = hk.shape
     return apply_rope(k.reshape(b, s, self.group_size, c.head_dim), cos, sin)
 
+  def kernel_spec(self):
+    """The layer as a `pallas_kernels.common.LatentSpec`, or None when its
+    groups have unequal ranks (the kernel takes one rank per side)."""
+    from pallas_kernels.common import LatentSpec
+    ks = {hi - lo for lo, hi in self.k_slices}
+    vs = {hi - lo for lo, hi in self.v_slices}
+    if len(ks) != 1 or len(vs) != 1:
+      return None
+    c = self.cfg
+    return LatentSpec(groups=len(self.k_slices), kv_per_group=self.group_size,
+                      q_per_kv=c.q_per_kv, head_dim=c.head_dim,
+                      k_rank=ks.pop(), v_rank=vs.pop(), shared=self.shared_kv,
+                      bits=self.kv_bits, quant_group=self.quant_group)
+
+  def uses_kernel(self) -> bool:
+    """Whether one-token decode goes through `pallas_kernels.api`."""
+    import jax
+    impl = self.implementation
+    if impl is None:
+      impl = "pallas" if jax.default_backend() == "gpu" else "xla"
+    return impl == "pallas" and self.kernel_spec() is not None
+
+  def _decode_kernel(self, q: Array, cache, start: Array, dtype) -> Array:
+    """One new token per sequence: q [B, 1, N, H] rotated -> [B, 1, D]."""
+    from pallas_kernels.api import latent_decode_attention
+    from pallas_kernels.common import QuantLatent
+    spec = self.kernel_spec()
+    if isinstance(cache, LayerQuantLatent):
+      hk = QuantLatent(cache.k_codes, cache.k_scale, cache.k_offset)
+      hv = None if self.shared_kv else QuantLatent(
+          cache.v_codes, cache.v_scale, cache.v_offset)
+    else:
+      hk, hv = cache.hk, (None if self.shared_kv else cache.hv)
+    b = q.shape[0]
+    mixed = latent_decode_attention(
+        q[:, 0], hk, hv, self.k_up[...], start + 1, spec=spec,
+        inv_freq=jnp.asarray(rope_inv_freq(self.cfg)),
+        k_bias=None if self.k_bias is None else self.k_bias[...],
+        implementation=self.implementation)           # [B, N, R_v] f32
+    mixed = mixed.reshape(b, spec.groups, spec.heads_per_group, spec.v_rank)
+    o = self.o_latent[...].reshape(spec.groups, spec.v_rank,
+                                   spec.heads_per_group, self.cfg.dim)
+    out = jnp.einsum("BGNR,GRND->BD", mixed.astype(dtype), o,
+                     preferred_element_type=jnp.float32)
+    if self.o_bias is not None:
+      out = out + self.o_bias[...].astype(jnp.float32)
+    return out[:, None].astype(dtype)
+
   def __call__(self, x: Array, cos: Array, sin: Array, q_pos: Array,
                cache: LayerLatent | None, start: Array
                ) -> tuple[Array, LayerLatent | None]:
@@ -120,6 +174,8 @@ class LatentAttention(nnx.Module):
                 else (cache.hk, cache.hv))
     elif self.kv_bits < 16:  # no cache: the same values a packed cache holds
       hk, hv = self._fake_quant(hk), self._fake_quant(hv)
+    if t == 1 and cache is not None and self.uses_kernel():
+      return self._decode_kernel(q, cache, start, x.dtype), cache
     if self.shared_kv:
       hv = hk
     heads = self.group_size * c.q_per_kv

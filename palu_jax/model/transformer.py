@@ -76,9 +76,20 @@ class Transformer(nnx.Module):
                     linear(cfg.dim, cfg.vocab_size, bias=False, dtype=dtype,
                            rngs=rngs))
 
+  def set_attention_implementation(self, implementation: str | None) -> None:
+    """"pallas", "xla" or None (automatic) for every latent layer's decode
+    attention (see `pallas_kernels.api`)."""
+    for layer in self.layers:
+      if isinstance(layer.attn, LatentAttention):
+        layer.attn.implementation = implementation
+
   def init_cache(self, batch: int, max_len: int) -> Cache:
-    """An empty cache for `batch` sequences of up to `max_len` tokens."""
+    """An empty cache for `batch` sequences of up to `max_len` tokens
+    (a latent cache read by the kernels is rounded up to a multiple of 64
+    rows, the kernels' tile)."""
     c, p = self.cfg, self.palu
+    if p is not None and self.layers[0].attn.uses_kernel():
+      max_len = -(-max_len // 64) * 64
     if p is not None and p.kv_bits < 16:
       return init_quant_latent_cache(
           [sum(r) for r in p.k_ranks],

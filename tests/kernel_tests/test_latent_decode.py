@@ -17,7 +17,8 @@ from pallas_kernels import api
 from pallas_kernels.absorb_attention import (absorb_attention,
                                              absorb_attention_reference)
 from pallas_kernels.common import (KernelConfig, LatentSpec, QuantLatent,
-                                   piece_layout, pow2_chunks, unpack_codes)
+                                   piece_layout, pow2_chunks, rank_unit,
+                                   unpack_codes)
 from pallas_kernels.latent_rope_attention import (
     latent_rope_attention, latent_rope_attention_reference)
 from palu_jax.quantize import int_quant
@@ -86,10 +87,10 @@ GRID = [
     (1, 2, 1, 128, 80, 80, True, 16, 1, 64, [33]),
     (2, 2, 2, 32, 64, 64, False, 4, 2, 64, [64, 9]),
     (1, 2, 2, 32, 96, 96, True, 4, 2, 64, [40, 1]),        # 64 + 32 chunks
-    (2, 2, 1, 32, 64, 32, False, 3, 2, 48, [48, 20]),
+    (2, 2, 1, 32, 64, 64, False, 3, 2, 48, [48, 20]),
     (1, 1, 2, 64, 64, 64, True, 3, 1, 32, [31]),
     (2, 2, 2, 32, 64, 64, False, 2, 2, 64, [3, 64]),
-    (1, 4, 1, 16, 32, 32, True, 2, 3, 32, [32, 16, 5]),
+    (1, 4, 1, 16, 64, 64, True, 2, 3, 32, [32, 16, 5]),
 ]
 
 
@@ -167,6 +168,9 @@ def test_pow2_chunks():
                     k_rank=96, v_rank=96, bits=4)
   assert piece_layout(spec, 96) == ((0, 32, 2), (1, 32, 2), (64, 16, 2),
                                     (65, 16, 2))
+  assert rank_unit(spec) == 32
+  assert rank_unit(LatentSpec(groups=1, kv_per_group=1, q_per_kv=1,
+                              head_dim=16, k_rank=64, v_rank=64, bits=2)) == 64
   assert pow2_chunks(256) == ((0, 256),)
 
 
@@ -175,7 +179,7 @@ def test_pow2_chunks():
 @given(st.data())
 def test_random_supported_shapes(data):
   bits = data.draw(st.sampled_from([16, 4, 3, 2]))
-  unit = 16 if bits == 16 else 32
+  unit = {16: 16, 4: 32, 3: 64, 2: 64}[bits]
   spec = LatentSpec(
       groups=data.draw(st.integers(1, 2)),
       kv_per_group=data.draw(st.integers(1, 3)),
@@ -226,7 +230,11 @@ class TestApi:
     assert "k_rank 40" in api.unsupported_reason(spec, q, 64)
     spec = LatentSpec(groups=1, kv_per_group=1, q_per_kv=1, head_dim=32,
                       k_rank=48, v_rank=48, bits=4)
-    assert "quant_group 32" in api.unsupported_reason(spec, q, 64)
+    assert "k_rank 48 (needs a positive multiple of 32 at 4 bits)" in \
+        api.unsupported_reason(spec, q, 64)
+    spec = LatentSpec(groups=1, kv_per_group=1, q_per_kv=1, head_dim=32,
+                      k_rank=32, v_rank=32, bits=2)
+    assert "multiple of 64 at 2 bits" in api.unsupported_reason(spec, q, 64)
     assert "cache length 40" in api.unsupported_reason(
         LatentSpec(groups=1, kv_per_group=1, q_per_kv=1, head_dim=32,
                    k_rank=32, v_rank=32), q, 40)
