@@ -1,0 +1,127 @@
+"""End-to-end decode: base vs Palu-compressed 7B-shaped models.
+
+The jitted decode loop of `palu_jax.generate` (what `Generator` runs) is
+timed for Llama-2-7B shapes with pseudo-random weights: the base model
+(bf16 KV cache, XLA attention), and Palu G-LRD (groups of 4 KV heads) at
+50 % with 16-bit and int4 latents, decoding through the Pallas kernels. Per
+row: ms per step, tokens/s, the speedup over base at the same batch and
+context, the cache's bytes, and the largest context that fits at that batch
+(free memory after the weights / cache bytes per token).
+
+  python -m eval.bench_e2e [--contexts 4096 16384 65536] [--batches 1 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from eval.bench_decode import SHAPES, _fill, bench_one, measure_bandwidth
+from eval.report import markdown_table, write_results
+from palu_jax.config import PaluConfig
+from palu_jax.model import Transformer
+
+GROUP = 4
+
+
+def palu_config(cfg, ratio: float, bits: int, rope_rank: int | None = None
+                ) -> PaluConfig:
+  size = min(GROUP, cfg.n_kv_heads)
+  rank = rope_rank or int(round((1 - ratio) * size * cfg.head_dim / 16)) * 16
+  ranks = ((rank,) * (cfg.n_kv_heads // size),) * cfg.n_layers
+  return PaluConfig(group_size=size, k_ranks=ranks, v_ranks=ranks,
+                    kv_bits=bits, quant_group=32)
+
+
+VARIANTS = {
+    "base": None,
+    "palu50": (0.5, 16),
+    "palu50_int4": (0.5, 4),
+}
+
+
+def build(cfg, palu, dtype):
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype,
+                                                rngs=nnx.Rngs(0), palu=palu))
+  graphdef, state = nnx.split(abstract)
+  return nnx.merge(graphdef, _fill(state, 0))
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--model", default="llama2-7b", choices=sorted(SHAPES))
+  ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+  ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+  ap.add_argument("--contexts", nargs="+", type=int,
+                  default=[4096, 16384, 65536])
+  ap.add_argument("--steps", type=int, default=32)
+  ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--out", default=os.path.join("eval", "results"))
+  ap.add_argument("--name", default="bench_e2e")
+  args = ap.parse_args(argv)
+  cfg = SHAPES[args.model]
+  device = jax.devices()[0]
+  limit = (device.memory_stats() or {}).get("bytes_limit", 0)
+  bw = measure_bandwidth()["reference"]
+  rows: list[dict] = []
+  cols = ["variant", "batch", "context", "ms_per_step", "tokens_per_s",
+          "speedup", "kv_bytes_per_token", "max_context", "note"]
+
+  def save():
+    base = {(r["batch"], r["context"]): r.get("tokens_per_s")
+            for r in rows if r["variant"] == "base"}
+    for r in rows:
+      b = base.get((r["batch"], r["context"]))
+      r["speedup"] = (r["tokens_per_s"] / b) if b and r.get(
+          "tokens_per_s") else None
+    md = (f"# End-to-end decode, {args.model} shapes ({device.device_kind})"
+          f"\n\nbf16, greedy, {args.steps} steps per timing; HBM "
+          f"{bw / 1e9:.0f} GB/s measured in this run. max_context: the "
+          "longest context whose cache fits next to the weights at that "
+          "batch (92 % of the device memory limit).\n\n"
+          + markdown_table(rows, cols))
+    write_results(args.out, args.name, {"device": device.device_kind,
+                                        "rows": rows}, md)
+
+  for name in args.variants:
+    spec = VARIANTS[name]
+    palu = None if spec is None else palu_config(cfg, *spec)
+    model = build(cfg, palu, jnp.bfloat16)
+    graphdef, state = nnx.split(model)
+    weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(state))
+    probe = model.init_cache(1, 1024)
+    per_token = probe.nbytes() // 1024
+    del probe
+    for batch in args.batches:
+      fit = (int((0.92 * limit - weights) / (batch * per_token)) if limit
+             else None)                  # no memory limit known (CPU)
+      for ctx in args.contexts:
+        row = {"variant": name, "batch": batch, "context": ctx,
+               "kv_bytes_per_token": per_token, "max_context": fit}
+        if fit is not None and ctx + args.steps + 256 > fit:
+          row["note"] = "does not fit"
+        else:
+          t0 = time.perf_counter()
+          try:
+            row.update(bench_one(model, graphdef, state, batch=batch,
+                                 ctx=ctx, steps=args.steps,
+                                 repeats=args.repeats, bw=bw))
+          except jax.errors.JaxRuntimeError as e:
+            row["note"] = f"failed: {str(e).splitlines()[0][:100]}"
+          row["wall_s"] = time.perf_counter() - t0
+        rows.append(row)
+        save()
+        print({k: (round(v, 3) if isinstance(v, float) else v)
+               for k, v in row.items() if k in cols}, flush=True)
+    del model, graphdef, state
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
