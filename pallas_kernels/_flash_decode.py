@@ -19,8 +19,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common import (KernelConfig, LatentSpec, dot,
-                                   load_latent_pieces, piece_layout)
+from pallas_kernels.common import (KernelConfig, LatentSpec, cache_sides,
+                                   combine_splits, dot, load_latent_pieces,
+                                   piece_layout)
 
 _FLOOR = -1e30  # finite "minus infinity": masked rows never produce NaN
 
@@ -74,15 +75,16 @@ def _kernel(lengths_ref, *refs, spec: LatentSpec, config: KernelConfig,
   l_ref[b, g, p, :] = l
 
 
-def flash_decode(score_fn, query_ops: tuple, k_side: tuple, v_side: tuple,
-                 lengths, *, spec: LatentSpec, config: KernelConfig,
-                 heads: int, cache_len: int, dtype, interpret: bool = False):
-  """Runs the kernel; returns split partials (acc [B, G, P, M, R_v], m, l
-  [B, G, P, M]). `k_side`/`v_side` are the cache arrays (one bf16 array, or
-  codes, scales, offsets); `v_side` is empty with a shared latent."""
+def flash_decode(score_fn, query_ops: tuple, hk, hv, lengths, *,
+                 spec: LatentSpec, config: KernelConfig, heads: int, dtype,
+                 interpret: bool = False):
+  """Runs the kernel over the cache sides hk / hv (bf16 arrays or
+  `QuantLatent`s; hv unused with a shared latent) and merges the split
+  partials -> [B, N, R_v] f32. `heads`: query rows per group (padded)."""
+  k_side, v_side = cache_sides(hk, hv, spec)
   batch = lengths.shape[0]
   bs = config.block_s
-  blocks = cache_len // bs
+  blocks = k_side[0].shape[1] // bs
   per = -(-blocks // config.splits)
   splits = -(-blocks // per)
   span = per * bs
@@ -92,7 +94,7 @@ def flash_decode(score_fn, query_ops: tuple, k_side: tuple, v_side: tuple,
       n_k=len(k_side), n_v=len(v_side), span=span, heads=heads,
       k_width=widths[0], v_width=widths[1], score_fn=score_fn, dtype=dtype)
   shape = (batch, spec.groups, splits, heads)
-  return pl.pallas_call(
+  acc, m, l = pl.pallas_call(
       kernel,
       grid=(batch, spec.groups, splits),
       out_shape=[jax.ShapeDtypeStruct(shape + (spec.v_rank,), jnp.float32),
@@ -103,3 +105,5 @@ def flash_decode(score_fn, query_ops: tuple, k_side: tuple, v_side: tuple,
       interpret=interpret,
       name="latent_flash_decode",
   )(lengths.astype(jnp.int32), *query_ops, *k_side, *v_side)
+  out = combine_splits(acc, m, l)[:, :, :spec.heads_per_group]
+  return out.reshape(batch, spec.n_heads, spec.v_rank)

@@ -14,13 +14,11 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
 
 from pallas_kernels import _flash_decode
 from pallas_kernels.common import (Array, KernelConfig, LatentSpec,
-                                   combine_splits, dequantize_side, dot,
-                                   f32, masked_softmax_mix, next_pow2)
-from pallas_kernels.latent_rope_attention import _sides, _values
+                                   attend_latents, dequantize_side, dot, f32,
+                                   next_pow2, rebuilt_keys)
 
 _STATIC = ("spec", "config", "interpret")
 
@@ -70,14 +68,9 @@ def absorb_attention(q: Array, hk, hv, k_up: Array, lengths: Array, *,
   dtype = q.dtype
   heads = max(16, next_pow2(spec.heads_per_group))
   qf = absorbed_queries(q, k_up, spec, heads, dtype)
-  k_side, v_side = _sides(hk, hv, spec)
-  cache_len = (hk.codes if hasattr(hk, "codes") else hk).shape[1]
-  acc, m, l = _flash_decode.flash_decode(
-      _AbsorbedScores(), (qf,), k_side, v_side, lengths, spec=spec,
-      config=config, heads=heads, cache_len=cache_len, dtype=dtype,
-      interpret=interpret)
-  out = combine_splits(acc, m, l)[:, :, :spec.heads_per_group]
-  return out.reshape(q.shape[0], spec.n_heads, spec.v_rank)
+  return _flash_decode.flash_decode(
+      _AbsorbedScores(), (qf,), hk, hv, lengths, spec=spec, config=config,
+      heads=heads, dtype=dtype, interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -90,20 +83,6 @@ def absorb_attention_reference(q: Array, hk, hv, k_up: Array,
   """`absorb_attention` in plain jnp: rebuild every key K = h·B_k (+ b_k)
   and attend with f32 scores, no rotation."""
   del config, interpret, inv_freq
-  dtype = q.dtype
-  g, j, h = spec.groups, spec.kv_per_group, spec.head_dim
-  hk_v = dequantize_side(hk, spec, g * spec.k_rank, dtype)
-  batch, s, _ = hk_v.shape
-  # f32 operands: exact products of the 16-bit values, f32 sums (what the
-  # tensor cores do; XLA:CPU has no bf16 x bf16 -> f32 dot)
-  keys = jnp.einsum("BSGR,GRC->BSGC",
-                    f32(hk_v).reshape(batch, s, g, spec.k_rank),
-                    f32(k_up).reshape(g, spec.k_rank, j * h))
-  if k_bias is not None:
-    keys = keys + k_bias.reshape(g, j * h).astype(jnp.float32)
-  keys = keys.reshape(batch, s, g, j, h).astype(dtype)
-  qg = q.reshape(batch, g, j, spec.q_per_kv, h)
-  scores = jnp.einsum("BGJQH,BSGJH->BGJQS", f32(qg), f32(keys)) / math.sqrt(h)
-  scores = scores.reshape(batch, g, spec.heads_per_group, s)
-  out = masked_softmax_mix(scores, lengths, _values(hk_v, hv, spec, dtype))
-  return out.reshape(batch, spec.n_heads, spec.v_rank)
+  hk_v = dequantize_side(hk, spec, spec.groups * spec.k_rank, q.dtype)
+  keys = rebuilt_keys(hk_v, k_up, k_bias, spec).astype(q.dtype)
+  return attend_latents(q, keys, hk_v, hv, lengths, spec)

@@ -18,12 +18,17 @@ import jax.numpy as jnp
 
 from pallas_kernels import absorb_attention as _absorb
 from pallas_kernels import latent_rope_attention as _rope
-from pallas_kernels.common import Array, KernelConfig, LatentSpec, rank_unit
+from pallas_kernels.common import (Array, KernelConfig, LatentSpec,
+                                   cache_sides, rank_unit)
 from pallas_kernels.tuning import choose_config
 
 log = logging.getLogger(__name__)
 
 IMPLEMENTATIONS = ("pallas", "xla", None)
+# keys with RoPE? -> (kernel op, its reference)
+_OPS = {True: (_rope.latent_rope_attention,
+               _rope.latent_rope_attention_reference),
+        False: (_absorb.absorb_attention, _absorb.absorb_attention_reference)}
 
 
 def unsupported_reason(spec: LatentSpec, q: Array, cache_len: int
@@ -82,12 +87,8 @@ def latent_decode_attention(q: Array, hk, hv, k_up: Array, lengths: Array, *,
   if implementation is None:
     implementation = "pallas" if on_gpu else "xla"
   rope = inv_freq is not None
-  module = _rope if rope else _absorb
-  op = (module.latent_rope_attention if rope else module.absorb_attention)
-  reference = (module.latent_rope_attention_reference if rope
-               else module.absorb_attention_reference)
-  cache = hk.codes if hasattr(hk, "codes") else hk
-  cache_len = cache.shape[1]
+  op, reference = _OPS[rope]
+  cache_len = cache_sides(hk, hv, spec)[0][0].shape[1]
   if implementation == "pallas":
     reason = unsupported_reason(spec, q, cache_len)
     if reason is not None:

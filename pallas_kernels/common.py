@@ -17,6 +17,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
 
 Array = jax.Array
 
@@ -129,6 +131,54 @@ def dequantize_side(side, spec: LatentSpec, width: int, dtype) -> Array:
   return (q * scale + offset).astype(dtype)
 
 
+def rebuilt_keys(hk_v: Array, k_up: Array, k_bias: Array | None,
+                 spec: LatentSpec) -> Array:
+  """Every cached key, K = h_k·B_k (+ b_k), unrotated: [B, S, G, J, H] f32.
+
+  f32 operands give the exact products of the 16-bit values with f32 sums
+  (what the tensor cores do; XLA:CPU has no bf16 x bf16 -> f32 dot).
+  """
+  g, j, h = spec.groups, spec.kv_per_group, spec.head_dim
+  batch, s, _ = hk_v.shape
+  keys = jnp.einsum("BSGR,GRC->BSGC",
+                    f32(hk_v).reshape(batch, s, g, spec.k_rank),
+                    f32(k_up).reshape(g, spec.k_rank, j * h))
+  if k_bias is not None:
+    keys = keys + k_bias.reshape(g, j * h).astype(jnp.float32)
+  return keys.reshape(batch, s, g, j, h)
+
+
+def attend_latents(q: Array, keys: Array, hk_v: Array, hv, lengths: Array,
+                   spec: LatentSpec) -> Array:
+  """Reference attention of q [B, N, H] over keys [B, S, G, J, H] (in q's
+  dtype) mixing value latents -> [B, N, R_v] f32 (scores in f32)."""
+  batch, s = keys.shape[:2]
+  h = spec.head_dim
+  qg = q.reshape(batch, spec.groups, spec.kv_per_group, spec.q_per_kv, h)
+  scores = jnp.einsum("BGJQH,BSGJH->BGJQS", f32(qg), f32(keys)) / np.sqrt(h)
+  scores = scores.reshape(batch, spec.groups, spec.heads_per_group, s)
+  out = masked_softmax_mix(scores, lengths,
+                           value_latents(hk_v, hv, spec, q.dtype))
+  return out.reshape(batch, spec.n_heads, spec.v_rank)
+
+
+def value_latents(hk_v: Array, hv, spec: LatentSpec, dtype) -> Array:
+  """Value latents [B, G, S, R_v] (the key latents with a shared latent)."""
+  if spec.shared:
+    v = hk_v
+  else:
+    v = dequantize_side(hv, spec, spec.groups * spec.v_rank, dtype)
+  batch, s, _ = v.shape
+  return v.reshape(batch, s, spec.groups, spec.v_rank).transpose(0, 2, 1, 3)
+
+
+def cache_sides(hk, hv, spec: LatentSpec) -> tuple[tuple, tuple]:
+  """Cache arrays of each side as the kernel takes them (no value side with
+  a shared latent)."""
+  as_tuple = lambda x: tuple(x) if isinstance(x, QuantLatent) else (x,)
+  return as_tuple(hk), (() if spec.shared else as_tuple(hv))
+
+
 def masked_softmax_mix(scores: Array, lengths: Array, values: Array) -> Array:
   """softmax over keys s < lengths[b] of scores [B, G, M, S] (f32), mixing
   values [B, G, S, R] -> [B, G, M, R] f32; a sequence of length 0 gives 0."""
@@ -196,7 +246,7 @@ def load_latent_pieces(side_refs, b, rows, group_col, rank: int,
   pieces = piece_layout(spec, rank)
   if spec.bits == 16:
     (h_ref,) = side_refs
-    return [h_ref[b, rows, pl_ds(group_col + c0, size)].astype(dtype)
+    return [h_ref[b, rows, pl.ds(group_col + c0, size)].astype(dtype)
             for c0, size, _ in pieces]
   codes_ref, scale_ref, offset_ref = side_refs
   per = fields_per_byte(spec.bits)
@@ -206,11 +256,11 @@ def load_latent_pieces(side_refs, b, rows, group_col, rank: int,
   for k in range(0, len(pieces), per):
     c0, size = pieces[k][0], pieces[k][1] * per           # the chunk
     col = group_col + c0
-    v = codes_ref[b, rows, pl_ds(col // per, size // per)].astype(jnp.int32)
+    v = codes_ref[b, rows, pl.ds(col // per, size // per)].astype(jnp.int32)
     fields = [(v >> (width * f)) & (2 ** width - 1) for f in range(per)]
     if spec.bits == 3:
       plane = 2 * -(-row_width // 8)
-      hi = codes_ref[b, rows, pl_ds(plane + col // 8, size // 8)].astype(
+      hi = codes_ref[b, rows, pl.ds(plane + col // 8, size // 8)].astype(
           jnp.int32)
       hi = interleave([hi, hi])                 # column i: byte i // 2
       # a traced iota: a constant array would become a kernel-body constant
@@ -219,8 +269,8 @@ def load_latent_pieces(side_refs, b, rows, group_col, rank: int,
                 for f, lo in enumerate(fields)]
     n = size // per                        # latents per field
     groups = size // g
-    scale = scale_ref[b, rows, pl_ds(col // g, groups)].astype(jnp.float32)
-    offset = offset_ref[b, rows, pl_ds(col // g, groups)].astype(jnp.float32)
+    scale = scale_ref[b, rows, pl.ds(col // g, groups)].astype(jnp.float32)
+    offset = offset_ref[b, rows, pl.ds(col // g, groups)].astype(jnp.float32)
     if groups > 1:  # field column i is latent c0 + per·i + f: group i·per/g
       rep = n // groups
       scale = jnp.broadcast_to(scale[:, :, None], (block, groups, rep)
@@ -230,11 +280,6 @@ def load_latent_pieces(side_refs, b, rows, group_col, rank: int,
     out += [(q.astype(jnp.float32) * scale + offset).astype(dtype)
             for q in fields]
   return out
-
-
-def pl_ds(start, size, stride: int = 1):
-  from jax.experimental import pallas as pl
-  return pl.ds(start, size, stride)
 
 
 def combine_splits(acc: Array, m: Array, l: Array) -> Array:

@@ -19,12 +19,11 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
 
 from pallas_kernels import _flash_decode
 from pallas_kernels.common import (Array, KernelConfig, LatentSpec,
-                                   combine_splits, dequantize_side, dot,
-                                   f32, masked_softmax_mix, next_pow2)
+                                   attend_latents, dequantize_side, dot,
+                                   next_pow2, rebuilt_keys)
 
 _STATIC = ("spec", "config", "interpret")
 
@@ -126,14 +125,9 @@ def latent_rope_attention(q: Array, hk, hv, k_up: Array, lengths: Array, *,
   dtype = q.dtype
   heads = max(16, next_pow2(spec.heads_per_group))
   ops = rope_operands(q, k_up, k_bias, inv_freq, spec, heads, dtype)
-  k_side, v_side = _sides(hk, hv, spec)
-  cache_len = (hk.codes if hasattr(hk, "codes") else hk).shape[1]
-  acc, m, l = _flash_decode.flash_decode(
-      _RopeScores(spec, dtype), ops, k_side, v_side, lengths, spec=spec,
-      config=config, heads=heads, cache_len=cache_len, dtype=dtype,
-      interpret=interpret)
-  out = combine_splits(acc, m, l)[:, :, :spec.heads_per_group]
-  return out.reshape(q.shape[0], spec.n_heads, spec.v_rank)
+  return _flash_decode.flash_decode(
+      _RopeScores(spec, dtype), ops, hk, hv, lengths, spec=spec,
+      config=config, heads=heads, dtype=dtype, interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -146,45 +140,13 @@ def latent_rope_attention_reference(q: Array, hk, hv, k_up: Array,
   """`latent_rope_attention` in plain jnp: rebuild every key, rotate, attend
   (scores and softmax in f32)."""
   del config, interpret
-  dtype = q.dtype
-  g, j, h = spec.groups, spec.kv_per_group, spec.head_dim
-  hk_v = dequantize_side(hk, spec, g * spec.k_rank, dtype)
-  batch, s, _ = hk_v.shape
-  # f32 operands: exact products of the 16-bit values, f32 sums (what the
-  # tensor cores do; XLA:CPU has no bf16 x bf16 -> f32 dot)
-  keys = jnp.einsum("BSGR,GRC->BSGC",
-                    f32(hk_v).reshape(batch, s, g, spec.k_rank),
-                    f32(k_up).reshape(g, spec.k_rank, j * h))
-  if k_bias is not None:
-    keys = keys + k_bias.reshape(g, j * h).astype(jnp.float32)
-  keys = keys.reshape(batch, s, g, j, h)
-  angle = jnp.arange(s, dtype=jnp.float32)[:, None] * jnp.asarray(
-      inv_freq, jnp.float32)[None, :]
+  h = spec.head_dim
+  hk_v = dequantize_side(hk, spec, spec.groups * spec.k_rank, q.dtype)
+  keys = rebuilt_keys(hk_v, k_up, k_bias, spec)          # [B, S, G, J, H]
+  angle = jnp.arange(keys.shape[1], dtype=jnp.float32)[:, None] * \
+      jnp.asarray(inv_freq, jnp.float32)[None, :]
   cos = jnp.concatenate([jnp.cos(angle)] * 2, -1)[None, :, None, None, :]
   sin = jnp.concatenate([jnp.sin(angle)] * 2, -1)[None, :, None, None, :]
   rotated = jnp.concatenate([-keys[..., h // 2:], keys[..., :h // 2]], -1)
-  keys = (keys * cos + rotated * sin).astype(dtype)
-  qg = q.reshape(batch, g, j, spec.q_per_kv, h)
-  scores = jnp.einsum("BGJQH,BSGJH->BGJQS", f32(qg), f32(keys)) / math.sqrt(h)
-  scores = scores.reshape(batch, g, spec.heads_per_group, s)
-  values = _values(hk_v, hv, spec, dtype)
-  out = masked_softmax_mix(scores, lengths, values)
-  return out.reshape(batch, spec.n_heads, spec.v_rank)
-
-
-def _values(hk_v: Array, hv, spec: LatentSpec, dtype) -> Array:
-  """Value latents [B, G, S, R_v] (the key latents with a shared latent)."""
-  if spec.shared:
-    v = hk_v
-  else:
-    v = dequantize_side(hv, spec, spec.groups * spec.v_rank, dtype)
-  batch, s, _ = v.shape
-  return v.reshape(batch, s, spec.groups, spec.v_rank).transpose(0, 2, 1, 3)
-
-
-def _sides(hk, hv, spec: LatentSpec) -> tuple[tuple, tuple]:
-  """Cache arrays of each side as the kernel takes them."""
-  as_tuple = lambda x: tuple(x) if hasattr(x, "codes") else (x,)
-  if spec.shared:
-    return as_tuple(hk), ()
-  return as_tuple(hk), as_tuple(hv)
+  keys = (keys * cos + rotated * sin).astype(q.dtype)
+  return attend_latents(q, keys, hk_v, hv, lengths, spec)

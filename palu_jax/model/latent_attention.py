@@ -170,12 +170,12 @@ class LatentAttention(nnx.Module):
     hk, hv = self.latents(x)
     if cache is not None:
       cache = cache.write(hk, hv, start)
+      if t == 1 and self.uses_kernel():  # the kernel reads the cache itself
+        return self._decode_kernel(q, cache, start, x.dtype), cache
       hk, hv = (cache.read(x.dtype) if isinstance(cache, LayerQuantLatent)
                 else (cache.hk, cache.hv))
     elif self.kv_bits < 16:  # no cache: the same values a packed cache holds
       hk, hv = self._fake_quant(hk), self._fake_quant(hv)
-    if t == 1 and cache is not None and self.uses_kernel():
-      return self._decode_kernel(q, cache, start, x.dtype), cache
     if self.shared_kv:
       hv = hk
     heads = self.group_size * c.q_per_kv
