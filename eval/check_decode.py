@@ -1,12 +1,16 @@
 """Greedy decoding of a compressed model with the kernels and without.
 
-  python -m eval.check_decode COMPRESSED_DIR [--tokens 64]
+  python -m eval.check_decode COMPRESSED_DIR [--tokens 64] [--dtype float32]
 
-Loads the model (bf16), generates greedily from a few prompts twice, once
-with `implementation="pallas"` (the Pallas decode kernels) and once with
+Loads the model (bf16 by default; the CPU has no bf16 dot with f32 results,
+so use float16 or float32 there, where the kernels run in interpret mode),
+generates greedily from a few prompts twice, once with
+`implementation="pallas"` (the Pallas decode kernels) and once with
 `"xla"` (the jnp attention), and reports whether every token is the same,
 the time per run, and the first divergence if any. Exit code 1 on a
-mismatch.
+mismatch. In float32 both paths compute exact products with f32 sums, so
+any difference is a bug; in 16-bit they round at different points and a
+near-tie can flip after some tokens.
 """
 
 from __future__ import annotations
@@ -29,8 +33,10 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("model")
   ap.add_argument("--tokens", type=int, default=64)
+  ap.add_argument("--dtype", default="bfloat16",
+                  choices=("bfloat16", "float16", "float32"))
   args = ap.parse_args(argv)
-  model, tok = load_model(args.model)
+  model, tok = load_model(args.model, dtype=args.dtype)
   prompts = [tok.encode(p) for p in PROMPTS]
   outs, secs = {}, {}
   for impl in ("xla", "pallas"):
@@ -41,7 +47,7 @@ def main(argv=None) -> int:
     outs[impl] = gen.generate_ids(prompts, max_new_tokens=args.tokens)
     secs[impl] = time.perf_counter() - t
   same = outs["xla"] == outs["pallas"]
-  report = {"identical": same, "seconds": secs, "tokens": args.tokens,
+  report = {"identical": same, "dtype": args.dtype, "seconds": secs, "tokens": args.tokens,
             "prompts": len(prompts)}
   if not same:
     for i, (a, b) in enumerate(zip(outs["xla"], outs["pallas"])):

@@ -21,7 +21,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import (KernelConfig, LatentSpec, cache_sides,
                                    combine_splits, dot, load_latent_pieces,
-                                   piece_layout)
+                                   piece_layout, split_hi_lo)
 
 _FLOOR = -1e30  # finite "minus infinity": masked rows never produce NaN
 
@@ -61,8 +61,10 @@ def _kernel(lengths_ref, *refs, spec: LatentSpec, config: KernelConfig,
     else:
       hv = load_latent_pieces(v_refs, b, rows, g * spec.v_rank, spec.v_rank,
                               spec, v_width, bs, dtype)
-    pd = prob.astype(dtype)
-    accs = tuple(corr[:, None] * a + dot(pd, h) for a, h in zip(accs, hv))
+    hi, lo = split_hi_lo(prob, dtype)
+    accs = tuple(corr[:, None] * a + dot(hi, h) +
+                 (0.0 if lo is None else dot(lo, h))
+                 for a, h in zip(accs, hv))
     return m_new, l, accs
 
   m0 = jnp.full((heads,), _FLOOR, jnp.float32)

@@ -84,5 +84,5 @@ def absorb_attention_reference(q: Array, hk, hv, k_up: Array,
   and attend with f32 scores, no rotation."""
   del config, interpret, inv_freq
   hk_v = dequantize_side(hk, spec, spec.groups * spec.k_rank, q.dtype)
-  keys = rebuilt_keys(hk_v, k_up, k_bias, spec).astype(q.dtype)
+  keys = rebuilt_keys(hk_v, k_up, k_bias, spec, q.dtype).astype(q.dtype)
   return attend_latents(q, keys, hk_v, hv, lengths, spec)

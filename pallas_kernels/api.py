@@ -34,8 +34,9 @@ _OPS = {True: (_rope.latent_rope_attention,
 def unsupported_reason(spec: LatentSpec, q: Array, cache_len: int
                        ) -> str | None:
   """Why the kernel cannot run this shape (None if it can)."""
-  if q.dtype not in (jnp.bfloat16, jnp.float16):
-    return f"dtype {q.dtype} (the kernel takes bfloat16 or float16)"
+  if q.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
+    return (f"dtype {q.dtype} (the kernel takes bfloat16, float16 or "
+            "float32)")
   h = spec.head_dim
   if h % 16 or h > 256:
     return f"head_dim {h} (needs a multiple of 16 up to 256)"

@@ -132,19 +132,22 @@ def dequantize_side(side, spec: LatentSpec, width: int, dtype) -> Array:
 
 
 def rebuilt_keys(hk_v: Array, k_up: Array, k_bias: Array | None,
-                 spec: LatentSpec) -> Array:
-  """Every cached key, K = h_k·B_k (+ b_k), unrotated: [B, S, G, J, H] f32.
+                 spec: LatentSpec, dtype) -> Array:
+  """Every cached key, K = h_k·B_k (+ b_k), unrotated: [B, S, G, J, H] f32
+  holding `dtype` values, rounded where the model's jnp path rounds (after
+  the product and after the bias).
 
   f32 operands give the exact products of the 16-bit values with f32 sums
   (what the tensor cores do; XLA:CPU has no bf16 x bf16 -> f32 dot).
   """
   g, j, h = spec.groups, spec.kv_per_group, spec.head_dim
   batch, s, _ = hk_v.shape
-  keys = jnp.einsum("BSGR,GRC->BSGC",
-                    f32(hk_v).reshape(batch, s, g, spec.k_rank),
-                    f32(k_up).reshape(g, spec.k_rank, j * h))
+  rounded = lambda x: x.astype(dtype).astype(jnp.float32)
+  keys = rounded(jnp.einsum("BSGR,GRC->BSGC",
+                            f32(hk_v).reshape(batch, s, g, spec.k_rank),
+                            f32(k_up).reshape(g, spec.k_rank, j * h)))
   if k_bias is not None:
-    keys = keys + k_bias.reshape(g, j * h).astype(jnp.float32)
+    keys = rounded(keys + f32(k_bias.astype(dtype)).reshape(g, j * h))
   return keys.reshape(batch, s, g, j, h)
 
 
@@ -155,7 +158,7 @@ def attend_latents(q: Array, keys: Array, hk_v: Array, hv, lengths: Array,
   batch, s = keys.shape[:2]
   h = spec.head_dim
   qg = q.reshape(batch, spec.groups, spec.kv_per_group, spec.q_per_kv, h)
-  scores = jnp.einsum("BGJQH,BSGJH->BGJQS", f32(qg), f32(keys)) / np.sqrt(h)
+  scores = jnp.einsum("BGJQH,BSGJH->BGJQS", f32(qg), f32(keys)) * h ** -0.5
   scores = scores.reshape(batch, spec.groups, spec.heads_per_group, s)
   out = masked_softmax_mix(scores, lengths,
                            value_latents(hk_v, hv, spec, q.dtype))
@@ -282,6 +285,18 @@ def load_latent_pieces(side_refs, b, rows, group_col, rank: int,
   return out
 
 
+def split_hi_lo(x: Array, dtype) -> tuple[Array, Array | None]:
+  """x (f32) as hi + lo, both in the 16-bit `dtype`: hi = x rounded, lo the
+  rounded remainder (None for a float32 dtype: hi is x). Two tensor-core
+  dots with hi and lo give x·h to about 16 mantissa bits instead of 8
+  (bf16), so the attention mix does not hinge on where each probability
+  rounds."""
+  hi = x.astype(dtype)
+  if jnp.dtype(dtype) == jnp.float32:
+    return hi, None
+  return hi, (x - hi.astype(jnp.float32)).astype(dtype)
+
+
 def combine_splits(acc: Array, m: Array, l: Array) -> Array:
   """Merges split-K partials: acc [..., P, M, R] (unnormalized), m/l
   [..., P, M] (running max and sum) -> [..., M, R] f32."""
@@ -293,10 +308,13 @@ def combine_splits(acc: Array, m: Array, l: Array) -> Array:
 
 
 def dot(a: Array, b: Array, trans_b: bool = False) -> Array:
-  """a [M, K] · b [K, N] (or b [N, K] with trans_b) on tensor cores, f32."""
+  """a [M, K] · b [K, N] (or b [N, K] with trans_b) with f32 results: on
+  tensor cores for 16-bit operands, exact IEEE products for f32 ones (not
+  TF32)."""
   dims = (((1,), (1 if trans_b else 0,)), ((), ()))
   if jax.default_backend() != "gpu":
     # interpret mode: the CPU runtime has no bf16 x bf16 -> f32 dot; f32
     # operands give the same products (exact) and the same f32 accumulation
     a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-  return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+  return jax.lax.dot_general(a, b, dims, precision=jax.lax.Precision.HIGHEST,
+                             preferred_element_type=jnp.float32)

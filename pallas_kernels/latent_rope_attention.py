@@ -15,7 +15,6 @@ kernel, and scores are q¹·K¹ᵣ + q²·K²ᵣ.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -50,11 +49,15 @@ class _RopeScores:
     def head(j, scores):
       # one KV head at a time (a loop, not unrolled): only its slice of B
       # is live, which keeps the tiles within shared memory
-      k1 = bias1[g, j, :].astype(jnp.float32)[None, :]
-      k2 = bias2[g, j, :].astype(jnp.float32)[None, :]
+      k1 = k2 = None
       for h, rows in pieces:
-        k1 = k1 + dot(h, b1[g, j, rows, :])
-        k2 = k2 + dot(h, b2[g, j, rows, :])
+        p1, p2 = dot(h, b1[g, j, rows, :]), dot(h, b2[g, j, rows, :])
+        k1 = p1 if k1 is None else k1 + p1
+        k2 = p2 if k2 is None else k2 + p2
+      # K rounded to the cache dtype before and after the bias, then rotated
+      # in f32: the rounding points of the model's jnp path (`keys`)
+      k1 = self.rounded(self.rounded(k1) + bias1[g, j, :][None, :])
+      k2 = self.rounded(self.rounded(k2) + bias2[g, j, :][None, :])
       r1 = (k1 * cos - k2 * sin).astype(self.dtype)
       r2 = (k2 * cos + k1 * sin).astype(self.dtype)
       return scores + (dot(q1[b, g, j], r1, trans_b=True)
@@ -65,15 +68,22 @@ class _RopeScores:
     if self.spec.kv_per_group == 1:
       # a traced zero: strided ref indexing rejects a Python int index in
       # interpret mode, and jnp.int32(0) would be a kernel-body constant
-      return head(g * 0, zero)
-    return jax.lax.fori_loop(0, self.spec.kv_per_group, head, zero)
+      scores = head(g * 0, zero)
+    else:
+      scores = jax.lax.fori_loop(0, self.spec.kv_per_group, head, zero)
+    return scores * (self.spec.head_dim ** -0.5)  # in f32, as the model
+
+  def rounded(self, x):
+    """x (f32) rounded to the cache dtype, kept in f32."""
+    return x.astype(self.dtype).astype(jnp.float32)
 
 
 def rope_operands(q: Array, k_up: Array, k_bias: Array | None,
                   inv_freq: Array, spec: LatentSpec, heads: int, dtype):
   """Rearranges queries and B_k into the kernel's half-column tiles.
 
-  q [B, N, H] (rotated) -> q1, q2 [B, G, J, M, Hh] scaled by 1/√H; k_up
+  q [B, N, H] (rotated) -> q1, q2 [B, G, J, M, Hh] (the scores are scaled
+  by 1/√H in f32 in the kernel); k_up
   [G·R, J·H] -> b1, b2 [G, J, R, Hh]; biases [G, J, Hh]; inv_freq [Hh].
   Hh = H/2 padded to a power of two ≥ 16 with zero columns; M = query heads
   of a group padded to `heads` rows with zeros.
@@ -83,7 +93,7 @@ def rope_operands(q: Array, k_up: Array, k_bias: Array | None,
   hh = max(16, next_pow2(half))
   batch = q.shape[0]
   pad_cols = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, hh - half)])
-  qg = q.reshape(batch, g, j, qk, h).astype(jnp.float32) / math.sqrt(h)
+  qg = q.reshape(batch, g, j, qk, h).astype(jnp.float32)
   eye = jnp.eye(j, dtype=jnp.float32)
   # row (j', n) of KV head j's tile is q_n if j' == j else 0
   blockdiag = jnp.einsum("BGiqH,ij->BGjiqH", qg, eye).reshape(
@@ -98,8 +108,9 @@ def rope_operands(q: Array, k_up: Array, k_bias: Array | None,
     k_bias = jnp.zeros((g * j * h,), jnp.float32)
   kb = k_bias.reshape(g, j, h).astype(jnp.float32)
   inv = pad_cols(jnp.asarray(inv_freq, jnp.float32))
-  return (q1, q2, b1, b2, pad_cols(kb[..., :half]), pad_cols(kb[..., half:]),
-          inv)
+  bias = [pad_cols(kb[..., :half]).astype(dtype),
+          pad_cols(kb[..., half:]).astype(dtype)]
+  return (q1, q2, b1, b2, *bias, inv)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -142,7 +153,7 @@ def latent_rope_attention_reference(q: Array, hk, hv, k_up: Array,
   del config, interpret
   h = spec.head_dim
   hk_v = dequantize_side(hk, spec, spec.groups * spec.k_rank, q.dtype)
-  keys = rebuilt_keys(hk_v, k_up, k_bias, spec)          # [B, S, G, J, H]
+  keys = rebuilt_keys(hk_v, k_up, k_bias, spec, q.dtype)  # [B, S, G, J, H]
   angle = jnp.arange(keys.shape[1], dtype=jnp.float32)[:, None] * \
       jnp.asarray(inv_freq, jnp.float32)[None, :]
   cos = jnp.concatenate([jnp.cos(angle)] * 2, -1)[None, :, None, None, :]

@@ -91,7 +91,7 @@ def _generate_program(graphdef, state, prompt, lengths, key, temperature,
   batch = prompt.shape[0]
   cache = model.init_cache(batch, max_len)
   logits, cache = model(prompt, cache, num_valid=lengths,
-                        logits_at=lengths - 1)
+                        logits_at=lengths - 1, fresh_cache=True)
   key, sub = jax.random.split(key)
   first = (jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32) if greedy
            else sample(logits[:, 0], sub, temperature, top_k, top_p))

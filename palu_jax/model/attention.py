@@ -103,9 +103,10 @@ class Attention(nnx.Module):
     self.kv_quant = None
 
   def __call__(self, x: Array, cos: Array, sin: Array, q_pos: Array,
-               cache: LayerKV | None, start: Array
+               cache: LayerKV | None, start: Array, *, fresh: bool = False
                ) -> tuple[Array, LayerKV | None]:
-    """x [B, T, D]; cos/sin [B, T, H]; q_pos [B, T]; start [B] cache offset."""
+    """x [B, T, D]; cos/sin [B, T, H]; q_pos [B, T]; start [B] cache offset;
+    fresh: the cache is empty, so attend to the T new tokens only."""
     b, t, _ = x.shape
     c = self.cfg
     q = rotated_queries(self.q_proj, x, c, cos, sin)
@@ -117,7 +118,8 @@ class Attention(nnx.Module):
         raise GenerationError("simulated KV-cache quantization (kv_quant) is "
                               "for full-forward evaluation, not decoding")
       cache = cache.write(k, v, start)
-      k, v = cache.k, cache.v
+      if not fresh:
+        k, v = cache.k, cache.v
     if self.kv_quant is not None:
       out = _attend_quantized(q, k, v, q_pos, *self.kv_quant)
     else:

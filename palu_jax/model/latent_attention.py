@@ -22,8 +22,11 @@ split into separate key and value latents is one of its candidates).
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -33,6 +36,10 @@ from palu_jax.model.cache import LayerLatent, LayerQuantLatent
 from palu_jax.model.layers import (apply_rope, linear, rope_cos_sin,
                                    rope_inv_freq)
 from palu_jax.typing import Array
+from pallas_kernels.common import split_hi_lo
+
+log = logging.getLogger(__name__)
+PREFILL_IMPLEMENTATIONS = ("cudnn", "xla", "jnp", None)
 
 
 def rank_slices(ranks: Sequence[int]) -> tuple[tuple[int, int], ...]:
@@ -48,10 +55,15 @@ class LatentAttention(nnx.Module):
 
   Decoding one token per sequence goes through `pallas_kernels.api` (the
   Pallas kernel on a GPU, its jnp reference elsewhere; `implementation`
-  forces one); everything else (prefill, chunks) is the jnp path below.
+  forces one). Attention of tokens over themselves alone (no cache, or a
+  fresh one: prefill) goes through `jax.nn.dot_product_attention` with
+  `prefill_implementation` "cudnn" or "xla", or the jnp path below ("jnp");
+  None picks cuDNN on a GPU. Everything else (chunks continuing a cache) is
+  the jnp path.
   """
 
   implementation: str | None = None  # "pallas" | "xla" | None (automatic)
+  prefill_implementation: str | None = None  # "cudnn"|"xla"|"jnp"|None
 
   def __init__(self, cfg: ModelConfig, *, group_size: int,
                k_ranks: Sequence[int], v_ranks: Sequence[int], dtype,
@@ -161,9 +173,13 @@ class LatentAttention(nnx.Module):
     return out[:, None].astype(dtype)
 
   def __call__(self, x: Array, cos: Array, sin: Array, q_pos: Array,
-               cache: LayerLatent | None, start: Array
+               cache: LayerLatent | None, start: Array, *, fresh: bool = False
                ) -> tuple[Array, LayerLatent | None]:
-    """x [B, T, D]; cos/sin [B, T, H]; q_pos [B, T]; start [B] cache offset."""
+    """x [B, T, D]; cos/sin [B, T, H]; q_pos [B, T]; start [B] cache offset.
+
+    fresh: the cache is empty (start is 0), so the T tokens attend only to
+    themselves (prefill) and the rest of the cache is not read.
+    """
     b, t, _ = x.shape
     c = self.cfg
     q = rotated_queries(self.q_proj, x, c, cos, sin)
@@ -172,26 +188,85 @@ class LatentAttention(nnx.Module):
       cache = cache.write(hk, hv, start)
       if t == 1 and self.uses_kernel():  # the kernel reads the cache itself
         return self._decode_kernel(q, cache, start, x.dtype), cache
+    if cache is not None and not fresh:
       hk, hv = (cache.read(x.dtype) if isinstance(cache, LayerQuantLatent)
                 else (cache.hk, cache.hv))
-    elif self.kv_bits < 16:  # no cache: the same values a packed cache holds
+    elif self.kv_bits < 16:  # the same values a packed cache holds
       hk, hv = self._fake_quant(hk), self._fake_quant(hv)
     if self.shared_kv:
       hv = hk
+    impl = self._prefill_implementation(x.dtype)
+    self_only = cache is None or fresh   # keys are the T tokens, from 0
     heads = self.group_size * c.q_per_kv
     s = hk.shape[1]
     key_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     key_cos, key_sin = rope_cos_sin(key_pos, rope_inv_freq(c))  # once per call
     out = jnp.zeros((b, t, c.dim), jnp.float32)
     for g, (lo, hi) in enumerate(self.v_slices):
-      probs = causal_probs(q[:, :, g * heads:(g + 1) * heads],
-                           self.keys(hk, g, key_cos, key_sin),
-                           q_pos)                            # [B,K,G,T,S]
-      mixed = jnp.einsum("BKGTS,BSR->BTKGR", probs.astype(hv.dtype),
-                         hv[..., lo:hi], preferred_element_type=jnp.float32)
-      mixed = mixed.reshape(b, t, heads, hi - lo).astype(x.dtype)
+      qg = q[:, :, g * heads:(g + 1) * heads]
+      keys = self.keys(hk, g, key_cos, key_sin)
+      mixed = None
+      if self_only and impl != "jnp":
+        mixed = _dense_causal_attention(qg, keys, hv[..., lo:hi], impl)
+      if mixed is None:
+        probs = causal_probs(qg, keys, q_pos)                # [B,K,G,T,S]
+        p_hi, p_lo = split_hi_lo(probs, hv.dtype)
+        mix = functools.partial(jnp.einsum, "BKGTS,BSR->BTKGR",
+                                preferred_element_type=jnp.float32)
+        mixed = mix(p_hi, hv[..., lo:hi])
+        if p_lo is not None:
+          mixed = mixed + mix(p_lo, hv[..., lo:hi])
+        mixed = mixed.reshape(b, t, heads, hi - lo).astype(x.dtype)
       out = out + jnp.einsum("BTNR,RND->BTD", mixed, self.o_latent[lo:hi],
                              preferred_element_type=jnp.float32)
     if self.o_bias is not None:
       out = out + self.o_bias[...].astype(jnp.float32)
     return out.astype(x.dtype), cache
+
+  def _prefill_implementation(self, dtype) -> str:
+    impl = self.prefill_implementation
+    if impl not in PREFILL_IMPLEMENTATIONS:
+      raise ValueError(f"prefill_implementation must be one of "
+                       f"{PREFILL_IMPLEMENTATIONS}, got {impl!r}")
+    if impl is None:
+      gpu = jax.default_backend() == "gpu"
+      impl = "cudnn" if gpu and dtype in (jnp.bfloat16, jnp.float16) else "jnp"
+    return impl
+
+
+def _dense_causal_attention(q: Array, keys: Array, values: Array,
+                            implementation: str) -> Array | None:
+  """Causal attention of T tokens over themselves through
+  `jax.nn.dot_product_attention`, with latent values of any width.
+
+  q [B, T, J·Q, H] rotated queries of one group, keys [B, T, J, H] rotated,
+  values [B, T, R] (the group's shared value latents) -> [B, T, J·Q, R] in
+  q's dtype, or None when the implementation rejects the shape (logged).
+
+  The API wants value heads as wide as the keys, so the R latents are cut
+  into C = ⌈R/H⌉ chunks of H (zero-padded) and each (KV head, chunk) pair
+  becomes one KV head, each query head reading its KV head's C of them.
+  """
+  b, t, n, h = q.shape
+  j, r = keys.shape[2], values.shape[-1]
+  qk = n // j
+  chunks = -(-r // h)
+  v = jnp.pad(values, [(0, 0), (0, 0), (0, chunks * h - r)])
+  v = jnp.broadcast_to(v.reshape(b, t, 1, chunks, h), (b, t, j, chunks, h))
+  k = jnp.broadcast_to(keys[:, :, :, None], (b, t, j, chunks, h))
+  qr = jnp.broadcast_to(q.reshape(b, t, j, 1, qk, h), (b, t, j, chunks, qk, h))
+  try:
+    o = jax.nn.dot_product_attention(
+        qr.reshape(b, t, n * chunks, h), k.reshape(b, t, j * chunks, h),
+        v.reshape(b, t, j * chunks, h).astype(keys.dtype), is_causal=True,
+        implementation=implementation)
+  except (NotImplementedError, ValueError, RuntimeError) as err:
+    _log_fallback(f"{implementation}: {err}")
+    return None
+  o = o.reshape(b, t, j, chunks, qk, h).transpose(0, 1, 2, 4, 3, 5)
+  return o.reshape(b, t, n, chunks * h)[..., :r]
+
+
+@functools.cache
+def _log_fallback(reason: str) -> None:
+  log.warning("latent prefill attention: using the jnp path: %s", reason)

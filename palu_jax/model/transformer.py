@@ -41,8 +41,9 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype=dtype)
     self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x, cos, sin, q_pos, cache, start):
-    h, cache = self.attn(self.attn_norm(x), cos, sin, q_pos, cache, start)
+  def __call__(self, x, cos, sin, q_pos, cache, start, fresh=False):
+    h, cache = self.attn(self.attn_norm(x), cos, sin, q_pos, cache, start,
+                         fresh=fresh)
     x = x + h
     return x + self.mlp(self.mlp_norm(x)), cache
 
@@ -76,12 +77,16 @@ class Transformer(nnx.Module):
                     linear(cfg.dim, cfg.vocab_size, bias=False, dtype=dtype,
                            rngs=rngs))
 
-  def set_attention_implementation(self, implementation: str | None) -> None:
-    """"pallas", "xla" or None (automatic) for every latent layer's decode
-    attention (see `pallas_kernels.api`)."""
+  def set_attention_implementation(self, implementation: str | None, *,
+                                   prefill: str | None = None) -> None:
+    """For every latent layer: decode attention `implementation` "pallas",
+    "xla" or None (automatic; see `pallas_kernels.api`), and `prefill`
+    attention "cudnn", "xla", "jnp" or None (automatic; see
+    `LatentAttention`)."""
     for layer in self.layers:
       if isinstance(layer.attn, LatentAttention):
         layer.attn.implementation = implementation
+        layer.attn.prefill_implementation = prefill
 
   def init_cache(self, batch: int, max_len: int) -> Cache:
     """An empty cache for `batch` sequences of up to `max_len` tokens
@@ -128,7 +133,8 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens: Array, cache: Cache | None = None, *,
                num_valid: Array | None = None,
-               logits_at: Array | None = None) -> tuple[Array, Cache | None]:
+               logits_at: Array | None = None,
+               fresh_cache: bool = False) -> tuple[Array, Cache | None]:
     """Runs T new tokens per sequence.
 
     Args:
@@ -139,6 +145,9 @@ class Transformer(nnx.Module):
         cache length advances by this much. Defaults to T.
       logits_at: [B] optional index into T; if given only those positions'
         logits are computed.
+      fresh_cache: promise that `cache` is empty (prefill): the tokens
+        attend to each other only, without reading the rest of the cache
+        (and through cuDNN on a GPU for latent layers).
 
     Returns:
       logits [B, T, V] (or [B, 1, V] with `logits_at`) float32, new cache.
@@ -148,7 +157,8 @@ class Transformer(nnx.Module):
     states = []
     for i, layer in enumerate(self.layers):
       x, state = layer(x, cos, sin, q_pos,
-                       None if cache is None else cache.layers[i], start)
+                       None if cache is None else cache.layers[i], start,
+                       fresh=fresh_cache)
       states.append(state)
     if cache is not None:
       advance = t if num_valid is None else num_valid.astype(jnp.int32)

@@ -62,3 +62,33 @@ def test_unequal_group_ranks_use_the_jnp_path():
   model.set_attention_implementation("pallas")
   assert not model.layers[0].attn.uses_kernel()
   assert model.init_cache(1, 40).max_len == 40   # no rounding for kernels
+
+
+@pytest.mark.parametrize("bits", [16, 4])
+def test_float32_greedy_decode_is_the_same_with_kernels(bits):
+  """In float32 the kernel's dots are exact (IEEE, not TF32), so a greedy
+  loop through the kernels follows the jnp path token for token, and its
+  logits agree to f32 rounding (with 16-bit inputs the two round at
+  different points; see eval/check_decode.py)."""
+  cfg = dataclasses.replace(CFG, n_layers=2 if bits == 16 else 1)
+  ranks = ((32,),) * cfg.n_layers
+  palu = PaluConfig(group_size=2, k_ranks=ranks, v_ranks=ranks, kv_bits=bits,
+                    quant_group=32, scale_dtype="float16")
+  model = random_model(cfg, dtype=jnp.float32, seed=2, palu=palu)
+  prompt = jnp.asarray(np.random.default_rng(1).integers(0, 97, (2, 5)))
+  runs = {}
+  for impl in ("xla", "pallas"):
+    model.set_attention_implementation(impl)
+    cache = model.init_cache(2, 32)
+    logits, cache = model(prompt, cache, fresh_cache=True)
+    token, steps = jnp.argmax(logits[:, -1:], -1), []
+    for _ in range(10):
+      logits, cache = model(token, cache)
+      steps.append(np.asarray(logits[:, 0]))
+      token = jnp.argmax(logits, -1)
+    runs[impl] = np.stack(steps)
+  assert model.layers[0].attn.uses_kernel()
+  np.testing.assert_array_equal(runs["pallas"].argmax(-1),
+                                runs["xla"].argmax(-1))
+  np.testing.assert_allclose(runs["pallas"], runs["xla"],
+                             atol=1e-5 * np.max(np.abs(runs["xla"])))

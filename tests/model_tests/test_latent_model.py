@@ -117,3 +117,46 @@ def test_params_that_do_not_fit_are_named():
   params["layers.1.attn.k_up"] = params["layers.1.attn.k_up"][:-1]
   with pytest.raises(CheckpointError, match="layers.1.attn.k_up"):
     from_params(model.cfg, params, palu=palu)
+
+
+@pytest.mark.parametrize("variant", ["mha", "gqa_tied", "qwen2_bias"])
+@pytest.mark.parametrize("group,keep", [(1, 0.5), ("all", 0.75)])
+def test_dense_prefill_equals_the_jnp_path(variant, group, keep):
+  """Prefill through jax.nn.dot_product_attention (its XLA path on the CPU;
+  value latents wider than a head at keep 0.75 with all heads in one group,
+  cut into padded chunks) equals the jnp attention, without a cache and
+  with a fresh one, and the decode step after it sees the same cache."""
+  model0, _, _ = make_model(variant)
+  group = model0.cfg.n_kv_heads if group == "all" else group
+  *_, palu_model, hf = _compressed(variant, group, keep)
+  tokens = _tokens(hf, t=12)
+  logits = {}
+  for impl in ("jnp", "xla"):
+    palu_model.set_attention_implementation("xla", prefill=impl)
+    full, _ = palu_model(tokens)
+    cache = palu_model.init_cache(2, 16)
+    pre, cache = palu_model(tokens[:, :11], cache, fresh_cache=True)
+    step, _ = palu_model(tokens[:, 11:], cache)
+    logits[impl] = (full, pre, step)
+  for want, got in zip(logits["jnp"], logits["xla"]):
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
+  np.testing.assert_allclose(logits["xla"][1], logits["xla"][0][:, :11],
+                             atol=2e-4, rtol=1e-4)
+  np.testing.assert_allclose(logits["xla"][2], logits["xla"][0][:, 11:],
+                             atol=2e-4, rtol=1e-4)
+
+
+def test_unsupported_prefill_implementation_falls_back(caplog):
+  """cuDNN is not there on the CPU: the jnp path runs, and says why."""
+  *_, palu_model, hf = _compressed("gqa_tied", 1, 0.5)
+  tokens = _tokens(hf, t=8)
+  palu_model.set_attention_implementation("xla", prefill="jnp")
+  want, _ = palu_model(tokens)
+  palu_model.set_attention_implementation("xla", prefill="cudnn")
+  with caplog.at_level("WARNING"):
+    got, _ = palu_model(tokens)
+  np.testing.assert_array_equal(got, want)
+  assert "using the jnp path" in caplog.text
+  palu_model.set_attention_implementation("xla", prefill="flash")
+  with pytest.raises(ValueError, match="prefill_implementation"):
+    palu_model(tokens)
