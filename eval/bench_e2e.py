@@ -2,8 +2,10 @@
 
 The jitted decode loop of `palu_jax.generate` (what `Generator` runs) is
 timed for Llama-2-7B shapes with pseudo-random weights: the base model
-(bf16 KV cache, XLA attention), and Palu G-LRD (groups of 4 KV heads) at
-50 % with 16-bit and int4 latents, decoding through the Pallas kernels. Per
+(bf16 KV cache, XLA attention), and Palu at 50 % with 16-bit and int4
+latents, decoding through the Pallas kernels: G-LRD (groups of 4 KV heads)
+and M-LRD (`_g1`, one head per latent: keys are rebuilt with a quarter of
+the FLOPs and B_k stays on chip). Per
 row: ms per step, tokens/s, the speedup over base at the same batch and
 context, the cache's bytes, and the largest context that fits at that batch
 (free memory after the weights / cache bytes per token).
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from eval.bench_decode import SHAPES, _fill, bench_one, measure_bandwidth
+from eval.plots import plot_results
 from eval.report import markdown_table, write_results
 from palu_jax.config import PaluConfig
 from palu_jax.model import Transformer
@@ -30,9 +33,9 @@ from palu_jax.model import Transformer
 GROUP = 4
 
 
-def palu_config(cfg, ratio: float, bits: int, rope_rank: int | None = None
-                ) -> PaluConfig:
-  size = min(GROUP, cfg.n_kv_heads)
+def palu_config(cfg, ratio: float, bits: int, group: int = GROUP,
+                rope_rank: int | None = None) -> PaluConfig:
+  size = min(group, cfg.n_kv_heads)
   rank = rope_rank or int(round((1 - ratio) * size * cfg.head_dim / 16)) * 16
   ranks = ((rank,) * (cfg.n_kv_heads // size),) * cfg.n_layers
   return PaluConfig(group_size=size, k_ranks=ranks, v_ranks=ranks,
@@ -43,6 +46,8 @@ VARIANTS = {
     "base": None,
     "palu50": (0.5, 16),
     "palu50_int4": (0.5, 4),
+    "palu50_g1": (0.5, 16, 1),
+    "palu50_int4_g1": (0.5, 4, 1),
 }
 
 
@@ -86,8 +91,9 @@ def main(argv=None) -> int:
           "longest context whose cache fits next to the weights at that "
           "batch (92 % of the device memory limit).\n\n"
           + markdown_table(rows, cols))
-    write_results(args.out, args.name, {"device": device.device_kind,
-                                        "rows": rows}, md)
+    jpath, _ = write_results(args.out, args.name,
+                             {"device": device.device_kind, "rows": rows}, md)
+    plot_results(jpath)          # a PNG next to it, with matplotlib
 
   for name in args.variants:
     spec = VARIANTS[name]

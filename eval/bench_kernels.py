@@ -8,14 +8,17 @@ heads × 128), batch and context, one decode step of attention is timed for
     `decode_attention.mqa` on a head-major cache (`full_pallas`);
   ours: Palu G-LRD (groups of 4 KV heads) latents at 30 % / 50 %, with RoPE
     (`paluNN_rope`, keys rebuilt in the kernel) and without
-    (`paluNN_norope`, B_k folded into q), 16-bit and int4/3/2 latents.
+    (`paluNN_norope`, B_k folded into q), 16-bit and int4/3/2 latents;
+    other group sizes with `--groups` (variant suffix `_gN`, e.g. M-LRD
+    `_g1`, whose B_k stays on chip).
 Next to it, in the same run, the HBM read bandwidth (a large reduction) and
 the tensor-core throughput (a large bf16 matmul): each row reports µs, GB/s,
 TFLOP/s, the fraction of whichever roofline binds it, and the speedup over
 the best baseline of its shape.
 
   python -m eval.bench_kernels [--contexts 4096 16384 65536 131072]
-      [--batches 1 8] [--shapes llama2-7b llama3-8b] [--out DIR] [--tune]
+      [--batches 1 8] [--shapes llama2-7b llama3-8b] [--groups 4 1]
+      [--out DIR] [--tune]
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import itertools
 import math
 import os
 import platform
@@ -36,7 +40,9 @@ import numpy as np
 from eval.bench_decode import _pseudo_random, measure_bandwidth
 from eval.report import markdown_table, write_results
 from pallas_kernels.api import latent_decode_attention
-from pallas_kernels.common import KernelConfig, LatentSpec, QuantLatent
+from eval.plots import plot_results
+from pallas_kernels.common import (KernelConfig, LatentSpec, QuantLatent,
+                                   rank_unit)
 from pallas_kernels.tuning import choose_config
 
 SHAPES = {"llama2-7b": (32, 32, 128), "llama3-8b": (32, 8, 128)}
@@ -118,11 +124,17 @@ def _full_pallas(k_splits):
 
 # ---------------------------------------------------------------------- palu
 
-def palu_spec(n_heads, n_kv, head_dim, ratio, bits) -> LatentSpec:
-  rank = int(round((1 - ratio) * GROUP * head_dim / 16)) * 16
-  return LatentSpec(groups=n_kv // GROUP, kv_per_group=GROUP,
-                    q_per_kv=n_heads // n_kv, head_dim=head_dim,
-                    k_rank=rank, v_rank=rank, bits=bits)
+def palu_spec(n_heads, n_kv, head_dim, ratio, bits, group=GROUP
+              ) -> LatentSpec:
+  """G-LRD latents keeping 1 - ratio of each group's key/value dims, the
+  rank rounded to the nearest multiple the kernel takes at `bits` (the
+  bytes reported are those of the rounded rank)."""
+  spec = LatentSpec(groups=n_kv // group, kv_per_group=group,
+                    q_per_kv=n_heads // n_kv, head_dim=head_dim, k_rank=16,
+                    v_rank=16, bits=bits)
+  unit = rank_unit(spec)
+  rank = max(unit, int(round((1 - ratio) * group * head_dim / unit)) * unit)
+  return dataclasses.replace(spec, k_rank=rank, v_rank=rank)
 
 
 def _latent_side(spec, batch, ctx, seed):
@@ -149,7 +161,7 @@ def palu_flops(spec: LatentSpec, batch: int, ctx: int, rope: bool) -> float:
 
 
 def run(shapes, batches, contexts, ratios, bits_list, *, tune: bool,
-        save) -> list[dict]:
+        save, groups=(GROUP,)) -> list[dict]:
   rows: list[dict] = []
   for shape_name in shapes:
     n_heads, n_kv, h = SHAPES[shape_name]
@@ -184,36 +196,38 @@ def run(shapes, batches, contexts, ratios, bits_list, *, tune: bool,
             best_pallas = r
         shape_rows.append(best_pallas)
         del kh, vh
-        for ratio in ratios:
-          for bits in bits_list:
-            spec = palu_spec(n_heads, n_kv, h, ratio, bits)
-            hk = _latent_side(spec, batch, ctx, 6)
-            hv = _latent_side(spec, batch, ctx, 7)
-            k_up = _pseudo_random(jnp.float32(8), shape=(
-                spec.groups * spec.k_rank, GROUP * h), dtype=DTYPE)
-            inv = jnp.asarray(1.0 / 10000 ** (np.arange(0, h, 2) / h),
-                              jnp.float32)
-            nbytes = batch * ctx * spec.latent_bytes_per_token()
-            for rope in (True, False):
-              name = (f"palu{round(ratio * 100)}_{'rope' if rope else 'norope'}"
-                      + ("" if bits == 16 else f"_int{bits}"))
-              configs = [choose_config(spec, batch=batch, cache_len=ctx,
-                                       rope=rope)]
-              if tune:
-                configs += _tune_grid(configs[0])
-              best = None
-              for cfg in configs:
-                fn = functools.partial(
-                    _palu_call, spec=spec, inv=inv if rope else None,
-                    config=cfg)
-                r = _measure(name, fn, q, (hk, hv, k_up), lengths, nbytes,
-                             palu_flops(spec, batch, ctx, rope))
-                r["config"] = _cfg_str(cfg)
-                r["rank"] = spec.k_rank
-                if best is None or (r["us"] or 1e30) < (best["us"] or 1e30):
-                  best = r
-              shape_rows.append(best)
-            del hk, hv
+        for group, ratio, bits in itertools.product(groups, ratios,
+                                                    bits_list):
+          spec = palu_spec(n_heads, n_kv, h, ratio, bits, group)
+          hk = _latent_side(spec, batch, ctx, 6)
+          hv = _latent_side(spec, batch, ctx, 7)
+          k_up = _pseudo_random(jnp.float32(8), shape=(
+              spec.groups * spec.k_rank, group * h), dtype=DTYPE)
+          inv = jnp.asarray(1.0 / 10000 ** (np.arange(0, h, 2) / h),
+                            jnp.float32)
+          nbytes = batch * ctx * spec.latent_bytes_per_token()
+          for rope in (True, False):
+            name = (f"palu{round(ratio * 100)}_{'rope' if rope else 'norope'}"
+                    + ("" if bits == 16 else f"_int{bits}")
+                    + ("" if group == GROUP else f"_g{group}"))
+            configs = [choose_config(spec, batch=batch, cache_len=ctx,
+                                     rope=rope)]
+            if tune:
+              configs += _tune_grid(configs[0])
+            best = None
+            for cfg in configs:
+              fn = functools.partial(
+                  _palu_call, spec=spec, inv=inv if rope else None,
+                  config=cfg)
+              r = _measure(name, fn, q, (hk, hv, k_up), lengths, nbytes,
+                           palu_flops(spec, batch, ctx, rope))
+              r["config"] = _cfg_str(cfg)
+              r["rank"] = spec.k_rank
+              r["group"] = group
+              if best is None or (r["us"] or 1e30) < (best["us"] or 1e30):
+                best = r
+            shape_rows.append(best)
+          del hk, hv
         for r in shape_rows:
           r.update(shape=shape_name, batch=batch, kv_heads=n_kv, context=ctx)
         base = [r["us"] for r in shape_rows
@@ -287,6 +301,8 @@ def main(argv=None) -> int:
   ap.add_argument("--contexts", nargs="+", type=int,
                   default=[4096, 16384, 65536, 131072])
   ap.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5])
+  ap.add_argument("--groups", nargs="+", type=int, default=[GROUP],
+                  help="KV heads per latent group (4: G-LRD, 1: M-LRD)")
   ap.add_argument("--bits", nargs="+", type=int, default=[16, 4, 3, 2])
   ap.add_argument("--tune", action="store_true",
                   help="also sweep block size / warps / stages / splits")
@@ -303,17 +319,19 @@ def main(argv=None) -> int:
 
   def save(rows):
     add_roofline(rows, bw, peak)
-    cols = ["shape", "batch", "context", "variant", "us", "gbps", "tflops",
-            "roofline_frac", "bound", "speedup", "config"]
+    cols = ["shape", "batch", "context", "variant", "rank", "us", "gbps",
+            "tflops", "roofline_frac", "bound", "speedup", "config"]
     md = (f"# Decode attention kernels ({meta['device']})\n\n"
           f"HBM read {bw / 1e9:.0f} GB/s and bf16 matmul {peak:.0f} TFLOP/s, "
           f"measured in this run. Speedup is over the fastest full-KV "
           f"baseline of the same shape, batch and context.\n\n"
           + markdown_table(rows, cols))
-    write_results(args.out, args.name, [{**meta, **r} for r in rows], md)
+    jpath, _ = write_results(args.out, args.name,
+                             [{**meta, **r} for r in rows], md)
+    plot_results(jpath)          # a PNG next to it, with matplotlib
 
   run(args.shapes, args.batches, args.contexts, args.ratios, args.bits,
-      tune=args.tune, save=save)
+      tune=args.tune, save=save, groups=args.groups)
   return 0
 
 

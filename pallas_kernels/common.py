@@ -75,11 +75,14 @@ class LatentSpec:
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class KernelConfig:
   """Launch parameters: cache positions per tile, sequence splits
-  (flash-decoding split-K), Triton warps and pipeline stages."""
+  (flash-decoding split-K), Triton warps and pipeline stages; resident_b
+  (RoPE path): hold the group's B_k on chip across the loop (True), re-read
+  it per tile (False), or decide by its size (None)."""
   block_s: int = 64
   splits: int = 1
   num_warps: int = 4
   num_stages: int = 2
+  resident_b: bool | None = None
 
 
 def f32(x: Array) -> Array:
@@ -239,12 +242,45 @@ def rank_unit(spec: LatentSpec) -> int:
   return max(16 * fields_per_byte(spec.bits), spec.quant_group)
 
 
+# dtype -> (bit pattern of 2^m, 2^m) where the float's last mantissa bit is
+# 1: OR-ing a small integer c into the pattern gives the float 2^m + c
+_MAGIC = {jnp.dtype(jnp.bfloat16): (0x4300, 128.0),
+          jnp.dtype(jnp.float16): (0x6400, 1024.0),
+          jnp.dtype(jnp.float32): (0x4B000000, 8388608.0)}
+
+
+def codes_as_float(c: Array, dtype) -> Array:
+  """Small non-negative int32 codes -> the same values in `dtype`, by bit
+  tricks (OR into the mantissa of 2^m, subtract 2^m: exact) instead of an
+  integer-to-float conversion, which runs at a quarter of the ALU rate."""
+  dtype = jnp.dtype(dtype)
+  pattern, base = _MAGIC[dtype]
+  uint = jnp.uint32 if dtype.itemsize == 4 else jnp.uint16
+  as_float = jax.lax.bitcast_convert_type((c | pattern).astype(uint), dtype)
+  return as_float - jnp.asarray(base, dtype)
+
+
+def repeat_columns(x: Array, times: int) -> Array:
+  """x [M, W] -> [M, W·times], column i = x[:, i // times] (times a power of
+  two), by self-joins: the one column repeat the Triton backend lowers
+  without a trip through shared memory."""
+  while times > 1:
+    x = interleave([x, x])
+    times //= 2
+  return x
+
+
 def load_latent_pieces(side_refs, b, rows, group_col, rank: int,
                        spec: LatentSpec, row_width: int, block: int, dtype
                        ) -> list:
   """The latents of one group (columns group_col.. of the cache row) at
   `rows` of sequence b, dequantized in registers: one [block, size] tile
-  per piece of `piece_layout(spec, rank)`, in that order."""
+  per piece of `piece_layout(spec, rank)`, in that order.
+
+  Codes become floats by bit tricks (`codes_as_float`), and scales and
+  offsets are widened to their latents' columns by self-joins; the affine
+  map c·scale + offset is done in `dtype`.
+  """
   pieces = piece_layout(spec, rank)
   if spec.bits == 16:
     (h_ref,) = side_refs
@@ -269,18 +305,13 @@ def load_latent_pieces(side_refs, b, rows, group_col, rank: int,
       odd = jax.lax.broadcasted_iota(jnp.int32, (1, size // 4), 1) % 2 * 4
       fields = [lo | (((hi >> (odd + f)) & 1) << 2)
                 for f, lo in enumerate(fields)]
-    n = size // per                        # latents per field
     groups = size // g
-    scale = scale_ref[b, rows, pl.ds(col // g, groups)].astype(jnp.float32)
-    offset = offset_ref[b, rows, pl.ds(col // g, groups)].astype(jnp.float32)
-    if groups > 1:  # field column i is latent c0 + per·i + f: group i·per/g
-      rep = n // groups
-      scale = jnp.broadcast_to(scale[:, :, None], (block, groups, rep)
-                               ).reshape(block, n)
-      offset = jnp.broadcast_to(offset[:, :, None], (block, groups, rep)
-                                ).reshape(block, n)
-    out += [(q.astype(jnp.float32) * scale + offset).astype(dtype)
-            for q in fields]
+    # field column i is latent c0 + per·i + f, of quant group i·per // g
+    scale = repeat_columns(
+        scale_ref[b, rows, pl.ds(col // g, groups)].astype(dtype), g // per)
+    offset = repeat_columns(
+        offset_ref[b, rows, pl.ds(col // g, groups)].astype(dtype), g // per)
+    out += [codes_as_float(q, dtype) * scale + offset for q in fields]
   return out
 
 

@@ -18,13 +18,19 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 from pallas_kernels import _flash_decode
 from pallas_kernels.common import (Array, KernelConfig, LatentSpec,
                                    attend_latents, dequantize_side, dot,
-                                   next_pow2, rebuilt_keys)
+                                   next_pow2, piece_layout, rebuilt_keys)
 
 _STATIC = ("spec", "config", "interpret")
+
+
+# B_k tiles of a group up to this many bytes are loaded once per program and
+# held on chip across the loop; larger ones are re-read (from L2) per tile.
+RESIDENT_B_BYTES = 64 * 1024
 
 
 class _RopeScores:
@@ -34,42 +40,63 @@ class _RopeScores:
   its KV head j), b1, b2 [G, J, R, Hh], bias1, bias2 [G, J, Hh], inv_freq [Hh].
   """
 
-  def __init__(self, spec: LatentSpec, dtype):
+  def __init__(self, spec: LatentSpec, dtype, hh: int,
+               resident: bool | None):
     self.spec, self.dtype = spec, dtype
+    b_bytes = 2 * spec.kv_per_group * spec.k_rank * hh * jnp.dtype(
+        dtype).itemsize
+    self.resident = (b_bytes <= RESIDENT_B_BYTES if resident is None
+                     else resident)
 
   def prepare(self, refs, b, g):
-    return b, refs[6][...]
+    """Loop invariants: the frequencies and, when small enough, every KV
+    head's B_k pieces, biases and query rows (loaded once, kept on chip)."""
+    q1, q2, b1, b2, bias1, bias2, inv = refs
+    if not self.resident:
+      return b, inv[...], None
+    rows = [pl.ds(c0, n, stride)
+            for c0, n, stride in piece_layout(self.spec, self.spec.k_rank)]
+    heads = []
+    for j in range(self.spec.kv_per_group):
+      jj = g * 0 + j    # traced: strided ref indexing rejects a Python int
+      heads.append(([b1[g, jj, r, :] for r in rows],
+                    [b2[g, jj, r, :] for r in rows],
+                    bias1[g, jj, :], bias2[g, jj, :],
+                    q1[b, g, jj], q2[b, g, jj]))
+    return b, inv[...], heads
 
   def __call__(self, state, refs, pieces, pos, g):
-    b, inv_freq = state
+    b, inv_freq, resident = state
     q1, q2, b1, b2, bias1, bias2, _ = refs
     angle = pos.astype(jnp.float32)[:, None] * inv_freq[None, :]
     cos, sin = jnp.cos(angle), jnp.sin(angle)                # [bs, Hh]
 
-    def head(j, scores):
-      # one KV head at a time (a loop, not unrolled): only its slice of B
-      # is live, which keeps the tiles within shared memory
+    def score(h_pieces, bk1, bk2, kb1, kb2, qr1, qr2):
       k1 = k2 = None
-      for h, rows in pieces:
-        p1, p2 = dot(h, b1[g, j, rows, :]), dot(h, b2[g, j, rows, :])
+      for h, w1, w2 in zip(h_pieces, bk1, bk2):
+        p1, p2 = dot(h, w1), dot(h, w2)
         k1 = p1 if k1 is None else k1 + p1
         k2 = p2 if k2 is None else k2 + p2
       # K rounded to the cache dtype before and after the bias, then rotated
       # in f32: the rounding points of the model's jnp path (`keys`)
-      k1 = self.rounded(self.rounded(k1) + bias1[g, j, :][None, :])
-      k2 = self.rounded(self.rounded(k2) + bias2[g, j, :][None, :])
+      k1 = self.rounded(self.rounded(k1) + kb1[None, :])
+      k2 = self.rounded(self.rounded(k2) + kb2[None, :])
       r1 = (k1 * cos - k2 * sin).astype(self.dtype)
       r2 = (k2 * cos + k1 * sin).astype(self.dtype)
-      return scores + (dot(q1[b, g, j], r1, trans_b=True)
-                       + dot(q2[b, g, j], r2, trans_b=True))  # [M, bs]
+      return (dot(qr1, r1, trans_b=True) + dot(qr2, r2, trans_b=True))
 
-    m = q1.shape[3]
-    zero = jnp.zeros((m, pos.shape[0]), jnp.float32)
-    if self.spec.kv_per_group == 1:
-      # a traced zero: strided ref indexing rejects a Python int index in
-      # interpret mode, and jnp.int32(0) would be a kernel-body constant
-      scores = head(g * 0, zero)
+    h_pieces = [h for h, _ in pieces]
+    if resident is not None:
+      scores = sum(score(h_pieces, *head) for head in resident)
     else:
+      def head(j, scores):
+        # one KV head at a time (a loop, not unrolled): only its slice of B
+        # is live, which keeps the tiles within shared memory
+        return scores + score(
+            h_pieces, [b1[g, j, rows, :] for _, rows in pieces],
+            [b2[g, j, rows, :] for _, rows in pieces], bias1[g, j, :],
+            bias2[g, j, :], q1[b, g, j], q2[b, g, j])
+      zero = jnp.zeros((q1.shape[3], pos.shape[0]), jnp.float32)
       scores = jax.lax.fori_loop(0, self.spec.kv_per_group, head, zero)
     return scores * (self.spec.head_dim ** -0.5)  # in f32, as the model
 
@@ -137,7 +164,7 @@ def latent_rope_attention(q: Array, hk, hv, k_up: Array, lengths: Array, *,
   heads = max(16, next_pow2(spec.heads_per_group))
   ops = rope_operands(q, k_up, k_bias, inv_freq, spec, heads, dtype)
   return _flash_decode.flash_decode(
-      _RopeScores(spec, dtype), ops, hk, hv, lengths, spec=spec,
+      _RopeScores(spec, dtype, ops[0].shape[-1], config.resident_b), ops, hk, hv, lengths, spec=spec,
       config=config, heads=heads, dtype=dtype, interpret=interpret)
 
 

@@ -104,6 +104,21 @@ def test_kernel_matches_reference(case, rope):
         rope=rope, config=KernelConfig(block_s=16, splits=2), bias=rope)
 
 
+@pytest.mark.parametrize("case", [GRID[1], GRID[2], GRID[7]],
+                         ids=lambda c: "-".join(map(str, c[:8])))
+@pytest.mark.parametrize("resident", [True, False])
+def test_rope_kernel_b_on_chip_or_reread_per_tile(case, resident):
+  """Both branches of the RoPE score: B_k held on chip across the loop
+  (small groups), or a loop over KV heads that reads each head's slice of
+  B_k per tile (the default for groups too large to hold)."""
+  g, j, qk, h, rk, rv, shared, bits, batch, s, lengths = case
+  spec = LatentSpec(groups=g, kv_per_group=j, q_per_kv=qk, head_dim=h,
+                    k_rank=rk, v_rank=rv, shared=shared, bits=bits)
+  check(spec, batch=batch, cache_len=s, lengths=lengths, dtype=jnp.bfloat16,
+        rope=True, bias=True,
+        config=KernelConfig(block_s=16, splits=2, resident_b=resident))
+
+
 @pytest.mark.parametrize("rope", [True, False])
 @pytest.mark.parametrize("bits", [16, 4])
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.float32])

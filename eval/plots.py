@@ -1,0 +1,124 @@
+"""PNG plots of benchmark results (one per results table).
+
+  python -m eval.plots eval/results/bench_kernels.json [more.json ...]
+
+The benchmark scripts call `plot_results` after each save when matplotlib
+is installed; this entry point redraws from the JSON (e.g. on a machine
+with matplotlib, after a GPU run on one without). Each PNG is written next
+to its JSON, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from collections import defaultdict
+
+
+def _pyplot():
+  try:
+    import matplotlib
+  except ImportError:
+    return None
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def _save(fig, path: str) -> None:
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".png")
+  os.close(fd)
+  try:
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.chmod(tmp, 0o644)   # mkstemp's 0600 would follow the file
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def plot_kernels(rows: list[dict], path: str, plt) -> None:
+  """Speedup over the best full-KV baseline vs context, one panel per
+  (shape, batch), one line per variant."""
+  panels = sorted({(r["shape"], r["batch"]) for r in rows})
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6),
+                           squeeze=False, sharey=True)
+  for ax, (shape, batch) in zip(axes[0], panels):
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)
+    lines = defaultdict(list)
+    for r in rows:
+      if (r["shape"], r["batch"]) == (shape, batch) and r.get("speedup"):
+        lines[r["variant"]].append((r["context"], r["speedup"]))
+    for name, pts in sorted(lines.items()):
+      pts.sort()
+      style = "--" if name.startswith("full_") else "-"
+      ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o",
+              markersize=3, label=name)
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_title(f"{shape}, batch {batch}")
+    ax.set_xlabel("context")
+  axes[0][0].set_ylabel("speedup vs best full-KV baseline")
+  axes[0][-1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1, 1))
+  _save(fig, path)
+  plt.close(fig)
+
+
+def plot_e2e(rows: list[dict], path: str, plt) -> None:
+  """Decode tokens/s vs context per variant, one panel per batch."""
+  batches = sorted({r["batch"] for r in rows})
+  fig, axes = plt.subplots(1, len(batches), figsize=(4.5 * len(batches), 3.6),
+                           squeeze=False)
+  for ax, batch in zip(axes[0], batches):
+    lines = defaultdict(list)
+    for r in rows:
+      if r["batch"] == batch and r.get("tokens_per_s"):
+        lines[r["variant"]].append((r["context"], r["tokens_per_s"]))
+    for name, pts in sorted(lines.items()):
+      pts.sort()
+      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+              label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_title(f"batch {batch}")
+    ax.set_xlabel("context")
+    ax.set_ylabel("decode tokens/s")
+    ax.legend(fontsize=7)
+  _save(fig, path)
+  plt.close(fig)
+
+
+def plot_results(json_path: str) -> str | None:
+  """Draws the PNG for a results JSON (kind told by its rows); returns its
+  path, or None without matplotlib."""
+  plt = _pyplot()
+  if plt is None:
+    return None
+  with open(json_path) as f:
+    payload = json.load(f)
+  rows = payload["rows"] if isinstance(payload, dict) else payload
+  rows = [r for r in rows if isinstance(r, dict)]
+  png = os.path.splitext(json_path)[0] + ".png"
+  if rows and "shape" in rows[0]:
+    plot_kernels(rows, png, plt)
+  elif any("tokens_per_s" in r for r in rows):
+    plot_e2e(rows, png, plt)
+  else:
+    raise ValueError(f"{json_path}: not a bench_kernels or bench_e2e result")
+  return png
+
+
+def main(argv=None) -> int:
+  paths = sys.argv[1:] if argv is None else argv
+  if not paths:
+    print(__doc__)
+    return 2
+  for p in paths:
+    out = plot_results(p)
+    print(out or "matplotlib is not installed: pip install matplotlib")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
