@@ -20,6 +20,7 @@ import json
 import sys
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from palu_jax.api import load_model
@@ -60,7 +61,9 @@ def main(argv=None) -> int:
   ap.add_argument("--dtype", default="bfloat16",
                   choices=("bfloat16", "float16", "float32"))
   args = ap.parse_args(argv)
-  model, tok = load_model(args.model, dtype=args.dtype)
+  if args.dtype == "float32":   # exact f32 dots in the jnp path too (a GPU
+    jax.config.update("jax_default_matmul_precision", "highest")  # would
+  model, tok = load_model(args.model, dtype=args.dtype)  # use TF32)
   prompts = [tok.encode(p) for p in PROMPTS]
   outs, secs = {}, {}
   for impl in ("xla", "pallas"):

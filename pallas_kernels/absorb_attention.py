@@ -45,7 +45,9 @@ def absorbed_queries(q: Array, k_up: Array, spec: LatentSpec, heads: int,
   batch = q.shape[0]
   qg = q.reshape(batch, g, j, qk, h)
   b = k_up.reshape(g, spec.k_rank, j, h)
-  qf = jnp.einsum("BGJQH,GRJH->BGJQR", f32(qg), f32(b)) / math.sqrt(h)
+  # HIGHEST: f32 products, not XLA's default TF32 on a GPU
+  qf = jnp.einsum("BGJQH,GRJH->BGJQR", f32(qg), f32(b),
+                  precision=jax.lax.Precision.HIGHEST) / math.sqrt(h)
   qf = qf.reshape(batch, g, j * qk, spec.k_rank)
   return jnp.pad(qf, [(0, 0), (0, 0), (0, heads - j * qk), (0, 0)]
                  ).astype(dtype)

@@ -261,13 +261,13 @@ def codes_as_float(c: Array, dtype) -> Array:
 
 
 def repeat_columns(x: Array, times: int) -> Array:
-  """x [M, W] -> [M, W·times], column i = x[:, i // times] (times a power of
-  two), by self-joins: the one column repeat the Triton backend lowers
-  without a trip through shared memory."""
-  while times > 1:
-    x = interleave([x, x])
-    times //= 2
-  return x
+  """x [M, W] -> [M, W·times], column i = x[:, i // times].
+
+  A broadcast and a reshape: repeating by self-joins (`interleave`) instead
+  gave wrong columns on the GPU (Triton 3.6, measured), though it passes in
+  interpret mode."""
+  m, w = x.shape
+  return jnp.broadcast_to(x[:, :, None], (m, w, times)).reshape(m, w * times)
 
 
 def load_latent_pieces(side_refs, b, rows, group_col, rank: int,
@@ -278,7 +278,7 @@ def load_latent_pieces(side_refs, b, rows, group_col, rank: int,
   per piece of `piece_layout(spec, rank)`, in that order.
 
   Codes become floats by bit tricks (`codes_as_float`), and scales and
-  offsets are widened to their latents' columns by self-joins; the affine
+  offsets are widened to their latents' columns; the affine
   map c·scale + offset is done in `dtype`.
   """
   pieces = piece_layout(spec, rank)

@@ -123,7 +123,8 @@ def rope_operands(q: Array, k_up: Array, k_bias: Array | None,
   qg = q.reshape(batch, g, j, qk, h).astype(jnp.float32)
   eye = jnp.eye(j, dtype=jnp.float32)
   # row (j', n) of KV head j's tile is q_n if j' == j else 0
-  blockdiag = jnp.einsum("BGiqH,ij->BGjiqH", qg, eye).reshape(
+  blockdiag = jnp.einsum("BGiqH,ij->BGjiqH", qg, eye,  # HIGHEST: no TF32
+                         precision=jax.lax.Precision.HIGHEST).reshape(
       batch, g, j, j * qk, h)
   blockdiag = jnp.pad(blockdiag, [(0, 0)] * 3 + [(0, heads - j * qk), (0, 0)])
   q1 = pad_cols(blockdiag[..., :half]).astype(dtype)

@@ -68,7 +68,9 @@ def check(spec, *, batch, cache_len, lengths, dtype, rope, config,
             k_bias=k_bias if bias else None)
   lengths = jnp.asarray(lengths, jnp.int32)
   out = op(q, hk, hv, k_up, lengths, config=config, interpret=INTERPRET, **kw)
-  want = ref(q, hk, hv, k_up, lengths, **kw)
+  # exact f32 dots in the reference too (XLA's default on a GPU is TF32)
+  with jax.default_matmul_precision("highest"):
+    want = ref(q, hk, hv, k_up, lengths, **kw)
   assert out.shape == (batch, spec.n_heads, spec.v_rank)
   assert out.dtype == jnp.float32
   out, want = np.asarray(out), np.asarray(want)
