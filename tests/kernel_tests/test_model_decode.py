@@ -6,6 +6,7 @@ same test compiles them (see also eval/check_decode.py for SmolLM2-135M).
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -79,16 +80,22 @@ def test_float32_greedy_decode_is_the_same_with_kernels(bits):
   runs = {}
   for impl in ("xla", "pallas"):
     model.set_attention_implementation(impl)
-    cache = model.init_cache(2, 32)
-    logits, cache = model(prompt, cache, fresh_cache=True)
-    token, steps = jnp.argmax(logits[:, -1:], -1), []
-    for _ in range(10):
-      logits, cache = model(token, cache)
-      steps.append(np.asarray(logits[:, 0]))
-      token = jnp.argmax(logits, -1)
-    runs[impl] = np.stack(steps)
+    with jax.default_matmul_precision("highest"):  # no TF32 on a GPU
+      runs[impl] = _greedy_logits(model, prompt)
   assert model.layers[0].attn.uses_kernel()
   np.testing.assert_array_equal(runs["pallas"].argmax(-1),
                                 runs["xla"].argmax(-1))
   np.testing.assert_allclose(runs["pallas"], runs["xla"],
                              atol=1e-5 * np.max(np.abs(runs["xla"])))
+
+
+def _greedy_logits(model, prompt, steps: int = 10):
+  """Logits [steps, B, V] of a greedy loop after prefilling `prompt`."""
+  cache = model.init_cache(prompt.shape[0], 32)
+  logits, cache = model(prompt, cache, fresh_cache=True)
+  token, out = jnp.argmax(logits[:, -1:], -1), []
+  for _ in range(steps):
+    logits, cache = model(token, cache)
+    out.append(np.asarray(logits[:, 0]))
+    token = jnp.argmax(logits, -1)
+  return np.stack(out)
