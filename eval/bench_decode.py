@@ -119,8 +119,11 @@ def _random_cache(model, *, batch, max_len):
   Built in one jitted program, so the zero buffers of `init_cache` are never
   materialized next to the filled ones (at 64K context that doubled the
   cache's memory and ran out of it)."""
-  return jax.jit(lambda: (lambda c: c.replace(
-      layers=_fill(c.layers, 1000)))(model.init_cache(batch, max_len)))()
+  @jax.jit
+  def build():
+    cache = model.init_cache(batch, max_len)
+    return cache.replace(layers=_fill(cache.layers, 1000))
+  return build()
 
 
 def weight_read_bytes(model) -> int:

@@ -33,10 +33,10 @@ from palu_jax.model import Transformer
 GROUP = 4
 
 
-def palu_config(cfg, ratio: float, bits: int, group: int = GROUP,
-                rope_rank: int | None = None) -> PaluConfig:
+def palu_config(cfg, ratio: float, bits: int, group: int = GROUP
+                ) -> PaluConfig:
   size = min(group, cfg.n_kv_heads)
-  rank = rope_rank or int(round((1 - ratio) * size * cfg.head_dim / 16)) * 16
+  rank = int(round((1 - ratio) * size * cfg.head_dim / 16)) * 16
   ranks = ((rank,) * (cfg.n_kv_heads // size),) * cfg.n_layers
   return PaluConfig(group_size=size, k_ranks=ranks, v_ranks=ranks,
                     kv_bits=bits, quant_group=32)

@@ -61,9 +61,10 @@ def main(argv=None) -> int:
   ap.add_argument("--dtype", default="bfloat16",
                   choices=("bfloat16", "float16", "float32"))
   args = ap.parse_args(argv)
-  if args.dtype == "float32":   # exact f32 dots in the jnp path too (a GPU
-    jax.config.update("jax_default_matmul_precision", "highest")  # would
-  model, tok = load_model(args.model, dtype=args.dtype)  # use TF32)
+  if args.dtype == "float32":
+    # exact f32 dots in the jnp path too (XLA's default on a GPU is TF32)
+    jax.config.update("jax_default_matmul_precision", "highest")
+  model, tok = load_model(args.model, dtype=args.dtype)
   prompts = [tok.encode(p) for p in PROMPTS]
   outs, secs = {}, {}
   for impl in ("xla", "pallas"):

@@ -23,7 +23,8 @@ from jax.experimental import pallas as pl
 from pallas_kernels import _flash_decode
 from pallas_kernels.common import (Array, KernelConfig, LatentSpec,
                                    attend_latents, dequantize_side, dot,
-                                   next_pow2, piece_layout, rebuilt_keys)
+                                   next_pow2, piece_layout, rebuilt_keys,
+                                   rounded)
 
 _STATIC = ("spec", "config", "interpret")
 
@@ -79,8 +80,9 @@ class _RopeScores:
         k2 = p2 if k2 is None else k2 + p2
       # K rounded to the cache dtype before and after the bias, then rotated
       # in f32: the rounding points of the model's jnp path (`keys`)
-      k1 = self.rounded(self.rounded(k1) + kb1[None, :])
-      k2 = self.rounded(self.rounded(k2) + kb2[None, :])
+      dt = self.dtype
+      k1 = rounded(rounded(k1, dt) + kb1[None, :], dt)
+      k2 = rounded(rounded(k2, dt) + kb2[None, :], dt)
       r1 = (k1 * cos - k2 * sin).astype(self.dtype)
       r2 = (k2 * cos + k1 * sin).astype(self.dtype)
       return (dot(qr1, r1, trans_b=True) + dot(qr2, r2, trans_b=True))
@@ -99,10 +101,6 @@ class _RopeScores:
       zero = jnp.zeros((q1.shape[3], pos.shape[0]), jnp.float32)
       scores = jax.lax.fori_loop(0, self.spec.kv_per_group, head, zero)
     return scores * (self.spec.head_dim ** -0.5)  # in f32, as the model
-
-  def rounded(self, x):
-    """x (f32) rounded to the cache dtype, kept in f32."""
-    return x.astype(self.dtype).astype(jnp.float32)
 
 
 def rope_operands(q: Array, k_up: Array, k_bias: Array | None,
