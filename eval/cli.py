@@ -4,6 +4,7 @@
   palu-jax compress MODEL --ratio 0.5 --mode jlrd --alloc fisher --out DIR
   palu-jax generate MODEL --prompt TEXT [--chat] --max-new-tokens N ...
   palu-jax ppl MODEL --dataset {wikitext2,c4,tinystories,PATH} --seqlen N
+  palu-jax eval --models base=DIR palu50=DIR2 --tasks ppl,zeroshot,needle
   palu-jax demo
 """
 
@@ -145,6 +146,23 @@ def cmd_ppl(args) -> int:
   return 0
 
 
+def cmd_eval(args) -> int:
+  from eval.suite import ModelSpec, SuiteConfig, run_suite
+  cfg = SuiteConfig(tasks=tuple(t for t in args.tasks.split(",") if t),
+                    limit=args.limit, ppl_seqlen=args.ppl_seqlen,
+                    ppl_limit=args.ppl_limit,
+                    needle_lengths=tuple(args.needle_lengths),
+                    needle_samples=args.needle_samples,
+                    longbench_limit=args.longbench_limit,
+                    batch_size=args.batch_size, dtype=args.dtype,
+                    data_dir=args.data_dir)
+  models = [ModelSpec.parse(m) for m in args.models]
+  out = os.path.join(args.out, args.name)
+  run_suite(models, cfg, out, progress=not args.no_progress)
+  print(f"results: {os.path.join(out, 'results.md')}")
+  return 0
+
+
 def cmd_demo(args) -> int:
   """Convert SmolLM2-135M, compress its KV cache by half, compare perplexity,
   generate from the compressed model."""
@@ -281,6 +299,32 @@ def build_parser() -> argparse.ArgumentParser:
   q.add_argument("--out", default=None,
                  help="also write ppl_<model>_<dataset>.json/.md into this dir")
   q.set_defaults(fn=cmd_ppl)
+
+  e = sub.add_parser("eval", help="evaluate configurations side by side "
+                     "(resumable)")
+  e.add_argument("--models", nargs="+", required=True,
+                 help="NAME=DIR[@KV], KV a simulated baseline: kivi2, kivi4, "
+                 "rtn4, rtn3, rtn2")
+  e.add_argument("--tasks", default="ppl,zeroshot,needle",
+                 help="comma list of ppl, zeroshot, needle, longbench")
+  e.add_argument("--limit", type=int, default=None,
+                 help="zero-shot items per task (default: all)")
+  e.add_argument("--ppl-seqlen", type=int, default=2048)
+  e.add_argument("--ppl-limit", type=int, default=None,
+                 help="perplexity windows per corpus (default: all)")
+  e.add_argument("--needle-lengths", type=int, nargs="+",
+                 default=[2048, 4096, 8192, 16384, 32768])
+  e.add_argument("--needle-samples", type=int, default=2,
+                 help="samples per (length, depth)")
+  e.add_argument("--longbench-limit", type=int, default=None)
+  e.add_argument("--batch-size", type=int, default=16)
+  e.add_argument("--dtype", choices=["bfloat16", "float32"], default="float32")
+  e.add_argument("--data-dir", default=None)
+  e.add_argument("--name", default="suite",
+                 help="results go to OUT/NAME/")
+  e.add_argument("--out", default=os.path.join("eval", "results"))
+  e.add_argument("--no-progress", action="store_true")
+  e.set_defaults(fn=cmd_eval)
 
   d = sub.add_parser("demo", help="SmolLM2-135M: convert, compress, "
                      "perplexity, generate")

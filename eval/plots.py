@@ -89,6 +89,69 @@ def plot_e2e(rows: list[dict], path: str, plt) -> None:
   plt.close(fig)
 
 
+def plot_suite(summary: dict, out_dir: str) -> list[str]:
+  """The evaluation suite's PNGs (see eval/suite.py): perplexity vs KV
+  bytes per token, zero-shot accuracy per task per configuration, and
+  needle retrieval per context length. Returns the paths written."""
+  plt = _pyplot()
+  if plt is None:
+    return []
+  models, results = summary["models"], summary["results"]
+  written = []
+  points = [(n, models[n]["kv_bytes_per_token"], results[n])
+            for n in models if models.get(n) and n in results]
+  ppl = [k for k in ("ppl:wikitext2", "ppl:c4")
+         if any(k in r for _, _, r in points)]
+  if ppl:
+    fig, axes = plt.subplots(1, len(ppl), figsize=(4.5 * len(ppl), 3.6),
+                             squeeze=False)
+    for ax, key in zip(axes[0], ppl):
+      for name, nbytes, r in points:
+        if key in r:
+          ax.scatter(nbytes, r[key]["value"])
+          ax.annotate(name, (nbytes, r[key]["value"]), fontsize=7,
+                      xytext=(3, 3), textcoords="offset points")
+      ax.set_xlabel("KV cache bytes per token")
+      ax.set_ylabel(f"perplexity ({key[4:]})")
+    written.append(os.path.join(out_dir, "ppl_vs_kv_bytes.png"))
+    _save(fig, written[-1])
+    plt.close(fig)
+  tasks = [t for t in summary["tasks"] if t.startswith("zeroshot:")]
+  names = [n for n in models if any(t in results.get(n, {}) for t in tasks)]
+  if tasks and names:
+    fig, ax = plt.subplots(figsize=(1.3 * len(tasks) + 2, 3.6))
+    width = 0.8 / len(names)
+    for k, name in enumerate(names):
+      vals = [100 * results[name][t]["value"] if t in results[name] else 0
+              for t in tasks]
+      ax.bar([i + k * width for i in range(len(tasks))], vals, width,
+             label=name)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))])
+    ax.set_xticklabels([t[9:] for t in tasks], fontsize=8)
+    ax.set_ylabel("accuracy (%)")
+    ax.legend(fontsize=7)
+    written.append(os.path.join(out_dir, "zeroshot.png"))
+    _save(fig, written[-1])
+    plt.close(fig)
+  needle = [(n, results[n]["needle"]) for n in models
+            if "needle" in results.get(n, {})]
+  if needle:
+    fig, ax = plt.subplots(figsize=(4.5, 3.6))
+    for name, r in needle:
+      pts = sorted((int(k), 100 * v["accuracy"])
+                   for k, v in r["per_length"].items())
+      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+              label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("needle retrieved (%)")
+    ax.legend(fontsize=7)
+    written.append(os.path.join(out_dir, "needle.png"))
+    _save(fig, written[-1])
+    plt.close(fig)
+  return written
+
+
 def plot_results(json_path: str) -> str | None:
   """Draws the PNG for a results JSON (kind told by its rows); returns its
   path, or None without matplotlib."""
