@@ -3,7 +3,6 @@ truncation, the LongBench loader and the needle test on a tiny model."""
 
 import json
 
-import numpy as np
 import pytest
 
 from eval.longcontext import longbench, needle, text_metrics
