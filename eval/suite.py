@@ -122,17 +122,11 @@ def task_settings(task: str, cfg: SuiteConfig) -> dict:
 
 def load_for_eval(spec: ModelSpec, dtype: str):
   """(model, tokenizer, info) with info = {kv_bytes_per_token, kind}."""
-  from palu_jax.api import parse_dtype
-  from palu_jax.checkpoint import load_source, load_tokenizer_for
+  from palu_jax.api import load_model
   from palu_jax.compress import kv_bytes_per_token
-  from palu_jax.config import PaluConfig
-  from palu_jax.model import from_params
   from palu_jax.quantize.kv_baselines import bytes_per_token
-  cfg, params, meta = load_source(spec.path)
-  palu = (PaluConfig.from_dict(meta["palu"]) if meta.get("kind") == "palu"
-          else None)
-  model = from_params(cfg, params, dtype=parse_dtype(dtype), palu=palu)
-  tok = load_tokenizer_for(spec.path)
+  model, tok = load_model(spec.path, dtype=dtype)
+  cfg, palu = model.cfg, model.palu
   if tok is None:
     raise ConfigError("--models", f"{spec.path}: no tokenizer next to the "
                       "checkpoint")
@@ -190,13 +184,16 @@ def _part_path(out_dir: str, model: str, task: str) -> str:
                       + ".json")
 
 
-def _read_part(path: str, settings: dict) -> dict | None:
+def _read_part(path: str, settings: dict, *, warn: bool = True
+               ) -> dict | None:
+  """The saved part, or None if absent or computed with other settings."""
   if not os.path.exists(path):
     return None
   with open(path) as f:
     part = json.load(f)
   if part.get("settings") != settings:
-    log.warning("%s: computed with other settings; recomputing", path)
+    if warn:  # once, where the runner decides what to compute
+      log.warning("%s: computed with other settings; recomputing", path)
     return None
   return part
 
@@ -249,7 +246,7 @@ def write_summary(out_dir: str, names: list[str], tasks: list[str],
   for name in names:
     for task in tasks:
       part = _read_part(_part_path(out_dir, name, task),
-                        task_settings(task, cfg))
+                        task_settings(task, cfg), warn=False)
       if part is not None:
         results.setdefault(name, {})[task] = part["result"]
   summary = {"models": {n: infos.get(n) for n in names}, "tasks": tasks,
