@@ -2,6 +2,7 @@
 
   palu-jax convert SRC OUT
   palu-jax compress MODEL --ratio 0.5 --mode jlrd --alloc fisher --out DIR
+  palu-jax compress MODEL --method eigen --eps 0.025 --out DIR
   palu-jax generate MODEL --prompt TEXT [--chat] --max-new-tokens N ...
   palu-jax ppl MODEL --dataset {wikitext2,c4,tinystories,PATH} --seqlen N
   palu-jax eval --models base=DIR palu50=DIR2 --tasks ppl,zeroshot,needle
@@ -35,13 +36,27 @@ def cmd_convert(args) -> int:
 def cmd_compress(args) -> int:
   from palu_jax.compress import (CalibrationConfig, CompressionConfig,
                                  compress_checkpoint)
-  given = {name: getattr(args, name) for name in (
-      "ratio", "mode", "group_size", "alloc", "whiten", "multiple",
-      "k_fraction", "shared_kv", "k_weight", "rope_span", "hadamard",
-      "kv_bits", "quant_group")
+  from palu_jax.eigen.compress import EigenConfig
+  from palu_jax.errors import ConfigError
+  palu_only = ("mode", "group_size", "alloc", "whiten", "k_fraction",
+               "shared_kv", "k_weight", "rope_span")
+  eigen_only = ("eps", "step", "floor", "error_windows")
+  common = ("ratio", "multiple", "hadamard", "kv_bits", "quant_group")
+  method = "eigen" if args.method == "eigen" else "palu"
+  wrong = [n for n in (palu_only if method == "eigen" else eigen_only)
+           if getattr(args, n) is not None] + (
+               ["palu"] if method == "eigen" and args.palu else [])
+  if wrong:
+    raise ConfigError("method", f"--{wrong[0].replace('_', '-')} does not "
+                      f"apply to --method {method}")
+  given = {name: getattr(args, name) for name in common + (
+      eigen_only if method == "eigen" else palu_only)
       if getattr(args, name) is not None}
-  comp = (CompressionConfig.palu(**given) if args.palu
-          else CompressionConfig(**given))
+  if method == "eigen":
+    comp = EigenConfig(**given)
+  else:
+    comp = (CompressionConfig.palu(**given) if args.palu
+            else CompressionConfig(**given))
   calib = CalibrationConfig(dataset=args.calib_dataset,
                             windows=args.calib_windows,
                             seqlen=args.calib_seqlen,
@@ -208,15 +223,30 @@ def build_parser() -> argparse.ArgumentParser:
   c.set_defaults(fn=cmd_convert)
 
   dtype_help = "weights/activations dtype (norms, softmax, logits are f32)"
-  k = sub.add_parser("compress", help="Palu: low-rank latent KV cache",
+  k = sub.add_parser("compress", help="Palu or Eigen Attention: low-rank "
+                     "latent KV cache",
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   k.add_argument("model", help="model directory, checkpoint, or preset")
   k.add_argument("--out", required=True, help="output model directory")
+  k.add_argument("--method", choices=["palu", "eigen"], default="palu",
+                 help="Palu (low-rank k/v projections) or Eigen Attention "
+                 "(calibrated per-layer bases, ranks by error budget)")
+  k.add_argument("--eps", type=float, default=None,
+                 help="eigen: per-layer attention-output error budget "
+                 "[0.025]; with --ratio, the budget decides instead")
+  k.add_argument("--step", type=float, default=None,
+                 help="eigen: energy-threshold step [0.02]")
+  k.add_argument("--floor", type=float, default=None,
+                 help="eigen: smallest rank as a fraction of head_dim [0.45]")
+  k.add_argument("--error-windows", type=int, default=None,
+                 help="eigen: calibration windows the errors are measured "
+                 "on [8]")
   k.add_argument("--palu", action="store_true",
                  help="Palu as published (separate latents, input whitening, "
                  "Fisher ranks); flags below still override")
   k.add_argument("--ratio", type=float, default=None,
-                 help="fraction of the KV cache removed, in (0, 1) [0.5]")
+                 help="fraction of the KV cache removed, in (0, 1) [palu: "
+                 "0.5; eigen: none, --eps decides]")
   k.add_argument("--mode", choices=["mlrd", "glrd", "jlrd"], default=None,
                  help="head groups: per head, per --group-size, all heads "
                  "[jlrd]")

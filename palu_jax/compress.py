@@ -12,6 +12,7 @@ disk, so later runs with other compression settings reuse it.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from typing import Any, Mapping
@@ -25,9 +26,12 @@ from palu_jax.config import ModelConfig, PaluConfig
 from palu_jax.decompose import lrd, metrics, ranks
 from palu_jax.decompose.fold import palu_params
 from palu_jax.decompose.svd import Factorization, LowRank, factorize
+from palu_jax.eigen.compress import EigenConfig
 from palu_jax.errors import ConfigError, PaluError
 from palu_jax.quantize.hadamard import fold_rotation
 
+
+log = logging.getLogger(__name__)
 
 ALLOCATIONS = ("uniform", "fisher", "error", "fisher-error")
 WHITENING = ("none", "input", "attention")
@@ -369,46 +373,67 @@ def format_rank_report(report: dict) -> str:
   return "\n".join(lines)
 
 
-def compress_checkpoint(src: str, out_dir: str, comp: CompressionConfig,
+def compress_checkpoint(src: str, out_dir: str,
+                        comp: CompressionConfig | EigenConfig,
                         calib: CalibrationConfig = CalibrationConfig(), *,
                         dtype: str = "float32", cache_dir: str | None = None,
                         data_dir: str | None = None, overwrite: bool = False,
                         progress: bool = True) -> tuple[str, dict]:
   """Source checkpoint or model directory -> compressed model directory.
 
-  Calibration runs the dense model in `dtype`. The directory holds the Palu
-  params (orbax), its PaluConfig in the marker (kind 'palu'), how it was made,
-  and `ranks.md`. Returns (absolute path, report).
+  `comp` picks the method: a CompressionConfig (Palu) or an EigenConfig
+  (Eigen Attention). Calibration runs the dense model in `dtype`. The
+  directory holds the latent-cache params (orbax), its PaluConfig in the
+  marker (kind 'palu'), how it was made, and `ranks.md`. Returns (absolute
+  path, report).
   """
   from palu_jax.api import parse_dtype
+  from palu_jax.calibrate.statistics import calibration_windows
   from palu_jax.checkpoint import load_source, load_tokenizer_for, save_model
+  from palu_jax.eigen.compress import eigen_params, format_eigen_report
+  from palu_jax.eigen.layer_error import attention_inputs
   from palu_jax.model import from_params
   cfg, base, meta = load_source(src)
   if meta.get("kind") == "palu":
     raise ConfigError("model", f"{src} is already Palu-compressed; compress "
                       "the dense model instead")
+  eigen = isinstance(comp, EigenConfig)
   comp.validate(cfg)
   tok = load_tokenizer_for(src)
-  stats = None
-  if comp.whiten != "none" or comp.alloc != "uniform":
+  stats = model = None
+  if eigen or comp.whiten != "none" or comp.alloc != "uniform":
     if tok is None:
       raise PaluError(f"{src}: calibration needs the model's tokenizer, and "
                       "none was found next to the checkpoint")
     model = from_params(cfg, base, dtype=parse_dtype(dtype))
-    stats = calibrate(model, tok, calib, fisher="fisher" in comp.alloc,
-                      cache_dir=cache_dir, progress=progress, data_dir=data_dir)
-    del model
-  params, palu, report = compress_params(cfg, base, stats, comp,
-                                         seqlen=calib.seqlen, progress=progress)
+    stats = calibrate(model, tok, calib, fisher=not eigen and
+                      "fisher" in comp.alloc, cache_dir=cache_dir,
+                      progress=progress, data_dir=data_dir)
+  if eigen:
+    windows = calibration_windows(tok, calib, data_dir=data_dir)
+    if comp.error_windows > len(windows):
+      log.warning("eigen: measuring errors on all %d calibration windows "
+                  "(error_windows=%d)", len(windows), comp.error_windows)
+    inputs = attention_inputs(model, windows[:comp.error_windows],
+                              batch_size=calib.batch_size, progress=progress)
+    params, palu, report = eigen_params(cfg, base, stats, model, inputs, comp,
+                                        progress=progress)
+    table, method = format_eigen_report(report), comp.to_dict()
+  else:
+    params, palu, report = compress_params(cfg, base, stats, comp,
+                                           seqlen=calib.seqlen,
+                                           progress=progress)
+    table, method = format_rank_report(report), {"method": "palu",
+                                                 **comp.to_dict()}
+  del model
   report["calibration_seconds"] = 0.0 if stats is None else stats.seconds
   provenance = {"kind": "palu", "palu": palu.to_dict(),
-                "compression": comp.to_dict(),
+                "compression": method,
                 "calibration": dataclasses.asdict(calib),
                 "source": meta.get("source", os.path.abspath(src)
                                    if os.path.exists(src) else src),
                 "kv_bytes_per_token": report["kv_bytes_per_token"],
                 "dense_kv_bytes_per_token": report["dense_kv_bytes_per_token"]}
   path = save_model(out_dir, cfg, params, tokenizer=tok, meta=provenance,
-                    overwrite=overwrite, extra_files={
-                        "ranks.md": format_rank_report(report) + "\n"})
+                    overwrite=overwrite, extra_files={"ranks.md": table + "\n"})
   return path, report

@@ -71,6 +71,18 @@ def _save_grams(path: str, grams: np.ndarray, tokens: int) -> None:
   atomic_write_bytes(path, buf.getvalue())
 
 
+def calibration_windows(tokenizer, calib: CalibrationConfig, *,
+                        data_dir: str | None = None) -> np.ndarray:
+  """The [calib.windows, calib.seqlen] token windows `calibrate` reads
+  (seeded, so every consumer sees the same ones)."""
+  from palu_jax.calibrate.windows import sample_windows
+  from palu_jax.data import load_text
+  ids = tokenizer.encode(load_text(calib.dataset, data_dir_override=data_dir),
+                         add_bos=False)
+  return sample_windows(ids, count=calib.windows, seqlen=calib.seqlen,
+                        seed=calib.seed)
+
+
 def calibrate(model, tokenizer, calib: CalibrationConfig, *,
               fisher: bool = True, cache_dir: str | None = None,
               progress: bool = True, data_dir: str | None = None
@@ -83,8 +95,6 @@ def calibrate(model, tokenizer, calib: CalibrationConfig, *,
   """
   from palu_jax.calibrate.activations import kv_input_grams
   from palu_jax.calibrate.fisher import kv_fisher
-  from palu_jax.calibrate.windows import sample_windows
-  from palu_jax.data import load_text
   calib.validate()
   grams_path = fisher_path = None
   if cache_dir:
@@ -98,10 +108,7 @@ def calibrate(model, tokenizer, calib: CalibrationConfig, *,
   windows = None
 
   def get_windows():
-    ids = tokenizer.encode(load_text(calib.dataset, data_dir_override=data_dir),
-                           add_bos=False)
-    return sample_windows(ids, count=calib.windows, seqlen=calib.seqlen,
-                          seed=calib.seed)
+    return calibration_windows(tokenizer, calib, data_dir=data_dir)
 
   if grams_path and os.path.exists(grams_path):
     log.info("calibration Gram matrices from %s", grams_path)

@@ -20,7 +20,7 @@ from palu_jax.config import ModelConfig
 from palu_jax.model.layers import rope_inv_freq
 
 
-def _psd_factor(m: np.ndarray, rel_jitter: float = 1e-6) -> np.ndarray:
+def psd_factor(m: np.ndarray, rel_jitter: float = 1e-6) -> np.ndarray:
   """Lower Cholesky factor of a PSD matrix, jittered relative to its trace."""
   m = 0.5 * (m + m.T)
   eye = np.eye(m.shape[0])
@@ -75,7 +75,7 @@ def value_metric(w_o: np.ndarray, cfg: ModelConfig, kv_head: int) -> np.ndarray:
 
 def group_factor(metrics: list[np.ndarray]) -> np.ndarray:
   """Block-diagonal lower factor for a group of KV heads' metrics."""
-  return block_diag([_psd_factor(m) for m in metrics])
+  return block_diag([psd_factor(m) for m in metrics])
 
 
 def block_diag(blocks: list[np.ndarray]) -> np.ndarray:

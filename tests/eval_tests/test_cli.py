@@ -1,5 +1,6 @@
 """The palu-jax command line on the real stories260K model."""
 
+import json
 import os
 
 import pytest
@@ -81,3 +82,32 @@ def test_compress_flags_map_to_the_config():
       ["compress", "m", "--out", "o", "--no-whiten"]).whiten == "none"
   assert build_parser().parse_args(
       ["compress", "m", "--out", "o", "--separate-kv"]).shared_kv is False
+
+
+def test_compress_eigen_then_ppl(tmp_path, stories_bin, capsys):
+  """--method eigen: the budget mode's bytes, a loadable model, and flags
+  of the other method refused by name."""
+  out = tmp_path / "eigen"
+  common = ["--calib-dataset", "tinystories", "--calib-windows", "4",
+            "--calib-seqlen", "64", "--calib-cache", str(tmp_path / "cache")]
+  assert main(["compress", stories_bin, "--out", str(out), "--method",
+               "eigen", "--ratio", "0.25", "--rank-multiple", "2",
+               "--floor", "0.25", *common]) == 0
+  printed = capsys.readouterr().out
+  assert "KV cache: 480 B/token, 75.0% of the dense 640 B/token" in printed
+  with open(out / "ranks.md") as f:
+    assert f.read().startswith("Eigen Attention, ε = ")
+  with open(out / "palu_jax.json") as f:
+    marker = json.load(f)
+  assert marker["compression"]["method"] == "eigen"
+  assert marker["palu"]["group_size"] == 1
+  assert main(["ppl", str(out), "--dataset", "tinystories", "--seqlen", "128",
+               "--limit", "2"]) == 0
+  ppl = float(capsys.readouterr().out.strip().splitlines()[-1].split()[1])
+  assert 1.0 < ppl < 40.0
+  assert main(["compress", stories_bin, "--out", str(tmp_path / "x"),
+               "--method", "eigen", "--mode", "jlrd", *common]) == 2
+  assert "--mode does not apply to --method eigen" in capsys.readouterr().err
+  assert main(["compress", stories_bin, "--out", str(tmp_path / "y"),
+               "--eps", "0.1", *common]) == 2
+  assert "--eps does not apply to --method palu" in capsys.readouterr().err
