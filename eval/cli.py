@@ -6,6 +6,7 @@
   palu-jax generate MODEL --prompt TEXT [--chat] --max-new-tokens N ...
   palu-jax ppl MODEL --dataset {wikitext2,c4,tinystories,PATH} --seqlen N
   palu-jax eval --models base=DIR palu50=DIR2 --tasks ppl,zeroshot,needle
+  palu-jax finetune DIR --steps 500 --lr 2e-4 --out DIR2
   palu-jax demo
 """
 
@@ -75,6 +76,29 @@ def cmd_compress(args) -> int:
         f"{report['kept_fraction']:.1%} of the dense "
         f"{report['dense_kv_bytes_per_token']} B/token; ranks in "
         f"{os.path.join(out, 'ranks.md')}")
+  return 0
+
+
+def cmd_finetune(args) -> int:
+  from eval.plots import loss_png
+  from palu_jax.lora.adapters import LoraConfig
+  from palu_jax.lora.pipeline import finetune_checkpoint
+  from palu_jax.lora.train import TrainConfig
+  lora = LoraConfig(rank=args.rank, alpha=args.alpha, targets=tuple(
+      t for t in args.targets.split(",") if t) if args.targets else None)
+  train = TrainConfig(steps=args.steps, lr=args.lr, warmup=args.warmup,
+                      batch_size=args.batch_size, grad_accum=args.grad_accum,
+                      seqlen=args.seqlen, weight_decay=args.weight_decay,
+                      compute_dtype=args.dtype, seed=args.seed,
+                      checkpoint_every=args.checkpoint_every, keep=args.keep)
+  out, log = finetune_checkpoint(
+      args.model, args.out, lora, train, dataset=args.dataset,
+      data_dir=args.data_dir, checkpoint_dir=args.ckpt_dir,
+      overwrite=args.overwrite, plot=loss_png)
+  first, last = log["losses"][0], log["losses"][-1]
+  print(f"fine-tuned {args.model} -> {out}: {log['steps']} steps, "
+        f"{log['tokens']} tokens in {log['seconds']}s; loss {first:.4f} -> "
+        f"{last:.4f}; adapters on {len(log['targets'])} parameters")
   return 0
 
 
@@ -299,6 +323,41 @@ def build_parser() -> argparse.ArgumentParser:
   k.add_argument("--data-dir", default=None)
   k.add_argument("--overwrite", action="store_true")
   k.set_defaults(fn=cmd_compress)
+
+  f = sub.add_parser("finetune", help="LoRA recovery fine-tuning; writes "
+                     "the merged model (and the adapters)",
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  f.add_argument("model", help="model directory (compressed or dense)")
+  f.add_argument("--out", required=True, help="output model directory")
+  f.add_argument("--steps", type=int, default=500)
+  f.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
+  f.add_argument("--warmup", type=int, default=50, help="linear warmup steps "
+                 "(then cosine decay to 0)")
+  f.add_argument("--batch-size", type=int, default=8,
+                 help="sequences per optimizer step")
+  f.add_argument("--grad-accum", type=int, default=1,
+                 help="micro-batches per step (divides --batch-size)")
+  f.add_argument("--seqlen", type=int, default=512)
+  f.add_argument("--weight-decay", type=float, default=0.0)
+  f.add_argument("--rank", type=int, default=8, help="LoRA rank")
+  f.add_argument("--alpha", type=float, default=16.0,
+                 help="LoRA scale is alpha / rank")
+  f.add_argument("--targets", default=None,
+                 help="comma-separated parameter names [compressed: "
+                 "k_down,k_up,v_down,o_latent; dense: q/k/v/o_proj]")
+  f.add_argument("--dataset", default="wikitext2-calib",
+                 help="corpus name or .txt/.jsonl path")
+  f.add_argument("--dtype", choices=["bfloat16", "float32", "float16"],
+                 default="bfloat16", help="compute dtype (adapters and "
+                 "optimizer state stay float32; on CPU use float32)")
+  f.add_argument("--checkpoint-every", type=int, default=100)
+  f.add_argument("--keep", type=int, default=3, help="checkpoints kept")
+  f.add_argument("--ckpt-dir", default=None,
+                 help="training checkpoints (resumed from) [OUT.ckpt]")
+  f.add_argument("--seed", type=int, default=0)
+  f.add_argument("--data-dir", default=None)
+  f.add_argument("--overwrite", action="store_true")
+  f.set_defaults(fn=cmd_finetune)
 
   g = sub.add_parser("generate", help="generate text (streams tokens)")
   g.add_argument("model")

@@ -89,6 +89,32 @@ def plot_e2e(rows: list[dict], path: str, plt) -> None:
   plt.close(fig)
 
 
+def loss_png(losses) -> bytes | None:
+  """A fine-tuning loss curve (per step and a 20-step moving mean) as PNG
+  bytes, or None without matplotlib."""
+  plt = _pyplot()
+  if plt is None:
+    return None
+  import io
+  import numpy as np
+  losses = np.asarray(losses, np.float64)
+  steps = np.arange(1, len(losses) + 1)
+  fig, ax = plt.subplots(figsize=(5.5, 3.4))
+  ax.plot(steps, losses, lw=0.8, alpha=0.5, label="per step")
+  w = min(20, len(losses))
+  if w > 1:
+    smooth = np.convolve(losses, np.ones(w) / w, mode="valid")
+    ax.plot(steps[w - 1:], smooth, lw=1.6, label=f"mean of {w}")
+  ax.set_xlabel("step")
+  ax.set_ylabel("training loss (nats/token)")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+  plt.close(fig)
+  return buf.getvalue()
+
+
 def plot_suite(summary: dict, out_dir: str) -> list[str]:
   """The evaluation suite's PNGs (see eval/suite.py): perplexity vs KV
   bytes per token, zero-shot accuracy per task per configuration, and

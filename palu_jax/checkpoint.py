@@ -101,11 +101,12 @@ def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def save_model(out_dir: str, cfg: ModelConfig, params: Mapping[str, Any], *,
                tokenizer=None, meta: Mapping[str, Any] | None = None,
                overwrite: bool = False,
-               extra_files: Mapping[str, str] | None = None) -> str:
+               extra_files: Mapping[str, str | bytes] | None = None) -> str:
   """Writes a model directory atomically; returns its absolute path.
 
   `meta` entries go into the marker (a compressed model's `kind: palu` and
-  ranks); `extra_files` are written as text beside it (reports).
+  ranks); `extra_files` (text or bytes) are written beside it (reports,
+  adapters).
   """
   import orbax.checkpoint as ocp
   with atomic_directory(out_dir, overwrite=overwrite) as tmp:
@@ -117,9 +118,10 @@ def save_model(out_dir: str, cfg: ModelConfig, params: Mapping[str, Any], *,
     ckptr.wait_until_finished()
     if tokenizer is not None:
       tokenizer.save(tmp)
-    for name, text in (extra_files or {}).items():
-      with open(os.path.join(tmp, name), "w") as f:
-        f.write(text)
+    for name, content in (extra_files or {}).items():
+      with open(os.path.join(tmp, name),
+                "wb" if isinstance(content, bytes) else "w") as f:
+        f.write(content)
     dtypes = sorted({str(np.asarray(v).dtype) for v in params.values()})
     marker = {"format": "palu-jax", "version": FORMAT_VERSION, "kind": "base",
               "dtypes": dtypes, **(meta or {})}

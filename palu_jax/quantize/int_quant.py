@@ -72,10 +72,25 @@ def dequantize(codes: Array, scale: Array, offset: Array, *, group: int,
 
 def fake_quantize(x: Array, *, bits: int, group: int,
                   scale_dtype=jnp.bfloat16) -> Array:
-  """quantize -> dequantize in x's dtype: the values a packed cache returns."""
+  """quantize -> dequantize in x's dtype: the values a packed cache returns.
+
+  Its gradient is the identity (straight-through estimator), so fine-tuning
+  a quantized-cache model trains the projections that feed the latents.
+  """
+  return _fake_quantize_ste(x, bits, group, jnp.dtype(scale_dtype))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
+def _fake_quantize_ste(x: Array, bits: int, group: int, scale_dtype) -> Array:
   q, scale, offset = quantize(x, bits=bits, group=group,
                               scale_dtype=scale_dtype)
   return dequantize(q, scale, offset, group=group, dtype=x.dtype)
+
+
+@_fake_quantize_ste.defjvp
+def _fake_quantize_jvp(bits, group, scale_dtype, primals, tangents):
+  (x,), (dx,) = primals, tangents
+  return _fake_quantize_ste(x, bits, group, scale_dtype), dx
 
 
 def packed_dtype(bits: int):

@@ -1,0 +1,1 @@
+"""LoRA recovery fine-tuning of (compressed) models."""
