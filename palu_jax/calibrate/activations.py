@@ -20,18 +20,23 @@ from palu_jax.errors import PaluError
 from palu_jax.typing import Array
 
 
+def attention_inputs_of(model, windows: Array) -> Array:
+  """windows [B, T] -> [L, B, T, D] float32 input of every layer's attention
+  (the k/v projections' input), traced: call it under jit."""
+  x, cos, sin, q_pos, start = model.prelude(windows)
+  out = []
+  for layer in model.layers:
+    out.append(layer.attn_norm(x).astype(jnp.float32))
+    x, _ = layer(x, cos, sin, q_pos, None, start)
+  return jnp.stack(out)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _batch_grams(graphdef, state, windows: Array) -> Array:
   """windows [B, T] -> [L, D, D] float32 Σ over B·T of hᵀh per layer."""
-  model = nnx.merge(graphdef, state)
-  x, cos, sin, q_pos, start = model.prelude(windows)
-  grams = []
-  for layer in model.layers:
-    h = layer.attn_norm(x).astype(jnp.float32)            # [B, T, D]
-    grams.append(jnp.einsum("BTD,BTE->DE", h, h,
-                            precision=jax.lax.Precision.HIGHEST))
-    x, _ = layer(x, cos, sin, q_pos, None, start)
-  return jnp.stack(grams)
+  h = attention_inputs_of(nnx.merge(graphdef, state), windows)
+  return jnp.einsum("LBTD,LBTE->LDE", h, h,
+                    precision=jax.lax.Precision.HIGHEST)
 
 
 def kv_input_grams(model, windows, *, batch_size: int = 1,

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from palu_jax.calibrate.activations import attention_inputs_of
 from palu_jax.calibrate.windows import as_windows
 from palu_jax.model.layers import rope_cos_sin, rope_inv_freq
 from palu_jax.typing import Array
@@ -25,13 +26,7 @@ from palu_jax.typing import Array
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _layer_inputs(graphdef, state, windows: Array) -> Array:
   """windows [B, T] -> [L, B, T, D] float32 inputs of each attention."""
-  model = nnx.merge(graphdef, state)
-  x, cos, sin, q_pos, start = model.prelude(windows)
-  out = []
-  for layer in model.layers:
-    out.append(layer.attn_norm(x).astype(jnp.float32))
-    x, _ = layer(x, cos, sin, q_pos, None, start)
-  return jnp.stack(out)
+  return attention_inputs_of(nnx.merge(graphdef, state), windows)
 
 
 def attention_inputs(model, windows, *, batch_size: int = 1,
