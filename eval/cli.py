@@ -43,7 +43,7 @@ def cmd_compress(args) -> int:
                "shared_kv", "k_weight", "rope_span")
   eigen_only = ("eps", "step", "floor", "error_windows")
   common = ("ratio", "multiple", "hadamard", "kv_bits", "quant_group")
-  method = "eigen" if args.method == "eigen" else "palu"
+  method = args.method
   wrong = [n for n in (palu_only if method == "eigen" else eigen_only)
            if getattr(args, n) is not None] + (
                ["palu"] if method == "eigen" and args.palu else [])

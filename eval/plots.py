@@ -10,11 +10,13 @@ to its JSON, atomically.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
-import tempfile
 from collections import defaultdict
+
+from palu_jax.checkpoint import atomic_write_bytes
 
 
 def _pyplot():
@@ -27,16 +29,14 @@ def _pyplot():
   return plt
 
 
+def _png_bytes(fig) -> bytes:
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+  return buf.getvalue()
+
+
 def _save(fig, path: str) -> None:
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".png")
-  os.close(fd)
-  try:
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.chmod(tmp, 0o644)   # mkstemp's 0600 would follow the file
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  atomic_write_bytes(path, _png_bytes(fig))
 
 
 def plot_kernels(rows: list[dict], path: str, plt) -> None:
@@ -95,7 +95,6 @@ def loss_png(losses) -> bytes | None:
   plt = _pyplot()
   if plt is None:
     return None
-  import io
   import numpy as np
   losses = np.asarray(losses, np.float64)
   steps = np.arange(1, len(losses) + 1)
@@ -109,10 +108,9 @@ def loss_png(losses) -> bytes | None:
   ax.set_ylabel("training loss (nats/token)")
   ax.grid(alpha=0.3)
   ax.legend()
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+  png = _png_bytes(fig)
   plt.close(fig)
-  return buf.getvalue()
+  return png
 
 
 def plot_suite(summary: dict, out_dir: str) -> list[str]:

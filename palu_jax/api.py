@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax.numpy as jnp
+import numpy as np
 
 from palu_jax.checkpoint import load_source, load_tokenizer_for
-from palu_jax.config import PaluConfig
+from palu_jax.config import ModelConfig, PaluConfig
 from palu_jax.errors import CheckpointError, ConfigError
 from palu_jax.model import Transformer, from_params
 
@@ -19,6 +22,20 @@ def parse_dtype(name: str):
   return DTYPES[name]
 
 
+def load_params(src: str) -> tuple[ModelConfig, dict[str, np.ndarray],
+                                   PaluConfig | None, dict[str, Any]]:
+  """(config, flat numpy params, PaluConfig or None, marker) of a converted
+  or compressed directory or a source checkpoint."""
+  cfg, params, meta = load_source(src)
+  palu = None
+  if meta.get("kind") == "palu":
+    if "palu" not in meta:
+      raise CheckpointError(src, "compressed checkpoint without its 'palu' "
+                            "ranks", field="palu")
+    palu = PaluConfig.from_dict(meta["palu"])
+  return cfg, params, palu, meta
+
+
 def load_model(src: str, *, dtype: str = "bfloat16"
                ) -> tuple[Transformer, object]:
   """Loads (model, tokenizer) from a converted directory or a source.
@@ -28,12 +45,6 @@ def load_model(src: str, *, dtype: str = "bfloat16"
       llama2.c .bin, or a preset name such as 'smollm2-135m'.
     dtype: 'bfloat16' (default) or 'float32' weights and activations.
   """
-  cfg, params, meta = load_source(src)
-  palu = None
-  if meta.get("kind") == "palu":
-    if "palu" not in meta:
-      raise CheckpointError(src, "compressed checkpoint without its 'palu' "
-                            "ranks", field="palu")
-    palu = PaluConfig.from_dict(meta["palu"])
+  cfg, params, palu, _ = load_params(src)
   model = from_params(cfg, params, dtype=parse_dtype(dtype), palu=palu)
   return model, load_tokenizer_for(src)

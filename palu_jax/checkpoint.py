@@ -69,6 +69,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
   try:
     with os.fdopen(fd, "wb") as f:
       f.write(data)
+    os.chmod(tmp, 0o644)   # mkstemp's 0600 would follow the file
     os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(FileNotFoundError):

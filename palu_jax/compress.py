@@ -131,11 +131,7 @@ def factorize_model(cfg: ModelConfig, base: Mapping[str, np.ndarray],
   if whiten != "none" and stats is None:
     raise PaluError(f"whiten={whiten!r} needs calibration statistics")
   if stats is not None:
-    bad = [i for i in range(len(stats.grams))
-           if not np.all(np.isfinite(stats.grams[i]))]
-    if bad:
-      raise PaluError(f"calibration Gram matrices of layers {bad} hold "
-                      "NaN/Inf values; check the calibration data and dtype")
+    stats.check_finite()
   cols = lrd.group_columns(cfg.n_kv_heads, cfg.head_dim, group_size)
   out: dict[str, list[list[Factorization]]] = (
       {"kv": []} if shared_kv else {"k": [], "v": []})

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from palu_jax.checkpoint import atomic_write_bytes
-from palu_jax.errors import ConfigError
+from palu_jax.errors import ConfigError, PaluError
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,15 @@ class CalibrationStats:
   fisher: dict[str, float]     # 'layers.{i}.attn.{k,v}_proj' -> score ({} if
                                # not computed)
   seconds: float = 0.0         # wall time spent calibrating (0 if cached)
+
+  def check_finite(self) -> None:
+    """Raises PaluError naming the layers whose Gram matrix holds NaN/Inf."""
+    bad = [i for i in range(len(self.grams))
+           if not np.all(np.isfinite(self.grams[i]))]
+    if bad:
+      raise PaluError(f"calibration Gram matrix of layer {bad[0]} holds "
+                      f"NaN/Inf values (bad layers: {bad}); check the "
+                      "calibration data and dtype")
 
 
 def model_fingerprint(model) -> str:

@@ -91,12 +91,10 @@ class EigenConfig:
 def layer_bases(cfg: ModelConfig, base: Mapping[str, np.ndarray],
                 stats: CalibrationStats) -> list[tuple[Basis, Basis]]:
   """(key basis, value basis) of every layer, from the calibration Grams."""
+  stats.check_finite()
   out = []
   for i in range(cfg.n_layers):
     gram = np.asarray(stats.grams[i], np.float64) / max(stats.tokens, 1)
-    if not np.all(np.isfinite(gram)):
-      raise PaluError(f"calibration Gram matrix of layer {i} holds NaN/Inf "
-                      "values; check the calibration data and dtype")
     pre = f"layers.{i}.attn."
     out.append(tuple(projection_basis(base[pre + f"{kind}_proj.kernel"],
                                       gram, cfg.head_dim)

@@ -16,7 +16,6 @@ from typing import Callable
 
 import numpy as np
 
-from palu_jax.config import PaluConfig
 from palu_jax.errors import CheckpointError, PaluError
 from palu_jax.lora.adapters import LoraConfig, merge
 from palu_jax.lora.data import pack
@@ -34,15 +33,13 @@ def finetune_checkpoint(src: str, out_dir: str, lora: LoraConfig,
   merged model to `out_dir`. Returns (absolute path, training log)."""
   from safetensors.numpy import save as save_safetensors
 
-  from palu_jax.checkpoint import load_source, load_tokenizer_for, save_model
+  from palu_jax.api import load_params
+  from palu_jax.checkpoint import load_tokenizer_for, save_model
   from palu_jax.data import load_text
   train.validate()
   if os.path.exists(out_dir) and not overwrite:
     raise CheckpointError(out_dir, "output exists (use --overwrite)")
-  cfg, params, meta = load_source(src)
-  palu = None
-  if meta.get("kind") == "palu":
-    palu = PaluConfig.from_dict(meta["palu"])
+  cfg, params, palu, meta = load_params(src)
   tok = load_tokenizer_for(src)
   if tok is None:
     raise PaluError(f"{src}: fine-tuning needs the model's tokenizer, and "
