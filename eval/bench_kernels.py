@@ -39,10 +39,10 @@ import numpy as np
 
 from eval.bench_decode import _pseudo_random, measure_bandwidth
 from eval.report import markdown_table, write_results
-from pallas_kernels.api import latent_decode_attention
 from eval.plots import plot_results
-from pallas_kernels.common import (KernelConfig, LatentSpec, QuantLatent,
-                                   rank_unit)
+from pallas_kernels.common import LatentSpec, QuantLatent, rank_unit
+from pallas_kernels.latent_attention import mosaic_gpu
+from pallas_kernels.latent_attention.api import latent_decode_attention
 from pallas_kernels.tuning import choose_config
 
 SHAPES = {"llama2-7b": (32, 32, 128), "llama3-8b": (32, 8, 128)}
@@ -161,7 +161,8 @@ def palu_flops(spec: LatentSpec, batch: int, ctx: int, rope: bool) -> float:
 
 
 def run(shapes, batches, contexts, ratios, bits_list, *, tune: bool,
-        save, groups=(GROUP,)) -> list[dict]:
+        save, groups=(GROUP,), backends=("mosaic_gpu", "triton")
+        ) -> list[dict]:
   rows: list[dict] = []
   for shape_name in shapes:
     n_heads, n_kv, h = SHAPES[shape_name]
@@ -206,27 +207,26 @@ def run(shapes, batches, contexts, ratios, bits_list, *, tune: bool,
           inv = jnp.asarray(1.0 / 10000 ** (np.arange(0, h, 2) / h),
                             jnp.float32)
           nbytes = batch * ctx * spec.latent_bytes_per_token()
-          for rope in (True, False):
+          for rope, backend in itertools.product((True, False), backends):
             name = (f"palu{round(ratio * 100)}_{'rope' if rope else 'norope'}"
                     + ("" if bits == 16 else f"_int{bits}")
                     + ("" if group == GROUP else f"_g{group}"))
-            configs = [choose_config(spec, batch=batch, cache_len=ctx,
-                                     rope=rope)]
-            if tune:
-              configs += _tune_grid(configs[0])
+            configs = _configs(backend, spec, batch, ctx, rope, tune)
             best = None
             for cfg in configs:
               fn = functools.partial(
                   _palu_call, spec=spec, inv=inv if rope else None,
-                  config=cfg)
+                  config=cfg, backend=backend)
               r = _measure(name, fn, q, (hk, hv, k_up), lengths, nbytes,
                            palu_flops(spec, batch, ctx, rope))
               r["config"] = _cfg_str(cfg)
               r["rank"] = spec.k_rank
               r["group"] = group
+              r["backend"] = backend
               if best is None or (r["us"] or 1e30) < (best["us"] or 1e30):
                 best = r
-            shape_rows.append(best)
+            if best is not None:
+              shape_rows.append(best)
           del hk, hv
         for r in shape_rows:
           r.update(shape=shape_name, batch=batch, kv_heads=n_kv, context=ctx)
@@ -238,19 +238,40 @@ def run(shapes, batches, contexts, ratios, bits_list, *, tune: bool,
         save(rows)
         for r in shape_rows:
           print(f"{shape_name} B{batch} {ctx:>6} {r['variant']:<22} "
-                f"{r['us'] or float('nan'):9.1f} us  {r['gbps'] or 0:7.0f} GB/s"
+                f"{r.get('backend', ''):<10} {r['us'] or float('nan'):9.1f} us  {r['gbps'] or 0:7.0f} GB/s"
                 f"  {r['tflops'] or 0:6.1f} TF  x{r['speedup'] or 0:.2f} "
                 f"{r.get('config', '')} {r.get('error', '')}", flush=True)
   return rows
 
 
-def _palu_call(q, hk, hv, k_up, lengths, *, spec, inv, config):
+def _palu_call(q, hk, hv, k_up, lengths, *, spec, inv, config, backend):
   return latent_decode_attention(q, hk, hv, k_up, lengths, spec=spec,
-                                 inv_freq=inv, implementation="pallas",
+                                 inv_freq=inv, implementation=backend,
                                  config=config)
 
 
-def _tune_grid(base: KernelConfig) -> list[KernelConfig]:
+def _configs(backend, spec, batch, ctx, rope, tune) -> list:
+  """Launch configs to time for one backend (the chosen one first); none
+  when the Mosaic GPU kernel cannot take the shape (Triton's row stands)."""
+  if backend == "triton":
+    base = choose_config(spec, batch=batch, cache_len=ctx, rope=rope)
+    return [base] + (_tune_grid(base) if tune else [])
+  base = mosaic_gpu.choose_config(spec, batch=batch, cache_len=ctx, rope=rope)
+  if mosaic_gpu.unsupported_reason(spec, DTYPE, ctx, rope, base):
+    return []
+  out = [base]
+  if tune:
+    for stages in (2, 4):
+      for splits in {max(1, base.splits // 2), base.splits * 2}:
+        c = mosaic_gpu.MosaicConfig(block_s=base.block_s, stages=stages,
+                                    splits=splits)
+        if c not in out and mosaic_gpu.unsupported_reason(
+            spec, DTYPE, ctx, rope, c) is None:
+          out.append(c)
+  return out
+
+
+def _tune_grid(base):
   out = []
   for bs in (32, 64, 128):
     for warps in (4, 8):
@@ -262,7 +283,9 @@ def _tune_grid(base: KernelConfig) -> list[KernelConfig]:
   return out
 
 
-def _cfg_str(c: KernelConfig) -> str:
+def _cfg_str(c) -> str:
+  if isinstance(c, mosaic_gpu.MosaicConfig):
+    return f"bs={c.block_s} P={c.splits} stages={c.stages}"
   return f"bs={c.block_s} P={c.splits} w={c.num_warps} st={c.num_stages}"
 
 
@@ -304,6 +327,9 @@ def main(argv=None) -> int:
   ap.add_argument("--groups", nargs="+", type=int, default=[GROUP],
                   help="KV heads per latent group (4: G-LRD, 1: M-LRD)")
   ap.add_argument("--bits", nargs="+", type=int, default=[16, 4, 3, 2])
+  ap.add_argument("--backends", nargs="+", default=["mosaic_gpu", "triton"],
+                  choices=["mosaic_gpu", "triton"],
+                  help="latent kernel backends to time side by side")
   ap.add_argument("--tune", action="store_true",
                   help="also sweep block size / warps / stages / splits")
   ap.add_argument("--name", default="bench_kernels")
@@ -319,7 +345,8 @@ def main(argv=None) -> int:
 
   def save(rows):
     add_roofline(rows, bw, peak)
-    cols = ["shape", "batch", "context", "variant", "rank", "us", "gbps",
+    cols = ["shape", "batch", "context", "variant", "backend", "rank", "us",
+            "gbps",
             "tflops", "roofline_frac", "bound", "speedup", "config"]
     md = (f"# Decode attention kernels ({meta['device']})\n\n"
           f"HBM read {bw / 1e9:.0f} GB/s and bf16 matmul {peak:.0f} TFLOP/s, "
@@ -331,7 +358,8 @@ def main(argv=None) -> int:
     plot_results(jpath)          # a PNG next to it, with matplotlib
 
   run(args.shapes, args.batches, args.contexts, args.ratios, args.bits,
-      tune=args.tune, save=save, groups=args.groups)
+      tune=args.tune, save=save, groups=args.groups,
+      backends=tuple(args.backends))
   return 0
 
 

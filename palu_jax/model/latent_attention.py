@@ -62,7 +62,8 @@ class LatentAttention(nnx.Module):
   the jnp path.
   """
 
-  implementation: str | None = None  # "pallas" | "xla" | None (automatic)
+  # "mosaic_gpu" | "triton" ("pallas") | "xla" | None (automatic)
+  implementation: str | None = None
   prefill_implementation: str | None = None  # "cudnn"|"xla"|"jnp"|None
 
   def __init__(self, cfg: ModelConfig, *, group_size: int,
@@ -143,8 +144,8 @@ class LatentAttention(nnx.Module):
     import jax
     impl = self.implementation
     if impl is None:
-      impl = "pallas" if jax.default_backend() == "gpu" else "xla"
-    return impl == "pallas" and self.kernel_spec() is not None
+      impl = "kernel" if jax.default_backend() == "gpu" else "xla"
+    return impl != "xla" and self.kernel_spec() is not None
 
   def _decode_kernel(self, q: Array, cache, start: Array, dtype) -> Array:
     """One new token per sequence: q [B, 1, N, H] rotated -> [B, 1, D]."""

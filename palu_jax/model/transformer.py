@@ -79,8 +79,9 @@ class Transformer(nnx.Module):
 
   def set_attention_implementation(self, implementation: str | None, *,
                                    prefill: str | None = None) -> None:
-    """For every latent layer: decode attention `implementation` "pallas",
-    "xla" or None (automatic; see `pallas_kernels.api`), and `prefill`
+    """For every latent layer: decode attention `implementation`
+    "mosaic_gpu", "triton" (alias "pallas"), "xla" or None (automatic; see
+    `pallas_kernels.latent_attention.api`), and `prefill`
     attention "cudnn", "xla", "jnp" or None (automatic; see
     `LatentAttention`)."""
     for layer in self.layers:

@@ -1,0 +1,410 @@
+"""Latent decode attention on Hopper: Pallas's Mosaic GPU backend (wgmma, TMA).
+
+One kernel serves both paths (`rope=True`: keys rebuilt and rotated in the
+kernel; `rope=False`: B_k folded into the query). Per CTA, three warpgroups:
+
+  memory WG   TMA producer: the loop invariants once (B_k halves or the
+              absorbed query, queries, RoPE frequencies, key bias), then the
+              latent tiles h_k [bs, R_k] and h_v [bs, R_v] into a ring of
+              `stages` shared-memory slots, each slot guarded by a produced
+              and a consumed barrier.
+  compute WGs two of them, taking alternate tiles (WG w: tiles w, w+2, …),
+              each with its own online softmax; they write separate partials,
+              so the tensor core is kept busy by one WG while the other does
+              its elementwise work.
+
+Per tile, with positions as wgmma rows (M = bs) and the few query heads as
+columns (N = 8·⌈Q/8⌉), so no tensor-core work is spent on padding rows:
+  RoPE:    K¹, K² = h_k·B¹, h_k·B²           (wgmma, [bs, H/2] each, f32)
+           rotate by the angles (s0 + i)·θ    (registers; see below)
+           Sᵀ = K¹ᵣ·q¹ᵀ + K²ᵣ·q²ᵀ             (wgmma, A from registers)
+  no RoPE: Sᵀ = h_k·q'ᵀ                       (wgmma, q' = q·B_kᵀ/√H)
+  then     m, l, P = online softmax over the bs rows (f32)
+           Pᵀ → shared memory (bf16/fp16), acc += h_vᵀ·P  (wgmma, [R_v, N])
+
+The rotation angle of row i of a tile starting at s0 is s0·θ + i·θ: cos/sin
+of i·θ are computed once per WG, those of s0·θ per tile on one row vector,
+and the two are combined by the angle-sum identities (4 FMAs an element
+instead of a cos and a sin).
+
+Grid: (X, P, B) with X = G·J KV heads (RoPE: one CTA per KV head, so its B_k
+slice stays resident) or G groups (no RoPE), P sequence splits. The 2·P
+partials per program are merged by `common.combine_splits` in XLA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.common import Array, LatentSpec, combine_splits
+
+_FLOOR = -1e30           # finite "minus infinity": masked rows never give NaN
+COMPUTE_WGS = 2
+SMEM_BYTES = 227 * 1024  # per CTA on sm_90 (232448 bytes)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class MosaicConfig:
+  """Launch parameters: cache rows per tile (a multiple of 64), ring slots
+  (even: each compute WG owns every other slot), sequence splits."""
+  block_s: int = 64
+  stages: int = 2
+  splits: int = 1
+
+
+def _swizzle(minor_elems: int, itemsize: int = 2) -> int:
+  """Largest TMA/wgmma swizzle (bytes) whose row fits minor_elems evenly."""
+  for sw in (128, 64, 32):
+    if (minor_elems * itemsize) % sw == 0:
+      return sw
+  raise ValueError(f"a row of {minor_elems} elements has no swizzle")
+
+
+def _transforms(swizzle: int, itemsize: int = 2):
+  return (plgpu.TilingTransform((8, swizzle // itemsize)),
+          plgpu.SwizzleTransform(swizzle))
+
+
+def query_cols(spec: LatentSpec, rope: bool) -> int:
+  """Query heads per program, padded to the wgmma N granule of 8."""
+  n = spec.q_per_kv if rope else spec.heads_per_group
+  return 8 * -(-n // 8)
+
+
+def unsupported_reason(spec: LatentSpec, dtype, cache_len: int, rope: bool,
+                       config: MosaicConfig) -> str | None:
+  """Why this kernel cannot run a shape (None if it can)."""
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16),
+                              jnp.dtype(jnp.float16)):
+    return f"dtype {jnp.dtype(dtype).name} (Mosaic GPU path takes bf16/fp16)"
+  if spec.bits != 16:
+    return f"{spec.bits}-bit latents (Mosaic GPU path reads 16-bit latents)"
+  if spec.v_rank % 64:
+    return f"v_rank {spec.v_rank} (needs a multiple of 64: the wgmma M of p·h_v)"
+  if spec.k_rank % 16:
+    return f"k_rank {spec.k_rank} (needs a multiple of 16)"
+  if rope and spec.head_dim % 32:
+    return f"head_dim {spec.head_dim} (needs a multiple of 32)"
+  if query_cols(spec, rope) > 256:
+    return "more than 256 query heads per program"
+  if config.block_s % 64 or cache_len % config.block_s:
+    return (f"cache length {cache_len} (needs a multiple of block_s="
+            f"{config.block_s}, itself a multiple of 64)")
+  if config.stages % 2:
+    return f"stages {config.stages} (needs an even number)"
+  if smem_bytes(spec, rope, config) > SMEM_BYTES:
+    return (f"{smem_bytes(spec, rope, config)} bytes of shared memory "
+            f"(limit {SMEM_BYTES})")
+  return None
+
+
+def smem_bytes(spec: LatentSpec, rope: bool, config: MosaicConfig) -> int:
+  """Shared memory the kernel allocates (2-byte elements)."""
+  bs, nq = config.block_s, query_cols(spec, rope)
+  ring = bs * (spec.k_rank + (0 if spec.shared else spec.v_rank))
+  fixed = COMPUTE_WGS * nq * bs                          # Pᵀ per WG
+  if rope:
+    hh = spec.head_dim // 2
+    fixed += 2 * spec.k_rank * hh + 2 * nq * hh + 3 * hh * 2  # B, q, f32s
+  else:
+    fixed += nq * spec.k_rank
+  return 2 * (config.stages * ring + fixed) + 1024        # + barriers
+
+
+def choose_config(spec: LatentSpec, *, batch: int, cache_len: int, rope: bool,
+                  n_sms: int = 132) -> MosaicConfig:
+  """Tiles of 64 rows; as many ring slots as fit (≤ 4); splits so that the
+  grid fills the GPU about once (one CTA per SM: the ring takes its shared
+  memory), each split still walking ≥ 4 tiles per compute WG."""
+  bs = 64
+  stages = 4
+  while stages > 2 and smem_bytes(spec, rope, MosaicConfig(
+      block_s=bs, stages=stages)) > SMEM_BYTES:
+    stages -= 2
+  programs = batch * spec.groups * (spec.kv_per_group if rope else 1)
+  tiles = max(1, cache_len // bs)
+  want = max(1, -(-n_sms // programs))
+  splits = max(1, min(want, tiles // (4 * COMPUTE_WGS)))
+  return MosaicConfig(block_s=bs, stages=stages, splits=splits)
+
+
+# ------------------------------------------------ plain math the kernel uses
+# (plain functions of arrays: the kernel calls them on register tiles, the
+# CPU tests on jnp arrays)
+
+def angle_sum(cos_i, sin_i, c0, z0):
+  """cos/sin of (a + b) from those of a (cos_i, sin_i) and b (c0, z0)."""
+  return cos_i * c0 - sin_i * z0, sin_i * c0 + cos_i * z0
+
+
+def rotate_halves(k1, k2, cos, sin):
+  """RoPE in the rotate-half layout on the two halves of a key."""
+  return k1 * cos - k2 * sin, k2 * cos + k1 * sin
+
+
+def softmax_step(m, l, s):
+  """One online-softmax update over the rows of scores s [bs, N] (f32):
+  running max m [N] and sum l [N] -> (m', l', rescale of the old
+  accumulator [N], probabilities [bs, N])."""
+  m_new = jnp.maximum(m, s.max(axis=0))
+  corr = jnp.exp(m - m_new)
+  prob = jnp.exp(s - lax.broadcast_in_dim(m_new, s.shape, [1]))
+  return m_new, l * corr + prob.sum(axis=0), corr, prob
+
+
+def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
+            config: MosaicConfig, span: int, nq: int, dtype):
+  if rope:
+    (kup_g, q1_g, q2_g, vec_g, acc_o, m_o, l_o, b1_s, b2_s, q1_s, q2_s,
+     vec_s, hk_s, hv_s, p_s, setup_bar, prod_bar, cons_bar) = rest
+  else:
+    (qf_g, acc_o, m_o, l_o, qf_s, hk_s, hv_s, p_s, setup_bar, prod_bar,
+     cons_bar) = rest
+  bs, stages = config.block_s, config.stages
+  rk, rv = spec.k_rank, spec.v_rank
+  j_per = spec.kv_per_group if rope else 1
+  x, p, b = lax.axis_index("x"), lax.axis_index("p"), lax.axis_index("b")
+  wg = lax.axis_index("wg")
+  g = x // j_per
+  length = lengths_g[b]
+  start = p * span
+  n_tiles = jnp.clip(pl.cdiv(length - start, bs), 0, span // bs)
+  wgmma_layout = plgpu.Layout.WGMMA
+  col_layout = plgpu.Layout.WGMMA.reduce(0)    # one value per column
+
+  @pl.when(wg < COMPUTE_WGS)
+  def _compute():
+    plgpu.set_max_registers(232, action="increase")
+    plgpu.barrier_wait(setup_bar.at[0])
+    if rope:
+      hh = spec.head_dim // 2
+      inv = plgpu.load(vec_s.at[0], (), layout=col_layout)
+      kb1 = lax.broadcast_in_dim(plgpu.load(vec_s.at[1], (), layout=col_layout),
+                                 (bs, hh), [1])
+      kb2 = lax.broadcast_in_dim(plgpu.load(vec_s.at[2], (), layout=col_layout),
+                                 (bs, hh), [1])
+      rows = plgpu.broadcasted_iota(jnp.int32, (bs, hh), 0,
+                                    layout=wgmma_layout).astype(jnp.float32)
+      row_angle = rows * lax.broadcast_in_dim(inv, (bs, hh), [1])
+      cos_i, sin_i = jnp.cos(row_angle), jnp.sin(row_angle)
+
+    def tile(i, carry):
+      acc, m, l = carry
+      t = wg + COMPUTE_WGS * i
+      slot = lax.rem(t, stages)
+      s0 = start + t * bs
+      plgpu.barrier_wait(prod_bar.at[slot])
+      if rope:
+        def rebuild(refs):
+          k1_ref, k2_ref = refs
+          plgpu.wgmma(k1_ref, hk_s.at[slot], b1_s)
+          plgpu.wgmma(k2_ref, hk_s.at[slot], b2_s)
+        zero = plgpu.layout_cast(jnp.zeros((bs, hh), jnp.float32),
+                                 wgmma_layout)
+        k1, k2 = pl.run_state(rebuild)((plgpu.ACC.init(zero),
+                                        plgpu.ACC.init(zero)))
+        # rounded where the model's jnp path rounds: after B_k, after bias
+        rnd = lambda v: v.astype(dtype).astype(jnp.float32)
+        k1, k2 = rnd(rnd(k1) + kb1), rnd(rnd(k2) + kb2)
+        base = s0.astype(jnp.float32) * inv                   # [hh] columns
+        c0 = lax.broadcast_in_dim(jnp.cos(base), (bs, hh), [1])
+        z0 = lax.broadcast_in_dim(jnp.sin(base), (bs, hh), [1])
+        cos, sin = angle_sum(cos_i, sin_i, c0, z0)    # of (s0 + i)·θ
+        r1, r2 = rotate_halves(k1, k2, cos, sin)
+        r1, r2 = r1.astype(dtype), r2.astype(dtype)
+
+        def score(ref):
+          plgpu.wgmma(ref, r1, q1_s.T)
+          plgpu.wgmma(ref, r2, q2_s.T)
+          return ref[...]
+        s = pl.run_scoped(score, plgpu.ACC((bs, nq), jnp.float32))
+        s = s * (spec.head_dim ** -0.5)            # in f32, as the model
+      else:
+        def score(ref):
+          plgpu.wgmma(ref, hk_s.at[slot], qf_s.T)
+          return ref[...]
+        s = pl.run_scoped(score, plgpu.ACC((bs, nq), jnp.float32))
+      pos = s0 + plgpu.broadcasted_iota(jnp.int32, (bs, nq), 0,
+                                        layout=wgmma_layout)
+      s = jnp.where(pos < length, s, _FLOOR)
+      m_new, l, corr, prob = softmax_step(m, l, s)
+      p_s.at[wg].T[...] = prob.astype(dtype)
+      plgpu.commit_smem()                 # visible to the tensor core
+      acc = acc * lax.broadcast_in_dim(corr, (rv, nq), [1])
+      values = hk_s if spec.shared else hv_s
+
+      @pl.when(s0 + bs > length)
+      def _():
+        # rows past the length get probability 0, but 0·inf is NaN on the
+        # tensor core: clear them in the sequence's last tile
+        tile_v = values.at[slot]
+        v = tile_v[...]
+        row = plgpu.broadcasted_iota(jnp.int32, v.shape, 0,
+                                     layout=wgmma_layout)
+        tile_v[...] = jnp.where(s0 + row < length, v, jnp.zeros_like(v))
+        plgpu.commit_smem()
+
+      def mix(ref):
+        plgpu.wgmma(ref, values.at[slot].T, p_s.at[wg].T)
+      acc = pl.run_state(mix)(plgpu.ACC.init(acc))
+      plgpu.barrier_arrive(cons_bar.at[slot])
+      return acc, m_new, l
+
+    acc0 = plgpu.layout_cast(jnp.zeros((rv, nq), jnp.float32), wgmma_layout)
+    m0 = plgpu.layout_cast(jnp.full((nq,), _FLOOR, jnp.float32), col_layout)
+    l0 = plgpu.layout_cast(jnp.zeros((nq,), jnp.float32), col_layout)
+    mine = (n_tiles - wg + COMPUTE_WGS - 1) // COMPUTE_WGS
+    acc, m, l = lax.fori_loop(0, mine, tile, (acc0, m0, l0))
+    part = p * COMPUTE_WGS + wg
+    acc_o[b, x, part] = acc
+    m_o[b, x, part] = m
+    l_o[b, x, part] = l
+
+  @pl.when(wg == COMPUTE_WGS)
+  def _memory():
+    plgpu.set_max_registers(40, action="decrease")
+    if rope:
+      j = x % j_per
+      h, hh = spec.head_dim, spec.head_dim // 2
+      rows = pl.ds(g * rk, rk)
+      plgpu.copy_gmem_to_smem(kup_g.at[rows, pl.ds(j * h, hh)], b1_s,
+                              setup_bar.at[0])
+      plgpu.copy_gmem_to_smem(kup_g.at[rows, pl.ds(j * h + hh, hh)], b2_s,
+                              setup_bar.at[0])
+      plgpu.copy_gmem_to_smem(q1_g.at[b, x], q1_s, setup_bar.at[0])
+      plgpu.copy_gmem_to_smem(q2_g.at[b, x], q2_s, setup_bar.at[0])
+      plgpu.copy_gmem_to_smem(vec_g.at[x], vec_s, setup_bar.at[0])
+    else:
+      plgpu.copy_gmem_to_smem(qf_g.at[b, x], qf_s, setup_bar.at[0])
+
+    @pl.loop(0, n_tiles)
+    def _(t):
+      slot = lax.rem(t, stages)
+
+      @pl.when(t >= stages)
+      def _():
+        plgpu.barrier_wait(cons_bar.at[slot])
+      rows = pl.ds(start + t * bs, bs)
+      plgpu.copy_gmem_to_smem(hk_g.at[b, rows, pl.ds(g * rk, rk)],
+                              hk_s.at[slot], prod_bar.at[slot])
+      if not spec.shared:
+        plgpu.copy_gmem_to_smem(hv_g.at[b, rows, pl.ds(g * rv, rv)],
+                                hv_s.at[slot], prod_bar.at[slot])
+
+
+def _rope_operands(q: Array, k_up: Array, k_bias: Array | None,
+                   inv_freq: Array, spec: LatentSpec, nq: int, dtype):
+  """q [B, N, H] (rotated) -> q1, q2 [B, G·J, nq, H/2] (query rows of each KV
+  head, zero-padded to nq); per KV head the f32 vectors [G·J, 3, H/2]:
+  inv_freq, bias first half, bias second half."""
+  g, j, qk, h = spec.groups, spec.kv_per_group, spec.q_per_kv, spec.head_dim
+  hh = h // 2
+  batch = q.shape[0]
+  qh = q.reshape(batch, g * j, qk, h)
+  qh = jnp.pad(qh, [(0, 0), (0, 0), (0, nq - qk), (0, 0)]).astype(dtype)
+  if k_bias is None:
+    kb = jnp.zeros((g * j, h), jnp.float32)
+  else:
+    kb = k_bias.astype(dtype).astype(jnp.float32).reshape(g * j, h)
+  inv = jnp.broadcast_to(jnp.asarray(inv_freq, jnp.float32)[None], (g * j, hh))
+  vecs = jnp.stack([inv, kb[:, :hh], kb[:, hh:]], axis=1)
+  return qh[..., :hh], qh[..., hh:], vecs
+
+
+def _absorbed_operand(q: Array, k_up: Array, spec: LatentSpec, nq: int,
+                      dtype) -> Array:
+  """q [B, N, H] -> q' = q·B_kᵀ/√H [B, G, nq, R_k] (heads zero-padded)."""
+  g, j, qk, h = spec.groups, spec.kv_per_group, spec.q_per_kv, spec.head_dim
+  batch = q.shape[0]
+  qg = q.reshape(batch, g, j, qk, h).astype(jnp.float32)
+  b = k_up.reshape(g, spec.k_rank, j, h).astype(jnp.float32)
+  qf = jnp.einsum("BGJQH,GRJH->BGJQR", qg, b,
+                  precision=lax.Precision.HIGHEST) / math.sqrt(h)
+  qf = qf.reshape(batch, g, j * qk, spec.k_rank)
+  return jnp.pad(qf, [(0, 0), (0, 0), (0, nq - j * qk), (0, 0)]).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "config"))
+def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
+                     lengths: Array, *, spec: LatentSpec,
+                     inv_freq: Array | None, k_bias: Array | None = None,
+                     config: MosaicConfig | None = None) -> Array:
+  """Decode attention of one token per sequence over a 16-bit latent cache.
+
+  Same arguments and result as `latent_rope_attention` (inv_freq given:
+  keys with RoPE) or `absorb_attention` (inv_freq None); hk, hv are
+  [B, S, G·R] bf16/fp16 arrays. Returns [B, N, R_v] float32.
+  """
+  rope = inv_freq is not None
+  batch, s = hk.shape[:2]
+  if config is None:
+    config = choose_config(spec, batch=batch, cache_len=s, rope=rope)
+  dtype = q.dtype
+  nq = query_cols(spec, rope)
+  bs = config.block_s
+  blocks = s // bs
+  per = -(-blocks // config.splits)
+  splits = -(-blocks // per)
+  span = per * bs
+  rk, rv = spec.k_rank, spec.v_rank
+  hv_in = hk if spec.shared else hv
+  ring_k = plgpu.SMEM((config.stages, bs, rk), dtype,
+                      transforms=_transforms(_swizzle(rk)))
+  ring_v = plgpu.SMEM((config.stages, bs, rv), dtype,
+                      transforms=_transforms(_swizzle(rv)))
+  if rope:
+    hh = spec.head_dim // 2
+    # the rebuild's A (h_k tile) and B (B_k half) share one swizzle
+    sw = min(_swizzle(rk), _swizzle(hh))
+    ring_k = plgpu.SMEM((config.stages, bs, rk), dtype,
+                        transforms=_transforms(sw))
+    k_swizzle = sw
+    operands = (k_up.astype(dtype),
+                *_rope_operands(q, k_up, k_bias, inv_freq, spec, nq, dtype))
+    b_half = plgpu.SMEM((rk, hh), dtype, transforms=_transforms(sw))
+    q_half = plgpu.SMEM((nq, hh), dtype, transforms=_transforms(_swizzle(hh)))
+    scratch = [b_half, b_half, q_half, q_half,
+               plgpu.SMEM((3, hh), jnp.float32)]
+    n_setup = 5
+    x_size = spec.groups * spec.kv_per_group
+  else:
+    operands = (_absorbed_operand(q, k_up, spec, nq, dtype),)
+    scratch = [plgpu.SMEM((nq, rk), dtype,
+                          transforms=_transforms(_swizzle(rk)))]
+    n_setup = 1
+    x_size = spec.groups
+    k_swizzle = _swizzle(rk)
+  # p·h_v: A (h_v tile, transposed) and B (Pᵀ) share one swizzle
+  v_swizzle = k_swizzle if spec.shared else _swizzle(rv)
+  p_smem = plgpu.SMEM((COMPUTE_WGS, nq, bs), dtype,
+                      transforms=_transforms(min(v_swizzle, _swizzle(bs))))
+  unused = plgpu.SMEM((1, 8, 64), dtype)     # no value ring with a shared latent
+  scratch += [ring_k, unused if spec.shared else ring_v, p_smem,
+              plgpu.Barrier(num_arrivals=n_setup, num_barriers=1),
+              plgpu.Barrier(num_arrivals=1 if spec.shared else 2,
+                            num_barriers=config.stages),
+              plgpu.Barrier(num_arrivals=1, num_barriers=config.stages)]
+  parts = COMPUTE_WGS * splits
+  shape = (batch, x_size, parts)
+  out_type = [jax.ShapeDtypeStruct(shape + (rv, nq), jnp.float32),
+              jax.ShapeDtypeStruct(shape + (nq,), jnp.float32),
+              jax.ShapeDtypeStruct(shape + (nq,), jnp.float32)]
+  kernel = functools.partial(_kernel, spec=spec, rope=rope, config=config,
+                             span=span, nq=nq, dtype=dtype)
+  acc, m, l = plgpu.kernel(
+      kernel, out_type=out_type, scratch_types=scratch,
+      grid=(x_size, splits, batch), grid_names=("x", "p", "b"),
+      num_threads=COMPUTE_WGS + 1, thread_name="wg",
+  )(lengths.astype(jnp.int32), hk, hv_in, *operands)
+  heads = spec.q_per_kv if rope else spec.heads_per_group
+  acc = jnp.swapaxes(acc, -1, -2)[..., :heads, :]     # [B, X, parts, Q, R_v]
+  out = combine_splits(acc, m[..., :heads], l[..., :heads])
+  return out.reshape(batch, spec.n_heads, rv)

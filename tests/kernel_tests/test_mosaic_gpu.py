@@ -1,0 +1,268 @@
+"""The Mosaic GPU latent decode kernel.
+
+CI has no GPU, and Pallas's GPU interpret mode has no `wgmma` on the CPU, so
+this file tests on the CPU (1) the plain math the kernel body calls (tile
+RoPE by angle sums, the online-softmax step, the split merge), (2) the
+operand builders and the launch checks, and (3) that the kernel lowers for
+sm_90 (Pallas -> Mosaic GPU MLIR, every shape below), which catches API
+drift. The compiled kernel is compared with the jnp reference by the tests
+marked `gpu`, run on an H200 (`pytest -m gpu`, log in
+eval/results/kernel_tests_h200.txt).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pallas_kernels.common import LatentSpec, combine_splits
+from pallas_kernels.latent_attention import api, mosaic_gpu as mg
+from pallas_kernels.latent_attention.reference import reference_for
+
+from kernel_tests.test_latent_decode import make_inputs
+
+ON_HOPPER = (api.compute_capability() or 0) >= 9.0
+gpu = pytest.mark.gpu
+needs_hopper = pytest.mark.skipif(not ON_HOPPER,
+                                  reason="needs an sm_90+ GPU")
+# |kernel - reference| <= TOL·max|reference|: the kernel rounds rotated keys
+# and probabilities to 16 bits where the reference keeps f32
+TOL = {jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
+
+
+# ---------------------------------------------------------------- CPU: math
+
+def test_angle_sum_gives_rope_of_the_full_position():
+  """cos/sin of (s0 + i)·θ from the per-WG table (i·θ) and the per-tile row
+  (s0·θ) equal the direct ones (float64, so only the identity is tested)."""
+  rng = np.random.default_rng(0)
+  theta = 1.0 / 10000 ** (np.arange(0, 64, 2) / 64)
+  i = np.arange(64)[:, None] * theta[None]
+  s0 = 4096 * theta[None]
+  cos, sin = mg.angle_sum(np.cos(i), np.sin(i), np.cos(s0), np.sin(s0))
+  np.testing.assert_allclose(cos, np.cos(i + s0), atol=1e-12)
+  np.testing.assert_allclose(sin, np.sin(i + s0), atol=1e-12)
+  k1, k2 = rng.standard_normal((2, 64, 32))
+  r1, r2 = mg.rotate_halves(k1, k2, cos, sin)
+  # rotate-half RoPE written out: [k1, k2]·cos + [-k2, k1]·sin
+  full = np.concatenate([k1, k2], -1) * np.concatenate([cos, cos], -1) + \
+      np.concatenate([-k2, k1], -1) * np.concatenate([sin, sin], -1)
+  np.testing.assert_allclose(np.concatenate([r1, r2], -1), full, atol=1e-12)
+
+
+def test_online_softmax_steps_and_split_merge_equal_one_softmax():
+  """Tiles folded by `softmax_step` into two interleaved partials (the two
+  compute WGs), merged by `combine_splits`, equal softmax(s)·v."""
+  rng = np.random.default_rng(1)
+  s = jnp.asarray(rng.standard_normal((256, 8)) * 4, jnp.float32)  # [S, N]
+  v = jnp.asarray(rng.standard_normal((256, 32)), jnp.float32)      # [S, R]
+  parts = []
+  for wg in range(2):
+    m = jnp.full((8,), -1e30, jnp.float32)
+    l = jnp.zeros((8,), jnp.float32)
+    acc = jnp.zeros((32, 8), jnp.float32)
+    for t in range(wg, 4, 2):
+      rows = slice(64 * t, 64 * (t + 1))
+      m, l, corr, p = mg.softmax_step(m, l, s[rows])
+      acc = acc * corr[None, :] + v[rows].T @ p
+    parts.append((acc.T, m, l))
+  acc, m, l = (jnp.stack(x) for x in zip(*parts))
+  got = combine_splits(acc, m, l)                              # [N, R]
+  want = jax.nn.softmax(s, axis=0).T @ v
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_operands():
+  spec = LatentSpec(groups=2, kv_per_group=2, q_per_kv=3, head_dim=16,
+                    k_rank=32, v_rank=64)
+  q, hk, hv, k_up, k_bias, inv = make_inputs(spec, 2, 64, jnp.bfloat16)
+  q1, q2, vecs = mg._rope_operands(q, k_up, k_bias, inv, spec, 8,
+                                   jnp.bfloat16)
+  assert q1.shape == q2.shape == (2, 4, 8, 8)
+  qh = np.asarray(q, np.float32).reshape(2, 4, 3, 16)
+  np.testing.assert_array_equal(np.asarray(q1[:, :, :3], np.float32),
+                                qh[..., :8])
+  np.testing.assert_array_equal(np.asarray(q2[:, :, :3], np.float32),
+                                qh[..., 8:])
+  assert not np.any(np.asarray(q1[:, :, 3:], np.float32))
+  assert vecs.shape == (4, 3, 8)
+  np.testing.assert_array_equal(vecs[:, 0], np.broadcast_to(inv, (4, 8)))
+  qf = mg._absorbed_operand(q, k_up, spec, 8, jnp.float32)
+  assert qf.shape == (2, 2, 8, 32)
+  # head (j, q) of group g: q · B_k[g, :, j]ᵀ / √H
+  b = np.asarray(k_up, np.float32).reshape(2, 32, 2, 16)
+  want = np.einsum("H,RH->R", qh[1, 1 * 2 + 1, 2], b[1, :, 1]) / 4
+  np.testing.assert_allclose(np.asarray(qf[1, 1, 1 * 3 + 2]), want,
+                             rtol=1e-5, atol=1e-5)
+  assert not np.any(np.asarray(qf[:, :, 6:]))
+
+
+def test_unsupported_reasons_and_config():
+  spec = LatentSpec(groups=8, kv_per_group=4, q_per_kv=1, head_dim=128,
+                    k_rank=256, v_rank=256)
+  cfg = mg.choose_config(spec, batch=1, cache_len=65536, rope=True)
+  assert cfg.block_s == 64 and cfg.stages == 2 and cfg.splits >= 4
+  assert mg.smem_bytes(spec, True, cfg) <= mg.SMEM_BYTES
+  assert mg.unsupported_reason(spec, jnp.bfloat16, 65536, True, cfg) is None
+  assert "dtype float32" in mg.unsupported_reason(spec, jnp.float32, 64,
+                                                  True, cfg)
+  assert "4-bit" in mg.unsupported_reason(
+      LatentSpec(groups=1, kv_per_group=1, q_per_kv=1, head_dim=64,
+                 k_rank=64, v_rank=64, bits=4), jnp.bfloat16, 64, True, cfg)
+  assert "v_rank 48" in mg.unsupported_reason(
+      LatentSpec(groups=1, kv_per_group=1, q_per_kv=1, head_dim=64,
+                 k_rank=64, v_rank=48), jnp.bfloat16, 64, True, cfg)
+  assert "cache length 100" in mg.unsupported_reason(spec, jnp.bfloat16, 100,
+                                                     True, cfg)
+  big = mg.MosaicConfig(block_s=64, stages=6)
+  assert "shared memory" in mg.unsupported_reason(spec, jnp.bfloat16, 4096,
+                                                  True, big)
+
+
+def test_api_picks_and_falls_back_on_cpu(caplog):
+  spec = LatentSpec(groups=1, kv_per_group=2, q_per_kv=2, head_dim=32,
+                    k_rank=64, v_rank=64)
+  q = jnp.zeros((1, 4, 32), jnp.bfloat16)
+  assert api.resolve(None, spec, q, 64, True) == "xla"
+  with caplog.at_level("WARNING"):
+    assert api.resolve("mosaic_gpu", spec, q, 64, True) == "xla"
+  assert "needs an sm_90+ GPU" in caplog.text
+  assert api.resolve("pallas", spec, q, 64, True) == "triton"
+  with pytest.raises(ValueError, match="implementation must be one of"):
+    api.resolve("cuda", spec, q, 64, True)
+
+
+# ------------------------------------------------- CPU: lowering for sm_90
+
+LOWER_CASES = [
+    # (G, J, Q, H, R_k, R_v, shared, batch, S)
+    (8, 4, 1, 128, 256, 256, False, 1, 4096),   # Llama-2-7B, G-LRD-4, 50 %
+    (2, 4, 4, 128, 256, 256, False, 8, 4096),   # Llama-3-8B, G-LRD-4
+    (32, 1, 1, 128, 64, 64, False, 2, 1024),    # M-LRD
+    (3, 1, 3, 64, 32, 64, False, 2, 1024),      # SmolLM2-like, H = 64
+    (2, 2, 2, 64, 128, 128, True, 2, 1024),     # shared latent
+]
+
+
+def _lower(spec, batch, s, rope, dtype=jnp.bfloat16):
+  sd = jax.ShapeDtypeStruct
+  args = (sd((batch, spec.n_heads, spec.head_dim), dtype),
+          sd((batch, s, spec.groups * spec.k_rank), dtype),
+          None if spec.shared else sd((batch, s, spec.groups * spec.v_rank),
+                                      dtype),
+          sd((spec.groups * spec.k_rank, spec.kv_per_group * spec.head_dim),
+             dtype),
+          sd((batch,), jnp.int32), sd((spec.head_dim // 2,), jnp.float32),
+          sd((spec.groups * spec.kv_per_group * spec.head_dim,), dtype))
+
+  def f(q, hk, hv, k_up, lengths, inv, kb):
+    return mg.latent_attention(q, hk, hv, k_up, lengths, spec=spec,
+                               inv_freq=inv if rope else None, k_bias=kb)
+  return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
+
+
+@pytest.mark.parametrize("rope", [True, False])
+@pytest.mark.parametrize("case", LOWER_CASES,
+                         ids=lambda c: "-".join(map(str, c)))
+def test_kernel_lowers_for_sm90(case, rope):
+  g, j, qk, h, rk, rv, shared, batch, s = case
+  spec = LatentSpec(groups=g, kv_per_group=j, q_per_kv=qk, head_dim=h,
+                    k_rank=rk, v_rank=rv, shared=shared)
+  text = _lower(spec, batch, s, rope).as_text()
+  assert "mosaic_gpu" in text
+
+
+# ------------------------------------------ GPU: compiled kernel vs reference
+
+def check(spec, *, batch, cache_len, lengths, dtype, rope, bias=False,
+          config=None, seed=0):
+  q, hk, hv, k_up, k_bias, inv = make_inputs(spec, batch, cache_len, dtype,
+                                             seed)
+  kw = dict(spec=spec, inv_freq=inv if rope else None,
+            k_bias=k_bias if bias else None)
+  lengths = jnp.asarray(lengths, jnp.int32)
+  out = mg.latent_attention(q, hk, hv, k_up, lengths, config=config, **kw)
+  with jax.default_matmul_precision("highest"):
+    want = reference_for(rope)(q, hk, hv, k_up, lengths, **kw)
+  assert out.shape == (batch, spec.n_heads, spec.v_rank)
+  assert out.dtype == jnp.float32
+  out, want = np.asarray(out), np.asarray(want)
+  assert np.all(np.isfinite(out))
+  np.testing.assert_allclose(out, want, atol=TOL[dtype] * np.max(np.abs(
+      want)), rtol=0)
+
+
+GPU_GRID = [
+    # (G, J, Q, H, R_k, R_v, shared, batch, S, lengths)
+    (1, 1, 1, 64, 64, 64, False, 1, 64, [1]),
+    (2, 4, 1, 128, 256, 256, False, 2, 512, [512, 77]),   # G-LRD-4, MHA
+    (2, 4, 4, 128, 256, 256, False, 3, 448, [448, 1, 200]),  # GQA 4
+    (4, 2, 2, 128, 128, 128, False, 2, 256, [130, 256]),   # G-LRD-2
+    (8, 1, 1, 128, 64, 64, False, 2, 1024, [1000, 64]),    # M-LRD
+    (3, 1, 3, 64, 32, 64, False, 2, 320, [319, 65]),       # SmolLM2-like
+    (2, 2, 2, 64, 128, 128, True, 2, 256, [256, 3]),       # shared latent
+    (1, 3, 5, 128, 192, 128, False, 1, 128, [100]),        # J=3, Q=5
+]
+
+
+@gpu
+@needs_hopper
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("rope", [True, False])
+@pytest.mark.parametrize("case", GPU_GRID,
+                         ids=lambda c: "-".join(map(str, c[:7])))
+def test_compiled_kernel_matches_reference(case, rope, dtype):
+  g, j, qk, h, rk, rv, shared, batch, s, lengths = case
+  spec = LatentSpec(groups=g, kv_per_group=j, q_per_kv=qk, head_dim=h,
+                    k_rank=rk, v_rank=rv, shared=shared)
+  check(spec, batch=batch, cache_len=s, lengths=lengths, dtype=dtype,
+        rope=rope, bias=rope)
+
+
+@gpu
+@needs_hopper
+@pytest.mark.parametrize("stages,splits", [(2, 1), (4, 3), (2, 5)])
+def test_compiled_kernel_ring_and_splits(stages, splits):
+  spec = LatentSpec(groups=2, kv_per_group=2, q_per_kv=2, head_dim=128,
+                    k_rank=128, v_rank=128)
+  cfg = mg.MosaicConfig(block_s=64, stages=stages, splits=splits)
+  for rope in (True, False):
+    check(spec, batch=2, cache_len=1024, lengths=[1024, 333],
+          dtype=jnp.bfloat16, rope=rope, bias=True, config=cfg)
+
+
+@gpu
+@needs_hopper
+def test_compiled_rows_past_the_length_do_not_matter():
+  spec = LatentSpec(groups=1, kv_per_group=2, q_per_kv=1, head_dim=128,
+                    k_rank=128, v_rank=128)
+  q, hk, hv, k_up, _, inv = make_inputs(spec, 1, 128, jnp.bfloat16)
+  lengths = jnp.asarray([21], jnp.int32)
+  base = mg.latent_attention(q, hk, hv, k_up, lengths, spec=spec,
+                             inv_freq=inv)
+  out = mg.latent_attention(q, hk.at[:, 40:].set(1e4),
+                            hv.at[:, 30:].set(jnp.inf), k_up, lengths,
+                            spec=spec, inv_freq=inv)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(base))
+
+
+@gpu
+@needs_hopper
+@settings(max_examples=12, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_compiled_kernel_random_shapes(data):
+  j = data.draw(st.sampled_from([1, 2, 4]))
+  spec = LatentSpec(
+      groups=data.draw(st.integers(1, 3)), kv_per_group=j,
+      q_per_kv=data.draw(st.sampled_from([1, 2, 3, 8])),
+      head_dim=data.draw(st.sampled_from([64, 128])),
+      k_rank=data.draw(st.sampled_from([32, 64, 128, 192])),
+      v_rank=data.draw(st.sampled_from([64, 128])))
+  batch = data.draw(st.integers(1, 3))
+  s = 64 * data.draw(st.integers(1, 8))
+  lengths = [data.draw(st.integers(1, s)) for _ in range(batch)]
+  check(spec, batch=batch, cache_len=s, lengths=lengths, dtype=jnp.bfloat16,
+        rope=data.draw(st.booleans()), bias=True)
