@@ -114,6 +114,7 @@ def smem_bytes(spec: LatentSpec, rope: bool, config: MosaicConfig) -> int:
   if rope:
     hh = spec.head_dim // 2
     fixed += 2 * spec.k_rank * hh + 2 * nq * hh + 3 * hh * 2  # B, q, f32s
+    fixed += config.stages * 2 * hh * 2           # per-tile cos/sin (f32)
   else:
     fixed += nq * spec.k_rank
   return 2 * (config.stages * ring + fixed) + 1024        # + barriers
@@ -163,8 +164,9 @@ def softmax_step(m, l, s):
 def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
             config: MosaicConfig, span: int, nq: int, dtype):
   if rope:
-    (kup_g, q1_g, q2_g, vec_g, acc_o, m_o, l_o, b1_s, b2_s, q1_s, q2_s,
-     vec_s, hk_s, hv_s, p_s, setup_bar, prod_bar, cons_bar) = rest
+    (bk_g, q1_g, q2_g, vec_g, base_g, acc_o, m_o, l_o, b1_s, b2_s, q1_s,
+     q2_s, vec_s, base_s, hk_s, hv_s, p_s, setup_bar, prod_bar,
+     cons_bar) = rest
   else:
     (qf_g, acc_o, m_o, l_o, qf_s, hk_s, hv_s, p_s, setup_bar, prod_bar,
      cons_bar) = rest
@@ -203,6 +205,12 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
       s0 = start + t * bs
       plgpu.barrier_wait(prod_bar.at[slot])
       if rope:
+        c0 = lax.broadcast_in_dim(
+            plgpu.load(base_s.at[slot, 0], (), layout=col_layout), (bs, hh),
+            [1])
+        z0 = lax.broadcast_in_dim(
+            plgpu.load(base_s.at[slot, 1], (), layout=col_layout), (bs, hh),
+            [1])
         def rebuild(refs):
           k1_ref, k2_ref = refs
           plgpu.wgmma(k1_ref, hk_s.at[slot], b1_s)
@@ -214,9 +222,6 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
         # rounded where the model's jnp path rounds: after B_k, after bias
         rnd = lambda v: v.astype(dtype).astype(jnp.float32)
         k1, k2 = rnd(rnd(k1) + kb1), rnd(rnd(k2) + kb2)
-        base = s0.astype(jnp.float32) * inv                   # [hh] columns
-        c0 = lax.broadcast_in_dim(jnp.cos(base), (bs, hh), [1])
-        z0 = lax.broadcast_in_dim(jnp.sin(base), (bs, hh), [1])
         cos, sin = angle_sum(cos_i, sin_i, c0, z0)    # of (s0 + i)·θ
         r1, r2 = rotate_halves(k1, k2, cos, sin)
         r1, r2 = r1.astype(dtype), r2.astype(dtype)
@@ -272,13 +277,8 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
   def _memory():
     plgpu.set_max_registers(40, action="decrease")
     if rope:
-      j = x % j_per
-      h, hh = spec.head_dim, spec.head_dim // 2
-      rows = pl.ds(g * rk, rk)
-      plgpu.copy_gmem_to_smem(kup_g.at[rows, pl.ds(j * h, hh)], b1_s,
-                              setup_bar.at[0])
-      plgpu.copy_gmem_to_smem(kup_g.at[rows, pl.ds(j * h + hh, hh)], b2_s,
-                              setup_bar.at[0])
+      plgpu.copy_gmem_to_smem(bk_g.at[x, 0], b1_s, setup_bar.at[0])
+      plgpu.copy_gmem_to_smem(bk_g.at[x, 1], b2_s, setup_bar.at[0])
       plgpu.copy_gmem_to_smem(q1_g.at[b, x], q1_s, setup_bar.at[0])
       plgpu.copy_gmem_to_smem(q2_g.at[b, x], q2_s, setup_bar.at[0])
       plgpu.copy_gmem_to_smem(vec_g.at[x], vec_s, setup_bar.at[0])
@@ -293,18 +293,26 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
       def _():
         plgpu.barrier_wait(cons_bar.at[slot])
       rows = pl.ds(start + t * bs, bs)
-      plgpu.copy_gmem_to_smem(hk_g.at[b, rows, pl.ds(g * rk, rk)],
-                              hk_s.at[slot], prod_bar.at[slot])
+      # the group is a major index: TMA sources are never offset along
+      # their minor (swizzled) dimension by a traced value
+      plgpu.copy_gmem_to_smem(hk_g.at[b, rows, g], hk_s.at[slot],
+                              prod_bar.at[slot])
       if not spec.shared:
-        plgpu.copy_gmem_to_smem(hv_g.at[b, rows, pl.ds(g * rv, rv)],
-                                hv_s.at[slot], prod_bar.at[slot])
+        plgpu.copy_gmem_to_smem(hv_g.at[b, rows, g], hv_s.at[slot],
+                                prod_bar.at[slot])
+      if rope:
+        plgpu.copy_gmem_to_smem(base_g.at[p * (span // bs) + t],
+                                base_s.at[slot], prod_bar.at[slot])
 
 
 def _rope_operands(q: Array, k_up: Array, k_bias: Array | None,
-                   inv_freq: Array, spec: LatentSpec, nq: int, dtype):
+                   inv_freq: Array, spec: LatentSpec, nq: int, dtype,
+                   cache_len: int, block_s: int):
   """q [B, N, H] (rotated) -> q1, q2 [B, G·J, nq, H/2] (query rows of each KV
-  head, zero-padded to nq); per KV head the f32 vectors [G·J, 3, H/2]:
-  inv_freq, bias first half, bias second half."""
+  head, zero-padded to nq); B_k halves per KV head [G·J, 2, R_k, H/2]; per
+  KV head the f32 vectors [G·J, 3, H/2]: inv_freq, bias first half, bias
+  second half; and cos/sin of each tile's first position [T, 2, H/2] (f32,
+  computed as the model computes its tables: angle = pos·θ in f32)."""
   g, j, qk, h = spec.groups, spec.kv_per_group, spec.q_per_kv, spec.head_dim
   hh = h // 2
   batch = q.shape[0]
@@ -316,7 +324,19 @@ def _rope_operands(q: Array, k_up: Array, k_bias: Array | None,
     kb = k_bias.astype(dtype).astype(jnp.float32).reshape(g * j, h)
   inv = jnp.broadcast_to(jnp.asarray(inv_freq, jnp.float32)[None], (g * j, hh))
   vecs = jnp.stack([inv, kb[:, :hh], kb[:, hh:]], axis=1)
-  return qh[..., :hh], qh[..., hh:], vecs
+  bk = k_up.reshape(g, spec.k_rank, j, 2, hh).transpose(0, 2, 3, 1, 4)
+  bk = bk.reshape(g * j, 2, spec.k_rank, hh).astype(dtype)
+  starts = jnp.arange(0, cache_len, block_s, dtype=jnp.float32)
+  angle = starts[:, None] * jnp.asarray(inv_freq, jnp.float32)[None, :]
+  base = jnp.stack([jnp.cos(angle), jnp.sin(angle)], axis=1)
+  return bk, qh[..., :hh], qh[..., hh:], vecs, base
+
+
+def _group_major(h: Array, groups: int) -> Array:
+  """[B, S, G·R] -> [B, S, G, R] (a free reshape): the group becomes an
+  index of its own instead of an offset along the minor dimension."""
+  b, s, w = h.shape
+  return h.reshape(b, s, groups, w // groups)
 
 
 def _absorbed_operand(q: Array, k_up: Array, spec: LatentSpec, nq: int,
@@ -367,12 +387,13 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
     ring_k = plgpu.SMEM((config.stages, bs, rk), dtype,
                         transforms=_transforms(sw))
     k_swizzle = sw
-    operands = (k_up.astype(dtype),
-                *_rope_operands(q, k_up, k_bias, inv_freq, spec, nq, dtype))
+    operands = _rope_operands(q, k_up, k_bias, inv_freq, spec, nq, dtype, s,
+                              bs)
     b_half = plgpu.SMEM((rk, hh), dtype, transforms=_transforms(sw))
     q_half = plgpu.SMEM((nq, hh), dtype, transforms=_transforms(_swizzle(hh)))
     scratch = [b_half, b_half, q_half, q_half,
-               plgpu.SMEM((3, hh), jnp.float32)]
+               plgpu.SMEM((3, hh), jnp.float32),
+               plgpu.SMEM((config.stages, 2, hh), jnp.float32)]
     n_setup = 5
     x_size = spec.groups * spec.kv_per_group
   else:
@@ -387,9 +408,10 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
   p_smem = plgpu.SMEM((COMPUTE_WGS, nq, bs), dtype,
                       transforms=_transforms(min(v_swizzle, _swizzle(bs))))
   unused = plgpu.SMEM((1, 8, 64), dtype)     # no value ring with a shared latent
+  per_tile = (1 if spec.shared else 2) + (1 if rope else 0)
   scratch += [ring_k, unused if spec.shared else ring_v, p_smem,
               plgpu.Barrier(num_arrivals=n_setup, num_barriers=1),
-              plgpu.Barrier(num_arrivals=1 if spec.shared else 2,
+              plgpu.Barrier(num_arrivals=per_tile,
                             num_barriers=config.stages),
               plgpu.Barrier(num_arrivals=1, num_barriers=config.stages)]
   parts = COMPUTE_WGS * splits
@@ -403,7 +425,8 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
       kernel, out_type=out_type, scratch_types=scratch,
       grid=(x_size, splits, batch), grid_names=("x", "p", "b"),
       num_threads=COMPUTE_WGS + 1, thread_name="wg",
-  )(lengths.astype(jnp.int32), hk, hv_in, *operands)
+  )(lengths.astype(jnp.int32), _group_major(hk, spec.groups),
+    _group_major(hv_in, spec.groups), *operands)
   heads = spec.q_per_kv if rope else spec.heads_per_group
   acc = jnp.swapaxes(acc, -1, -2)[..., :heads, :]     # [B, X, parts, Q, R_v]
   out = combine_splits(acc, m[..., :heads], l[..., :heads])

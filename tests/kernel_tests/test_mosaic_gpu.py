@@ -78,9 +78,18 @@ def test_operands():
   spec = LatentSpec(groups=2, kv_per_group=2, q_per_kv=3, head_dim=16,
                     k_rank=32, v_rank=64)
   q, hk, hv, k_up, k_bias, inv = make_inputs(spec, 2, 64, jnp.bfloat16)
-  q1, q2, vecs = mg._rope_operands(q, k_up, k_bias, inv, spec, 8,
-                                   jnp.bfloat16)
+  bk, q1, q2, vecs, base = mg._rope_operands(q, k_up, k_bias, inv, spec, 8,
+                                             jnp.bfloat16, 128, 64)
   assert q1.shape == q2.shape == (2, 4, 8, 8)
+  # B_k halves of KV head (g, j) = columns j·H.. of group g's rows
+  kup = np.asarray(k_up, np.float32)
+  np.testing.assert_array_equal(np.asarray(bk[1 * 2 + 1, 1], np.float32),
+                                kup[32:64, 16 + 8:32])
+  # cos/sin of each tile's first position (tiles of 64: positions 0, 64)
+  np.testing.assert_allclose(base[1, 0], np.cos(64 * np.asarray(inv)),
+                             rtol=1e-6)
+  np.testing.assert_allclose(base[1, 1], np.sin(64 * np.asarray(inv)),
+                             rtol=1e-6, atol=1e-7)
   qh = np.asarray(q, np.float32).reshape(2, 4, 3, 16)
   np.testing.assert_array_equal(np.asarray(q1[:, :, :3], np.float32),
                                 qh[..., :8])
