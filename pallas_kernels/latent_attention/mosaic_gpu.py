@@ -11,7 +11,10 @@ kernel; `rope=False`: B_k folded into the query). Per CTA, three warpgroups:
   compute WGs two of them, taking alternate tiles (WG w: tiles w, w+2, …),
               each with its own online softmax; they write separate partials,
               so the tensor core is kept busy by one WG while the other does
-              its elementwise work.
+              its elementwise work. Their softmax reductions take turns (a
+              pair of barriers): Pallas lowers a cross-warp reduction through
+              one scratch buffer per kernel, which two WGs reducing at once
+              would race on (seen on the H200: wrong sums, 1-60 % of outputs).
 
 Per tile, with positions as wgmma rows (M = bs) and the few query heads as
 columns (N = 8·⌈Q/8⌉), so no tensor-core work is spent on padding rows:
@@ -166,10 +169,10 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
   if rope:
     (bk_g, q1_g, q2_g, vec_g, base_g, acc_o, m_o, l_o, b1_s, b2_s, q1_s,
      q2_s, vec_s, base_s, hk_s, hv_s, p_s, setup_bar, prod_bar,
-     cons_bar) = rest
+     cons_bar, turn_bar) = rest
   else:
     (qf_g, acc_o, m_o, l_o, qf_s, hk_s, hv_s, p_s, setup_bar, prod_bar,
-     cons_bar) = rest
+     cons_bar, turn_bar) = rest
   bs, stages = config.block_s, config.stages
   rk, rv = spec.k_rank, spec.v_rank
   j_per = spec.kv_per_group if rope else 1
@@ -240,7 +243,14 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
       pos = s0 + plgpu.broadcasted_iota(jnp.int32, (bs, nq), 0,
                                         layout=wgmma_layout)
       s = jnp.where(pos < length, s, _FLOOR)
+      # Cross-warp reductions (max and sum over the bs rows) go through one
+      # shared scratch buffer of the kernel, so the two WGs take turns: WG w
+      # waits for its turn (WG 0's first is free) and hands it over after.
+      @pl.when(jnp.logical_or(wg > 0, i > 0))
+      def _():
+        plgpu.barrier_wait(turn_bar.at[wg])
       m_new, l, corr, prob = softmax_step(m, l, s)
+      plgpu.barrier_arrive(turn_bar.at[1 - wg])
       p_s.at[wg].T[...] = prob.astype(dtype)
       plgpu.commit_smem()                 # visible to the tensor core
       acc = acc * lax.broadcast_in_dim(corr, (rv, nq), [1])
@@ -413,7 +423,8 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
               plgpu.Barrier(num_arrivals=n_setup, num_barriers=1),
               plgpu.Barrier(num_arrivals=per_tile,
                             num_barriers=config.stages),
-              plgpu.Barrier(num_arrivals=1, num_barriers=config.stages)]
+              plgpu.Barrier(num_arrivals=1, num_barriers=config.stages),
+              plgpu.Barrier(num_arrivals=1, num_barriers=COMPUTE_WGS)]
   parts = COMPUTE_WGS * splits
   shape = (batch, x_size, parts)
   out_type = [jax.ShapeDtypeStruct(shape + (rv, nq), jnp.float32),
