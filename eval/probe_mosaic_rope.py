@@ -30,7 +30,7 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--context", type=int, default=65536)
   ap.add_argument("--batch", type=int, default=8)
-  ap.add_argument("--groups", type=int, nargs="+", default=[4, 1])
+  ap.add_argument("--groups", type=int, nargs="+", default=[4])
   args = ap.parse_args(argv)
   for group in args.groups:
     spec = palu_spec(32, 32, 128, 0.5, 16, group)
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
         setattr(mg, k, v)
       mg.latent_attention.clear_cache() if hasattr(
           mg.latent_attention, "clear_cache") else None
-      for stages in (2, 4):
+      for stages in (2,):
         cfg = mg.choose_config(spec, batch=args.batch,
                                cache_len=args.context, rope=True)
         cfg = mg.MosaicConfig(block_s=64, stages=stages, splits=cfg.splits)

@@ -126,8 +126,8 @@ def smem_bytes(spec: LatentSpec, rope: bool, config: MosaicConfig) -> int:
 def choose_config(spec: LatentSpec, *, batch: int, cache_len: int, rope: bool,
                   n_sms: int = 132) -> MosaicConfig:
   """Tiles of 64 rows; as many ring slots as fit (≤ 4); splits so that the
-  grid fills the GPU about once (one CTA per SM: the ring takes its shared
-  memory), each split still walking ≥ 4 tiles per compute WG."""
+  grid fills the GPU in one wave at most (one CTA per SM: the ring takes
+  its shared memory), each split still walking ≥ 4 tiles per compute WG."""
   bs = 64
   stages = 4
   while stages > 2 and smem_bytes(spec, rope, MosaicConfig(
@@ -135,7 +135,9 @@ def choose_config(spec: LatentSpec, *, batch: int, cache_len: int, rope: bool,
     stages -= 2
   programs = batch * spec.groups * (spec.kv_per_group if rope else 1)
   tiles = max(1, cache_len // bs)
-  want = max(1, -(-n_sms // programs))
+  # one full wave: 32 programs × 5 splits = 160 CTAs on 132 SMs ran a
+  # second, nearly empty wave (Llama-2-7B G-LRD-4, batch 1, on the H200)
+  want = max(1, n_sms // programs)
   splits = max(1, min(want, tiles // (4 * COMPUTE_WGS)))
   return MosaicConfig(block_s=bs, stages=stages, splits=splits)
 

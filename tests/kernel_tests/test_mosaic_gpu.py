@@ -259,7 +259,7 @@ def test_compiled_rows_past_the_length_do_not_matter():
 
 @gpu
 @needs_hopper
-@settings(max_examples=12, deadline=None,
+@settings(max_examples=6, deadline=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_compiled_kernel_random_shapes(data):
