@@ -129,6 +129,9 @@ def latent_decode_attention(q: Array, hk, hv, k_up: Array, lengths: Array, *,
   Returns:
     [B, N, R_v] float32 softmax-weighted value latents per query head.
   """
+  if implementation not in IMPLEMENTATIONS:   # before touching any input
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got "
+                     f"{implementation!r}")
   rope = inv_freq is not None
   cache_len = cache_sides(hk, hv, spec)[0][0].shape[1]
   mosaic_config = config if isinstance(config, mosaic_gpu.MosaicConfig) \
