@@ -238,7 +238,8 @@ def run(shapes, batches, contexts, ratios, bits_list, *, tune: bool,
         save(rows)
         for r in shape_rows:
           print(f"{shape_name} B{batch} {ctx:>6} {r['variant']:<22} "
-                f"{r.get('backend', ''):<10} {r['us'] or float('nan'):9.1f} us  {r['gbps'] or 0:7.0f} GB/s"
+                f"{r.get('backend', ''):<10} {r['us'] or float('nan'):9.1f} us"
+                f"  {r['gbps'] or 0:7.0f} GB/s"
                 f"  {r['tflops'] or 0:6.1f} TF  x{r['speedup'] or 0:.2f} "
                 f"{r.get('config', '')} {r.get('error', '')}", flush=True)
   return rows
@@ -346,8 +347,7 @@ def main(argv=None) -> int:
   def save(rows):
     add_roofline(rows, bw, peak)
     cols = ["shape", "batch", "context", "variant", "backend", "rank", "us",
-            "gbps",
-            "tflops", "roofline_frac", "bound", "speedup", "config"]
+            "gbps", "tflops", "roofline_frac", "bound", "speedup", "config"]
     md = (f"# Decode attention kernels ({meta['device']})\n\n"
           f"HBM read {bw / 1e9:.0f} GB/s and bf16 matmul {peak:.0f} TFLOP/s, "
           f"measured in this run. Speedup is over the fastest full-KV "

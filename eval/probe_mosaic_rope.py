@@ -48,8 +48,7 @@ def main(argv=None) -> int:
     for name, patch in VARIANTS.items():
       for k, v in patch.items():
         setattr(mg, k, v)
-      mg.latent_attention.clear_cache() if hasattr(
-          mg.latent_attention, "clear_cache") else None
+      mg.latent_attention.clear_cache()   # retrace with the patched stage
       for stages in (2,):
         cfg = mg.choose_config(spec, batch=args.batch,
                                cache_len=args.context, rope=True)

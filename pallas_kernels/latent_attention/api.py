@@ -68,24 +68,27 @@ def _log_once(backend: str, reason: str, fallback: str) -> None:
               backend, reason, fallback)
 
 
+def _check_name(implementation: str | None) -> None:
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got "
+                     f"{implementation!r}")
+
+
 def resolve(implementation: str | None, spec: LatentSpec, q: Array,
             cache_len: int, rope: bool,
             mosaic_config: mosaic_gpu.MosaicConfig | None = None) -> str:
   """The backend that will run: the one asked for, or the first fallback
   that can take this shape ("mosaic_gpu", "triton" or "xla")."""
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got "
-                     f"{implementation!r}")
+  _check_name(implementation)
   if implementation == "pallas":
     implementation = "triton"
+  cc = compute_capability()
   if implementation is None:
-    cc = compute_capability()
     if jax.default_backend() != "gpu":
       return "xla"
     implementation = "mosaic_gpu" if cc is not None and cc >= 9.0 else \
         "triton"
   if implementation == "mosaic_gpu":
-    cc = compute_capability()
     if cc is None or cc < 9.0:
       reason = f"on {jax.default_backend()} (needs an sm_90+ GPU)"
     else:
@@ -129,9 +132,7 @@ def latent_decode_attention(q: Array, hk, hv, k_up: Array, lengths: Array, *,
   Returns:
     [B, N, R_v] float32 softmax-weighted value latents per query head.
   """
-  if implementation not in IMPLEMENTATIONS:   # before touching any input
-    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got "
-                     f"{implementation!r}")
+  _check_name(implementation)                 # before touching any input
   rope = inv_freq is not None
   cache_len = cache_sides(hk, hv, spec)[0][0].shape[1]
   mosaic_config = config if isinstance(config, mosaic_gpu.MosaicConfig) \

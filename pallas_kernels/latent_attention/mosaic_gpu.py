@@ -47,6 +47,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.absorb_attention import absorbed_queries
 from pallas_kernels.common import Array, LatentSpec, combine_splits
 
 _FLOOR = -1e30           # finite "minus infinity": masked rows never give NaN
@@ -91,7 +92,8 @@ def unsupported_reason(spec: LatentSpec, dtype, cache_len: int, rope: bool,
   if spec.bits != 16:
     return f"{spec.bits}-bit latents (Mosaic GPU path reads 16-bit latents)"
   if spec.v_rank % 64:
-    return f"v_rank {spec.v_rank} (needs a multiple of 64: the wgmma M of p·h_v)"
+    return (f"v_rank {spec.v_rank} (needs a multiple of 64: the wgmma M of "
+            "p·h_v)")
   if spec.k_rank % 16:
     return f"k_rank {spec.k_rank} (needs a multiple of 16)"
   if rope and spec.head_dim % 32:
@@ -351,19 +353,6 @@ def _group_major(h: Array, groups: int) -> Array:
   return h.reshape(b, s, groups, w // groups)
 
 
-def _absorbed_operand(q: Array, k_up: Array, spec: LatentSpec, nq: int,
-                      dtype) -> Array:
-  """q [B, N, H] -> q' = q·B_kᵀ/√H [B, G, nq, R_k] (heads zero-padded)."""
-  g, j, qk, h = spec.groups, spec.kv_per_group, spec.q_per_kv, spec.head_dim
-  batch = q.shape[0]
-  qg = q.reshape(batch, g, j, qk, h).astype(jnp.float32)
-  b = k_up.reshape(g, spec.k_rank, j, h).astype(jnp.float32)
-  qf = jnp.einsum("BGJQH,GRJH->BGJQR", qg, b,
-                  precision=lax.Precision.HIGHEST) / math.sqrt(h)
-  qf = qf.reshape(batch, g, j * qk, spec.k_rank)
-  return jnp.pad(qf, [(0, 0), (0, 0), (0, nq - j * qk), (0, 0)]).astype(dtype)
-
-
 @functools.partial(jax.jit, static_argnames=("spec", "config"))
 def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
                      lengths: Array, *, spec: LatentSpec,
@@ -388,20 +377,14 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
   span = per * bs
   rk, rv = spec.k_rank, spec.v_rank
   hv_in = hk if spec.shared else hv
-  ring_k = plgpu.SMEM((config.stages, bs, rk), dtype,
-                      transforms=_transforms(_swizzle(rk)))
-  ring_v = plgpu.SMEM((config.stages, bs, rv), dtype,
-                      transforms=_transforms(_swizzle(rv)))
+  k_swizzle = _swizzle(rk)
   if rope:
     hh = spec.head_dim // 2
     # the rebuild's A (h_k tile) and B (B_k half) share one swizzle
-    sw = min(_swizzle(rk), _swizzle(hh))
-    ring_k = plgpu.SMEM((config.stages, bs, rk), dtype,
-                        transforms=_transforms(sw))
-    k_swizzle = sw
+    k_swizzle = min(k_swizzle, _swizzle(hh))
     operands = _rope_operands(q, k_up, k_bias, inv_freq, spec, nq, dtype, s,
                               bs)
-    b_half = plgpu.SMEM((rk, hh), dtype, transforms=_transforms(sw))
+    b_half = plgpu.SMEM((rk, hh), dtype, transforms=_transforms(k_swizzle))
     q_half = plgpu.SMEM((nq, hh), dtype, transforms=_transforms(_swizzle(hh)))
     scratch = [b_half, b_half, q_half, q_half,
                plgpu.SMEM((3, hh), jnp.float32),
@@ -409,17 +392,20 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
     n_setup = 5
     x_size = spec.groups * spec.kv_per_group
   else:
-    operands = (_absorbed_operand(q, k_up, spec, nq, dtype),)
+    operands = (absorbed_queries(q, k_up, spec, nq, dtype),)
     scratch = [plgpu.SMEM((nq, rk), dtype,
                           transforms=_transforms(_swizzle(rk)))]
     n_setup = 1
     x_size = spec.groups
-    k_swizzle = _swizzle(rk)
+  ring_k = plgpu.SMEM((config.stages, bs, rk), dtype,
+                      transforms=_transforms(k_swizzle))
+  ring_v = plgpu.SMEM((config.stages, bs, rv), dtype,
+                      transforms=_transforms(_swizzle(rv)))
   # p·h_v: A (h_v tile, transposed) and B (Pᵀ) share one swizzle
   v_swizzle = k_swizzle if spec.shared else _swizzle(rv)
   p_smem = plgpu.SMEM((COMPUTE_WGS, nq, bs), dtype,
                       transforms=_transforms(min(v_swizzle, _swizzle(bs))))
-  unused = plgpu.SMEM((1, 8, 64), dtype)     # no value ring with a shared latent
+  unused = plgpu.SMEM((1, 8, 64), dtype)  # no value ring: shared latent
   per_tile = (1 if spec.shared else 2) + (1 if rope else 0)
   scratch += [ring_k, unused if spec.shared else ring_v, p_smem,
               plgpu.Barrier(num_arrivals=n_setup, num_barriers=1),

@@ -53,10 +53,12 @@ def rank_slices(ranks: Sequence[int]) -> tuple[tuple[int, int], ...]:
 class LatentAttention(nnx.Module):
   """GQA attention over a Palu latent cache.
 
-  Decoding one token per sequence goes through `pallas_kernels.api` (the
-  Pallas kernel on a GPU, its jnp reference elsewhere; `implementation`
-  forces one). Attention of tokens over themselves alone (no cache, or a
-  fresh one: prefill) goes through `jax.nn.dot_product_attention` with
+  Decoding one token per sequence goes through
+  `pallas_kernels.latent_attention.api` (a Pallas kernel on a GPU: Mosaic
+  GPU on Hopper, Triton elsewhere; the jnp reference on a CPU;
+  `implementation` forces one). Attention of tokens over themselves alone
+  (no cache, or a fresh one: prefill) goes through
+  `jax.nn.dot_product_attention` with
   `prefill_implementation` "cudnn" or "xla", or the jnp path below ("jnp");
   None picks cuDNN on a GPU. Everything else (chunks continuing a cache) is
   the jnp path.
@@ -140,7 +142,7 @@ class LatentAttention(nnx.Module):
                       bits=self.kv_bits, quant_group=self.quant_group)
 
   def uses_kernel(self) -> bool:
-    """Whether one-token decode goes through `pallas_kernels.api`."""
+    """Whether one-token decode goes through the latent kernels' api."""
     import jax
     impl = self.implementation
     if impl is None:
@@ -149,7 +151,7 @@ class LatentAttention(nnx.Module):
 
   def _decode_kernel(self, q: Array, cache, start: Array, dtype) -> Array:
     """One new token per sequence: q [B, 1, N, H] rotated -> [B, 1, D]."""
-    from pallas_kernels.api import latent_decode_attention
+    from pallas_kernels.latent_attention.api import latent_decode_attention
     from pallas_kernels.common import QuantLatent
     spec = self.kernel_spec()
     if isinstance(cache, LayerQuantLatent):

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pallas_kernels.absorb_attention import absorbed_queries
 from pallas_kernels.common import LatentSpec, combine_splits
 from pallas_kernels.latent_attention import api, mosaic_gpu as mg
 from pallas_kernels.latent_attention.reference import reference_for
@@ -98,7 +99,7 @@ def test_operands():
   assert not np.any(np.asarray(q1[:, :, 3:], np.float32))
   assert vecs.shape == (4, 3, 8)
   np.testing.assert_array_equal(vecs[:, 0], np.broadcast_to(inv, (4, 8)))
-  qf = mg._absorbed_operand(q, k_up, spec, 8, jnp.float32)
+  qf = absorbed_queries(q, k_up, spec, 8, jnp.float32)  # no-RoPE operand
   assert qf.shape == (2, 2, 8, 32)
   # head (j, q) of group g: q · B_k[g, :, j]ᵀ / √H
   b = np.asarray(k_up, np.float32).reshape(2, 32, 2, 16)
