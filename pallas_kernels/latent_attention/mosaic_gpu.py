@@ -169,14 +169,17 @@ def softmax_step(m, l, s):
 
 
 def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
-            config: MosaicConfig, span: int, nq: int, dtype):
+            config: MosaicConfig, span: int, nq: int, dtype, has_bias: bool):
   if rope:
     (bk_g, q1_g, q2_g, vec_g, base_g, acc_o, m_o, l_o, b1_s, b2_s, q1_s,
-     q2_s, vec_s, base_s, hk_s, hv_s, p_s, setup_bar, prod_bar,
-     cons_bar, turn_bar) = rest
+     q2_s, vec_s, base_s, hk_s, hv_s, p_s, setup_bar, kprod_bar, vprod_bar,
+     kcons_bar, vcons_bar, turn_bar) = rest
   else:
-    (qf_g, acc_o, m_o, l_o, qf_s, hk_s, hv_s, p_s, setup_bar, prod_bar,
-     cons_bar, turn_bar) = rest
+    (qf_g, acc_o, m_o, l_o, qf_s, hk_s, hv_s, p_s, setup_bar, kprod_bar,
+     vprod_bar, kcons_bar, vcons_bar, turn_bar) = rest
+  # a key slot is free once its tile's first wgmma has read it; with a
+  # shared latent the same slot still holds the values
+  split_rings = not spec.shared
   bs, stages = config.block_s, config.stages
   rk, rv = spec.k_rank, spec.v_rank
   j_per = spec.kv_per_group if rope else 1
@@ -196,10 +199,10 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
     if rope:
       hh = spec.head_dim // 2
       inv = plgpu.load(vec_s.at[0], (), layout=col_layout)
-      kb1 = lax.broadcast_in_dim(plgpu.load(vec_s.at[1], (), layout=col_layout),
-                                 (bs, hh), [1])
-      kb2 = lax.broadcast_in_dim(plgpu.load(vec_s.at[2], (), layout=col_layout),
-                                 (bs, hh), [1])
+      if has_bias:
+        kb1, kb2 = (lax.broadcast_in_dim(
+            plgpu.load(vec_s.at[k], (), layout=col_layout), (bs, hh), [1])
+                    for k in (1, 2))
       rows = plgpu.broadcasted_iota(jnp.int32, (bs, hh), 0,
                                     layout=wgmma_layout).astype(jnp.float32)
       row_angle = rows * lax.broadcast_in_dim(inv, (bs, hh), [1])
@@ -210,7 +213,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
       t = wg + COMPUTE_WGS * i
       slot = lax.rem(t, stages)
       s0 = start + t * bs
-      plgpu.barrier_wait(prod_bar.at[slot])
+      plgpu.barrier_wait(kprod_bar.at[slot])
       if rope:
         c0 = lax.broadcast_in_dim(
             plgpu.load(base_s.at[slot, 0], (), layout=col_layout), (bs, hh),
@@ -227,8 +230,14 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
         k1, k2 = pl.run_state(rebuild)((plgpu.ACC.init(zero),
                                         plgpu.ACC.init(zero)))
         # rounded where the model's jnp path rounds: after B_k, after bias
-        rnd = lambda v: v.astype(dtype).astype(jnp.float32)
-        k1, k2 = rnd(rnd(k1) + kb1), rnd(rnd(k2) + kb2)
+        if split_rings:
+          plgpu.barrier_arrive(kcons_bar.at[slot])
+        # keys stay f32 until the one rounding to the scores' operand type:
+        # f32->16-bit conversions issue at 16/clk/SM on sm_90 (8x slower
+        # than an FMA), and each extra pass over a [64, 128] tile costs ~256
+        # cycles, a quarter of the tile's rebuild on the tensor core
+        if has_bias:
+          k1, k2 = k1 + kb1, k2 + kb2
         cos, sin = angle_sum(cos_i, sin_i, c0, z0)    # of (s0 + i)·θ
         r1, r2 = rotate_halves(k1, k2, cos, sin)
         r1, r2 = r1.astype(dtype), r2.astype(dtype)
@@ -244,6 +253,8 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
           plgpu.wgmma(ref, hk_s.at[slot], qf_s.T)
           return ref[...]
         s = pl.run_scoped(score, plgpu.ACC((bs, nq), jnp.float32))
+        if split_rings:
+          plgpu.barrier_arrive(kcons_bar.at[slot])
       pos = s0 + plgpu.broadcasted_iota(jnp.int32, (bs, nq), 0,
                                         layout=wgmma_layout)
       s = jnp.where(pos < length, s, _FLOOR)
@@ -259,6 +270,8 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
       plgpu.commit_smem()                 # visible to the tensor core
       acc = acc * lax.broadcast_in_dim(corr, (rv, nq), [1])
       values = hk_s if spec.shared else hv_s
+      if split_rings:
+        plgpu.barrier_wait(vprod_bar.at[slot])
 
       @pl.when(s0 + bs > length)
       def _():
@@ -274,7 +287,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
       def mix(ref):
         plgpu.wgmma(ref, values.at[slot].T, p_s.at[wg].T)
       acc = pl.run_state(mix)(plgpu.ACC.init(acc))
-      plgpu.barrier_arrive(cons_bar.at[slot])
+      plgpu.barrier_arrive((vcons_bar if split_rings else kcons_bar).at[slot])
       return acc, m_new, l
 
     acc0 = plgpu.layout_cast(jnp.zeros((rv, nq), jnp.float32), wgmma_layout)
@@ -299,24 +312,45 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
     else:
       plgpu.copy_gmem_to_smem(qf_g.at[b, x], qf_s, setup_bar.at[0])
 
-    @pl.loop(0, n_tiles)
-    def _(t):
+    def load_keys(t):
       slot = lax.rem(t, stages)
 
       @pl.when(t >= stages)
       def _():
-        plgpu.barrier_wait(cons_bar.at[slot])
+        plgpu.barrier_wait(kcons_bar.at[slot])
       rows = pl.ds(start + t * bs, bs)
       # the group is a major index: TMA sources are never offset along
       # their minor (swizzled) dimension by a traced value
       plgpu.copy_gmem_to_smem(hk_g.at[b, rows, g], hk_s.at[slot],
-                              prod_bar.at[slot])
-      if not spec.shared:
-        plgpu.copy_gmem_to_smem(hv_g.at[b, rows, g], hv_s.at[slot],
-                                prod_bar.at[slot])
+                              kprod_bar.at[slot])
       if rope:
         plgpu.copy_gmem_to_smem(base_g.at[p * (span // bs) + t],
-                                base_s.at[slot], prod_bar.at[slot])
+                                base_s.at[slot], kprod_bar.at[slot])
+
+    def load_values(t):
+      slot = lax.rem(t, stages)
+
+      @pl.when(t >= stages)
+      def _():
+        plgpu.barrier_wait(vcons_bar.at[slot])
+      plgpu.copy_gmem_to_smem(hv_g.at[b, pl.ds(start + t * bs, bs), g],
+                              hv_s.at[slot], vprod_bar.at[slot])
+
+    # keys run one tile ahead of values: a key slot frees early (after the
+    # tile's first wgmma), a value slot only at the tile's end, and waiting
+    # for the latter must not hold back the next key load
+    @pl.loop(0, n_tiles)
+    def _(t):
+      load_keys(t)
+      if split_rings:
+        @pl.when(t >= 1)
+        def _():
+          load_values(t - 1)
+
+    if split_rings:
+      @pl.when(n_tiles > 0)
+      def _():
+        load_values(n_tiles - 1)
 
 
 def _rope_operands(q: Array, k_up: Array, k_bias: Array | None,
@@ -406,12 +440,12 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
   p_smem = plgpu.SMEM((COMPUTE_WGS, nq, bs), dtype,
                       transforms=_transforms(min(v_swizzle, _swizzle(bs))))
   unused = plgpu.SMEM((1, 8, 64), dtype)  # no value ring: shared latent
-  per_tile = (1 if spec.shared else 2) + (1 if rope else 0)
+  per_key_tile = 2 if rope else 1          # + the tile's cos/sin row
+  ring_bars = functools.partial(plgpu.Barrier, num_barriers=config.stages)
   scratch += [ring_k, unused if spec.shared else ring_v, p_smem,
               plgpu.Barrier(num_arrivals=n_setup, num_barriers=1),
-              plgpu.Barrier(num_arrivals=per_tile,
-                            num_barriers=config.stages),
-              plgpu.Barrier(num_arrivals=1, num_barriers=config.stages),
+              ring_bars(num_arrivals=per_key_tile), ring_bars(num_arrivals=1),
+              ring_bars(num_arrivals=1), ring_bars(num_arrivals=1),
               plgpu.Barrier(num_arrivals=1, num_barriers=COMPUTE_WGS)]
   parts = COMPUTE_WGS * splits
   shape = (batch, x_size, parts)
@@ -419,7 +453,8 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
               jax.ShapeDtypeStruct(shape + (nq,), jnp.float32),
               jax.ShapeDtypeStruct(shape + (nq,), jnp.float32)]
   kernel = functools.partial(_kernel, spec=spec, rope=rope, config=config,
-                             span=span, nq=nq, dtype=dtype)
+                             span=span, nq=nq, dtype=dtype,
+                             has_bias=k_bias is not None)
   acc, m, l = plgpu.kernel(
       kernel, out_type=out_type, scratch_types=scratch,
       grid=(x_size, splits, batch), grid_names=("x", "p", "b"),
