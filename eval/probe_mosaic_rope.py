@@ -31,6 +31,10 @@ def main(argv=None) -> int:
   ap.add_argument("--context", type=int, default=65536)
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--groups", type=int, nargs="+", default=[4])
+  ap.add_argument("--rotations", nargs="+", default=["float16"],
+                  choices=["float16", "float32"])
+  ap.add_argument("--variants", nargs="+", default=list(VARIANTS),
+                  choices=list(VARIANTS))
   args = ap.parse_args(argv)
   for group in args.groups:
     spec = palu_spec(32, 32, 128, 0.5, 16, group)
@@ -45,21 +49,24 @@ def main(argv=None) -> int:
     lengths = jnp.full((args.batch,), args.context, jnp.int32)
     flops = palu_flops(spec, args.batch, args.context, True)
     originals = {n: getattr(mg, n) for n in ("angle_sum", "rotate_halves")}
-    for name, patch in VARIANTS.items():
+    for name in args.variants:
+      patch = VARIANTS[name]
       for k, v in patch.items():
         setattr(mg, k, v)
       mg.latent_attention.clear_cache()   # retrace with the patched stage
-      for stages in (2,):
+      for rot in args.rotations:
         cfg = mg.choose_config(spec, batch=args.batch,
                                cache_len=args.context, rope=True)
-        cfg = mg.MosaicConfig(block_s=64, stages=stages, splits=cfg.splits)
+        cfg = mg.MosaicConfig(block_s=64, stages=cfg.stages,
+                              splits=cfg.splits, rotation_dtype=rot)
+        stages = cfg.stages
         if mg.unsupported_reason(spec, jnp.bfloat16, args.context, True,
                                  cfg):
           continue
         fn = functools.partial(mg.latent_attention, spec=spec, inv_freq=inv,
                                config=cfg)
         sec = time_op(lambda qq: fn(qq, hk, hv, k_up, lengths), q)
-        print(f"g{group} {name:<14} stages={stages} P={cfg.splits} "
+        print(f"g{group} {name:<14} {rot} stages={stages} P={cfg.splits} "
               f"{sec * 1e6:9.1f} us {flops / sec / 1e12:6.1f} TFLOP/s",
               flush=True)
       for k, v in originals.items():

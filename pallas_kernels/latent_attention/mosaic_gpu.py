@@ -62,6 +62,16 @@ class MosaicConfig:
   block_s: int = 64
   stages: int = 2
   splits: int = 1
+  # RoPE keys rotated in packed float16 (keys rounded once, to f16, right
+  # after the rebuild; q passed as f16): half the registers of f32 and
+  # two elements per instruction. "float32" rotates in f32 and rounds after.
+  rotation_dtype: str = "float16"
+
+
+def scores_dtype(config: MosaicConfig, dtype):
+  """Operand type of the RoPE scores wgmma (rotated keys and q)."""
+  return jnp.dtype(jnp.float16 if config.rotation_dtype == "float16" else
+                   dtype)
 
 
 def _swizzle(minor_elems: int, itemsize: int = 2) -> int:
@@ -103,6 +113,8 @@ def unsupported_reason(spec: LatentSpec, dtype, cache_len: int, rope: bool,
   if config.block_s % 64 or cache_len % config.block_s:
     return (f"cache length {cache_len} (needs a multiple of block_s="
             f"{config.block_s}, itself a multiple of 64)")
+  if config.rotation_dtype not in ("float16", "float32"):
+    return f"rotation_dtype {config.rotation_dtype!r} (float16 or float32)"
   if config.stages % 2:
     return f"stages {config.stages} (needs an even number)"
   if smem_bytes(spec, rope, config) > SMEM_BYTES:
@@ -171,8 +183,8 @@ def softmax_step(m, l, s):
 def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
             config: MosaicConfig, span: int, nq: int, dtype, has_bias: bool):
   if rope:
-    (bk_g, q1_g, q2_g, vec_g, base_g, acc_o, m_o, l_o, b1_s, b2_s, q1_s,
-     q2_s, vec_s, base_s, hk_s, hv_s, p_s, setup_bar, kprod_bar, vprod_bar,
+    (bk_g, q_g, vec_g, base_g, acc_o, m_o, l_o, b_s, q_s, vec_s, base_s,
+     hk_s, hv_s, p_s, setup_bar, kprod_bar, vprod_bar,
      kcons_bar, vcons_bar, turn_bar) = rest
   else:
     (qf_g, acc_o, m_o, l_o, qf_s, hk_s, hv_s, p_s, setup_bar, kprod_bar,
@@ -181,6 +193,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
   # shared latent the same slot still holds the values
   split_rings = not spec.shared
   bs, stages = config.block_s, config.stages
+  q_dtype = scores_dtype(config, dtype)
   rk, rv = spec.k_rank, spec.v_rank
   j_per = spec.kv_per_group if rope else 1
   x, p, b = lax.axis_index("x"), lax.axis_index("p"), lax.axis_index("b")
@@ -198,15 +211,17 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
     plgpu.barrier_wait(setup_bar.at[0])
     if rope:
       hh = spec.head_dim // 2
+      rot = jnp.dtype(config.rotation_dtype)
+      col = lambda k: lax.broadcast_in_dim(
+          plgpu.load(k, (), layout=col_layout).astype(rot), (bs, hh), [1])
       inv = plgpu.load(vec_s.at[0], (), layout=col_layout)
       if has_bias:
-        kb1, kb2 = (lax.broadcast_in_dim(
-            plgpu.load(vec_s.at[k], (), layout=col_layout), (bs, hh), [1])
-                    for k in (1, 2))
+        kb1, kb2 = col(vec_s.at[1]), col(vec_s.at[2])
       rows = plgpu.broadcasted_iota(jnp.int32, (bs, hh), 0,
                                     layout=wgmma_layout).astype(jnp.float32)
       row_angle = rows * lax.broadcast_in_dim(inv, (bs, hh), [1])
-      cos_i, sin_i = jnp.cos(row_angle), jnp.sin(row_angle)
+      cos_i, sin_i = (jnp.cos(row_angle).astype(rot),
+                      jnp.sin(row_angle).astype(rot))
 
     def tile(i, carry):
       acc, m, l = carry
@@ -215,36 +230,28 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
       s0 = start + t * bs
       plgpu.barrier_wait(kprod_bar.at[slot])
       if rope:
-        c0 = lax.broadcast_in_dim(
-            plgpu.load(base_s.at[slot, 0], (), layout=col_layout), (bs, hh),
-            [1])
-        z0 = lax.broadcast_in_dim(
-            plgpu.load(base_s.at[slot, 1], (), layout=col_layout), (bs, hh),
-            [1])
-        def rebuild(refs):
-          k1_ref, k2_ref = refs
-          plgpu.wgmma(k1_ref, hk_s.at[slot], b1_s)
-          plgpu.wgmma(k2_ref, hk_s.at[slot], b2_s)
-        zero = plgpu.layout_cast(jnp.zeros((bs, hh), jnp.float32),
-                                 wgmma_layout)
-        k1, k2 = pl.run_state(rebuild)((plgpu.ACC.init(zero),
-                                        plgpu.ACC.init(zero)))
-        # rounded where the model's jnp path rounds: after B_k, after bias
+        c0, z0 = col(base_s.at[slot, 0]), col(base_s.at[slot, 1])
+        # one wgmma with N = H (both halves): the h_k tile is read from
+        # shared memory once, not once per half
+        def rebuild(k_ref):
+          plgpu.wgmma(k_ref, hk_s.at[slot], b_s)
+          return k_ref[...]
+        k = pl.run_scoped(rebuild, plgpu.ACC((bs, 2 * hh), jnp.float32))
         if split_rings:
           plgpu.barrier_arrive(kcons_bar.at[slot])
-        # keys stay f32 until the one rounding to the scores' operand type:
-        # f32->16-bit conversions issue at 16/clk/SM on sm_90 (8x slower
-        # than an FMA), and each extra pass over a [64, 128] tile costs ~256
-        # cycles, a quarter of the tile's rebuild on the tensor core
+        # keys are rounded once, to the rotation type: f32->16-bit converts
+        # issue at 16/clk/SM on sm_90 (8x slower than an FMA), and each
+        # pass over a [64, 128] tile costs ~256 cycles, a quarter of the
+        # tile's rebuild on the tensor core
+        k1, k2 = k[:, :hh].astype(rot), k[:, hh:].astype(rot)
         if has_bias:
           k1, k2 = k1 + kb1, k2 + kb2
         cos, sin = angle_sum(cos_i, sin_i, c0, z0)    # of (s0 + i)·θ
         r1, r2 = rotate_halves(k1, k2, cos, sin)
-        r1, r2 = r1.astype(dtype), r2.astype(dtype)
+        r = jnp.concatenate([r1.astype(q_dtype), r2.astype(q_dtype)], axis=1)
 
         def score(ref):
-          plgpu.wgmma(ref, r1, q1_s.T)
-          plgpu.wgmma(ref, r2, q2_s.T)
+          plgpu.wgmma(ref, r, q_s.T)
           return ref[...]
         s = pl.run_scoped(score, plgpu.ACC((bs, nq), jnp.float32))
         s = s * (spec.head_dim ** -0.5)            # in f32, as the model
@@ -304,10 +311,8 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
   def _memory():
     plgpu.set_max_registers(40, action="decrease")
     if rope:
-      plgpu.copy_gmem_to_smem(bk_g.at[x, 0], b1_s, setup_bar.at[0])
-      plgpu.copy_gmem_to_smem(bk_g.at[x, 1], b2_s, setup_bar.at[0])
-      plgpu.copy_gmem_to_smem(q1_g.at[b, x], q1_s, setup_bar.at[0])
-      plgpu.copy_gmem_to_smem(q2_g.at[b, x], q2_s, setup_bar.at[0])
+      plgpu.copy_gmem_to_smem(bk_g.at[x], b_s, setup_bar.at[0])
+      plgpu.copy_gmem_to_smem(q_g.at[b, x], q_s, setup_bar.at[0])
       plgpu.copy_gmem_to_smem(vec_g.at[x], vec_s, setup_bar.at[0])
     else:
       plgpu.copy_gmem_to_smem(qf_g.at[b, x], qf_s, setup_bar.at[0])
@@ -355,9 +360,9 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
 
 def _rope_operands(q: Array, k_up: Array, k_bias: Array | None,
                    inv_freq: Array, spec: LatentSpec, nq: int, dtype,
-                   cache_len: int, block_s: int):
-  """q [B, N, H] (rotated) -> q1, q2 [B, G·J, nq, H/2] (query rows of each KV
-  head, zero-padded to nq); B_k halves per KV head [G·J, 2, R_k, H/2]; per
+                   cache_len: int, block_s: int, q_dtype=None):
+  """q [B, N, H] (rotated) -> [B, G·J, nq, H] in q_dtype (default: dtype;
+  the query rows of each KV head, zero-padded to nq); B_k per KV head [G·J, R_k, H]; per
   KV head the f32 vectors [G·J, 3, H/2]: inv_freq, bias first half, bias
   second half; and cos/sin of each tile's first position [T, 2, H/2] (f32,
   computed as the model computes its tables: angle = pos·θ in f32)."""
@@ -365,19 +370,20 @@ def _rope_operands(q: Array, k_up: Array, k_bias: Array | None,
   hh = h // 2
   batch = q.shape[0]
   qh = q.reshape(batch, g * j, qk, h)
-  qh = jnp.pad(qh, [(0, 0), (0, 0), (0, nq - qk), (0, 0)]).astype(dtype)
+  qh = jnp.pad(qh, [(0, 0), (0, 0), (0, nq - qk), (0, 0)]).astype(
+      q_dtype or dtype)
   if k_bias is None:
     kb = jnp.zeros((g * j, h), jnp.float32)
   else:
     kb = k_bias.astype(dtype).astype(jnp.float32).reshape(g * j, h)
   inv = jnp.broadcast_to(jnp.asarray(inv_freq, jnp.float32)[None], (g * j, hh))
   vecs = jnp.stack([inv, kb[:, :hh], kb[:, hh:]], axis=1)
-  bk = k_up.reshape(g, spec.k_rank, j, 2, hh).transpose(0, 2, 3, 1, 4)
-  bk = bk.reshape(g * j, 2, spec.k_rank, hh).astype(dtype)
+  bk = k_up.reshape(g, spec.k_rank, j, h).transpose(0, 2, 1, 3)
+  bk = bk.reshape(g * j, spec.k_rank, h).astype(dtype)
   starts = jnp.arange(0, cache_len, block_s, dtype=jnp.float32)
   angle = starts[:, None] * jnp.asarray(inv_freq, jnp.float32)[None, :]
   base = jnp.stack([jnp.cos(angle), jnp.sin(angle)], axis=1)
-  return bk, qh[..., :hh], qh[..., hh:], vecs, base
+  return bk, qh, vecs, base
 
 
 def _group_major(h: Array, groups: int) -> Array:
@@ -414,16 +420,17 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
   k_swizzle = _swizzle(rk)
   if rope:
     hh = spec.head_dim // 2
-    # the rebuild's A (h_k tile) and B (B_k half) share one swizzle
-    k_swizzle = min(k_swizzle, _swizzle(hh))
+    # the rebuild's A (h_k tile) and B (B_k) share one swizzle
+    k_swizzle = min(k_swizzle, _swizzle(2 * hh))
     operands = _rope_operands(q, k_up, k_bias, inv_freq, spec, nq, dtype, s,
-                              bs)
-    b_half = plgpu.SMEM((rk, hh), dtype, transforms=_transforms(k_swizzle))
-    q_half = plgpu.SMEM((nq, hh), dtype, transforms=_transforms(_swizzle(hh)))
-    scratch = [b_half, b_half, q_half, q_half,
+                              bs, scores_dtype(config, dtype))
+    scratch = [plgpu.SMEM((rk, 2 * hh), dtype,
+                          transforms=_transforms(k_swizzle)),
+               plgpu.SMEM((nq, 2 * hh), scores_dtype(config, dtype),
+                          transforms=_transforms(_swizzle(2 * hh))),
                plgpu.SMEM((3, hh), jnp.float32),
                plgpu.SMEM((config.stages, 2, hh), jnp.float32)]
-    n_setup = 5
+    n_setup = 3
     x_size = spec.groups * spec.kv_per_group
   else:
     operands = (absorbed_queries(q, k_up, spec, nq, dtype),)
@@ -459,6 +466,7 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
       kernel, out_type=out_type, scratch_types=scratch,
       grid=(x_size, splits, batch), grid_names=("x", "p", "b"),
       num_threads=COMPUTE_WGS + 1, thread_name="wg",
+      kernel_name="palu_latent_" + ("rope" if rope else "norope"),
   )(lengths.astype(jnp.int32), _group_major(hk, spec.groups),
     _group_major(hv_in, spec.groups), *operands)
   heads = spec.q_per_kv if rope else spec.heads_per_group

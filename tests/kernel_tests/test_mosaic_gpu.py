@@ -53,6 +53,27 @@ def test_angle_sum_gives_rope_of_the_full_position():
   np.testing.assert_allclose(np.concatenate([r1, r2], -1), full, atol=1e-12)
 
 
+def test_float16_rotation_is_within_bf16_rounding():
+  """The kernel's default rotation: keys rounded once to float16, angle
+  sums and rotation in float16 (packed). Its error against the float64
+  rotation stays below one bf16 rounding of the key (2^-8 relative), the
+  rounding the float32 rotation applies to its result anyway."""
+  rng = np.random.default_rng(3)
+  theta = 1.0 / 10000 ** (np.arange(0, 128, 2) / 128)
+  i = np.arange(64)[:, None] * theta[None]
+  s0 = 123456 * theta[None]
+  k1, k2 = rng.standard_normal((2, 64, 64)) * 20
+  want = mg.rotate_halves(k1, k2, np.cos(i + s0), np.sin(i + s0))
+  h = lambda x: jnp.asarray(x, jnp.float16)
+  cos, sin = mg.angle_sum(h(np.cos(i)), h(np.sin(i)), h(np.cos(s0)),
+                          h(np.sin(s0)))
+  got = mg.rotate_halves(h(k1), h(k2), cos, sin)
+  scale = np.hypot(k1, k2)                    # |rotated pair|
+  for g, w in zip(got, want):
+    err = np.abs(np.asarray(g, np.float64) - w) / scale
+    assert err.max() < 2 ** -8, err.max()
+
+
 def test_online_softmax_steps_and_split_merge_equal_one_softmax():
   """Tiles folded by `softmax_step` into two interleaved partials (the two
   compute WGs), merged by `combine_splits`, equal softmax(s)·v."""
@@ -79,24 +100,21 @@ def test_operands():
   spec = LatentSpec(groups=2, kv_per_group=2, q_per_kv=3, head_dim=16,
                     k_rank=32, v_rank=64)
   q, hk, hv, k_up, k_bias, inv = make_inputs(spec, 2, 64, jnp.bfloat16)
-  bk, q1, q2, vecs, base = mg._rope_operands(q, k_up, k_bias, inv, spec, 8,
-                                             jnp.bfloat16, 128, 64)
-  assert q1.shape == q2.shape == (2, 4, 8, 8)
-  # B_k halves of KV head (g, j) = columns j·H.. of group g's rows
+  bk, qk, vecs, base = mg._rope_operands(q, k_up, k_bias, inv, spec, 8,
+                                         jnp.bfloat16, 128, 64)
+  assert qk.shape == (2, 4, 8, 16)
+  # B_k of KV head (g, j) = columns j·H.. of group g's rows
   kup = np.asarray(k_up, np.float32)
-  np.testing.assert_array_equal(np.asarray(bk[1 * 2 + 1, 1], np.float32),
-                                kup[32:64, 16 + 8:32])
+  np.testing.assert_array_equal(np.asarray(bk[1 * 2 + 1], np.float32),
+                                kup[32:64, 16:32])
   # cos/sin of each tile's first position (tiles of 64: positions 0, 64)
   np.testing.assert_allclose(base[1, 0], np.cos(64 * np.asarray(inv)),
                              rtol=1e-6)
   np.testing.assert_allclose(base[1, 1], np.sin(64 * np.asarray(inv)),
                              rtol=1e-6, atol=1e-7)
   qh = np.asarray(q, np.float32).reshape(2, 4, 3, 16)
-  np.testing.assert_array_equal(np.asarray(q1[:, :, :3], np.float32),
-                                qh[..., :8])
-  np.testing.assert_array_equal(np.asarray(q2[:, :, :3], np.float32),
-                                qh[..., 8:])
-  assert not np.any(np.asarray(q1[:, :, 3:], np.float32))
+  np.testing.assert_array_equal(np.asarray(qk[:, :, :3], np.float32), qh)
+  assert not np.any(np.asarray(qk[:, :, 3:], np.float32))
   assert vecs.shape == (4, 3, 8)
   np.testing.assert_array_equal(vecs[:, 0], np.broadcast_to(inv, (4, 8)))
   qf = absorbed_queries(q, k_up, spec, 8, jnp.float32)  # no-RoPE operand
@@ -233,11 +251,14 @@ def test_compiled_kernel_matches_reference(case, rope, dtype):
 
 @gpu
 @needs_hopper
-@pytest.mark.parametrize("stages,splits", [(2, 1), (4, 3), (2, 5)])
-def test_compiled_kernel_ring_and_splits(stages, splits):
+@pytest.mark.parametrize("stages,splits,rotation", [
+    (2, 1, "float16"), (4, 3, "float16"), (2, 5, "float32"),
+    (4, 1, "float32")])
+def test_compiled_kernel_ring_and_splits(stages, splits, rotation):
   spec = LatentSpec(groups=2, kv_per_group=2, q_per_kv=2, head_dim=128,
                     k_rank=128, v_rank=128)
-  cfg = mg.MosaicConfig(block_s=64, stages=stages, splits=splits)
+  cfg = mg.MosaicConfig(block_s=64, stages=stages, splits=splits,
+                        rotation_dtype=rotation)
   for rope in (True, False):
     check(spec, batch=2, cache_len=1024, lengths=[1024, 333],
           dtype=jnp.bfloat16, rope=rope, bias=True, config=cfg)
