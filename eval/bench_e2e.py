@@ -2,7 +2,8 @@
 
 The jitted decode loop of `palu_jax.generate` (what `Generator` runs) is
 timed for Llama-2-7B shapes with pseudo-random weights: the base model
-(bf16 KV cache, XLA attention), and Palu at 50 % with 16-bit and int4
+(bf16 KV cache; decode attention on cuDNN, the fastest full-KV kernel
+in eval/bench_kernels, and as `base_xla` on jnp attention), and Palu at 50 % with 16-bit and int4
 latents, decoding through the Pallas kernels: G-LRD (groups of 4 KV heads)
 and M-LRD (`_g1`, one head per latent: keys are rebuilt with a quarter of
 the FLOPs and B_k stays on chip). Per
@@ -43,19 +44,27 @@ def palu_config(cfg, ratio: float, bits: int, group: int = GROUP
 
 
 VARIANTS = {
-    "base": None,
+    "base": None,                 # dense, decode attention on cuDNN (GPU)
+    "base_xla": None,             # dense, jnp attention (the old baseline)
     "palu50": (0.5, 16),
+    "palu50_g2": (0.5, 16, 2),
     "palu50_int4": (0.5, 4),
     "palu50_g1": (0.5, 16, 1),
     "palu50_int4_g1": (0.5, 4, 1),
 }
 
 
-def build(cfg, palu, dtype):
+def build(cfg, palu, dtype, dense_decode: str | None = None):
+  """dense_decode: the dense model's decode kernel ("cudnn", "xla" or None
+  for the best available, `palu_jax.model.dense_decode.pick`)."""
   abstract = nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype,
                                                 rngs=nnx.Rngs(0), palu=palu))
   graphdef, state = nnx.split(abstract)
-  return nnx.merge(graphdef, _fill(state, 0))
+  model = nnx.merge(graphdef, _fill(state, 0))
+  if palu is None:
+    for layer in model.layers:
+      layer.attn.decode_impl = dense_decode
+  return model
 
 
 def main(argv=None) -> int:
@@ -98,7 +107,8 @@ def main(argv=None) -> int:
   for name in args.variants:
     spec = VARIANTS[name]
     palu = None if spec is None else palu_config(cfg, *spec)
-    model = build(cfg, palu, jnp.bfloat16)
+    model = build(cfg, palu, jnp.bfloat16,
+                  "xla" if name == "base_xla" else None)
     graphdef, state = nnx.split(model)
     weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(state))
     probe = model.init_cache(1, 1024)
@@ -108,7 +118,8 @@ def main(argv=None) -> int:
       fit = (int((0.92 * limit - weights) / (batch * per_token)) if limit
              else None)                  # no memory limit known (CPU)
       for ctx in args.contexts:
-        row = {"variant": name, "batch": batch, "context": ctx,
+        row = {"variant": name, "device": device.device_kind,
+               "batch": batch, "context": ctx,
                "kv_bytes_per_token": per_token, "max_context": fit}
         if fit is not None and ctx + args.steps + 256 > fit:
           row["note"] = "does not fit"

@@ -8,6 +8,7 @@ from flax import nnx
 
 from palu_jax.config import ModelConfig
 from palu_jax.errors import GenerationError
+from palu_jax.model import dense_decode
 from palu_jax.model.cache import LayerKV
 from palu_jax.model.layers import apply_rope, linear
 from palu_jax.typing import Array
@@ -101,6 +102,8 @@ class Attention(nnx.Module):
     # (method, bits, group, residual) of a simulated quantized-KV baseline
     # (palu_jax.quantize.kv_baselines), full forward only; None = exact.
     self.kv_quant = None
+    # dense decode kernel: "cudnn", "xla" or None (cuDNN where it runs)
+    self.decode_impl = None
 
   def __call__(self, x: Array, cos: Array, sin: Array, q_pos: Array,
                cache: LayerKV | None, start: Array, *, fresh: bool = False
@@ -122,6 +125,9 @@ class Attention(nnx.Module):
         k, v = cache.k, cache.v
     if self.kv_quant is not None:
       out = _attend_quantized(q, k, v, q_pos, *self.kv_quant)
+    elif t == 1 and cache is not None and not fresh and \
+        dense_decode.pick(q, self.decode_impl) == "cudnn":
+      out = dense_decode.decode_attention(q, k, v, q_pos[:, 0] + 1)
     else:
       out = attend(q, k, v, q_pos)
     return self.o_proj(out.reshape(b, t, c.n_heads * c.head_dim)), cache
