@@ -49,6 +49,19 @@ def _require(hf: dict, key: str, path: str):
   return hf[key]
 
 
+def _positive_ints(hf: dict, path: str) -> None:
+  """The size fields a model is built from must be positive integers."""
+  for key in ("num_attention_heads", "hidden_size", "num_hidden_layers",
+              "intermediate_size", "vocab_size", "num_key_value_heads",
+              "head_dim", "max_position_embeddings"):
+    value = hf.get(key)
+    if value is None:
+      continue
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise CheckpointError(path, f"must be a positive integer, got "
+                            f"{value!r}", field=key)
+
+
 def config_from_hf(hf: dict[str, Any], path: str) -> dict[str, Any]:
   """Maps a transformers config.json dict to the canonical config dict."""
   model_type = hf.get("model_type")
@@ -57,6 +70,7 @@ def config_from_hf(hf: dict[str, Any], path: str) -> dict[str, Any]:
         path, f"unsupported architecture {model_type!r} "
         f"(architectures={hf.get('architectures')}); supported model_type: "
         f"{', '.join(SUPPORTED_MODEL_TYPES)}", field="model_type")
+  _positive_ints(hf, path)
   n_heads = _require(hf, "num_attention_heads", path)
   dim = _require(hf, "hidden_size", path)
   # transformers >= 5 moves theta and scaling into `rope_parameters`.
@@ -134,8 +148,11 @@ def load_hf_dir(directory: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   try:
     with open(cfg_path) as f:
       hf = json.load(f)
-  except ValueError as e:
+  except (ValueError, UnicodeDecodeError) as e:
     raise CheckpointError(cfg_path, f"invalid JSON: {e}") from e
+  if not isinstance(hf, dict):
+    raise CheckpointError(cfg_path, f"must hold a JSON object, got a "
+                          f"{type(hf).__name__}")
   cfg = config_from_hf(hf, cfg_path)
   tensors: dict[str, np.ndarray] = {}
   where: dict[str, str] = {}

@@ -44,6 +44,32 @@ def resolve_source(src: str) -> str:
   return make() if make else src
 
 
+def _not_llama2c(path: str) -> str:
+  """Why a .bin is refused: a PyTorch pickle (zip or protocol-2+ pickle) or
+  simply not a checkpoint this library reads."""
+  with open(path, "rb") as f:
+    head = f.read(4)
+  if head[:2] == b"PK" or head[:1] == b"\x80":
+    return ("this .bin is a pickled PyTorch checkpoint, which is refused "
+            "(unpickling runs arbitrary code); convert it to safetensors "
+            "first")
+  size = os.path.getsize(path)
+  return (f"not a llama2.c checkpoint ({size} bytes, no valid header) nor a "
+          "PyTorch file")
+
+
+def check_safetensors_header(path: str) -> None:
+  """Raises CheckpointError unless `path` starts like a safetensors file (an
+  8-byte little-endian header length, then that much JSON)."""
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    head = f.read(8)
+  n = int.from_bytes(head, "little") if len(head) == 8 else -1
+  if n <= 1 or 8 + n > size:
+    raise CheckpointError(path, f"not a safetensors file ({size} bytes, no "
+                          "valid header)")
+
+
 def load_checkpoint(src: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """Reads a source checkpoint into (config dict, {canonical key: array})."""
   path = resolve_source(src)
@@ -59,11 +85,10 @@ def load_checkpoint(src: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     return load_gguf(path)
   if path.endswith(".bin"):
     if not looks_like_llama2c(path):
-      raise CheckpointError(path, "this .bin is a pickled PyTorch checkpoint, "
-                            "which is refused (unpickling runs arbitrary code);"
-                            " convert it to safetensors first")
+      raise CheckpointError(path, _not_llama2c(path))
     return load_llama2c(path)
   if path.endswith(".safetensors"):
+    check_safetensors_header(path)
     return load_hf_dir(os.path.dirname(path) or ".")
   raise CheckpointError(path, "unknown checkpoint format (expected a Hugging "
                         "Face directory, .gguf, or llama2.c .bin)")

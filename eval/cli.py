@@ -13,17 +13,28 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
 import time
 
+from eval.cli_types import (HelpFormatter, Parser, nonneg_float, nonneg_int,
+                            open_fraction, positive_float, positive_int,
+                            top_p)
 from palu_jax.errors import PaluError
 
 
 def _jax_backend() -> str:
   import jax
   return jax.default_backend()
+
+
+def _check_data_dir(args) -> None:
+  """A --data-dir the user named must exist (no silent fallback)."""
+  given = getattr(args, "data_dir", None)
+  if given is not None and not os.path.isdir(given):
+    raise PaluError(f"{given}: --data-dir is not a directory")
 
 
 def cmd_convert(args) -> int:
@@ -35,15 +46,24 @@ def cmd_convert(args) -> int:
 
 
 def cmd_compress(args) -> int:
-  from palu_jax.compress import (CalibrationConfig, CompressionConfig,
-                                 compress_checkpoint)
+  from palu_jax.compress import CalibrationConfig, CompressionConfig
+  from palu_jax.pipeline import compress_checkpoint
   from palu_jax.eigen.compress import EigenConfig
   from palu_jax.errors import ConfigError
   palu_only = ("mode", "group_size", "alloc", "whiten", "k_fraction",
                "shared_kv", "k_weight", "rope_span")
   eigen_only = ("eps", "step", "floor", "error_windows")
   common = ("ratio", "multiple", "hadamard", "kv_bits", "quant_group")
+  _check_data_dir(args)
   method = args.method
+  if args.hadamard and args.kv_bits in (None, 16):
+    # the rotation leaves a 16-bit model unchanged: asking for it alone is
+    # a mistake (the API keeps it, for tests of that very invariance)
+    raise ConfigError("hadamard", "--hadamard only helps quantized latents: "
+                      "pass --kv-bits 4/3/2 with it")
+  if args.group_size is not None and args.mode != "glrd":
+    raise ConfigError("group_size", "--group-size applies to --mode glrd "
+                      "only; pass --mode glrd with it")
   wrong = [n for n in (palu_only if method == "eigen" else eigen_only)
            if getattr(args, n) is not None] + (
                ["palu"] if method == "eigen" and args.palu else [])
@@ -80,6 +100,7 @@ def cmd_compress(args) -> int:
 
 
 def cmd_finetune(args) -> int:
+  _check_data_dir(args)
   from eval.plots import loss_png
   from palu_jax.lora.adapters import LoraConfig
   from palu_jax.lora.pipeline import finetune_checkpoint
@@ -163,6 +184,10 @@ def cmd_ppl(args) -> int:
   from eval.perplexity import perplexity
   from palu_jax.api import load_model
   from palu_jax.data import load_text
+  from palu_jax.output_paths import check_output_file_dir
+  _check_data_dir(args)
+  if args.out:                         # before, not after, the evaluation
+    check_output_file_dir(args.out)
   model, tok = load_model(args.model, dtype=args.dtype)
   if tok is None:
     raise PaluError(f"{args.model}: no tokenizer found next to the checkpoint")
@@ -187,6 +212,9 @@ def cmd_ppl(args) -> int:
 
 def cmd_eval(args) -> int:
   from eval.suite import ModelSpec, SuiteConfig, run_suite
+  from palu_jax.output_paths import check_output_file_dir
+  _check_data_dir(args)
+  check_output_file_dir(args.out)
   cfg = SuiteConfig(tasks=tuple(t for t in args.tasks.split(",") if t),
                     limit=args.limit, ppl_seqlen=args.ppl_seqlen,
                     ppl_limit=args.ppl_limit,
@@ -207,8 +235,10 @@ def cmd_demo(args) -> int:
   generate from the compressed model."""
   from palu_jax.checkpoint import is_model_dir
   if not is_model_dir(args.out):
+    # never replaces what is there: an existing non-model directory is an
+    # error (output_paths.check_output_dir), not something to wipe
     cmd_convert(argparse.Namespace(src="smollm2-135m", out=args.out,
-                                   overwrite=os.path.exists(args.out)))
+                                   overwrite=False))
   else:
     print(f"using the converted model in {args.out}")
   palu_dir = args.out.rstrip("/") + "-palu50"
@@ -235,47 +265,61 @@ def cmd_demo(args) -> int:
   return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="palu-jax", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = p.add_subparsers(dest="command", required=True)
+def _version() -> str:
+  from importlib import metadata
+  try:
+    return metadata.version("palu-jax")
+  except metadata.PackageNotFoundError:
+    return "unknown (not installed)"
 
-  c = sub.add_parser("convert", help="convert a checkpoint to a palu-jax dir")
+
+def build_parser() -> argparse.ArgumentParser:
+  p = Parser(prog="palu-jax", description=__doc__, formatter_class=HelpFormatter)
+  p.add_argument("--version", action="version",
+                 version=f"palu-jax {_version()}")
+  sub = p.add_subparsers(dest="command", required=True)
+  parser = functools.partial(sub.add_parser, formatter_class=HelpFormatter)
+  overwrite_help = ("replace OUT if it is a palu-jax model directory (never "
+                    "anything else)")
+  seed_help = "random seed"
+  data_dir_help = ("local data root (default: $PALU_JAX_DATA or "
+                   "../shared/data); must exist")
+
+  c = parser("convert", help="convert a checkpoint to a palu-jax dir")
   c.add_argument("src", help="HF dir, .gguf, llama2.c .bin, or smollm2-135m")
   c.add_argument("out", help="output model directory")
-  c.add_argument("--overwrite", action="store_true")
+  c.add_argument("--overwrite", action="store_true", help=overwrite_help)
   c.set_defaults(fn=cmd_convert)
 
   dtype_help = "weights/activations dtype (norms, softmax, logits are f32)"
-  k = sub.add_parser("compress", help="Palu or Eigen Attention: low-rank "
-                     "latent KV cache",
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  k = parser("compress", help="Palu or Eigen Attention: low-rank latent KV "
+             "cache")
   k.add_argument("model", help="model directory, checkpoint, or preset")
   k.add_argument("--out", required=True, help="output model directory")
   k.add_argument("--method", choices=["palu", "eigen"], default="palu",
                  help="Palu (low-rank k/v projections) or Eigen Attention "
                  "(calibrated per-layer bases, ranks by error budget)")
-  k.add_argument("--eps", type=float, default=None,
+  k.add_argument("--eps", type=positive_float, default=None,
                  help="eigen: per-layer attention-output error budget "
                  "[0.025]; with --ratio, the budget decides instead")
-  k.add_argument("--step", type=float, default=None,
+  k.add_argument("--step", type=open_fraction, default=None,
                  help="eigen: energy-threshold step [0.02]")
-  k.add_argument("--floor", type=float, default=None,
+  k.add_argument("--floor", type=positive_float, default=None,
                  help="eigen: smallest rank as a fraction of head_dim [0.45]")
-  k.add_argument("--error-windows", type=int, default=None,
+  k.add_argument("--error-windows", type=positive_int, default=None,
                  help="eigen: calibration windows the errors are measured "
                  "on [8]")
   k.add_argument("--palu", action="store_true",
                  help="Palu as published (separate latents, input whitening, "
                  "Fisher ranks); flags below still override")
-  k.add_argument("--ratio", type=float, default=None,
+  k.add_argument("--ratio", type=open_fraction, default=None,
                  help="fraction of the KV cache removed, in (0, 1) [palu: "
                  "0.5; eigen: none, --eps decides]")
   k.add_argument("--mode", choices=["mlrd", "glrd", "jlrd"], default=None,
                  help="head groups: per head, per --group-size, all heads "
                  "[jlrd]")
-  k.add_argument("--group-size", type=int, default=None,
-                 help="KV heads per group for glrd [4]")
+  k.add_argument("--group-size", type=positive_int, default=None,
+                 help="KV heads per group, with --mode glrd only [4]")
   k.add_argument("--alloc", choices=["uniform", "fisher", "error",
                                      "fisher-error"], default=None,
                  help="rank allocation across modules [uniform; --palu: "
@@ -286,61 +330,72 @@ def build_parser() -> argparse.ArgumentParser:
                  "attention-aware [attention; --palu: input]")
   k.add_argument("--no-whiten", dest="whiten", action="store_const",
                  const="none", help="plain SVD (same as --whiten none)")
-  k.add_argument("--rank-multiple", dest="multiple", type=int, default=None,
-                 help="ranks are multiples of this [16]")
-  k.add_argument("--k-fraction", type=float, default=None,
+  k.add_argument("--rank-multiple", dest="multiple", type=positive_int,
+                 default=None, help="ranks are multiples of this [palu: 16; "
+                 "eigen: 16, or head_dim if smaller]")
+  k.add_argument("--k-fraction", type=open_fraction, default=None,
                  help="separate latents: share of the budget for keys "
                  "[one pool]")
   k.add_argument("--shared-kv", dest="shared_kv", action="store_true",
-                 default=None, help="one latent for keys and values [on; "
-                 "--palu: off]")
+                 default=None, help="one latent for keys and values [the "
+                 "default; --palu: separate]")
   k.add_argument("--separate-kv", dest="shared_kv", action="store_false",
-                 help="separate key and value latents (Palu)")
-  k.add_argument("--k-weight", type=float, default=None,
+                 help="separate key and value latents [Palu's choice]")
+  k.add_argument("--k-weight", type=positive_float, default=None,
                  help="shared latent: weight of key error vs value error [2]")
-  k.add_argument("--rope-span", type=int, default=None,
+  k.add_argument("--rope-span", type=positive_int, default=None,
                  help="attention whitening: RoPE distances averaged [512]")
   k.add_argument("--hadamard", action="store_true", default=None,
-                 help="fold a Walsh-Hadamard rotation into the latents")
+                 help="fold a Walsh-Hadamard rotation into the latents "
+                 "(with --kv-bits 4/3/2)")
   k.add_argument("--kv-bits", type=int, choices=[16, 4, 3, 2], default=None,
                  help="latent cache precision: packed 4/3/2-bit codes [16]")
-  k.add_argument("--quant-group", type=int, default=None,
+  k.add_argument("--quant-group", type=positive_int, default=None,
                  help="latents per quantization group (per token) [32]")
   k.add_argument("--calib-dataset", default="wikitext2-calib",
-                 help="corpus name or .txt/.jsonl path")
-  k.add_argument("--calib-windows", type=int, default=32)
-  k.add_argument("--calib-seqlen", type=int, default=512)
-  k.add_argument("--fisher-windows", type=int, default=None,
-                 help="windows used for Fisher scores (default: all)")
-  k.add_argument("--batch-size", type=int, default=1)
-  k.add_argument("--seed", type=int, default=0)
+                 help="calibration corpus name or .txt/.jsonl path")
+  k.add_argument("--calib-windows", type=positive_int, default=32,
+                 help="random calibration windows")
+  k.add_argument("--calib-seqlen", type=positive_int, default=512,
+                 help="tokens per calibration window (at most the model's "
+                 "context)")
+  k.add_argument("--fisher-windows", type=positive_int, default=None,
+                 help="windows used for Fisher scores [all]")
+  k.add_argument("--batch-size", type=positive_int, default=1,
+                 help="calibration windows per forward pass")
+  k.add_argument("--seed", type=nonneg_int, default=0, help=seed_help)
   k.add_argument("--dtype", choices=["bfloat16", "float32"], default="float32",
                  help="calibration dtype")
   k.add_argument("--calib-cache", default=os.path.join(
       os.path.expanduser("~"), ".cache", "palu_jax", "calibration"),
                  help="where calibration statistics are cached")
-  k.add_argument("--no-calib-cache", action="store_true")
-  k.add_argument("--data-dir", default=None)
-  k.add_argument("--overwrite", action="store_true")
+  k.add_argument("--no-calib-cache", action="store_true",
+                 help="recompute calibration statistics, cache nothing")
+  k.add_argument("--data-dir", default=None, help=data_dir_help)
+  k.add_argument("--overwrite", action="store_true", help=overwrite_help)
   k.set_defaults(fn=cmd_compress)
 
-  f = sub.add_parser("finetune", help="LoRA recovery fine-tuning; writes "
-                     "the merged model (and the adapters)",
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  f = parser("finetune", help="LoRA recovery fine-tuning; writes the "
+             "merged model (and the adapters)")
   f.add_argument("model", help="model directory (compressed or dense)")
   f.add_argument("--out", required=True, help="output model directory")
-  f.add_argument("--steps", type=int, default=500)
-  f.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
-  f.add_argument("--warmup", type=int, default=50, help="linear warmup steps "
-                 "(then cosine decay to 0)")
-  f.add_argument("--batch-size", type=int, default=8,
+  f.add_argument("--steps", type=positive_int, default=500,
+                 help="optimizer steps")
+  f.add_argument("--lr", type=positive_float, default=2e-4,
+                 help="peak learning rate")
+  f.add_argument("--warmup", type=nonneg_int, default=50,
+                 help="linear warmup steps (then cosine decay to 0)")
+  f.add_argument("--batch-size", type=positive_int, default=8,
                  help="sequences per optimizer step")
-  f.add_argument("--grad-accum", type=int, default=1,
+  f.add_argument("--grad-accum", type=positive_int, default=1,
                  help="micro-batches per step (divides --batch-size)")
-  f.add_argument("--seqlen", type=int, default=512)
-  f.add_argument("--weight-decay", type=float, default=0.0)
-  f.add_argument("--rank", type=int, default=8, help="LoRA rank")
-  f.add_argument("--alpha", type=float, default=16.0,
+  f.add_argument("--seqlen", type=positive_int, default=512,
+                 help="tokens per training sequence (at most the model's "
+                 "context)")
+  f.add_argument("--weight-decay", type=nonneg_float, default=0.0,
+                 help="AdamW weight decay")
+  f.add_argument("--rank", type=positive_int, default=8, help="LoRA rank")
+  f.add_argument("--alpha", type=positive_float, default=16.0,
                  help="LoRA scale is alpha / rank")
   f.add_argument("--targets", default=None,
                  help="comma-separated parameter names [compressed: "
@@ -350,75 +405,91 @@ def build_parser() -> argparse.ArgumentParser:
   f.add_argument("--dtype", choices=["bfloat16", "float32", "float16"],
                  default="bfloat16", help="compute dtype (adapters and "
                  "optimizer state stay float32; on CPU use float32)")
-  f.add_argument("--checkpoint-every", type=int, default=100)
-  f.add_argument("--keep", type=int, default=3, help="checkpoints kept")
+  f.add_argument("--checkpoint-every", type=positive_int, default=100,
+                 help="steps between training checkpoints")
+  f.add_argument("--keep", type=positive_int, default=3,
+                 help="checkpoints kept")
   f.add_argument("--ckpt-dir", default=None,
                  help="training checkpoints (resumed from) [OUT.ckpt]")
-  f.add_argument("--seed", type=int, default=0)
-  f.add_argument("--data-dir", default=None)
-  f.add_argument("--overwrite", action="store_true")
+  f.add_argument("--seed", type=nonneg_int, default=0, help=seed_help)
+  f.add_argument("--data-dir", default=None, help=data_dir_help)
+  f.add_argument("--overwrite", action="store_true", help=overwrite_help)
   f.set_defaults(fn=cmd_finetune)
 
-  g = sub.add_parser("generate", help="generate text (streams tokens)")
-  g.add_argument("model")
-  g.add_argument("--prompt", required=True)
+  g = parser("generate", help="generate text (streams tokens)")
+  g.add_argument("model", help="model directory, checkpoint, or preset")
+  g.add_argument("--prompt", required=True, help="text to continue")
   g.add_argument("--chat", action="store_true",
                  help="wrap the prompt in the model's chat template")
-  g.add_argument("--max-new-tokens", type=int, default=64)
-  g.add_argument("--temperature", type=float, default=0.0,
-                 help="0 = greedy (default)")
-  g.add_argument("--top-k", type=int, default=0, help="0 = off")
-  g.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-  g.add_argument("--seed", type=int, default=0)
+  g.add_argument("--max-new-tokens", type=positive_int, default=64,
+                 help="tokens generated at most")
+  g.add_argument("--temperature", type=nonneg_float, default=0.0,
+                 help="sampling temperature; 0 = greedy")
+  g.add_argument("--top-k", type=nonneg_int, default=0,
+                 help="sample from the k likeliest tokens; 0 = off")
+  g.add_argument("--top-p", type=top_p, default=1.0,
+                 help="nucleus sampling mass; 1 = off")
+  g.add_argument("--seed", type=nonneg_int, default=0, help=seed_help)
   g.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                  help=dtype_help)
   g.set_defaults(fn=cmd_generate)
 
-  q = sub.add_parser("ppl", help="perplexity (non-overlapping windows)")
-  q.add_argument("model")
+  q = parser("ppl", help="perplexity (non-overlapping windows)")
+  q.add_argument("model", help="model directory, checkpoint, or preset")
   q.add_argument("--dataset", default="wikitext2",
                  help="wikitext2, c4, tinystories, or a .txt/.jsonl path")
-  q.add_argument("--seqlen", type=int, default=2048)
-  q.add_argument("--limit", type=int, default=None, help="max windows")
-  q.add_argument("--batch-size", type=int, default=1)
-  q.add_argument("--data-dir", default=None,
-                 help="local data root (default: $PALU_JAX_DATA or ../shared/data)")
+  q.add_argument("--seqlen", type=positive_int, default=2048,
+                 help="tokens per window (at most the model's context)")
+  q.add_argument("--limit", type=positive_int, default=None,
+                 help="max windows [all]")
+  q.add_argument("--batch-size", type=positive_int, default=1,
+                 help="windows per forward pass")
+  q.add_argument("--data-dir", default=None, help=data_dir_help)
   q.add_argument("--dtype", choices=["bfloat16", "float32"], default="float32",
                  help=dtype_help)
   q.add_argument("--out", default=None,
                  help="also write ppl_<model>_<dataset>.json/.md into this dir")
   q.set_defaults(fn=cmd_ppl)
 
-  e = sub.add_parser("eval", help="evaluate configurations side by side "
-                     "(resumable)")
+  e = parser("eval", help="evaluate configurations side by side "
+             "(resumable)")
   e.add_argument("--models", nargs="+", required=True,
                  help="NAME=DIR[@KV], KV a simulated baseline: kivi2, kivi4, "
                  "rtn4, rtn3, rtn2")
   e.add_argument("--tasks", default="ppl,zeroshot,needle",
                  help="comma list of ppl, zeroshot, needle, longbench")
-  e.add_argument("--limit", type=int, default=None,
-                 help="zero-shot items per task (default: all)")
-  e.add_argument("--ppl-seqlen", type=int, default=2048)
-  e.add_argument("--ppl-limit", type=int, default=None,
-                 help="perplexity windows per corpus (default: all)")
-  e.add_argument("--needle-lengths", type=int, nargs="+",
-                 default=[2048, 4096, 8192, 16384, 32768])
-  e.add_argument("--needle-samples", type=int, default=2,
+  e.add_argument("--limit", type=positive_int, default=None,
+                 help="zero-shot items per task [all]")
+  e.add_argument("--ppl-seqlen", type=positive_int, default=2048,
+                 help="perplexity window length")
+  e.add_argument("--ppl-limit", type=positive_int, default=None,
+                 help="perplexity windows per corpus [all]")
+  e.add_argument("--needle-lengths", type=positive_int, nargs="+",
+                 default=[2048, 4096, 8192, 16384, 32768],
+                 help="needle-in-a-haystack context lengths")
+  e.add_argument("--needle-samples", type=positive_int, default=2,
                  help="samples per (length, depth)")
-  e.add_argument("--longbench-limit", type=int, default=None)
-  e.add_argument("--batch-size", type=int, default=16)
-  e.add_argument("--dtype", choices=["bfloat16", "float32"], default="float32")
-  e.add_argument("--data-dir", default=None)
+  e.add_argument("--longbench-limit", type=positive_int, default=None,
+                 help="LongBench items per task [all]")
+  e.add_argument("--batch-size", type=positive_int, default=16,
+                 help="sequences per forward pass")
+  e.add_argument("--dtype", choices=["bfloat16", "float32"], default="float32",
+                 help=dtype_help)
+  e.add_argument("--data-dir", default=None, help=data_dir_help)
   e.add_argument("--name", default="suite",
                  help="results go to OUT/NAME/")
-  e.add_argument("--out", default=os.path.join("eval", "results"))
-  e.add_argument("--no-progress", action="store_true")
+  e.add_argument("--out", default=os.path.join("eval", "results"),
+                 help="results root")
+  e.add_argument("--no-progress", action="store_true",
+                 help="no progress bars")
   e.set_defaults(fn=cmd_eval)
 
-  d = sub.add_parser("demo", help="SmolLM2-135M: convert, compress, "
-                     "perplexity, generate")
-  d.add_argument("--out", default="demo_out/smollm2-135m")
-  d.add_argument("--cpu-windows", type=int, default=8,
+  d = parser("demo", help="SmolLM2-135M: convert, compress, perplexity, "
+             "generate")
+  d.add_argument("--out", default="demo_out/smollm2-135m",
+                 help="converted model directory (the compressed one goes "
+                 "beside it, OUT-palu50)")
+  d.add_argument("--cpu-windows", type=positive_int, default=8,
                  help="perplexity windows evaluated when no GPU is present")
   d.set_defaults(fn=cmd_demo)
   return p
@@ -426,7 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-  args = build_parser().parse_args(argv)
+  try:
+    args = build_parser().parse_args(argv)
+  except SystemExit as e:     # bad flags (2), --help / --version (0)
+    return e.code if isinstance(e.code, int) else 2
   try:
     return args.fn(args)
   except PaluError as e:

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from palu_jax.errors import PaluError
+from palu_jax.errors import ConfigError, PaluError
 from palu_jax.losses import next_token_nll
 
 
@@ -48,6 +48,11 @@ def perplexity(model, token_ids, *, seqlen: int = 2048, batch_size: int = 1,
     batch_size: windows per jitted call (the last batch is padded).
     limit: evaluate only the first `limit` windows.
   """
+  for name, value in (("seqlen", seqlen), ("batch_size", batch_size),
+                      ("limit", limit)):
+    if value is not None and (not isinstance(value, (int, np.integer))
+                              or value < 1):
+      raise ConfigError(name, f"must be an integer >= 1, got {value!r}")
   ids = np.asarray(token_ids, dtype=np.int32)
   n = len(ids) // seqlen
   if limit is not None:
@@ -74,5 +79,9 @@ def perplexity(model, token_ids, *, seqlen: int = 2048, batch_size: int = 1,
   bar.close()
   tokens = n * (seqlen - 1)
   nll = total / tokens
+  if not math.isfinite(nll):
+    raise PaluError(f"the loss is {nll} (not finite): the model's weights "
+                    "or activations hold NaN/inf; check the checkpoint, or "
+                    "use --dtype float32 if it overflows in 16 bits")
   return PerplexityResult(perplexity=math.exp(nll), nll=nll, windows=n,
                           tokens=tokens, seqlen=seqlen)

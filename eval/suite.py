@@ -28,6 +28,7 @@ import time
 from eval.report import markdown_table, write_results
 from palu_jax.checkpoint import atomic_write_text
 from palu_jax.errors import ConfigError
+from palu_jax.fields import check_field_types, check_positive
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,15 @@ class SuiteConfig:
   dtype: str = "float32"
   data_dir: str | None = None
 
+  def __post_init__(self):
+    check_field_types(self)
+    check_positive(self, ("limit", "ppl_seqlen", "ppl_limit",
+                          "needle_samples", "longbench_limit", "batch_size"))
+    for n in self.needle_lengths:
+      if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError("needle_lengths", f"must be integers >= 1, got "
+                          f"{n!r}")
+
 
 def expand_tasks(groups: tuple[str, ...], data_dir: str | None) -> list[str]:
   """Task groups -> unit task names (ppl:wikitext2, zeroshot:piqa, ...)."""
@@ -123,7 +133,7 @@ def task_settings(task: str, cfg: SuiteConfig) -> dict:
 def load_for_eval(spec: ModelSpec, dtype: str):
   """(model, tokenizer, info) with info = {kv_bytes_per_token, kind}."""
   from palu_jax.api import load_model
-  from palu_jax.compress import kv_bytes_per_token
+  from palu_jax.kv_report import kv_bytes_per_token
   from palu_jax.quantize.kv_baselines import bytes_per_token
   model, tok = load_model(spec.path, dtype=dtype)
   cfg, palu = model.cfg, model.palu
@@ -206,7 +216,8 @@ def run_suite(models: list[ModelSpec], cfg: SuiteConfig, out_dir: str, *,
   if len(set(names)) != len(names):
     raise ConfigError("--models", f"model names repeat: {names}")
   tasks = expand_tasks(cfg.tasks, cfg.data_dir)
-  os.makedirs(out_dir, exist_ok=True)
+  # no directory is made before a result exists: a model that fails its
+  # checks in load_for_eval must not leave an empty results folder
   info_path = os.path.join(out_dir, "parts", "models.json")
   infos = {}
   if os.path.exists(info_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax.numpy as jnp
@@ -26,7 +27,10 @@ def load_params(src: str) -> tuple[ModelConfig, dict[str, np.ndarray],
                                    PaluConfig | None, dict[str, Any]]:
   """(config, flat numpy params, PaluConfig or None, marker) of a converted
   or compressed directory or a source checkpoint."""
-  cfg, params, meta = load_source(src)
+  if not isinstance(src, (str, os.PathLike)) or not str(src).strip():
+    raise CheckpointError(str(src), "model must be a path or a preset name "
+                          "such as 'smollm2-135m'")
+  cfg, params, meta = load_source(os.fspath(src))
   palu = None
   if meta.get("kind") == "palu":
     if "palu" not in meta:

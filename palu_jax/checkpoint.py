@@ -27,20 +27,22 @@ import numpy as np
 import convert
 from palu_jax.config import ModelConfig
 from palu_jax.errors import CheckpointError
+from palu_jax.output_paths import (MARKER, check_output_dir,
+                                   remove_stale_temporaries)
 
-MARKER = "palu_jax.json"
 FORMAT_VERSION = 1
 
 
 @contextlib.contextmanager
-def atomic_directory(out_dir: str, *, overwrite: bool = False) -> Iterator[str]:
-  """Yields a temp dir that replaces `out_dir` only if the block succeeds."""
-  out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir) and not overwrite:
-    raise CheckpointError(out_dir, "output directory already exists (pass "
-                          "overwrite=True / --overwrite to replace it)")
+def atomic_directory(out_dir: str, *, overwrite: bool = False,
+                     sources: tuple[str, ...] = ()) -> Iterator[str]:
+  """Yields a temp dir that replaces `out_dir` only if the block succeeds.
+  Only a palu-jax model directory is ever replaced, never a source
+  (`output_paths.check_output_dir`)."""
+  out_dir = check_output_dir(out_dir, overwrite=overwrite, sources=sources)
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
+  remove_stale_temporaries(out_dir)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
   try:
     yield tmp
@@ -102,7 +104,8 @@ def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def save_model(out_dir: str, cfg: ModelConfig, params: Mapping[str, Any], *,
                tokenizer=None, meta: Mapping[str, Any] | None = None,
                overwrite: bool = False,
-               extra_files: Mapping[str, str | bytes] | None = None) -> str:
+               extra_files: Mapping[str, str | bytes] | None = None,
+               sources: tuple[str, ...] = ()) -> str:
   """Writes a model directory atomically; returns its absolute path.
 
   `meta` entries go into the marker (a compressed model's `kind: palu` and
@@ -110,7 +113,7 @@ def save_model(out_dir: str, cfg: ModelConfig, params: Mapping[str, Any], *,
   adapters).
   """
   import orbax.checkpoint as ocp
-  with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+  with atomic_directory(out_dir, overwrite=overwrite, sources=sources) as tmp:
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(cfg.to_dict(), f, indent=1)
     tree = _nested({k: jnp.asarray(v) for k, v in params.items()})
@@ -159,7 +162,11 @@ def load_model_dir(path: str) -> tuple[ModelConfig, dict[str, np.ndarray],
   cfg_path = os.path.join(path, "config.json")
   try:
     with open(cfg_path) as f:
-      cfg = ModelConfig.from_dict(json.load(f))
+      raw = json.load(f)
+    if not isinstance(raw, dict):
+      raise CheckpointError(cfg_path, f"must hold a JSON object, got a "
+                            f"{type(raw).__name__}")
+    cfg = ModelConfig.from_dict(raw)
   except FileNotFoundError as e:
     raise CheckpointError(cfg_path, "config.json is missing") from e
   except ValueError as e:
@@ -192,8 +199,9 @@ def load_tokenizer_for(src: str):
 def convert_checkpoint(src: str, out_dir: str, *, overwrite: bool = False
                        ) -> str:
   """Source checkpoint -> palu-jax model directory (atomic)."""
+  check_output_dir(out_dir, overwrite=overwrite, sources=(src,))
   cfg, params = convert.load_checkpoint(src)
   tok = load_tokenizer_for(src)
   return save_model(out_dir, ModelConfig.from_dict(cfg), params, tokenizer=tok,
                     meta={"source": os.path.abspath(convert.resolve_source(src))},
-                    overwrite=overwrite)
+                    overwrite=overwrite, sources=(src,))

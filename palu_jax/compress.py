@@ -13,21 +13,23 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from typing import Any, Mapping
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from palu_jax.calibrate.statistics import (CalibrationConfig,
-                                           CalibrationStats, calibrate)
+from palu_jax.calibrate.statistics import (  # noqa: F401  (re-exported)
+    CalibrationConfig, CalibrationStats, calibrate)
 from palu_jax.config import ModelConfig, PaluConfig
 from palu_jax.decompose import lrd, metrics, ranks
 from palu_jax.decompose.fold import palu_params
 from palu_jax.decompose.svd import Factorization, LowRank, factorize
-from palu_jax.eigen.compress import EigenConfig
 from palu_jax.errors import ConfigError, PaluError
+from palu_jax.fields import check_field_types, check_positive
+from palu_jax.kv_report import (format_rank_report, kv_bytes_per_token,
+                                rank_report)
+from palu_jax.method import CompressionJob, Method, MethodResult
 from palu_jax.quantize.hadamard import fold_rotation
 
 
@@ -77,6 +79,11 @@ class CompressionConfig:
   kv_bits: int = 16
   quant_group: int = 32
 
+  def __post_init__(self):
+    check_field_types(self)
+    check_positive(self, ("group_size", "multiple", "quant_group",
+                          "rope_span"))
+
   @classmethod
   def palu(cls, **overrides) -> "CompressionConfig":
     """Palu as published: separate key/value latents, input-whitened SVD,
@@ -110,7 +117,15 @@ class CompressionConfig:
     except ValueError:
       raise ConfigError("mode", f"{self.mode!r} is not one of "
                         f"{[m.value for m in lrd.Mode]}") from None
+    if mode != lrd.Mode.GLRD and self.group_size != 4:
+      raise ConfigError("group_size", f"applies to mode 'glrd' only (mode "
+                        f"is {self.mode!r}): pass --mode glrd")
     size = lrd.resolve_group_size(mode, cfg.n_kv_heads, self.group_size)
+    if self.kv_bits < 16 and self.multiple % self.quant_group and \
+        self.quant_group % self.multiple:
+      raise ConfigError("quant_group", f"{self.quant_group} and the rank "
+                        f"multiple {self.multiple} must divide one another "
+                        "(every latent width is a multiple of the latter)")
     if (size * cfg.head_dim) % self.multiple:
       raise ConfigError("multiple", f"{self.multiple} does not divide the "
                         f"group width {size * cfg.head_dim}")
@@ -317,119 +332,27 @@ def compress_params(cfg: ModelConfig, base: Mapping[str, np.ndarray],
   return params, palu, report
 
 
-def kv_bytes_per_token(cfg: ModelConfig, palu: PaluConfig | None,
-                       bytes_per_value: int = 2) -> int:
-  """Cache bytes per token over all layers: 16-bit entries, or packed codes
-  plus the 16-bit scale and offset of each quantization group."""
-  if palu is None:
-    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * bytes_per_value
-  if palu.kv_bits == 16:
-    return palu.kv_latents_per_token() * bytes_per_value
-  from palu_jax.quantize.int_quant import packed_nbytes
-  widths = [sum(r) for r in palu.k_ranks]
-  if not palu.shared_kv:
-    widths += [sum(r) for r in palu.v_ranks]
-  return sum(packed_nbytes(w, palu.kv_bits)
-             + 2 * (w // palu.quant_group) * bytes_per_value  # scale + offset
-             for w in widths)
+class PaluMethod(Method):
+  """Palu: low-rank k/v projections (`CompressionConfig`)."""
+  name = "palu"
+  config_type = CompressionConfig
+
+  def needs_statistics(self, comp: CompressionConfig) -> bool:
+    return comp.whiten != "none" or comp.alloc != "uniform"
+
+  def needs_fisher(self, comp: CompressionConfig) -> bool:
+    return "fisher" in comp.alloc
+
+  def run(self, job: CompressionJob) -> MethodResult:
+    params, palu, report = compress_params(job.cfg, job.base, job.stats,
+                                           job.comp, seqlen=job.calib.seqlen,
+                                           progress=job.progress)
+    return MethodResult(params, palu, report, format_rank_report(report),
+                        {"method": "palu", **job.comp.to_dict()})
 
 
-def rank_report(cfg: ModelConfig, palu: PaluConfig,
-                stats: CalibrationStats | None) -> dict:
-  """Chosen ranks per layer and module, with totals and cache sizes."""
-  layers = []
-  for i in range(cfg.n_layers):
-    row = {"layer": i, "k_ranks": list(palu.k_ranks[i]),
-           "v_ranks": list(palu.v_ranks[i])}
-    if stats is not None and stats.fisher:
-      row["fisher_k"] = stats.fisher.get(f"layers.{i}.attn.k_proj")
-      row["fisher_v"] = stats.fisher.get(f"layers.{i}.attn.v_proj")
-    layers.append(row)
-  full = kv_bytes_per_token(cfg, None)
-  ours = kv_bytes_per_token(cfg, palu)
-  return {"layers": layers, "kv_bytes_per_token": ours,
-          "dense_kv_bytes_per_token": full, "kept_fraction": ours / full,
-          "k_latents": sum(map(sum, palu.k_ranks)),
-          "v_latents": sum(map(sum, palu.v_ranks))}
-
-
-def format_rank_report(report: dict) -> str:
-  """A markdown table of the ranks per layer."""
-  lines = ["| layer | k ranks | v ranks | Fisher k | Fisher v |",
-           "|---:|---|---|---:|---:|"]
-  for r in report["layers"]:
-    fk, fv = r.get("fisher_k"), r.get("fisher_v")
-    lines.append(f"| {r['layer']} | {r['k_ranks']} | {r['v_ranks']} | "
-                 f"{'' if fk is None else f'{fk:.3g}'} | "
-                 f"{'' if fv is None else f'{fv:.3g}'} |")
-  lines.append(f"\nKV cache: {report['kv_bytes_per_token']} B/token "
-               f"(dense {report['dense_kv_bytes_per_token']} B/token, kept "
-               f"{report['kept_fraction']:.1%}; k latents "
-               f"{report['k_latents']}, v latents {report['v_latents']})")
-  return "\n".join(lines)
-
-
-def compress_checkpoint(src: str, out_dir: str,
-                        comp: CompressionConfig | EigenConfig,
-                        calib: CalibrationConfig = CalibrationConfig(), *,
-                        dtype: str = "float32", cache_dir: str | None = None,
-                        data_dir: str | None = None, overwrite: bool = False,
-                        progress: bool = True) -> tuple[str, dict]:
-  """Source checkpoint or model directory -> compressed model directory.
-
-  `comp` picks the method: a CompressionConfig (Palu) or an EigenConfig
-  (Eigen Attention). Calibration runs the dense model in `dtype`. The
-  directory holds the latent-cache params (orbax), its PaluConfig in the
-  marker (kind 'palu'), how it was made, and `ranks.md`. Returns (absolute
-  path, report).
-  """
-  from palu_jax.api import parse_dtype
-  from palu_jax.calibrate.statistics import calibration_windows
-  from palu_jax.checkpoint import load_source, load_tokenizer_for, save_model
-  from palu_jax.eigen.compress import eigen_params, format_eigen_report
-  from palu_jax.eigen.layer_error import attention_inputs
-  from palu_jax.model import from_params
-  cfg, base, meta = load_source(src)
-  if meta.get("kind") == "palu":
-    raise ConfigError("model", f"{src} is already Palu-compressed; compress "
-                      "the dense model instead")
-  eigen = isinstance(comp, EigenConfig)
-  comp.validate(cfg)
-  tok = load_tokenizer_for(src)
-  stats = model = None
-  if eigen or comp.whiten != "none" or comp.alloc != "uniform":
-    if tok is None:
-      raise PaluError(f"{src}: calibration needs the model's tokenizer, and "
-                      "none was found next to the checkpoint")
-    model = from_params(cfg, base, dtype=parse_dtype(dtype))
-    stats = calibrate(model, tok, calib, fisher=not eigen and
-                      "fisher" in comp.alloc, cache_dir=cache_dir,
-                      progress=progress, data_dir=data_dir)
-  if eigen:
-    windows = calibration_windows(tok, calib, data_dir=data_dir)
-    if comp.error_windows > len(windows):
-      log.warning("eigen: measuring errors on all %d calibration windows "
-                  "(error_windows=%d)", len(windows), comp.error_windows)
-    inputs = attention_inputs(model, windows[:comp.error_windows],
-                              batch_size=calib.batch_size, progress=progress)
-    params, palu, report = eigen_params(cfg, base, stats, model, inputs, comp,
-                                        progress=progress)
-    table, method = format_eigen_report(report), comp.to_dict()
-  else:
-    params, palu, report = compress_params(cfg, base, stats, comp,
-                                           seqlen=calib.seqlen,
-                                           progress=progress)
-    table, method = format_rank_report(report), {"method": "palu",
-                                                 **comp.to_dict()}
-  del model
-  report["calibration_seconds"] = 0.0 if stats is None else stats.seconds
-  provenance = {"kind": "palu", "palu": palu.to_dict(),
-                "compression": method,
-                "calibration": dataclasses.asdict(calib),
-                "source": meta.get("source", os.path.abspath(src)
-                                   if os.path.exists(src) else src),
-                "kv_bytes_per_token": report["kv_bytes_per_token"],
-                "dense_kv_bytes_per_token": report["dense_kv_bytes_per_token"]}
-  path = save_model(out_dir, cfg, params, tokenizer=tok, meta=provenance,
-                    overwrite=overwrite, extra_files={"ranks.md": table + "\n"})
-  return path, report
+def compress_checkpoint(*args, **kwargs):
+  """`palu_jax.pipeline.compress_checkpoint` (this name is kept for code
+  written before the method interface)."""
+  from palu_jax.pipeline import compress_checkpoint as run
+  return run(*args, **kwargs)

@@ -47,6 +47,10 @@ class DatasetError(PaluError, FileNotFoundError):
 
 
 def data_dir(override: str | None = None) -> str:
+  """The local data root: `override`, $PALU_JAX_DATA, or ../shared/data. A
+  root the user named must exist (a typo must not fall back silently)."""
+  if override is not None and not os.path.isdir(override):
+    raise DatasetError(f"{override}: --data-dir is not a directory")
   return os.path.abspath(override or os.environ.get(DATA_ENV) or _REPO_SHARED)
 
 
@@ -64,11 +68,27 @@ def _read_plain(path: str) -> str:
   it; tests check both agree)."""
   import bz2
   opener = bz2.open if path.endswith(".bz2") else open
-  with opener(path, "rt", encoding="utf-8") as f:
-    if path.endswith(".jsonl"):
-      return "\n\n".join(_text_of_record(json.loads(line), path)
-                         for line in f if line.strip())
-    return f.read()
+  try:
+    with opener(path, "rt", encoding="utf-8") as f:
+      if path.endswith(".jsonl"):
+        return "\n\n".join(_text_of_record(_json_record(line, path, i), path)
+                           for i, line in enumerate(f, 1) if line.strip())
+      return f.read()
+  except UnicodeDecodeError as e:
+    raise DatasetError(f"{path}: not UTF-8 text ({e.reason} at byte "
+                       f"{e.start})") from None
+
+
+def _json_record(line: str, path: str, number: int) -> dict:
+  """One .jsonl line as a JSON object (DatasetError naming the line)."""
+  try:
+    rec = json.loads(line)
+  except ValueError as e:
+    raise DatasetError(f"{path}: line {number} is not JSON ({e})") from None
+  if not isinstance(rec, dict):
+    raise DatasetError(f"{path}: line {number} is a JSON "
+                       f"{type(rec).__name__}, not an object with 'text'")
+  return rec
 
 
 def _load_local(path: str) -> str:
@@ -79,6 +99,9 @@ def _load_local(path: str) -> str:
     return _read_plain(path)
   datasets.disable_progress_bars()
   if path.endswith(".jsonl"):
+    # checked without `datasets`, whose errors for malformed JSON are
+    # tracebacks from its builder
+    return _read_plain(path)
     ds = datasets.load_dataset("json", data_files=path, split="train")
     return "\n\n".join(_text_of_record(r, path) for r in ds)
   ds = datasets.load_dataset("text", data_files=path, sample_by="document",

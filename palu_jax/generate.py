@@ -108,6 +108,34 @@ def _generate_program(graphdef, state, prompt, lengths, key, temperature,
           jnp.minimum(final.step, max_new_tokens))
 
 
+def _checked_prompts(prompts, vocab_size: int) -> list[list[int]]:
+  """A list of token-id lists, each id in [0, vocab_size): a flat list of
+  ids, strings or out-of-vocabulary ids are refused (they would decode
+  garbage, not fail)."""
+  if isinstance(prompts, (str, bytes)) or not isinstance(
+      prompts, (list, tuple, np.ndarray)) or len(prompts) == 0:
+    raise GenerationError("prompts must be a non-empty list of token-id "
+                          "lists, e.g. [[1, 450, 7483]] (encode text with "
+                          "the tokenizer first)")
+  out = []
+  for i, p in enumerate(prompts):
+    if isinstance(p, (str, bytes)) or np.ndim(p) != 1:
+      raise GenerationError(
+          f"prompt {i} must be a list of token ids, got {type(p).__name__}"
+          + (" (a flat list of ids? wrap it: [ids])"
+             if isinstance(p, (int, np.integer)) else ""))
+    arr = np.asarray(p)
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+      raise GenerationError(f"prompt {i}: token ids must be integers, got "
+                            f"{arr.dtype}")
+    if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+      bad = int(arr[(arr < 0) | (arr >= vocab_size)][0])
+      raise GenerationError(f"prompt {i}: token id {bad} is outside the "
+                            f"vocabulary [0, {vocab_size})")
+    out.append([int(t) for t in arr])
+  return out
+
+
 class Generator:
   """Jitted text generation for a model (plain or compressed).
 
@@ -136,8 +164,10 @@ class Generator:
       on_token: optional callback(step, ids [B]) called as each token is
         produced (streaming); sequences that already stopped report pad_id.
     """
-    if not prompts:
-      raise GenerationError("no prompts given")
+    prompts = _checked_prompts(prompts, self.cfg.vocab_size)
+    if not isinstance(sampling, SamplingConfig):
+      raise GenerationError(f"sampling must be a SamplingConfig, got "
+                            f"{type(sampling).__name__}")
     lengths = [len(p) for p in prompts]
     if min(lengths) == 0:
       raise GenerationError(f"prompt {lengths.index(0)} is empty; give at "

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from palu_jax.errors import ConfigError
+from palu_jax.fields import check_field_types
 from palu_jax.typing import Array
 
 
@@ -23,6 +24,7 @@ class SamplingConfig:
   top_p: float = 1.0
 
   def __post_init__(self):
+    check_field_types(self)
     if self.temperature < 0:
       raise ConfigError("temperature", f"must be >= 0, got {self.temperature}")
     if self.top_k < 0:

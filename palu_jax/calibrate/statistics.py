@@ -19,6 +19,7 @@ from flax import nnx
 
 from palu_jax.checkpoint import atomic_write_bytes
 from palu_jax.errors import ConfigError, PaluError
+from palu_jax.fields import check_field_types
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,9 @@ class CalibrationConfig:
   fisher_windows: int | None = None  # Fisher on the first n (default: all)
   seed: int = 0
   batch_size: int = 1
+
+  def __post_init__(self):
+    check_field_types(self, "calibration.")
 
   def validate(self) -> None:
     for name in ("windows", "seqlen", "batch_size"):

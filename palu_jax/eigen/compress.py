@@ -15,6 +15,7 @@ quantization, kernels and generation loop.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from typing import Any, Mapping
 
@@ -30,7 +31,12 @@ from palu_jax.eigen.basis import Basis, projection_basis
 from palu_jax.eigen.layer_error import LayerError
 from palu_jax.eigen.threshold import LayerSweep, budget_choice, sweep_layer
 from palu_jax.errors import ConfigError, PaluError
+from palu_jax.fields import check_field_types, check_positive
+from palu_jax.kv_report import rank_report
+from palu_jax.method import CompressionJob, Method, MethodResult
 from palu_jax.quantize.hadamard import fold_rotation
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -42,7 +48,8 @@ class EigenConfig:
     error search then only orders layers). None: error mode.
   step: τ decrement of the energy-threshold search.
   floor: ranks never fall below this fraction of the head dim.
-  multiple: ranks are multiples of this (16: the kernels' unit).
+  multiple: ranks are multiples of this (None: 16, the kernels' unit, or
+    the head dim when it is smaller; see `resolved`).
   error_windows: calibration windows the layer errors are measured on.
   hadamard, kv_bits, quant_group: as for Palu (latent rotation and cache
     precision).
@@ -51,13 +58,25 @@ class EigenConfig:
   ratio: float | None = None
   step: float = 0.02
   floor: float = 0.45
-  multiple: int = 16
+  multiple: int | None = None
   error_windows: int = 8
   hadamard: bool = False
   kv_bits: int = 16
   quant_group: int = 32
 
+  def __post_init__(self):
+    check_field_types(self)
+    check_positive(self, ("multiple", "error_windows", "quant_group"))
+
+  def resolved(self, cfg: ModelConfig) -> "EigenConfig":
+    """This config with the defaults that depend on the model filled in."""
+    if self.multiple is not None:
+      return self
+    return dataclasses.replace(self, multiple=min(16, cfg.head_dim))
+
   def validate(self, cfg: ModelConfig) -> None:
+    if self.multiple is None:
+      return self.resolved(cfg).validate(cfg)
     if not self.eps > 0:
       raise ConfigError("eps", f"must be positive, got {self.eps}")
     if self.ratio is not None and not 0 < self.ratio < 1:
@@ -178,7 +197,6 @@ def eigen_params(cfg: ModelConfig, base: Mapping[str, np.ndarray],
   palu = dataclasses.replace(palu, kv_bits=econf.kv_bits,
                              quant_group=econf.quant_group)
   palu.validate(cfg)
-  from palu_jax.compress import rank_report
   report = rank_report(cfg, palu, stats)
   report["eigen"] = {"eps": eps, "layers": [
       _layer_row(s, r, errors[i], bases[i]) for i, (s, r) in
@@ -219,5 +237,37 @@ def format_eigen_report(report: dict) -> str:
   return "\n".join(lines)
 
 
-__all__ = ["EigenConfig", "eigen_params", "eigen_parts", "format_eigen_report",
+class EigenMethod(Method):
+  """Eigen Attention: calibrated per-layer bases, ranks by an error budget
+  (`EigenConfig`). Runs the dense model on calibration windows to measure
+  each layer's attention-output error."""
+  name = "eigen"
+  config_type = EigenConfig
+
+  def needs_statistics(self, comp: EigenConfig) -> bool:
+    return True
+
+  def needs_fisher(self, comp: EigenConfig) -> bool:
+    return False
+
+  def run(self, job: CompressionJob) -> MethodResult:
+    from palu_jax.calibrate.statistics import calibration_windows
+    from palu_jax.eigen.layer_error import attention_inputs
+    comp = job.comp
+    windows = calibration_windows(job.tokenizer, job.calib,
+                                  data_dir=job.data_dir)
+    if comp.error_windows > len(windows):
+      log.warning("eigen: measuring errors on all %d calibration windows "
+                  "(error_windows=%d)", len(windows), comp.error_windows)
+    inputs = attention_inputs(job.model, windows[:comp.error_windows],
+                              batch_size=job.calib.batch_size,
+                              progress=job.progress)
+    params, palu, report = eigen_params(job.cfg, job.base, job.stats,
+                                        job.model, inputs, comp,
+                                        progress=job.progress)
+    return MethodResult(params, palu, report, format_eigen_report(report),
+                        comp.to_dict())
+
+
+__all__ = ["EigenConfig", "EigenMethod", "eigen_params", "eigen_parts", "format_eigen_report",
            "layer_bases", "search_ranks"]

@@ -36,10 +36,14 @@ def finetune_checkpoint(src: str, out_dir: str, lora: LoraConfig,
   from palu_jax.api import load_params
   from palu_jax.checkpoint import load_tokenizer_for, save_model
   from palu_jax.data import load_text
+  from palu_jax.errors import ConfigError
+  from palu_jax.output_paths import check_output_dir
   train.validate()
-  if os.path.exists(out_dir) and not overwrite:
-    raise CheckpointError(out_dir, "output exists (use --overwrite)")
+  check_output_dir(out_dir, overwrite=overwrite, sources=(src,))
   cfg, params, palu, meta = load_params(src)
+  if train.seqlen > cfg.max_seq_len:
+    raise ConfigError("seqlen", f"{train.seqlen} is past the model's context "
+                      f"of {cfg.max_seq_len} tokens")
   tok = load_tokenizer_for(src)
   if tok is None:
     raise PaluError(f"{src}: fine-tuning needs the model's tokenizer, and "
@@ -74,7 +78,7 @@ def finetune_checkpoint(src: str, out_dir: str, lora: LoraConfig,
                         else src, "steps": train.steps,
                         "tokens": log["tokens"], "final_loss": log["losses"][-1]}
   path = save_model(out_dir, cfg, merged, tokenizer=tok, meta=provenance,
-                    overwrite=overwrite, extra_files=files)
+                    overwrite=overwrite, extra_files=files, sources=(src,))
   return path, log
 
 

@@ -10,7 +10,7 @@ from flax import nnx
 
 from convert import keymap
 from palu_jax.config import ModelConfig, PaluConfig
-from palu_jax.errors import CheckpointError
+from palu_jax.errors import CheckpointError, ConfigError
 from palu_jax.model.attention import Attention
 from palu_jax.model.cache import (Cache, init_kv_cache, init_latent_cache,
                                   init_quant_latent_cache)
@@ -94,6 +94,10 @@ class Transformer(nnx.Module):
     (a latent cache read by the kernels is rounded up to a multiple of 64
     rows, the kernels' tile)."""
     c, p = self.cfg, self.palu
+    for name, value in (("batch", batch), ("max_len", max_len)):
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+          or value < 1:
+        raise ConfigError(name, f"must be an integer >= 1, got {value!r}")
     if p is not None and self.layers[0].attn.uses_kernel():
       max_len = -(-max_len // 64) * 64
     if p is not None and p.kv_bits < 16:
@@ -154,6 +158,10 @@ class Transformer(nnx.Module):
       logits [B, T, V] (or [B, 1, V] with `logits_at`) float32, new cache.
     """
     t = tokens.shape[1]
+    if cache is None and t > self.cfg.max_seq_len:
+      # positions past the context get RoPE angles the model never saw
+      raise ConfigError("tokens", f"{t} tokens are past the model's context "
+                        f"of {self.cfg.max_seq_len} (max_seq_len)")
     x, cos, sin, q_pos, start = self.prelude(tokens, cache)
     states = []
     for i, layer in enumerate(self.layers):

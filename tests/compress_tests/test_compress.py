@@ -204,3 +204,20 @@ def test_compressed_checkpoint_roundtrip(tmp_path, stories):
   np.testing.assert_allclose(model(tokens)[0], fresh(tokens)[0], atol=1e-5)
   with pytest.raises(ConfigError, match="already Palu-compressed"):
     C.compress_checkpoint(out, str(tmp_path / "d"), comp, calib)
+
+
+def test_methods_are_peers_behind_one_interface():
+  """compress_checkpoint dispatches on the config type; Palu and Eigen do
+  not import each other (issue 20)."""
+  import inspect
+
+  import palu_jax.compress as palu_mod
+  import palu_jax.eigen.compress as eigen_mod
+  from palu_jax import pipeline
+  from palu_jax.eigen.compress import EigenConfig
+  assert pipeline.method_for(C.CompressionConfig()).name == "palu"
+  assert pipeline.method_for(EigenConfig()).name == "eigen"
+  with pytest.raises(ConfigError, match="comp: must be"):
+    pipeline.method_for({"ratio": 0.5})
+  assert "palu_jax.eigen" not in inspect.getsource(palu_mod)
+  assert "palu_jax.compress" not in inspect.getsource(eigen_mod)

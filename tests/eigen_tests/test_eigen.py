@@ -8,7 +8,7 @@ import pytest
 
 from palu_jax.calibrate.activations import kv_input_grams
 from palu_jax.calibrate.statistics import CalibrationStats
-from palu_jax.compress import kv_bytes_per_token
+from palu_jax.kv_report import kv_bytes_per_token
 from palu_jax.decompose.fold import palu_params
 from palu_jax.eigen import threshold as T
 from palu_jax.eigen.basis import activation_basis, projection_basis

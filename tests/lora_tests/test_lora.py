@@ -189,7 +189,7 @@ def test_finetune_cli_writes_a_merged_model(tmp_path, capsys):
   assert np.all(np.isfinite(np.asarray(model(jnp.asarray([[1, 2, 3]]))[0])))
   assert main(["finetune", src, "--out", str(out), "--steps", "4",
                "--warmup", "1"]) == 2
-  assert "output exists" in capsys.readouterr().err
+  assert "already exists" in capsys.readouterr().err
   assert main(["finetune", src, "--out", str(tmp_path / "x"), "--targets",
                "nope", "--dataset", "tinystories", "--dtype",
                "float32"]) == 2
