@@ -332,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
                  const="none", help="plain SVD (same as --whiten none)")
   k.add_argument("--rank-multiple", dest="multiple", type=positive_int,
                  default=None, help="ranks are multiples of this [palu: 16; "
-                 "eigen: 16, or head_dim if smaller]")
+                 "eigen: 16, or head_dim/2 if smaller]")
   k.add_argument("--k-fraction", type=open_fraction, default=None,
                  help="separate latents: share of the budget for keys "
                  "[one pool]")

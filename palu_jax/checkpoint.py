@@ -184,6 +184,11 @@ def load_model_dir(path: str) -> tuple[ModelConfig, dict[str, np.ndarray],
 def load_source(src: str) -> tuple[ModelConfig, dict[str, np.ndarray],
                                    dict[str, Any]]:
   """(config, params, meta) from a model directory or any source checkpoint."""
+  name = os.path.basename(os.path.normpath(src))
+  if os.path.isdir(src) and name.startswith(".") and ".tmp-" in name:
+    raise CheckpointError(src, "a temporary directory left by an interrupted "
+                          "palu-jax write, not a model (the next write to "
+                          "that name removes it)")
   if os.path.isdir(src) and is_model_dir(src):
     return load_model_dir(src)
   cfg, params = convert.load_checkpoint(src)

@@ -166,10 +166,11 @@ def test_compress_checks_everything_before_calibrating(capsys, stories_bin,
   assert not cache.exists()
 
 
-def test_stale_temporaries_are_cleaned(stories_bin, tmp_path):
+def test_stale_temporaries_are_cleaned(capsys, stories_bin, tmp_path):
   stale = tmp_path / ".model.tmp-crashed"
   stale.mkdir()
   (stale / "config.json").write_text("{}")
+  fails(capsys, ["ppl", str(stale)], "interrupted palu-jax write")
   assert main(["convert", stories_bin, str(tmp_path / "model")]) == 0
   assert not stale.exists()
   assert sorted(os.listdir(tmp_path)) == ["model"]
@@ -268,11 +269,12 @@ def test_nan_weights_do_not_print_nan(stories_dir):
 
 
 def test_eigen_defaults_fit_a_small_head_dim():
-  """stories260K has head_dim 8: the rank unit follows it down."""
+  """stories260K has head_dim 8: the rank unit follows it down (to half
+  the head dim, so 50 % stays reachable)."""
   cfg = ModelConfig(vocab_size=512, dim=64, n_layers=5, n_heads=8,
                     n_kv_heads=4, head_dim=8, hidden_dim=172)
   econf = EigenConfig(ratio=0.5).resolved(cfg)
-  assert econf.multiple == 8
+  assert econf.multiple == 4
   econf.validate(cfg)
   assert EigenConfig(ratio=0.5, multiple=4).resolved(cfg).multiple == 4
 
@@ -288,3 +290,22 @@ def test_eval_leaves_no_empty_folder(stories_dir, tmp_path):
     run_suite([ModelSpec.parse(f"a={bare}")], SuiteConfig(tasks=("ppl",)),
               str(out), progress=False)
   assert not out.exists()
+
+
+def test_finetune_seqlen_past_the_context(capsys, stories_dir, tmp_path):
+  fails(capsys, ["finetune", stories_dir, "--out", str(tmp_path / "ft"),
+                 "--seqlen", "100000", "--steps", "1", "--warmup", "0"], "seqlen", "context")
+  assert not (tmp_path / "ft").exists()
+
+
+def test_eigen_with_defaults_on_stories260k(capsys, stories_bin, tmp_path):
+  """`compress --method eigen --ratio 0.5` failed on head_dim 8 ("multiple:
+  must be in 1..head_dim=8, got 16"); the rank unit now follows it."""
+  out = tmp_path / "eigen"
+  assert main(["compress", stories_bin, "--out", str(out), "--method",
+               "eigen", "--ratio", "0.5", "--calib-dataset", "tinystories",
+               "--calib-windows", "4", "--calib-seqlen", "64",
+               "--no-calib-cache"]) == 0, capsys.readouterr().err
+  marker = json.loads((out / "palu_jax.json").read_text())
+  assert marker["compression"]["multiple"] == 4
+  assert "50.0% of the dense" in capsys.readouterr().out
