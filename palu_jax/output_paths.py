@@ -46,25 +46,26 @@ def check_output_dir(out_dir: str, *, overwrite: bool,
       raise CheckpointError(out, "exists and is not a palu-jax model "
                             f"directory (no {MARKER}): --overwrite only "
                             "replaces a model directory")
-  parent = os.path.dirname(out)
-  while not os.path.exists(parent):
-    parent = os.path.dirname(parent)
-  if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-    raise CheckpointError(out, f"cannot write here ({parent} is not a "
-                          "writable directory)")
+  _check_writable(out, os.path.dirname(out), "")
   return out
 
 
 def check_output_file_dir(folder: str, what: str = "--out") -> str:
   """A results folder (created if missing) must be writable; returns it."""
   out = os.path.abspath(folder)
-  probe = out
+  _check_writable(out, out, f"{what}: ")
+  return out
+
+
+def _check_writable(out: str, start: str, prefix: str) -> None:
+  """The nearest existing folder at or above `start` must be a writable
+  directory (the rest of the path is created under it)."""
+  probe = start
   while not os.path.exists(probe):
     probe = os.path.dirname(probe)
   if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-    raise CheckpointError(out, f"{what}: cannot write here ({probe} is not a "
+    raise CheckpointError(out, f"{prefix}cannot write here ({probe} is not a "
                           "writable directory)")
-  return out
 
 
 def remove_stale_temporaries(out_dir: str) -> None:
