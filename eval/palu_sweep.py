@@ -125,6 +125,11 @@ ROWS = dict([
     *[_row(f"shared-{int(r * 100)}-uniform-attention-kw2.0-span512",
            mode="jlrd", ratio=r, alloc="uniform", whiten="attention",
            shared_kv=True, k_weight=2.0, rope_span=512) for r in (0.3, 0.7)],
+    # Group size as a speed knob (issue 17): the default decomposition at
+    # 50 % per head grouping (G-LRD takes --group-size).
+    *[_row(f"default-50-{m}", mode=m, ratio=0.5, alloc="uniform",
+           whiten="attention", shared_kv=True, k_weight=2.0, rope_span=512)
+      for m in ("mlrd", "glrd")],
 ])
 
 

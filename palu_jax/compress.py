@@ -117,9 +117,6 @@ class CompressionConfig:
     except ValueError:
       raise ConfigError("mode", f"{self.mode!r} is not one of "
                         f"{[m.value for m in lrd.Mode]}") from None
-    if mode != lrd.Mode.GLRD and self.group_size != 4:
-      raise ConfigError("group_size", f"applies to mode 'glrd' only (mode "
-                        f"is {self.mode!r}): pass --mode glrd")
     size = lrd.resolve_group_size(mode, cfg.n_kv_heads, self.group_size)
     if self.kv_bits < 16 and self.multiple % self.quant_group and \
         self.quant_group % self.multiple:
