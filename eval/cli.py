@@ -348,8 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
   k.add_argument("--hadamard", action="store_true", default=None,
                  help="fold a Walsh-Hadamard rotation into the latents "
                  "(with --kv-bits 4/3/2)")
-  k.add_argument("--kv-bits", type=int, choices=[16, 4, 3, 2], default=None,
-                 help="latent cache precision: packed 4/3/2-bit codes [16]")
+  k.add_argument("--kv-bits", type=int, choices=[16, 8, 4, 3, 2],
+                 default=None, help="latent cache precision: 8 = float8 e4m3 "
+                 "codes, 4/3/2 = packed integer codes, each with a bf16 scale "
+                 "per --quant-group [16]")
   k.add_argument("--quant-group", type=positive_int, default=None,
                  help="latents per quantization group (per token) [32]")
   k.add_argument("--calib-dataset", default="wikitext2-calib",

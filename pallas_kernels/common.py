@@ -24,9 +24,9 @@ Array = jax.Array
 
 class QuantLatent(NamedTuple):
   """Packed latents of one cache side."""
-  codes: Array   # [B, S, bits·⌈G·R/8⌉] uint8
+  codes: Array   # [B, S, bits·⌈G·R/8⌉] uint8, or [B, S, G·R] float8_e4m3fn
   scale: Array   # [B, S, G·R / quant_group] bf16/fp16
-  offset: Array  # [B, S, G·R / quant_group]
+  offset: Array  # [B, S, G·R / quant_group] ([B, S, 0] for fp8 codes)
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -40,7 +40,8 @@ class LatentSpec:
     head_dim: H.
     k_rank / v_rank: latent ranks per group (equal with a shared latent).
     shared: one latent serves keys and values (read once).
-    bits: 16 for a bf16/fp16 cache, else 4/3/2 for packed codes.
+    bits: 16 for a bf16/fp16 cache, 8 for float8 e4m3 codes, else 4/3/2
+      for packed integer codes.
     quant_group: latents per scale/offset pair.
   """
   groups: int
@@ -68,6 +69,8 @@ class LatentSpec:
       widths.append(self.groups * self.v_rank)
     if self.bits == 16:
       return sum(2 * w for w in widths)
+    if self.bits == 8:                 # fp8 codes + a scale per group
+      return sum(w + scale_bytes * w // self.quant_group for w in widths)
     return sum(self.bits * -(-w // 8) + 2 * scale_bytes * w // self.quant_group
                for w in widths)
 
@@ -131,9 +134,11 @@ def dequantize_side(side, spec: LatentSpec, width: int, dtype) -> Array:
   """A cache side as values [B, S, width] in `dtype` (f32 arithmetic)."""
   if not isinstance(side, QuantLatent):
     return side.astype(dtype)
-  q = unpack_codes(side.codes, spec.bits, width).astype(jnp.float32)
   g = spec.quant_group
   scale = jnp.repeat(side.scale.astype(jnp.float32), g, axis=-1)
+  if spec.bits == 8:                  # float8 e4m3 codes, no offset
+    return (side.codes.astype(jnp.float32) * scale).astype(dtype)
+  q = unpack_codes(side.codes, spec.bits, width).astype(jnp.float32)
   offset = jnp.repeat(side.offset.astype(jnp.float32), g, axis=-1)
   return (q * scale + offset).astype(dtype)
 

@@ -108,8 +108,9 @@ class CompressionConfig:
                         "budget; use k_weight to balance keys and values")
     if self.rope_span is not None and self.rope_span < 1:
       raise ConfigError("rope_span", f"must be >= 1, got {self.rope_span}")
-    if self.kv_bits not in (2, 3, 4, 16):
-      raise ConfigError("kv_bits", f"must be 16, 4, 3 or 2, got {self.kv_bits}")
+    if self.kv_bits not in (2, 3, 4, 8, 16):
+      raise ConfigError("kv_bits", f"must be 16, 8, 4, 3 or 2, got "
+                        f"{self.kv_bits}")
     if not self.k_weight > 0:
       raise ConfigError("k_weight", f"must be positive, got {self.k_weight}")
     try:

@@ -107,8 +107,9 @@ class PaluConfig:
     if self.group_size < 1 or cfg.n_kv_heads % self.group_size:
       raise ConfigError("group_size", f"{self.group_size} does not divide "
                         f"n_kv_heads={cfg.n_kv_heads}")
-    if self.kv_bits not in (2, 3, 4, 16):
-      raise ConfigError("kv_bits", f"must be 16, 4, 3 or 2, got {self.kv_bits}")
+    if self.kv_bits not in (2, 3, 4, 8, 16):
+      raise ConfigError("kv_bits", f"must be 16, 8, 4, 3 or 2, got "
+                        f"{self.kv_bits}")
     if self.scale_dtype not in ("bfloat16", "float16"):
       raise ConfigError("scale_dtype", f"{self.scale_dtype!r} is not "
                         "bfloat16 or float16")

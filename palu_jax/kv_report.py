@@ -9,18 +9,19 @@ from palu_jax.config import ModelConfig, PaluConfig
 
 def kv_bytes_per_token(cfg: ModelConfig, palu: PaluConfig | None,
                        bytes_per_value: int = 2) -> int:
-  """Cache bytes per token over all layers: 16-bit entries, or packed codes
-  plus the 16-bit scale and offset of each quantization group."""
+  """Cache bytes per token over all layers: 16-bit entries, or codes (packed
+  integers or fp8) plus each quantization group's 16-bit scale (and offset,
+  for integer codes)."""
   if palu is None:
     return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * bytes_per_value
   if palu.kv_bits == 16:
     return palu.kv_latents_per_token() * bytes_per_value
-  from palu_jax.quantize.int_quant import packed_nbytes
+  from palu_jax.quantize import latent_codes
   widths = [sum(r) for r in palu.k_ranks]
   if not palu.shared_kv:
     widths += [sum(r) for r in palu.v_ranks]
-  return sum(packed_nbytes(w, palu.kv_bits)
-             + 2 * (w // palu.quant_group) * bytes_per_value  # scale + offset
+  return sum(latent_codes.bytes_per_token(w, palu.kv_bits, palu.quant_group,
+                                          scale_bytes=bytes_per_value)
              for w in widths)
 
 

@@ -96,8 +96,9 @@ class EigenConfig:
                         f"head_dim={cfg.head_dim}")
     if self.error_windows < 1:
       raise ConfigError("error_windows", "must be >= 1")
-    if self.kv_bits not in (2, 3, 4, 16):
-      raise ConfigError("kv_bits", f"must be 16, 4, 3 or 2, got {self.kv_bits}")
+    if self.kv_bits not in (2, 3, 4, 8, 16):
+      raise ConfigError("kv_bits", f"must be 16, 8, 4, 3 or 2, got "
+                        f"{self.kv_bits}")
     if self.kv_bits < 16 and (cfg.n_kv_heads * self.multiple) % self.quant_group:
       raise ConfigError("quant_group", f"a layer's latent width is "
                         f"{cfg.n_kv_heads}·rank with ranks in steps of "

@@ -48,17 +48,18 @@ class LayerLatent:
 
 @struct.dataclass
 class LayerQuantLatent:
-  """One layer's Palu latents as packed per-token integer codes.
+  """One layer's Palu latents as per-token codes (`quantize.latent_codes`).
 
-  Codes are packed along R (`palu_jax.quantize.int_quant.pack`), scales and
-  offsets are 16-bit per group of `group` latents; values are quantized when
+  4/3/2 bits: integer codes packed along R with a 16-bit scale and offset
+  per group of `group` latents; 8 bits: float8 e4m3 codes with a scale per
+  group and no offset (offset arrays of width 0). Values are quantized when
   written and dequantized when read, so attention sees exactly the values a
   fake-quant forward sees.
   """
-  k_codes: Array    # [B, S, packed(Rk)] uint8 (4-bit) or uint32 (3/2-bit)
+  k_codes: Array    # [B, S, stored(Rk)] uint8 (packed ints) or float8_e4m3fn
   k_scale: Array    # [B, S, Rk / group]
-  k_offset: Array   # [B, S, Rk / group]
-  v_codes: Array    # [B, S, packed(Rv)] (width 0 with a shared latent)
+  k_offset: Array   # [B, S, Rk / group] ([B, S, 0] at 8 bits)
+  v_codes: Array    # [B, S, stored(Rv)] (width 0 with a shared latent)
   v_scale: Array
   v_offset: Array
   bits: int = struct.field(pytree_node=False, default=4)
@@ -68,40 +69,34 @@ class LayerQuantLatent:
 
   def write(self, hk_new: Array, hv_new: Array, start: Array
             ) -> "LayerQuantLatent":
-    """Quantizes, packs and writes hk_new [B, T, Rk], hv_new [B, T, Rv]."""
-    from palu_jax.quantize import int_quant
+    """Quantizes and writes hk_new [B, T, Rk], hv_new [B, T, Rv]."""
+    from palu_jax.quantize import latent_codes
     out = {}
     for side, h in (("k", hk_new), ("v", hv_new)):
-      codes = getattr(self, f"{side}_codes")
+      names = [f"{side}_codes", f"{side}_scale", f"{side}_offset"]
       if h.shape[-1] == 0:
-        out.update({f"{side}_codes": codes,
-                    f"{side}_scale": getattr(self, f"{side}_scale"),
-                    f"{side}_offset": getattr(self, f"{side}_offset")})
+        out.update({n: getattr(self, n) for n in names})
         continue
-      q, scale, offset = int_quant.quantize(
+      stored = latent_codes.quantize(
           h, bits=self.bits, group=self.group,
           scale_dtype=getattr(self, f"{side}_scale").dtype)
-      out[f"{side}_codes"] = write_rows(codes, int_quant.pack(q, self.bits),
-                                        start)
-      out[f"{side}_scale"] = write_rows(getattr(self, f"{side}_scale"), scale,
-                                        start)
-      out[f"{side}_offset"] = write_rows(getattr(self, f"{side}_offset"),
-                                         offset, start)
+      out.update({n: write_rows(getattr(self, n), new, start)
+                  for n, new in zip(names, stored)})
     return self.replace(**out)
 
   def read(self, dtype) -> tuple[Array, Array]:
     """Dequantized (h_k [B, S, Rk], h_v [B, S, Rv]) in `dtype`."""
-    from palu_jax.quantize import int_quant
+    from palu_jax.quantize import latent_codes
     out = []
     for side, width in (("k", self.k_width), ("v", self.v_width)):
       codes = getattr(self, f"{side}_codes")
       if width == 0:
         out.append(jnp.zeros(codes.shape[:2] + (0,), dtype))
         continue
-      q = int_quant.unpack(codes, self.bits, width)
-      out.append(int_quant.dequantize(q, getattr(self, f"{side}_scale"),
-                                      getattr(self, f"{side}_offset"),
-                                      group=self.group, dtype=dtype))
+      out.append(latent_codes.dequantize(
+          codes, getattr(self, f"{side}_scale"),
+          getattr(self, f"{side}_offset"), bits=self.bits, group=self.group,
+          width=width, dtype=dtype))
     return out[0], out[1]
 
 
@@ -142,13 +137,14 @@ def init_latent_cache(k_widths, v_widths, batch: int, max_len: int, dtype
 
 def init_quant_latent_cache(k_widths, v_widths, batch: int, max_len: int, *,
                             bits: int, group: int, scale_dtype) -> Cache:
-  """An empty packed Palu cache; widths [L] are Σ ranks per layer."""
-  from palu_jax.quantize import int_quant
+  """An empty quantized Palu cache; widths [L] are Σ ranks per layer."""
+  from palu_jax.quantize import latent_codes
   def side(width):
-    return (jnp.zeros((batch, max_len, int_quant.packed_width(width, bits)),
-                      int_quant.packed_dtype(bits)),
-            jnp.zeros((batch, max_len, width // group), scale_dtype),
-            jnp.zeros((batch, max_len, width // group), scale_dtype))
+    (cols, code_dtype), n_scale, n_offset = latent_codes.stored_shape(
+        width, bits, group)
+    return (jnp.zeros((batch, max_len, cols), code_dtype),
+            jnp.zeros((batch, max_len, n_scale), scale_dtype),
+            jnp.zeros((batch, max_len, n_offset), scale_dtype))
   layers = []
   for rk, rv in zip(k_widths, v_widths):
     (kc, ks, ko), (vc, vs, vo) = side(rk), side(rv)

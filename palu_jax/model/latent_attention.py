@@ -109,11 +109,12 @@ class LatentAttention(nnx.Module):
 
   def _fake_quant(self, h: Array) -> Array:
     """The values a write to and read from the packed cache give back."""
-    from palu_jax.quantize import int_quant
+    from palu_jax.quantize import latent_codes
     if h.shape[-1] == 0:
       return h
-    return int_quant.fake_quantize(h, bits=self.kv_bits, group=self.quant_group,
-                                   scale_dtype=self.scale_dtype)
+    return latent_codes.fake_quantize(h, bits=self.kv_bits,
+                                      group=self.quant_group,
+                                      scale_dtype=self.scale_dtype)
 
   def keys(self, hk: Array, group: int, cos: Array, sin: Array) -> Array:
     """Rebuilds group `group`'s rotated keys [B, S, group_size, H] from its

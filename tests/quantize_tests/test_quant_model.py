@@ -37,7 +37,7 @@ def test_16_bits_is_the_unquantized_model(tiny):
   np.testing.assert_array_equal(a(TOKENS)[0], b(TOKENS)[0])
 
 
-@pytest.mark.parametrize("bits", [4, 3, 2])
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
 @pytest.mark.parametrize("shared", [True, False])
 def test_packed_decode_equals_fake_quant_forward(tiny, bits, shared):
   """Prefill + decode through the packed cache give the logits of the

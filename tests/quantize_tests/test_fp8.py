@@ -1,0 +1,110 @@
+"""float8 (e4m3) latent codes: rounding bounds, storage and accounting."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from palu_jax.config import ModelConfig, PaluConfig
+from palu_jax.kv_report import kv_bytes_per_token
+from palu_jax.model.cache import init_quant_latent_cache
+from palu_jax.quantize import fp8_quant, latent_codes
+
+
+def _latents(seed=0, shape=(3, 5, 64)):
+  rng = np.random.default_rng(seed)
+  # outlier-heavy, as latents are: a few large values per token
+  x = rng.standard_normal(shape) * np.exp(rng.standard_normal(shape))
+  return jnp.asarray(x, jnp.float32)
+
+
+@pytest.mark.parametrize("group", [8, 32, 64])
+@pytest.mark.parametrize("scale_dtype", [jnp.bfloat16, jnp.float16])
+def test_round_trip_within_half_an_e4m3_step(group, scale_dtype):
+  """Each value comes back within half an e4m3 step of x/scale: 2^-4 of
+  |x| for normals (3 mantissa bits), 2^-10·scale below the smallest normal
+  (subnormal step 2^-9). The bound is derived from the format, not from
+  the implementation."""
+  x = _latents()
+  codes, scale = fp8_quant.quantize(x, group=group, scale_dtype=scale_dtype)
+  assert codes.dtype == jnp.float8_e4m3fn and codes.shape == x.shape
+  assert scale.dtype == scale_dtype and scale.shape == (3, 5, 64 // group)
+  back = np.asarray(fp8_quant.dequantize(codes, scale, group=group))
+  s = np.repeat(np.asarray(scale, np.float64), group, -1)
+  xs = np.asarray(x, np.float64)
+  bound = 2.0 ** -4 * np.abs(xs) + 2.0 ** -10 * s
+  assert np.all(np.abs(back - xs) <= bound * (1 + 1e-6))
+  # the scale is rounded up, so no code saturates at 448
+  codes_f = np.abs(np.asarray(codes.astype(jnp.float32)))
+  assert codes_f.max() <= 448.0 and np.isfinite(codes_f).all()
+
+
+def test_zero_groups_and_gradient():
+  x = jnp.zeros((2, 16)).at[0, :8].set(3.0)
+  out = np.asarray(fp8_quant.fake_quantize(x, group=8))
+  assert np.all(out[0, 8:] == 0) and np.all(out[1] == 0)   # no 0/0 NaN
+  np.testing.assert_allclose(out[0, :8], 3.0, rtol=2.0 ** -4)
+  # straight-through: the gradient of fake quantization is the identity
+  g = jax.grad(lambda v: jnp.sum(fp8_quant.fake_quantize(v, group=8) * 2.0))(
+      _latents(shape=(4, 16)))
+  np.testing.assert_array_equal(np.asarray(g), 2.0)
+
+
+def test_cache_stores_what_fake_quant_gives():
+  """Written to and read from a cache, latents equal the fake-quantized
+  ones (the forward without a cache applies this very rounding)."""
+  h = _latents(1, (2, 6, 32))
+  cache = init_quant_latent_cache([32], [0], 2, 8, bits=8, group=16,
+                                  scale_dtype=jnp.bfloat16)
+  layer = cache.layers[0].write(h, h[..., :0], jnp.asarray([0, 2]))
+  assert layer.k_codes.dtype == jnp.float8_e4m3fn
+  assert layer.k_offset.shape == (2, 8, 0)      # fp8 stores no offset
+  hk, _ = layer.read(jnp.float32)
+  want = latent_codes.fake_quantize(h, bits=8, group=16)
+  np.testing.assert_array_equal(np.asarray(hk[0, :6]), np.asarray(want[0]))
+  np.testing.assert_array_equal(np.asarray(hk[1, 2:8]), np.asarray(want[1]))
+
+
+def test_bytes_per_token_are_the_arrays_bytes():
+  """1 byte per latent + a 2-byte scale per group, no offset."""
+  cfg = ModelConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4,
+                    n_kv_heads=2, head_dim=16, hidden_dim=96)
+  palu = PaluConfig(group_size=2, k_ranks=((16,), (32,)),
+                    v_ranks=((16,), (32,)), kv_bits=8, quant_group=16)
+  palu.validate(cfg)
+  want = (16 + 2) * 2 + (32 + 4) * 2
+  assert kv_bytes_per_token(cfg, palu) == want
+  cache = init_quant_latent_cache([16, 32], [16, 32], 3, 10, bits=8,
+                                  group=16, scale_dtype=jnp.bfloat16)
+  assert cache.nbytes() == 3 * 10 * want
+
+
+@pytest.mark.parametrize("rope", [True, False])
+def test_decode_api_reads_fp8_latents(rope, caplog):
+  """The kernels' api takes an fp8 cache side (QuantLatent with float8
+  codes and no offset): the GPU kernels refuse it with a logged reason and
+  the reference attends over exactly the dequantized latents."""
+  import dataclasses
+
+  from pallas_kernels.common import LatentSpec, QuantLatent
+  from pallas_kernels.latent_attention.api import latent_decode_attention
+  spec = LatentSpec(groups=2, kv_per_group=2, q_per_kv=2, head_dim=16,
+                    k_rank=32, v_rank=32, bits=8, quant_group=16)
+  rng = np.random.default_rng(4)
+  q = jnp.asarray(rng.standard_normal((2, spec.n_heads, 16)), jnp.float32)
+  k_up = jnp.asarray(rng.standard_normal((64, 32)) / 6, jnp.float32)
+  inv = jnp.asarray(1.0 / 10000 ** (np.arange(0, 16, 2) / 16), jnp.float32)
+  lengths = jnp.asarray([40, 17], jnp.int32)
+  sides, plain = [], []
+  for seed in (5, 6):
+    h = _latents(seed, (2, 48, 64))
+    sides.append(QuantLatent(*latent_codes.quantize(h, bits=8, group=16)))
+    plain.append(latent_codes.fake_quantize(h, bits=8, group=16))
+  kw = dict(inv_freq=inv if rope else None, implementation="triton")
+  got = latent_decode_attention(q, *sides, k_up, lengths, spec=spec, **kw)
+  want = latent_decode_attention(q, *plain, k_up, lengths,
+                                 spec=dataclasses.replace(spec, bits=16),
+                                 inv_freq=kw["inv_freq"],
+                                 implementation="xla")
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6,
+                             atol=1e-6)
