@@ -53,7 +53,8 @@ def cmd_compress(args) -> int:
   palu_only = ("mode", "group_size", "alloc", "whiten", "k_fraction",
                "shared_kv", "k_weight", "rope_span")
   eigen_only = ("eps", "step", "floor", "error_windows")
-  common = ("ratio", "multiple", "hadamard", "kv_bits", "quant_group")
+  common = ("ratio", "multiple", "hadamard", "kv_bits", "quant_group",
+            "k_up_bits")
   _check_data_dir(args)
   method = args.method
   if args.hadamard and args.kv_bits in (None, 16):
@@ -352,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
                  default=None, help="latent cache precision: 8 = float8 e4m3 "
                  "codes, 4/3/2 = packed integer codes, each with a bf16 scale "
                  "per --quant-group [16]")
+  k.add_argument("--k-up-bits", type=int, choices=[16, 8], default=None,
+                 help="8: key up-projection B_k in e4m3 codes with a power-"
+                 "of-two scale per column (for fp8 key rebuilds) [16]")
   k.add_argument("--quant-group", type=positive_int, default=None,
                  help="latents per quantization group (per token) [32]")
   k.add_argument("--calib-dataset", default="wikitext2-calib",

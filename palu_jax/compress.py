@@ -78,6 +78,7 @@ class CompressionConfig:
   hadamard: bool = False
   kv_bits: int = 16
   quant_group: int = 32
+  k_up_bits: int = 16
 
   def __post_init__(self):
     check_field_types(self)
@@ -108,6 +109,8 @@ class CompressionConfig:
                         "budget; use k_weight to balance keys and values")
     if self.rope_span is not None and self.rope_span < 1:
       raise ConfigError("rope_span", f"must be >= 1, got {self.rope_span}")
+    if self.k_up_bits not in (8, 16):
+      raise ConfigError("k_up_bits", f"must be 16 or 8, got {self.k_up_bits}")
     if self.kv_bits not in (2, 3, 4, 8, 16):
       raise ConfigError("kv_bits", f"must be 16, 8, 4, 3 or 2, got "
                         f"{self.kv_bits}")

@@ -101,6 +101,9 @@ class PaluConfig:
   kv_bits: int = 16
   quant_group: int = 32
   scale_dtype: str = "bfloat16"
+  # 8: B_k holds e4m3 codes times a power-of-two scale per latent group and
+  # column (fp8_quant.round_weight_columns), what an fp8 kernel multiplies
+  k_up_bits: int = 16
 
   def validate(self, cfg: ModelConfig) -> None:
     """Raises ConfigError unless the ranks fit `cfg`."""
@@ -110,6 +113,8 @@ class PaluConfig:
     if self.kv_bits not in (2, 3, 4, 8, 16):
       raise ConfigError("kv_bits", f"must be 16, 8, 4, 3 or 2, got "
                         f"{self.kv_bits}")
+    if self.k_up_bits not in (8, 16):
+      raise ConfigError("k_up_bits", f"must be 16 or 8, got {self.k_up_bits}")
     if self.scale_dtype not in ("bfloat16", "float16"):
       raise ConfigError("scale_dtype", f"{self.scale_dtype!r} is not "
                         "bfloat16 or float16")
@@ -151,7 +156,8 @@ class PaluConfig:
                  shared_kv=bool(d.get("shared_kv", False)),
                  kv_bits=int(d.get("kv_bits", 16)),
                  quant_group=int(d.get("quant_group", 32)),
-                 scale_dtype=str(d.get("scale_dtype", "bfloat16")))
+                 scale_dtype=str(d.get("scale_dtype", "bfloat16")),
+                 k_up_bits=int(d.get("k_up_bits", 16)))
     except (KeyError, TypeError, ValueError) as e:
       raise ConfigError("compression", f"invalid Palu config: {e!r}") from e
 
@@ -160,4 +166,5 @@ class PaluConfig:
             "k_ranks": [list(l) for l in self.k_ranks],
             "v_ranks": [list(l) for l in self.v_ranks],
             "shared_kv": self.shared_kv, "kv_bits": self.kv_bits,
-            "quant_group": self.quant_group, "scale_dtype": self.scale_dtype}
+            "quant_group": self.quant_group, "scale_dtype": self.scale_dtype,
+            "k_up_bits": self.k_up_bits}

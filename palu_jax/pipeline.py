@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import numpy as np
+
 from palu_jax.calibrate.statistics import CalibrationConfig, calibrate
 from palu_jax.compress import CompressionConfig, PaluMethod
 from palu_jax.eigen.compress import EigenConfig, EigenMethod
@@ -30,6 +32,18 @@ def method_for(comp) -> Method:
       return method
   names = " or ".join(m.config_type.__name__ for m in METHODS)
   raise ConfigError("comp", f"must be a {names}, got {type(comp).__name__}")
+
+
+def fp8_k_up(cfg, params, palu):
+  """Rounds every layer's B_k to e4m3 codes with a power-of-two scale per
+  latent group and column; marks the layout (k_up_bits=8)."""
+  from palu_jax.quantize.fp8_quant import round_weight_columns
+  params = dict(params)
+  for i, ranks in enumerate(palu.k_ranks):
+    key = f"layers.{i}.attn.k_up"
+    params[key] = round_weight_columns(params[key], ranks).astype(
+        np.asarray(params[key]).dtype)
+  return params, dataclasses.replace(palu, k_up_bits=8)
 
 
 def compress_checkpoint(src: str, out_dir: str,
@@ -80,16 +94,19 @@ def compress_checkpoint(src: str, out_dir: str,
       cfg=cfg, base=base, stats=stats, model=model, tokenizer=tok, comp=comp,
       calib=calib, data_dir=data_dir, progress=progress))
   del model
+  params, palu = result.params, result.palu
+  if comp.k_up_bits == 8:
+    params, palu = fp8_k_up(cfg, params, palu)
   report = result.report
   report["calibration_seconds"] = 0.0 if stats is None else stats.seconds
-  provenance = {"kind": "palu", "palu": result.palu.to_dict(),
+  provenance = {"kind": "palu", "palu": palu.to_dict(),
                 "compression": result.settings,
                 "calibration": dataclasses.asdict(calib),
                 "source": meta.get("source", os.path.abspath(src)
                                    if os.path.exists(src) else src),
                 "kv_bytes_per_token": report["kv_bytes_per_token"],
                 "dense_kv_bytes_per_token": report["dense_kv_bytes_per_token"]}
-  path = save_model(out_dir, cfg, result.params, tokenizer=tok,
+  path = save_model(out_dir, cfg, params, tokenizer=tok,
                     meta=provenance, overwrite=overwrite,
                     extra_files={"ranks.md": result.table + "\n"},
                     sources=(src,))

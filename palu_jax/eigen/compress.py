@@ -63,6 +63,7 @@ class EigenConfig:
   hadamard: bool = False
   kv_bits: int = 16
   quant_group: int = 32
+  k_up_bits: int = 16
 
   def __post_init__(self):
     check_field_types(self)
@@ -96,6 +97,8 @@ class EigenConfig:
                         f"head_dim={cfg.head_dim}")
     if self.error_windows < 1:
       raise ConfigError("error_windows", "must be >= 1")
+    if self.k_up_bits not in (8, 16):
+      raise ConfigError("k_up_bits", f"must be 16 or 8, got {self.k_up_bits}")
     if self.kv_bits not in (2, 3, 4, 8, 16):
       raise ConfigError("kv_bits", f"must be 16, 8, 4, 3 or 2, got "
                         f"{self.kv_bits}")

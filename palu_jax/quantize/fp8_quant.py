@@ -3,10 +3,13 @@
 Codes are `float8_e4m3fn` arrays (one byte per latent, no packing); each
 group of `group` consecutive latents of a token shares a scale stored in a
 16-bit float (`scale_dtype`, bfloat16 by default): x ≈ code·scale. The scale
-is the group's max |x| / 448 (e4m3's largest finite value) rounded *up* to
-the scale dtype, so no code saturates; e4m3 rounds to nearest even, with 3
-mantissa bits (relative error ≤ 2^-4) above its smallest normal 2^-6 and an
-absolute step of 2^-9·scale below it.
+is the power of two at or above the group's max |x| / 448 (e4m3's largest
+finite value), so no code saturates, and code·scale is exact in bf16, fp16
+and f32: a kernel that applies the scale after an fp8 dot and the jnp path
+that multiplies first see the same numbers. (A power of two costs e4m3
+nothing above its smallest normal: its precision is relative.) e4m3 rounds
+to nearest even, with 3 mantissa bits (relative error ≤ 2^-4) above its
+smallest normal 2^-6 and an absolute step of 2^-9·scale below it.
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ CODE_DTYPE = jnp.float8_e4m3fn
 E4M3_MAX = 448.0
 
 
-def _round_up(x: Array, dtype) -> Array:
-  """x (float32) to `dtype`, rounded up instead of to nearest."""
-  c = x.astype(dtype)
-  return jnp.where(c.astype(jnp.float32) < x,
-                   jnp.nextafter(c, jnp.asarray(jnp.inf, dtype)), c)
+def pow2_scale(amax: Array, dtype) -> Array:
+  """The power of two at or above amax / 448, within `dtype`'s normal
+  range (1 where amax is 0)."""
+  info = jnp.finfo(dtype)
+  e = jnp.ceil(jnp.log2(jnp.maximum(amax, 1e-38) / E4M3_MAX))
+  e = jnp.clip(e, info.minexp, info.maxexp - 1)
+  return jnp.where(amax > 0, jnp.exp2(e), 1.0).astype(dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("group", "scale_dtype"))
@@ -39,9 +44,8 @@ def quantize(x: Array, *, group: int, scale_dtype=jnp.bfloat16
     raise ConfigError("quant_group", f"{group} does not divide the latent "
                       f"width {n}")
   g = x.astype(jnp.float32).reshape(*x.shape[:-1], n // group, group)
-  scale = _round_up(jnp.max(jnp.abs(g), -1) / E4M3_MAX, scale_dtype)
-  s = jnp.maximum(scale.astype(jnp.float32), 1e-30)     # all-zero groups
-  codes = (g / s[..., None]).astype(CODE_DTYPE)
+  scale = pow2_scale(jnp.max(jnp.abs(g), -1), scale_dtype)
+  codes = (g / scale.astype(jnp.float32)[..., None]).astype(CODE_DTYPE)
   return codes.reshape(x.shape), scale
 
 
@@ -71,3 +75,25 @@ def _fake_quantize_ste(x: Array, group: int, scale_dtype) -> Array:
 def _fake_quantize_jvp(group, scale_dtype, primals, tangents):
   (x,), (dx,) = primals, tangents
   return _fake_quantize_ste(x, group, scale_dtype), dx
+
+
+def round_weight_columns(w, row_blocks) -> "np.ndarray":
+  """B_k in e4m3 (issue 18): w [R, C] (numpy), each block of rows (one
+  latent group's ranks) with one power-of-two scale per column. Returns the
+  values code·scale in float32, exact in bf16, so the jnp path computes with
+  exactly the weights an fp8 kernel would (codes, scales applied after the
+  dot)."""
+  import numpy as np
+  w = np.asarray(w, np.float32)
+  out = np.empty_like(w)
+  start = 0
+  for rows in row_blocks:
+    block = jnp.asarray(w[start:start + rows])
+    scale = pow2_scale(jnp.max(jnp.abs(block), 0), jnp.float32)
+    codes = (block / scale).astype(CODE_DTYPE)
+    out[start:start + rows] = np.asarray(codes.astype(jnp.float32) * scale)
+    start += rows
+  if start != w.shape[0]:
+    raise ConfigError("k_ranks", f"row blocks sum to {start}, the weight has "
+                      f"{w.shape[0]} rows")
+  return out

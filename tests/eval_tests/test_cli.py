@@ -134,3 +134,36 @@ def test_compress_fp8_latents(tmp_path, stories_bin, capsys):
                       .split()[1])
   assert ppl["8"] != ppl["16"]                      # rounding really applied
   assert abs(ppl["8"] / ppl["16"] - 1) < 0.01
+
+
+def test_compress_fp8_key_up_projection(tmp_path, stories_bin, capsys):
+  """--k-up-bits 8: each layer's B_k is stored as e4m3 values times a power
+  of two per (latent group, column); the marker records k_up_bits=8."""
+  import jax.numpy as jnp
+  import numpy as np
+  from palu_jax.api import load_params
+  out = tmp_path / "kup8"
+  assert main(["compress", stories_bin, "--out", str(out), "--ratio", "0.5",
+               "--rank-multiple", "4", "--k-up-bits", "8", "--calib-dataset",
+               "tinystories", "--calib-windows", "8", "--calib-seqlen", "128",
+               "--no-calib-cache"]) == 0
+  cfg, params, palu, _ = load_params(str(out))
+  assert palu.k_up_bits == 8
+  for i, ranks in enumerate(palu.k_ranks):
+    w = np.asarray(params[f"layers.{i}.attn.k_up"], np.float32)
+    start = 0
+    for r in ranks:
+      block = w[start:start + r]
+      start += r
+      # the column's scale: the power of two with max|col| / scale in
+      # (224, 448]; every entry / scale must then be an e4m3 value
+      amax = np.abs(block).max(0)
+      scale = 2.0 ** np.ceil(np.log2(np.where(amax > 0, amax, 1) / 448))
+      x = block / scale
+      back = np.asarray(jnp.asarray(x).astype(jnp.float8_e4m3fn)
+                        .astype(jnp.float32))
+      np.testing.assert_array_equal(back, x)
+  assert main(["ppl", str(out), "--dataset", "tinystories", "--seqlen",
+               "256", "--limit", "4"]) == 0
+  ppl = float(capsys.readouterr().out.strip().splitlines()[-1].split()[1])
+  assert 1.0 < ppl < 6.0

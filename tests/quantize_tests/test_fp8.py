@@ -108,3 +108,16 @@ def test_decode_api_reads_fp8_latents(rope, caplog):
                                  implementation="xla")
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6,
                              atol=1e-6)
+
+
+def test_scales_are_powers_of_two_so_products_are_exact():
+  """code·scale is exactly representable in bf16: dequantizing straight to
+  bf16 equals dequantizing in f32 (no second rounding)."""
+  x = _latents(7, (4, 9, 64))
+  codes, scale = fp8_quant.quantize(x, group=32)
+  s = np.asarray(scale, np.float32)
+  np.testing.assert_array_equal(s, 2.0 ** np.round(np.log2(s)))
+  in_f32 = fp8_quant.dequantize(codes, scale, group=32, dtype=jnp.float32)
+  in_bf16 = fp8_quant.dequantize(codes, scale, group=32, dtype=jnp.bfloat16)
+  np.testing.assert_array_equal(np.asarray(in_bf16, np.float32),
+                                np.asarray(in_f32))
