@@ -125,6 +125,16 @@ ROWS = dict([
     *[_row(f"shared-{int(r * 100)}-uniform-attention-kw2.0-span512",
            mode="jlrd", ratio=r, alloc="uniform", whiten="attention",
            shared_kv=True, k_weight=2.0, rope_span=512) for r in (0.3, 0.7)],
+    # float8 latents (issue 18), default compression, with and without an
+    # e4m3 B_k; the 16-bit rows of the same settings (multiple 32) next to
+    # them.
+    *[_row(f"default-{int(r * 100)}-{name}", mode="jlrd", ratio=r,
+           alloc="uniform", whiten="attention", shared_kv=True, k_weight=2.0,
+           rope_span=512, calib="small", kv_bits=b, k_up_bits=kb,
+           multiple=32)
+      for r in (0.3, 0.5)
+      for name, b, kb in (("bf16", 16, 16), ("fp8", 8, 16),
+                          ("fp8-kup8", 8, 8))],
     # Group size as a speed knob (issue 17): the default decomposition at
     # 50 % per head grouping (G-LRD takes --group-size).
     *[_row(f"default-50-{m}", mode=m, ratio=0.5, alloc="uniform",
@@ -311,6 +321,9 @@ def main(argv=None) -> int:
       print(f"{row_name}: skipped ({e})", flush=True)
       save()
       continue
+    if comp.k_up_bits == 8:
+      from palu_jax.pipeline import fp8_k_up
+      params, palu = fp8_k_up(cfg, params, palu)
     seconds = time.perf_counter() - t
     t = time.perf_counter()
     if palu.kv_bits == 16:
@@ -323,6 +336,7 @@ def main(argv=None) -> int:
            "k_fraction": comp.k_fraction, "shared_kv": comp.shared_kv,
            "k_weight": comp.k_weight, "rope_span": span,
            "kv_bits": comp.kv_bits, "hadamard": comp.hadamard,
+           "k_up_bits": comp.k_up_bits,
            "calib": f"{calibs[which].windows}x{calibs[which].seqlen}",
            "kv_bytes_per_token": report["kv_bytes_per_token"],
            "kept": report["kept_fraction"], "k_latents": report["k_latents"],

@@ -3,11 +3,14 @@
 One kernel serves both paths (`rope=True`: keys rebuilt and rotated in the
 kernel; `rope=False`: B_k folded into the query). Per CTA, three warpgroups:
 
-  memory WG   TMA producer: the loop invariants once (B_k halves or the
-              absorbed query, queries, RoPE frequencies, key bias), then the
-              latent tiles h_k [bs, R_k] and h_v [bs, R_v] into a ring of
-              `stages` shared-memory slots, each slot guarded by a produced
-              and a consumed barrier.
+  memory WG   TMA producer: the loop invariants once (B_k or the absorbed
+              query, queries, RoPE frequencies, key bias), then the latent
+              tiles into two rings of `stages` shared-memory slots, keys
+              (h_k [bs, R_k] and the tile's cos/sin row) and values (h_v
+              [bs, R_v]), each slot guarded by a produced and a consumed
+              barrier. A key slot is released as soon as its tile's first
+              wgmma has read it, a value slot at the tile's end, and keys
+              are loaded one tile ahead of values.
   compute WGs two of them, taking alternate tiles (WG w: tiles w, w+2, …),
               each with its own online softmax; they write separate partials,
               so the tensor core is kept busy by one WG while the other does
@@ -18,17 +21,17 @@ kernel; `rope=False`: B_k folded into the query). Per CTA, three warpgroups:
 
 Per tile, with positions as wgmma rows (M = bs) and the few query heads as
 columns (N = 8·⌈Q/8⌉), so no tensor-core work is spent on padding rows:
-  RoPE:    K¹, K² = h_k·B¹, h_k·B²           (wgmma, [bs, H/2] each, f32)
-           rotate by the angles (s0 + i)·θ    (registers; see below)
-           Sᵀ = K¹ᵣ·q¹ᵀ + K²ᵣ·q²ᵀ             (wgmma, A from registers)
+  RoPE:    K = h_k·B_k                        (one wgmma, N = H, f32)
+           round to float16 once, rotate the halves by the angles
+           (s0 + i)·θ in packed f16 registers  (`rotation_dtype`)
+           Sᵀ = K_rot·qᵀ                       (wgmma, A from registers)
   no RoPE: Sᵀ = h_k·q'ᵀ                       (wgmma, q' = q·B_kᵀ/√H)
   then     m, l, P = online softmax over the bs rows (f32)
            Pᵀ → shared memory (bf16/fp16), acc += h_vᵀ·P  (wgmma, [R_v, N])
 
 The rotation angle of row i of a tile starting at s0 is s0·θ + i·θ: cos/sin
-of i·θ are computed once per WG, those of s0·θ per tile on one row vector,
-and the two are combined by the angle-sum identities (4 FMAs an element
-instead of a cos and a sin).
+of i·θ are computed once per WG, those of s0·θ per tile on one row vector
+(an XLA table), and the two are combined by the angle-sum identities.
 
 Grid: (X, P, B) with X = G·J KV heads (RoPE: one CTA per KV head, so its B_k
 slice stays resident) or G groups (no RoPE), P sequence splits. The 2·P
