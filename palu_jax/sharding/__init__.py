@@ -1,0 +1,1 @@
+"""Running on many devices: meshes, logical-axis rules (issue 19)."""
