@@ -31,10 +31,10 @@ def _jax_backend() -> str:
 
 
 def _check_data_dir(args) -> None:
-  """A --data-dir the user named must exist (no silent fallback)."""
-  given = getattr(args, "data_dir", None)
-  if given is not None and not os.path.isdir(given):
-    raise PaluError(f"{given}: --data-dir is not a directory")
+  """Before any work: a dataset given as a file path never consults the
+  data root, so the command checks the root itself."""
+  from palu_jax.data import check_data_dir
+  check_data_dir(getattr(args, "data_dir", None))
 
 
 def cmd_convert(args) -> int:
@@ -61,7 +61,7 @@ def cmd_compress(args) -> int:
     # the rotation leaves a 16-bit model unchanged: asking for it alone is
     # a mistake (the API keeps it, for tests of that very invariance)
     raise ConfigError("hadamard", "--hadamard only helps quantized latents: "
-                      "pass --kv-bits 4/3/2 with it")
+                      "pass --kv-bits 8/4/3/2 with it")
   if args.group_size is not None and args.mode != "glrd":
     raise ConfigError("group_size", "--group-size applies to --mode glrd "
                       "only; pass --mode glrd with it")
@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="attention whitening: RoPE distances averaged [512]")
   k.add_argument("--hadamard", action="store_true", default=None,
                  help="fold a Walsh-Hadamard rotation into the latents "
-                 "(with --kv-bits 4/3/2)")
+                 "(with --kv-bits 8/4/3/2)")
   k.add_argument("--kv-bits", type=int, choices=[16, 8, 4, 3, 2],
                  default=None, help="latent cache precision: 8 = float8 e4m3 "
                  "codes, 4/3/2 = packed integer codes, each with a bf16 scale "

@@ -12,66 +12,32 @@ import math
 import sys
 
 
-def _number(kind, text: str, what: str):
-  try:
-    value = kind(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-  if kind is float and not math.isfinite(value):
-    raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
-  return value
+def _checked(kind, what: str, ok, name: str):
+  """An argparse type: text -> kind(text), refused with "must be {what}"
+  unless it parses, is finite (floats) and satisfies `ok`."""
+  def parse(text: str):
+    try:
+      value = kind(text)
+    except ValueError:
+      value = None
+    if value is None or (kind is float and not math.isfinite(value)) or \
+        not ok(value):
+      raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+    return value
+  parse.__name__ = name
+  return parse
 
 
-def positive_int(text: str) -> int:
-  value = _number(int, text, "an integer >= 1")
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-  return value
-
-
-def nonneg_int(text: str) -> int:
-  value = _number(int, text, "an integer >= 0")
-  if value < 0:
-    raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-  return value
-
-
-def finite_float(text: str) -> float:
-  return _number(float, text, "a finite number")
-
-
-def positive_float(text: str) -> float:
-  value = _number(float, text, "a finite number > 0")
-  if not value > 0:
-    raise argparse.ArgumentTypeError(f"must be a finite number > 0, got "
-                                     f"{text!r}")
-  return value
-
-
-def nonneg_float(text: str) -> float:
-  value = _number(float, text, "a finite number >= 0")
-  if value < 0:
-    raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got "
-                                     f"{text!r}")
-  return value
-
-
-def open_fraction(text: str) -> float:
-  """A number in (0, 1)."""
-  value = _number(float, text, "a number in (0, 1)")
-  if not 0 < value < 1:
-    raise argparse.ArgumentTypeError(f"must be a number in (0, 1), got "
-                                     f"{text!r}")
-  return value
-
-
-def top_p(text: str) -> float:
-  """A number in (0, 1]."""
-  value = _number(float, text, "a number in (0, 1]")
-  if not 0 < value <= 1:
-    raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got "
-                                     f"{text!r}")
-  return value
+positive_int = _checked(int, "an integer >= 1", lambda v: v >= 1,
+                        "positive_int")
+nonneg_int = _checked(int, "an integer >= 0", lambda v: v >= 0, "nonneg_int")
+positive_float = _checked(float, "a finite number > 0", lambda v: v > 0,
+                          "positive_float")
+nonneg_float = _checked(float, "a finite number >= 0", lambda v: v >= 0,
+                        "nonneg_float")
+open_fraction = _checked(float, "a number in (0, 1)", lambda v: 0 < v < 1,
+                         "open_fraction")
+top_p = _checked(float, "a number in (0, 1]", lambda v: 0 < v <= 1, "top_p")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -17,7 +17,8 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from palu_jax.errors import ConfigError, PaluError
+from palu_jax.errors import PaluError
+from palu_jax.fields import require_positive_int
 from palu_jax.losses import next_token_nll
 
 
@@ -48,11 +49,10 @@ def perplexity(model, token_ids, *, seqlen: int = 2048, batch_size: int = 1,
     batch_size: windows per jitted call (the last batch is padded).
     limit: evaluate only the first `limit` windows.
   """
-  for name, value in (("seqlen", seqlen), ("batch_size", batch_size),
-                      ("limit", limit)):
-    if value is not None and (not isinstance(value, (int, np.integer))
-                              or value < 1):
-      raise ConfigError(name, f"must be an integer >= 1, got {value!r}")
+  require_positive_int("seqlen", seqlen)
+  require_positive_int("batch_size", batch_size)
+  if limit is not None:
+    require_positive_int("limit", limit)
   ids = np.asarray(token_ids, dtype=np.int32)
   n = len(ids) // seqlen
   if limit is not None:

@@ -28,7 +28,8 @@ import time
 from eval.report import markdown_table, write_results
 from palu_jax.checkpoint import atomic_write_text
 from palu_jax.errors import ConfigError
-from palu_jax.fields import check_field_types, check_positive
+from palu_jax.fields import (check_field_types, check_positive,
+                             require_positive_int)
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +88,7 @@ class SuiteConfig:
     check_positive(self, ("limit", "ppl_seqlen", "ppl_limit",
                           "needle_samples", "longbench_limit", "batch_size"))
     for n in self.needle_lengths:
-      if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ConfigError("needle_lengths", f"must be integers >= 1, got "
-                          f"{n!r}")
+      require_positive_int("needle_lengths", n)
 
 
 def expand_tasks(groups: tuple[str, ...], data_dir: str | None) -> list[str]:

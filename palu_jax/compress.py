@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from palu_jax.calibrate.statistics import (  # noqa: F401  (re-exported)
     CalibrationConfig, CalibrationStats, calibrate)
-from palu_jax.config import ModelConfig, PaluConfig
+from palu_jax.config import ModelConfig, PaluConfig, check_cache_bits
 from palu_jax.decompose import lrd, metrics, ranks
 from palu_jax.decompose.fold import palu_params
 from palu_jax.decompose.svd import Factorization, LowRank, factorize
@@ -85,6 +85,11 @@ class CompressionConfig:
     check_positive(self, ("group_size", "multiple", "quant_group",
                           "rope_span"))
 
+  def resolved(self, cfg: ModelConfig) -> "CompressionConfig":
+    """No Palu default depends on the model (see `EigenConfig.resolved`)."""
+    del cfg
+    return self
+
   @classmethod
   def palu(cls, **overrides) -> "CompressionConfig":
     """Palu as published: separate key/value latents, input-whitened SVD,
@@ -107,13 +112,7 @@ class CompressionConfig:
     if self.shared_kv and self.k_fraction is not None:
       raise ConfigError("k_fraction", "a shared key/value latent has one "
                         "budget; use k_weight to balance keys and values")
-    if self.rope_span is not None and self.rope_span < 1:
-      raise ConfigError("rope_span", f"must be >= 1, got {self.rope_span}")
-    if self.k_up_bits not in (8, 16):
-      raise ConfigError("k_up_bits", f"must be 16 or 8, got {self.k_up_bits}")
-    if self.kv_bits not in (2, 3, 4, 8, 16):
-      raise ConfigError("kv_bits", f"must be 16, 8, 4, 3 or 2, got "
-                        f"{self.kv_bits}")
+    check_cache_bits(self.kv_bits, self.k_up_bits)
     if not self.k_weight > 0:
       raise ConfigError("k_weight", f"must be positive, got {self.k_weight}")
     try:

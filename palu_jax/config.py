@@ -80,6 +80,15 @@ class ModelConfig:
     return d
 
 
+def check_cache_bits(kv_bits: int, k_up_bits: int = 16) -> None:
+  """Latent cache precision (16, or 8/4/3/2-bit codes) and B_k precision
+  (16, or 8: e4m3); shared by PaluConfig and every method's config."""
+  if kv_bits not in (2, 3, 4, 8, 16):
+    raise ConfigError("kv_bits", f"must be 16, 8, 4, 3 or 2, got {kv_bits}")
+  if k_up_bits not in (8, 16):
+    raise ConfigError("k_up_bits", f"must be 16 or 8, got {k_up_bits}")
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class PaluConfig:
   """Shape of a Palu-compressed attention: per layer, per KV-head group, the
@@ -110,11 +119,7 @@ class PaluConfig:
     if self.group_size < 1 or cfg.n_kv_heads % self.group_size:
       raise ConfigError("group_size", f"{self.group_size} does not divide "
                         f"n_kv_heads={cfg.n_kv_heads}")
-    if self.kv_bits not in (2, 3, 4, 8, 16):
-      raise ConfigError("kv_bits", f"must be 16, 8, 4, 3 or 2, got "
-                        f"{self.kv_bits}")
-    if self.k_up_bits not in (8, 16):
-      raise ConfigError("k_up_bits", f"must be 16 or 8, got {self.k_up_bits}")
+    check_cache_bits(self.kv_bits, self.k_up_bits)
     if self.scale_dtype not in ("bfloat16", "float16"):
       raise ConfigError("scale_dtype", f"{self.scale_dtype!r} is not "
                         "bfloat16 or float16")

@@ -46,11 +46,16 @@ class DatasetError(PaluError, FileNotFoundError):
   pass
 
 
-def data_dir(override: str | None = None) -> str:
-  """The local data root: `override`, $PALU_JAX_DATA, or ../shared/data. A
-  root the user named must exist (a typo must not fall back silently)."""
+def check_data_dir(override: str | None) -> None:
+  """A data root the user named must exist (a typo must not fall back
+  silently to another root)."""
   if override is not None and not os.path.isdir(override):
     raise DatasetError(f"{override}: --data-dir is not a directory")
+
+
+def data_dir(override: str | None = None) -> str:
+  """The local data root: `override`, $PALU_JAX_DATA, or ../shared/data."""
+  check_data_dir(override)
   return os.path.abspath(override or os.environ.get(DATA_ENV) or _REPO_SHARED)
 
 
@@ -93,17 +98,15 @@ def _json_record(line: str, path: str, number: int) -> dict:
 
 def _load_local(path: str) -> str:
   """A .txt(.bz2) file as one document, or a .jsonl as documents joined."""
+  if path.endswith(".jsonl"):
+    # read without `datasets`, whose errors for malformed JSON are
+    # tracebacks from its builder
+    return _read_plain(path)
   try:
     import datasets
   except ImportError:
     return _read_plain(path)
   datasets.disable_progress_bars()
-  if path.endswith(".jsonl"):
-    # checked without `datasets`, whose errors for malformed JSON are
-    # tracebacks from its builder
-    return _read_plain(path)
-    ds = datasets.load_dataset("json", data_files=path, split="train")
-    return "\n\n".join(_text_of_record(r, path) for r in ds)
   ds = datasets.load_dataset("text", data_files=path, sample_by="document",
                              split="train")
   return ds[0]["text"] if len(ds) else ""

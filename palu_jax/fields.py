@@ -42,6 +42,14 @@ def check_field_types(obj, prefix: str = "") -> None:
                         f"{value!r}")
 
 
+def require_positive_int(name: str, value) -> None:
+  """Raises ConfigError naming `name` unless value is an integer >= 1 (not
+  a bool); for plain arguments, as `check_positive` is for fields."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
+      or value < 1:
+    raise ConfigError(name, f"must be an integer >= 1, got {value!r}")
+
+
 def check_positive(obj, names, prefix: str = "") -> None:
   """Raises ConfigError unless each named field (if not None) is >= 1."""
   for name in names:

@@ -74,8 +74,7 @@ def compress_checkpoint(src: str, out_dir: str,
   if meta.get("kind") == "palu":
     raise ConfigError("model", f"{src} is already Palu-compressed; compress "
                       "the dense model instead")
-  if hasattr(comp, "resolved"):          # defaults that follow the model
-    comp = comp.resolved(cfg)
+  comp = comp.resolved(cfg)               # defaults that follow the model
   comp.validate(cfg)
   if calib.seqlen > cfg.max_seq_len:
     raise ConfigError("calibration.seqlen", f"{calib.seqlen} is past the "

@@ -19,7 +19,7 @@ from flax import nnx
 
 from palu_jax.checkpoint import atomic_write_bytes
 from palu_jax.errors import ConfigError, PaluError
-from palu_jax.fields import check_field_types
+from palu_jax.fields import check_field_types, check_positive
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,7 @@ class CalibrationConfig:
     check_field_types(self, "calibration.")
 
   def validate(self) -> None:
-    for name in ("windows", "seqlen", "batch_size"):
-      if getattr(self, name) < 1:
-        raise ConfigError(f"calibration.{name}", "must be >= 1")
+    check_positive(self, ("windows", "seqlen", "batch_size"), "calibration.")
     if self.fisher_windows is not None and not (
         1 <= self.fisher_windows <= self.windows):
       raise ConfigError("calibration.fisher_windows",

@@ -23,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from palu_jax.calibrate.statistics import CalibrationStats
-from palu_jax.config import ModelConfig, PaluConfig
+from palu_jax.config import ModelConfig, PaluConfig, check_cache_bits
 from palu_jax.decompose.fold import palu_params
 from palu_jax.decompose.ranks import target_total
 from palu_jax.decompose.svd import LowRank
@@ -95,13 +95,7 @@ class EigenConfig:
     if cfg.head_dim % self.multiple:
       raise ConfigError("multiple", f"{self.multiple} does not divide "
                         f"head_dim={cfg.head_dim}")
-    if self.error_windows < 1:
-      raise ConfigError("error_windows", "must be >= 1")
-    if self.k_up_bits not in (8, 16):
-      raise ConfigError("k_up_bits", f"must be 16 or 8, got {self.k_up_bits}")
-    if self.kv_bits not in (2, 3, 4, 8, 16):
-      raise ConfigError("kv_bits", f"must be 16, 8, 4, 3 or 2, got "
-                        f"{self.kv_bits}")
+    check_cache_bits(self.kv_bits, self.k_up_bits)
     if self.kv_bits < 16 and (cfg.n_kv_heads * self.multiple) % self.quant_group:
       raise ConfigError("quant_group", f"a layer's latent width is "
                         f"{cfg.n_kv_heads}·rank with ranks in steps of "

@@ -11,6 +11,7 @@ from flax import nnx
 from convert import keymap
 from palu_jax.config import ModelConfig, PaluConfig
 from palu_jax.errors import CheckpointError, ConfigError
+from palu_jax.fields import require_positive_int
 from palu_jax.model.attention import Attention
 from palu_jax.model.cache import (Cache, init_kv_cache, init_latent_cache,
                                   init_quant_latent_cache)
@@ -94,10 +95,8 @@ class Transformer(nnx.Module):
     (a latent cache read by the kernels is rounded up to a multiple of 64
     rows, the kernels' tile)."""
     c, p = self.cfg, self.palu
-    for name, value in (("batch", batch), ("max_len", max_len)):
-      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
-          or value < 1:
-        raise ConfigError(name, f"must be an integer >= 1, got {value!r}")
+    require_positive_int("batch", batch)
+    require_positive_int("max_len", max_len)
     if p is not None and self.layers[0].attn.uses_kernel():
       max_len = -(-max_len // 64) * 64
     if p is not None and p.kv_bits < 16:

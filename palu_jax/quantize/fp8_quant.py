@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from palu_jax.errors import ConfigError
+from palu_jax.quantize.ste import straight_through
 from palu_jax.typing import Array
 
 CODE_DTYPE = jnp.float8_e4m3fn
@@ -62,19 +63,12 @@ def fake_quantize(x: Array, *, group: int, scale_dtype=jnp.bfloat16
                   ) -> Array:
   """quantize -> dequantize in x's dtype: what an fp8 cache returns. Its
   gradient is the identity (straight-through), as for the integer codes."""
-  return _fake_quantize_ste(x, group, jnp.dtype(scale_dtype))
+  return straight_through(_round_trip, (group, jnp.dtype(scale_dtype)), x)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
-def _fake_quantize_ste(x: Array, group: int, scale_dtype) -> Array:
+def _round_trip(x: Array, group: int, scale_dtype) -> Array:
   codes, scale = quantize(x, group=group, scale_dtype=scale_dtype)
   return dequantize(codes, scale, group=group, dtype=x.dtype)
-
-
-@_fake_quantize_ste.defjvp
-def _fake_quantize_jvp(group, scale_dtype, primals, tangents):
-  (x,), (dx,) = primals, tangents
-  return _fake_quantize_ste(x, group, scale_dtype), dx
 
 
 def round_weight_columns(w, row_blocks) -> "np.ndarray":

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from palu_jax.errors import ConfigError
+from palu_jax.quantize.ste import straight_through
 from palu_jax.typing import Array
 
 BITS = (2, 3, 4)
@@ -77,20 +78,14 @@ def fake_quantize(x: Array, *, bits: int, group: int,
   Its gradient is the identity (straight-through estimator), so fine-tuning
   a quantized-cache model trains the projections that feed the latents.
   """
-  return _fake_quantize_ste(x, bits, group, jnp.dtype(scale_dtype))
+  return straight_through(_round_trip, (bits, group, jnp.dtype(scale_dtype)),
+                          x)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
-def _fake_quantize_ste(x: Array, bits: int, group: int, scale_dtype) -> Array:
+def _round_trip(x: Array, bits: int, group: int, scale_dtype) -> Array:
   q, scale, offset = quantize(x, bits=bits, group=group,
                               scale_dtype=scale_dtype)
   return dequantize(q, scale, offset, group=group, dtype=x.dtype)
-
-
-@_fake_quantize_ste.defjvp
-def _fake_quantize_jvp(bits, group, scale_dtype, primals, tangents):
-  (x,), (dx,) = primals, tangents
-  return _fake_quantize_ste(x, bits, group, scale_dtype), dx
 
 
 def packed_dtype(bits: int):
