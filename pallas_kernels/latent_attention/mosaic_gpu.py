@@ -69,6 +69,12 @@ class MosaicConfig:
   # after the rebuild; q passed as f16): half the registers of f32 and
   # two elements per instruction. "float32" rotates in f32 and rounds after.
   rotation_dtype: str = "float16"
+  # Mosaic GPU's in-kernel profiler (eval/profile_kernel.py): the named
+  # stages of each tile (`jax.named_scope` below) timed in SM cycles per
+  # warpgroup, at most `profile_space` ranges each, written as a trace
+  # into `profile_dir`. Off (0, "") in normal runs: it costs shared memory.
+  profile_space: int = 0
+  profile_dir: str = ""
 
 
 def scores_dtype(config: MosaicConfig, dtype):
@@ -231,57 +237,67 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
       t = wg + COMPUTE_WGS * i
       slot = lax.rem(t, stages)
       s0 = start + t * bs
-      plgpu.barrier_wait(kprod_bar.at[slot])
+      with jax.named_scope("k_wait"):
+        plgpu.barrier_wait(kprod_bar.at[slot])
       if rope:
-        c0, z0 = col(base_s.at[slot, 0]), col(base_s.at[slot, 1])
-        # one wgmma with N = H (both halves): the h_k tile is read from
-        # shared memory once, not once per half
-        def rebuild(k_ref):
-          plgpu.wgmma(k_ref, hk_s.at[slot], b_s)
-          return k_ref[...]
-        k = pl.run_scoped(rebuild, plgpu.ACC((bs, 2 * hh), jnp.float32))
-        if split_rings:
-          plgpu.barrier_arrive(kcons_bar.at[slot])
-        # keys are rounded once, to the rotation type: f32->16-bit converts
-        # issue at 16/clk/SM on sm_90 (8x slower than an FMA), and each
-        # pass over a [64, 128] tile costs ~256 cycles, a quarter of the
-        # tile's rebuild on the tensor core
-        k1, k2 = k[:, :hh].astype(rot), k[:, hh:].astype(rot)
-        if has_bias:
-          k1, k2 = k1 + kb1, k2 + kb2
-        cos, sin = angle_sum(cos_i, sin_i, c0, z0)    # of (s0 + i)·θ
-        r1, r2 = rotate_halves(k1, k2, cos, sin)
-        r = jnp.concatenate([r1.astype(q_dtype), r2.astype(q_dtype)], axis=1)
+        with jax.named_scope("rebuild"):
+          c0, z0 = col(base_s.at[slot, 0]), col(base_s.at[slot, 1])
+          # one wgmma with N = H (both halves): the h_k tile is read from
+          # shared memory once, not once per half
+          def rebuild(k_ref):
+            plgpu.wgmma(k_ref, hk_s.at[slot], b_s)
+            return k_ref[...]
+          k = pl.run_scoped(rebuild, plgpu.ACC((bs, 2 * hh), jnp.float32))
+          if split_rings:
+            plgpu.barrier_arrive(kcons_bar.at[slot])
+        with jax.named_scope("rope"):
+          # keys are rounded once, to the rotation type: f32->16-bit
+          # converts issue at 16/clk/SM on sm_90 (8x slower than an FMA),
+          # and each pass over a [64, 128] tile costs ~256 cycles, a quarter
+          # of the tile's rebuild on the tensor core
+          k1, k2 = k[:, :hh].astype(rot), k[:, hh:].astype(rot)
+          if has_bias:
+            k1, k2 = k1 + kb1, k2 + kb2
+          cos, sin = angle_sum(cos_i, sin_i, c0, z0)    # of (s0 + i)·θ
+          r1, r2 = rotate_halves(k1, k2, cos, sin)
+          r = jnp.concatenate([r1.astype(q_dtype), r2.astype(q_dtype)],
+                              axis=1)
 
-        def score(ref):
-          plgpu.wgmma(ref, r, q_s.T)
-          return ref[...]
-        s = pl.run_scoped(score, plgpu.ACC((bs, nq), jnp.float32))
-        s = s * (spec.head_dim ** -0.5)            # in f32, as the model
+        with jax.named_scope("score"):
+          def score(ref):
+            plgpu.wgmma(ref, r, q_s.T)
+            return ref[...]
+          s = pl.run_scoped(score, plgpu.ACC((bs, nq), jnp.float32))
+          s = s * (spec.head_dim ** -0.5)            # in f32, as the model
       else:
-        def score(ref):
-          plgpu.wgmma(ref, hk_s.at[slot], qf_s.T)
-          return ref[...]
-        s = pl.run_scoped(score, plgpu.ACC((bs, nq), jnp.float32))
-        if split_rings:
-          plgpu.barrier_arrive(kcons_bar.at[slot])
+        with jax.named_scope("score"):
+          def score(ref):
+            plgpu.wgmma(ref, hk_s.at[slot], qf_s.T)
+            return ref[...]
+          s = pl.run_scoped(score, plgpu.ACC((bs, nq), jnp.float32))
+          if split_rings:
+            plgpu.barrier_arrive(kcons_bar.at[slot])
       pos = s0 + plgpu.broadcasted_iota(jnp.int32, (bs, nq), 0,
                                         layout=wgmma_layout)
       s = jnp.where(pos < length, s, _FLOOR)
       # Cross-warp reductions (max and sum over the bs rows) go through one
       # shared scratch buffer of the kernel, so the two WGs take turns: WG w
       # waits for its turn (WG 0's first is free) and hands it over after.
-      @pl.when(jnp.logical_or(wg > 0, i > 0))
-      def _():
-        plgpu.barrier_wait(turn_bar.at[wg])
-      m_new, l, corr, prob = softmax_step(m, l, s)
-      plgpu.barrier_arrive(turn_bar.at[1 - wg])
-      p_s.at[wg].T[...] = prob.astype(dtype)
-      plgpu.commit_smem()                 # visible to the tensor core
-      acc = acc * lax.broadcast_in_dim(corr, (rv, nq), [1])
+      with jax.named_scope("turn"):
+        @pl.when(jnp.logical_or(wg > 0, i > 0))
+        def _():
+          plgpu.barrier_wait(turn_bar.at[wg])
+      with jax.named_scope("softmax"):
+        m_new, l, corr, prob = softmax_step(m, l, s)
+        plgpu.barrier_arrive(turn_bar.at[1 - wg])
+      with jax.named_scope("p_store"):
+        p_s.at[wg].T[...] = prob.astype(dtype)
+        plgpu.commit_smem()                 # visible to the tensor core
+        acc = acc * lax.broadcast_in_dim(corr, (rv, nq), [1])
       values = hk_s if spec.shared else hv_s
       if split_rings:
-        plgpu.barrier_wait(vprod_bar.at[slot])
+        with jax.named_scope("v_wait"):
+          plgpu.barrier_wait(vprod_bar.at[slot])
 
       @pl.when(s0 + bs > length)
       def _():
@@ -294,10 +310,12 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
         tile_v[...] = jnp.where(s0 + row < length, v, jnp.zeros_like(v))
         plgpu.commit_smem()
 
-      def mix(ref):
-        plgpu.wgmma(ref, values.at[slot].T, p_s.at[wg].T)
-      acc = pl.run_state(mix)(plgpu.ACC.init(acc))
-      plgpu.barrier_arrive((vcons_bar if split_rings else kcons_bar).at[slot])
+      with jax.named_scope("pv"):
+        def mix(ref):
+          plgpu.wgmma(ref, values.at[slot].T, p_s.at[wg].T)
+        acc = pl.run_state(mix)(plgpu.ACC.init(acc))
+        plgpu.barrier_arrive(
+            (vcons_bar if split_rings else kcons_bar).at[slot])
       return acc, m_new, l
 
     acc0 = plgpu.layout_cast(jnp.zeros((rv, nq), jnp.float32), wgmma_layout)
@@ -324,6 +342,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
       slot = lax.rem(t, stages)
 
       @pl.when(t >= stages)
+      @jax.named_scope("k_free")
       def _():
         plgpu.barrier_wait(kcons_bar.at[slot])
       rows = pl.ds(start + t * bs, bs)
@@ -339,6 +358,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
       slot = lax.rem(t, stages)
 
       @pl.when(t >= stages)
+      @jax.named_scope("v_free")
       def _():
         plgpu.barrier_wait(vcons_bar.at[slot])
       plgpu.copy_gmem_to_smem(hv_g.at[b, pl.ds(start + t * bs, bs), g],
@@ -465,8 +485,12 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
   kernel = functools.partial(_kernel, spec=spec, rope=rope, config=config,
                              span=span, nq=nq, dtype=dtype,
                              has_bias=k_bias is not None)
+  profile = (plgpu.CompilerParams(profile_space=config.profile_space,
+                                  profile_dir=config.profile_dir)
+             if config.profile_space else None)
   acc, m, l = plgpu.kernel(
       kernel, out_type=out_type, scratch_types=scratch,
+      compiler_params=profile,
       grid=(x_size, splits, batch), grid_names=("x", "p", "b"),
       num_threads=COMPUTE_WGS + 1, thread_name="wg",
       kernel_name="palu_latent_" + ("rope" if rope else "norope"),

@@ -1,0 +1,151 @@
+"""Where the Mosaic GPU latent kernel's cycles go, tile by tile.
+
+Runs `latent_attention` with Mosaic GPU's in-kernel profiler on (the named
+stages of each tile: `k_wait`, `rebuild`, `rope`, `score`, `turn`,
+`softmax`, `p_store`, `v_wait`, `pv`; the producer's `k_free`/`v_free`
+waits), reads the trace it writes, and reports per warpgroup role the mean
+SM cycles each stage takes per tile, the cycles between tiles, and the share
+of the loop each stage holds. A diagnostic, like eval/probe_mosaic_rope.py;
+the profile buffer costs shared memory and a clock read per stage, so the
+kernel runs a little slower than unprofiled.
+
+  python -m eval.profile_kernel [--context 4096] [--batch 8] [--groups 4 2 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import os
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eval.bench_decode import _pseudo_random
+from eval.bench_kernels import _latent_side, palu_spec
+from eval.report import markdown_table, write_results
+from pallas_kernels.latent_attention import mosaic_gpu as mg
+
+COMPUTE_STAGES = ("k_wait", "rebuild", "rope", "score", "turn", "softmax",
+                  "p_store", "v_wait", "pv")
+
+
+def stage_cycles(trace: dict) -> dict[str, dict]:
+  """Chrome-trace events of the profiler -> per role ("compute", "memory")
+  {stage: [cycles per occurrence]} and "period": cycles between successive
+  tile starts (`k_wait` begins) of one compute warpgroup. The profiler's
+  timestamps are SM clock cycles / 1e3 within one warpgroup's trace."""
+  by_tid = collections.defaultdict(list)
+  for ev in trace["traceEvents"]:
+    by_tid[ev["tid"]].append(ev)
+  out = {"compute": collections.defaultdict(list),
+         "memory": collections.defaultdict(list)}
+  for events in by_tid.values():
+    names = {e["name"] for e in events}
+    role = "compute" if "k_wait" in names else "memory"
+    open_at: dict[str, float] = {}
+    starts = []
+    for e in events:
+      cyc = e["ts"] * 1e3
+      if e["ph"] == "B":
+        open_at[e["name"]] = cyc
+        if e["name"] == "k_wait":
+          starts.append(cyc)
+      elif e["name"] in open_at:
+        out[role][e["name"]].append(cyc - open_at.pop(e["name"]))
+    if role == "compute" and len(starts) > 2:
+      out["compute"]["period"].extend(np.diff(starts)[1:].tolist())
+  return out
+
+
+def profile_one(spec, *, batch: int, context: int, rope: bool,
+                stages: int | None) -> dict:
+  hk = _latent_side(spec, batch, context, 6)
+  hv = _latent_side(spec, batch, context, 7)
+  k_up = _pseudo_random(jnp.float32(8), shape=(
+      spec.groups * spec.k_rank, spec.kv_per_group * spec.head_dim),
+      dtype=jnp.bfloat16)
+  q = _pseudo_random(jnp.float32(3), shape=(batch, spec.n_heads,
+                                            spec.head_dim), dtype=jnp.bfloat16)
+  inv = jnp.asarray(1.0 / 10000 ** (np.arange(0, spec.head_dim, 2)
+                                    / spec.head_dim), jnp.float32)
+  lengths = jnp.full((batch,), context, jnp.int32)
+  base = mg.choose_config(spec, batch=batch, cache_len=context, rope=rope)
+  tiles = context // base.block_s // base.splits + 1
+  with tempfile.TemporaryDirectory() as tmp:
+    cfg = mg.MosaicConfig(block_s=base.block_s, stages=stages or base.stages,
+                          splits=base.splits,
+                          profile_space=len(COMPUTE_STAGES) * tiles + 16,
+                          profile_dir=tmp)
+    out = mg.latent_attention(q, hk, hv, k_up, lengths, spec=spec,
+                              inv_freq=inv if rope else None, config=cfg)
+    jax.block_until_ready(out)
+    jax.effects_barrier()
+    [path] = glob.glob(os.path.join(tmp, "*"))
+    with open(path) as f:
+      trace = json.load(f)
+  cyc = stage_cycles(trace)
+  row = {"stages": cfg.stages, "splits": cfg.splits}
+  comp = cyc["compute"]
+  period = float(np.median(comp["period"])) if comp["period"] else None
+  row["period_cyc"] = period
+  for name in COMPUTE_STAGES:
+    if comp.get(name):
+      row[name] = float(np.mean(comp[name]))
+  for name in ("k_free", "v_free"):
+    if cyc["memory"].get(name):
+      row[name] = float(np.mean(cyc["memory"][name]))
+  return row
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--context", type=int, default=4096)
+  ap.add_argument("--batches", type=int, nargs="+", default=[8, 1])
+  ap.add_argument("--groups", type=int, nargs="+", default=[4, 2, 1])
+  ap.add_argument("--stages", type=int, nargs="+", default=[0],
+                  help="ring slots to try (0: the kernel's choice)")
+  ap.add_argument("--norope", action="store_true",
+                  help="also profile the no-RoPE path")
+  ap.add_argument("--out", default=os.path.join("eval", "results"))
+  ap.add_argument("--name", default="profile_kernel")
+  args = ap.parse_args(argv)
+  rows = []
+  paths = [(g, True) for g in args.groups]
+  if args.norope:
+    paths.append((4, False))
+  for group, rope in paths:
+    spec = palu_spec(32, 32, 128, 0.5, 16, group)
+    for batch in args.batches:
+      for st in args.stages:
+        row = {"variant": f"palu50_{'rope' if rope else 'norope'}_g{group}",
+               "batch": batch, "context": args.context,
+               "device": jax.devices()[0].device_kind}
+        try:
+          row.update(profile_one(spec, batch=batch, context=args.context,
+                                 rope=rope, stages=st or None))
+        except Exception as e:  # a variant that does not fit is reported
+          row["note"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        rows.append(row)
+        print({k: (round(v) if isinstance(v, float) else v)
+               for k, v in row.items()}, flush=True)
+  cols = ["variant", "batch", "stages", "splits", "period_cyc",
+          *COMPUTE_STAGES, "k_free", "v_free", "note"]
+  md = ("# Mosaic GPU latent kernel: SM cycles per tile and stage\n\n"
+        "Llama-2-7B shape, 50 %, bf16, the in-kernel profiler "
+        f"(context {args.context}). Compute stages: mean cycles per tile "
+        "of one compute warpgroup; period: cycles between its tile starts "
+        "(two warpgroups alternate tiles, so a CTA finishes a tile every "
+        "period/2); k_free/v_free: the producer's waits for a free slot.\n\n"
+        + markdown_table(rows, cols))
+  write_results(args.out, args.name, {"rows": rows}, md)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
