@@ -33,8 +33,8 @@ from flax import nnx
 from palu_jax.config import ModelConfig
 from palu_jax.model.attention import causal_probs, rotated_queries
 from palu_jax.model.cache import LayerLatent, LayerQuantLatent
-from palu_jax.model.layers import (apply_rope, linear, rope_cos_sin,
-                                   rope_inv_freq)
+from palu_jax.model.layers import (apply_rope, linear, project,
+                                   rope_cos_sin, rope_inv_freq)
 from palu_jax.typing import Array
 from pallas_kernels.common import split_hi_lo
 
@@ -102,10 +102,10 @@ class LatentAttention(nnx.Module):
   def latents(self, x: Array) -> tuple[Array, Array]:
     """x [B, T, D] -> (h_k [B, T, Rk], h_v [B, T, Rv]); h_v is empty [B, T, 0]
     with a shared latent (h_k serves both)."""
-    hk = jnp.einsum("BTD,DR->BTR", x, self.k_down[...])
+    hk = project(x, self.k_down[...])
     if self.shared_kv:
       return hk, hk[..., :0]
-    return hk, jnp.einsum("BTD,DR->BTR", x, self.v_down[...])
+    return hk, project(x, self.v_down[...])
 
   def _fake_quant(self, h: Array) -> Array:
     """The values a write to and read from the packed cache give back."""
@@ -167,11 +167,12 @@ class LatentAttention(nnx.Module):
         inv_freq=jnp.asarray(rope_inv_freq(self.cfg)),
         k_bias=None if self.k_bias is None else self.k_bias[...],
         implementation=self.implementation)           # [B, N, R_v] f32
+    # o_latent [G·R_v, N_g, D] flattens to [(G, R_v, N_g), D]: order the
+    # mixed latents the same way and project in one matrix product
     mixed = mixed.reshape(b, spec.groups, spec.heads_per_group, spec.v_rank)
-    o = self.o_latent[...].reshape(spec.groups, spec.v_rank,
-                                   spec.heads_per_group, self.cfg.dim)
-    out = jnp.einsum("BGNR,GRND->BD", mixed.astype(dtype), o,
-                     preferred_element_type=jnp.float32)
+    mixed = jnp.swapaxes(mixed, 2, 3).reshape(b, -1).astype(dtype)
+    o = self.o_latent[...].reshape(-1, self.cfg.dim)
+    out = project(mixed, o, out_dtype=jnp.float32)
     if self.o_bias is not None:
       out = out + self.o_bias[...].astype(jnp.float32)
     return out[:, None].astype(dtype)

@@ -80,3 +80,33 @@ class MLP(nnx.Module):
 
   def __call__(self, x: Array) -> Array:
     return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# A weight at least this large (elements) is read faster by a GEMM than by
+# the multiply + reduce XLA would turn a one-row product into.
+_GEMV_PAD_ELEMENTS = 1 << 20
+
+
+def project(x: Array, w: Array, *, out_dtype=None) -> Array:
+  """x [..., K] @ w [K, N] -> [..., N] (in out_dtype, default x's dtype).
+
+  With one row (batch-1 decode) XLA:GPU rewrites a vector-matrix product
+  whose (1 + N)·K is below 10M elements into multiply + reduce (dot
+  strength reduction in its algebraic simplifier), which reads the weight
+  at ~0.8 TB/s on the H200 where a GEMM reads ~3 TB/s: a Palu layer's
+  [4096, 2048] down-projections and its folded output projection took
+  2.1 ms of a 14 ms Llama-2-7B step that way
+  (eval/results/profile_decode_h200.md). A zero second row, behind an
+  optimization barrier so that it is not simplified away, keeps the
+  product a matrix product; it costs no extra weight traffic.
+  """
+  lead, k = x.shape[:-1], x.shape[-1]
+  rows = x.reshape(-1, k)
+  pad = rows.shape[0] == 1 and w.size >= _GEMV_PAD_ELEMENTS
+  if pad:
+    rows = jax.lax.optimization_barrier(
+        jnp.concatenate([rows, jnp.zeros_like(rows)], axis=0))
+  y = jnp.dot(rows, w, preferred_element_type=out_dtype or x.dtype)
+  if pad:
+    y = y[:1]
+  return y.reshape(*lead, w.shape[-1])
