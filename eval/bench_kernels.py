@@ -262,13 +262,15 @@ def _configs(backend, spec, batch, ctx, rope, tune) -> list:
     return []
   out = [base]
   if tune:
-    for stages in (2, 4):
-      for splits in {max(1, base.splits // 2), base.splits * 2}:
-        c = mosaic_gpu.MosaicConfig(block_s=base.block_s, stages=stages,
-                                    splits=splits)
-        if c not in out and mosaic_gpu.unsupported_reason(
-            spec, DTYPE, ctx, rope, c) is None:
-          out.append(c)
+    for bs in (64, 128):
+      for stages in (2, 4):
+        for splits in sorted({max(1, base.splits // 2), base.splits,
+                              base.splits * 2}):
+          c = mosaic_gpu.MosaicConfig(block_s=bs, stages=stages,
+                                      splits=splits)
+          if c not in out and mosaic_gpu.unsupported_reason(
+              spec, DTYPE, ctx, rope, c) is None:
+            out.append(c)
   return out
 
 

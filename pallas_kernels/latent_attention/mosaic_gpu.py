@@ -55,13 +55,16 @@ from pallas_kernels.common import Array, LatentSpec, combine_splits
 
 _FLOOR = -1e30           # finite "minus infinity": masked rows never give NaN
 COMPUTE_WGS = 2
+SUB = 64                 # rows per key sub-tile: the wgmma M
 SMEM_BYTES = 227 * 1024  # per CTA on sm_90 (232448 bytes)
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class MosaicConfig:
-  """Launch parameters: cache rows per tile (a multiple of 64), ring slots
-  (even: each compute WG owns every other slot), sequence splits."""
+  """Launch parameters: cache rows per tile (64 or 128: a tile is one ring
+  slot, one softmax update and one p·h_v product; its keys are rebuilt
+  and scored in sub-tiles of 64 rows), ring slots (even: each compute WG
+  owns every other slot), sequence splits."""
   block_s: int = 64
   stages: int = 2
   splits: int = 1
@@ -119,9 +122,11 @@ def unsupported_reason(spec: LatentSpec, dtype, cache_len: int, rope: bool,
     return f"head_dim {spec.head_dim} (needs a multiple of 32)"
   if query_cols(spec, rope) > 256:
     return "more than 256 query heads per program"
-  if config.block_s % 64 or cache_len % config.block_s:
+  if config.block_s not in (SUB, 2 * SUB):
+    return f"block_s {config.block_s} (64 or 128)"
+  if cache_len % config.block_s:
     return (f"cache length {cache_len} (needs a multiple of block_s="
-            f"{config.block_s}, itself a multiple of 64)")
+            f"{config.block_s})")
   if config.rotation_dtype not in ("float16", "float32"):
     return f"rotation_dtype {config.rotation_dtype!r} (float16 or float32)"
   if config.stages % 2:
@@ -140,7 +145,7 @@ def smem_bytes(spec: LatentSpec, rope: bool, config: MosaicConfig) -> int:
   if rope:
     hh = spec.head_dim // 2
     fixed += 2 * spec.k_rank * hh + 2 * nq * hh + 3 * hh * 2  # B, q, f32s
-    fixed += config.stages * 2 * hh * 2           # per-tile cos/sin (f32)
+    fixed += config.stages * (bs // SUB) * 2 * hh * 2  # cos/sin rows (f32)
   else:
     fixed += nq * spec.k_rank
   return 2 * (config.stages * ring + fixed) + 1024        # + barriers
@@ -148,13 +153,17 @@ def smem_bytes(spec: LatentSpec, rope: bool, config: MosaicConfig) -> int:
 
 def choose_config(spec: LatentSpec, *, batch: int, cache_len: int, rope: bool,
                   n_sms: int = 132) -> MosaicConfig:
-  """Tiles of 64 rows; as many ring slots as fit (≤ 4); splits so that the
-  grid fills the GPU in one wave at most (one CTA per SM: the ring takes
-  its shared memory), each split still walking ≥ 4 tiles per compute WG."""
-  bs = 64
+  """Tiles of 128 rows where two ring slots of them fit (a softmax update,
+  its two cross-warp reductions and the hand-over between the compute WGs
+  then serve twice the rows; eval/results/profile_kernel_h200.md), else
+  64; as many ring slots as fit (≤ 4); splits so that the grid fills the
+  GPU in one wave at most (one CTA per SM: the ring takes its shared
+  memory), each split still walking ≥ 4 tiles per compute WG."""
+  fits = lambda bs, st: smem_bytes(spec, rope, MosaicConfig(
+      block_s=bs, stages=st)) <= SMEM_BYTES
+  bs = 2 * SUB if cache_len % (2 * SUB) == 0 and fits(2 * SUB, 2) else SUB
   stages = 4
-  while stages > 2 and smem_bytes(spec, rope, MosaicConfig(
-      block_s=bs, stages=stages)) > SMEM_BYTES:
+  while stages > 2 and not fits(bs, stages):
     stages -= 2
   programs = batch * spec.groups * (spec.kv_per_group if rope else 1)
   tiles = max(1, cache_len // bs)
@@ -179,14 +188,19 @@ def rotate_halves(k1, k2, cos, sin):
   return k1 * cos - k2 * sin, k2 * cos + k1 * sin
 
 
-def softmax_step(m, l, s):
-  """One online-softmax update over the rows of scores s [bs, N] (f32):
-  running max m [N] and sum l [N] -> (m', l', rescale of the old
-  accumulator [N], probabilities [bs, N])."""
-  m_new = jnp.maximum(m, s.max(axis=0))
+def softmax_step(m, l, blocks):
+  """One online-softmax update over the rows of a tile's score blocks
+  (a sequence of [rows, N] f32 arrays): running max m [N] and sum l [N] ->
+  (m', l', rescale of the old accumulator [N], probabilities: one block
+  per score block). The blocks are combined elementwise first, so a tile
+  costs one cross-warp max and one cross-warp sum however many it has."""
+  top = functools.reduce(jnp.maximum, blocks)
+  m_new = jnp.maximum(m, top.max(axis=0))
   corr = jnp.exp(m - m_new)
-  prob = jnp.exp(s - lax.broadcast_in_dim(m_new, s.shape, [1]))
-  return m_new, l * corr + prob.sum(axis=0), corr, prob
+  probs = tuple(jnp.exp(s - lax.broadcast_in_dim(m_new, s.shape, [1]))
+                for s in blocks)
+  total = functools.reduce(jnp.add, probs)
+  return m_new, l * corr + total.sum(axis=0), corr, probs
 
 
 def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
@@ -202,6 +216,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
   # shared latent the same slot still holds the values
   split_rings = not spec.shared
   bs, stages = config.block_s, config.stages
+  subs = bs // SUB
   q_dtype = scores_dtype(config, dtype)
   rk, rv = spec.k_rank, spec.v_rank
   j_per = spec.kv_per_group if rope else 1
@@ -222,13 +237,13 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
       hh = spec.head_dim // 2
       rot = jnp.dtype(config.rotation_dtype)
       col = lambda k: lax.broadcast_in_dim(
-          plgpu.load(k, (), layout=col_layout).astype(rot), (bs, hh), [1])
+          plgpu.load(k, (), layout=col_layout).astype(rot), (SUB, hh), [1])
       inv = plgpu.load(vec_s.at[0], (), layout=col_layout)
       if has_bias:
         kb1, kb2 = col(vec_s.at[1]), col(vec_s.at[2])
-      rows = plgpu.broadcasted_iota(jnp.int32, (bs, hh), 0,
+      rows = plgpu.broadcasted_iota(jnp.int32, (SUB, hh), 0,
                                     layout=wgmma_layout).astype(jnp.float32)
-      row_angle = rows * lax.broadcast_in_dim(inv, (bs, hh), [1])
+      row_angle = rows * lax.broadcast_in_dim(inv, (SUB, hh), [1])
       cos_i, sin_i = (jnp.cos(row_angle).astype(rot),
                       jnp.sin(row_angle).astype(rot))
 
@@ -239,48 +254,53 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
       s0 = start + t * bs
       with jax.named_scope("k_wait"):
         plgpu.barrier_wait(kprod_bar.at[slot])
-      if rope:
-        with jax.named_scope("rebuild"):
-          c0, z0 = col(base_s.at[slot, 0]), col(base_s.at[slot, 1])
-          # one wgmma with N = H (both halves): the h_k tile is read from
-          # shared memory once, not once per half
-          def rebuild(k_ref):
-            plgpu.wgmma(k_ref, hk_s.at[slot], b_s)
-            return k_ref[...]
-          k = pl.run_scoped(rebuild, plgpu.ACC((bs, 2 * hh), jnp.float32))
-          if split_rings:
-            plgpu.barrier_arrive(kcons_bar.at[slot])
-        with jax.named_scope("rope"):
-          # keys are rounded once, to the rotation type: f32->16-bit
-          # converts issue at 16/clk/SM on sm_90 (8x slower than an FMA),
-          # and each pass over a [64, 128] tile costs ~256 cycles, a quarter
-          # of the tile's rebuild on the tensor core
-          k1, k2 = k[:, :hh].astype(rot), k[:, hh:].astype(rot)
-          if has_bias:
-            k1, k2 = k1 + kb1, k2 + kb2
-          cos, sin = angle_sum(cos_i, sin_i, c0, z0)    # of (s0 + i)·θ
-          r1, r2 = rotate_halves(k1, k2, cos, sin)
-          r = jnp.concatenate([r1.astype(q_dtype), r2.astype(q_dtype)],
-                              axis=1)
-
-        with jax.named_scope("score"):
-          def score(ref):
-            plgpu.wgmma(ref, r, q_s.T)
-            return ref[...]
-          s = pl.run_scoped(score, plgpu.ACC((bs, nq), jnp.float32))
-          s = s * (spec.head_dim ** -0.5)            # in f32, as the model
-      else:
-        with jax.named_scope("score"):
-          def score(ref):
-            plgpu.wgmma(ref, hk_s.at[slot], qf_s.T)
-            return ref[...]
-          s = pl.run_scoped(score, plgpu.ACC((bs, nq), jnp.float32))
-          if split_rings:
-            plgpu.barrier_arrive(kcons_bar.at[slot])
-      pos = s0 + plgpu.broadcasted_iota(jnp.int32, (bs, nq), 0,
-                                        layout=wgmma_layout)
-      s = jnp.where(pos < length, s, _FLOOR)
-      # Cross-warp reductions (max and sum over the bs rows) go through one
+      scores = []
+      for j in range(subs):
+        rows = pl.ds(j * SUB, SUB)
+        # a key slot is free once the tile's last sub-tile has been read
+        release_keys = split_rings and j == subs - 1
+        if rope:
+          with jax.named_scope("rebuild"):
+            c0 = col(base_s.at[slot, j, 0])
+            z0 = col(base_s.at[slot, j, 1])
+            # one wgmma with N = H (both halves): the h_k rows are read
+            # from shared memory once, not once per half
+            def rebuild(k_ref):
+              plgpu.wgmma(k_ref, hk_s.at[slot, rows], b_s)
+              return k_ref[...]
+            k = pl.run_scoped(rebuild, plgpu.ACC((SUB, 2 * hh), jnp.float32))
+            if release_keys:
+              plgpu.barrier_arrive(kcons_bar.at[slot])
+          with jax.named_scope("rope"):
+            # keys are rounded once, to the rotation type: f32->16-bit
+            # converts issue at 16/clk/SM on sm_90 (8x slower than an FMA),
+            # and each pass over a [64, 128] tile costs ~256 cycles, a
+            # quarter of the tile's rebuild on the tensor core
+            k1, k2 = k[:, :hh].astype(rot), k[:, hh:].astype(rot)
+            if has_bias:
+              k1, k2 = k1 + kb1, k2 + kb2
+            cos, sin = angle_sum(cos_i, sin_i, c0, z0)   # of (s0 + i)·θ
+            r1, r2 = rotate_halves(k1, k2, cos, sin)
+            r = jnp.concatenate([r1.astype(q_dtype), r2.astype(q_dtype)],
+                                axis=1)
+          with jax.named_scope("score"):
+            def score(ref):
+              plgpu.wgmma(ref, r, q_s.T)
+              return ref[...]
+            s = pl.run_scoped(score, plgpu.ACC((SUB, nq), jnp.float32))
+            s = s * (spec.head_dim ** -0.5)          # in f32, as the model
+        else:
+          with jax.named_scope("score"):
+            def score(ref):
+              plgpu.wgmma(ref, hk_s.at[slot, rows], qf_s.T)
+              return ref[...]
+            s = pl.run_scoped(score, plgpu.ACC((SUB, nq), jnp.float32))
+            if release_keys:
+              plgpu.barrier_arrive(kcons_bar.at[slot])
+        pos = s0 + j * SUB + plgpu.broadcasted_iota(
+            jnp.int32, (SUB, nq), 0, layout=wgmma_layout)
+        scores.append(jnp.where(pos < length, s, _FLOOR))
+      # Cross-warp reductions (max and sum over the rows) go through one
       # shared scratch buffer of the kernel, so the two WGs take turns: WG w
       # waits for its turn (WG 0's first is free) and hands it over after.
       with jax.named_scope("turn"):
@@ -288,10 +308,11 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
         def _():
           plgpu.barrier_wait(turn_bar.at[wg])
       with jax.named_scope("softmax"):
-        m_new, l, corr, prob = softmax_step(m, l, s)
+        m_new, l, corr, probs = softmax_step(m, l, scores)
         plgpu.barrier_arrive(turn_bar.at[1 - wg])
       with jax.named_scope("p_store"):
-        p_s.at[wg].T[...] = prob.astype(dtype)
+        for j, prob in enumerate(probs):
+          p_s.at[wg, j].T[...] = prob.astype(dtype)
         plgpu.commit_smem()                 # visible to the tensor core
         acc = acc * lax.broadcast_in_dim(corr, (rv, nq), [1])
       values = hk_s if spec.shared else hv_s
@@ -312,7 +333,9 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
 
       with jax.named_scope("pv"):
         def mix(ref):
-          plgpu.wgmma(ref, values.at[slot].T, p_s.at[wg].T)
+          for j in range(subs):
+            plgpu.wgmma(ref, values.at[slot, pl.ds(j * SUB, SUB)].T,
+                        p_s.at[wg, j].T)
         acc = pl.run_state(mix)(plgpu.ACC.init(acc))
         plgpu.barrier_arrive(
             (vcons_bar if split_rings else kcons_bar).at[slot])
@@ -351,7 +374,8 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
       plgpu.copy_gmem_to_smem(hk_g.at[b, rows, g], hk_s.at[slot],
                               kprod_bar.at[slot])
       if rope:
-        plgpu.copy_gmem_to_smem(base_g.at[p * (span // bs) + t],
+        first = (p * span + t * bs) // SUB      # the tile's cos/sin rows
+        plgpu.copy_gmem_to_smem(base_g.at[pl.ds(first, subs)],
                                 base_s.at[slot], kprod_bar.at[slot])
 
     def load_values(t):
@@ -383,12 +407,13 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
 
 def _rope_operands(q: Array, k_up: Array, k_bias: Array | None,
                    inv_freq: Array, spec: LatentSpec, nq: int, dtype,
-                   cache_len: int, block_s: int, q_dtype=None):
+                   cache_len: int, q_dtype=None):
   """q [B, N, H] (rotated) -> [B, G·J, nq, H] in q_dtype (default: dtype;
   the query rows of each KV head, zero-padded to nq); B_k per KV head [G·J, R_k, H]; per
   KV head the f32 vectors [G·J, 3, H/2]: inv_freq, bias first half, bias
-  second half; and cos/sin of each tile's first position [T, 2, H/2] (f32,
-  computed as the model computes its tables: angle = pos·θ in f32)."""
+  second half; and cos/sin of the first position of each sub-tile of 64
+  rows [S/64, 2, H/2] (f32, computed as the model computes its tables:
+  angle = pos·θ in f32)."""
   g, j, qk, h = spec.groups, spec.kv_per_group, spec.q_per_kv, spec.head_dim
   hh = h // 2
   batch = q.shape[0]
@@ -403,7 +428,7 @@ def _rope_operands(q: Array, k_up: Array, k_bias: Array | None,
   vecs = jnp.stack([inv, kb[:, :hh], kb[:, hh:]], axis=1)
   bk = k_up.reshape(g, spec.k_rank, j, h).transpose(0, 2, 1, 3)
   bk = bk.reshape(g * j, spec.k_rank, h).astype(dtype)
-  starts = jnp.arange(0, cache_len, block_s, dtype=jnp.float32)
+  starts = jnp.arange(0, cache_len, SUB, dtype=jnp.float32)
   angle = starts[:, None] * jnp.asarray(inv_freq, jnp.float32)[None, :]
   base = jnp.stack([jnp.cos(angle), jnp.sin(angle)], axis=1)
   return bk, qh, vecs, base
@@ -446,13 +471,13 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
     # the rebuild's A (h_k tile) and B (B_k) share one swizzle
     k_swizzle = min(k_swizzle, _swizzle(2 * hh))
     operands = _rope_operands(q, k_up, k_bias, inv_freq, spec, nq, dtype, s,
-                              bs, scores_dtype(config, dtype))
+                              scores_dtype(config, dtype))
     scratch = [plgpu.SMEM((rk, 2 * hh), dtype,
                           transforms=_transforms(k_swizzle)),
                plgpu.SMEM((nq, 2 * hh), scores_dtype(config, dtype),
                           transforms=_transforms(_swizzle(2 * hh))),
                plgpu.SMEM((3, hh), jnp.float32),
-               plgpu.SMEM((config.stages, 2, hh), jnp.float32)]
+               plgpu.SMEM((config.stages, bs // SUB, 2, hh), jnp.float32)]
     n_setup = 3
     x_size = spec.groups * spec.kv_per_group
   else:
@@ -467,8 +492,8 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
                       transforms=_transforms(_swizzle(rv)))
   # p·h_v: A (h_v tile, transposed) and B (Pᵀ) share one swizzle
   v_swizzle = k_swizzle if spec.shared else _swizzle(rv)
-  p_smem = plgpu.SMEM((COMPUTE_WGS, nq, bs), dtype,
-                      transforms=_transforms(min(v_swizzle, _swizzle(bs))))
+  p_smem = plgpu.SMEM((COMPUTE_WGS, bs // SUB, nq, SUB), dtype,
+                      transforms=_transforms(min(v_swizzle, _swizzle(SUB))))
   unused = plgpu.SMEM((1, 8, 64), dtype)  # no value ring: shared latent
   per_key_tile = 2 if rope else 1          # + the tile's cos/sin row
   ring_bars = functools.partial(plgpu.Barrier, num_barriers=config.stages)

@@ -74,21 +74,30 @@ def test_float16_rotation_is_within_bf16_rounding():
     assert err.max() < 2 ** -8, err.max()
 
 
-def test_online_softmax_steps_and_split_merge_equal_one_softmax():
-  """Tiles folded by `softmax_step` into two interleaved partials (the two
-  compute WGs), merged by `combine_splits`, equal softmax(s)·v."""
+@pytest.mark.parametrize("blocks_per_tile", [1, 2])
+def test_online_softmax_steps_and_split_merge_equal_one_softmax(
+    blocks_per_tile):
+  """Tiles of 64 or 128 rows (one or two score blocks of 64) folded by
+  `softmax_step` into two interleaved partials (the two compute WGs),
+  merged by `combine_splits`, equal softmax(s)·v."""
   rng = np.random.default_rng(1)
-  s = jnp.asarray(rng.standard_normal((256, 8)) * 4, jnp.float32)  # [S, N]
-  v = jnp.asarray(rng.standard_normal((256, 32)), jnp.float32)      # [S, R]
+  s = jnp.asarray(rng.standard_normal((512, 8)) * 4, jnp.float32)  # [S, N]
+  v = jnp.asarray(rng.standard_normal((512, 32)), jnp.float32)      # [S, R]
+  rows_per_tile = 64 * blocks_per_tile
+  tiles = 512 // rows_per_tile
   parts = []
   for wg in range(2):
     m = jnp.full((8,), -1e30, jnp.float32)
     l = jnp.zeros((8,), jnp.float32)
     acc = jnp.zeros((32, 8), jnp.float32)
-    for t in range(wg, 4, 2):
-      rows = slice(64 * t, 64 * (t + 1))
-      m, l, corr, p = mg.softmax_step(m, l, s[rows])
-      acc = acc * corr[None, :] + v[rows].T @ p
+    for t in range(wg, tiles, 2):
+      starts = range(t * rows_per_tile, (t + 1) * rows_per_tile, 64)
+      m, l, corr, probs = mg.softmax_step(
+          m, l, [s[r:r + 64] for r in starts])
+      assert len(probs) == blocks_per_tile
+      acc = acc * corr[None, :]
+      for r, p in zip(starts, probs):
+        acc = acc + v[r:r + 64].T @ p
     parts.append((acc.T, m, l))
   acc, m, l = (jnp.stack(x) for x in zip(*parts))
   got = combine_splits(acc, m, l)                              # [N, R]
@@ -101,13 +110,13 @@ def test_operands():
                     k_rank=32, v_rank=64)
   q, hk, hv, k_up, k_bias, inv = make_inputs(spec, 2, 64, jnp.bfloat16)
   bk, qk, vecs, base = mg._rope_operands(q, k_up, k_bias, inv, spec, 8,
-                                         jnp.bfloat16, 128, 64)
+                                         jnp.bfloat16, 128)
   assert qk.shape == (2, 4, 8, 16)
   # B_k of KV head (g, j) = columns j·H.. of group g's rows
   kup = np.asarray(k_up, np.float32)
   np.testing.assert_array_equal(np.asarray(bk[1 * 2 + 1], np.float32),
                                 kup[32:64, 16:32])
-  # cos/sin of each tile's first position (tiles of 64: positions 0, 64)
+  # cos/sin of each sub-tile's first position (64 rows: positions 0, 64)
   np.testing.assert_allclose(base[1, 0], np.cos(64 * np.asarray(inv)),
                              rtol=1e-6)
   np.testing.assert_allclose(base[1, 1], np.sin(64 * np.asarray(inv)),
@@ -144,6 +153,18 @@ def test_unsupported_reasons_and_config():
                  k_rank=64, v_rank=48), jnp.bfloat16, 64, True, cfg)
   assert "cache length 100" in mg.unsupported_reason(spec, jnp.bfloat16, 100,
                                                      True, cfg)
+  assert "block_s 96" in mg.unsupported_reason(
+      spec, jnp.bfloat16, 4096, True, mg.MosaicConfig(block_s=96))
+  # M-LRD: tiles of 128 rows fit (and are preferred); a cache length that
+  # is not a multiple of 128 falls back to tiles of 64
+  mlrd = LatentSpec(groups=32, kv_per_group=1, q_per_kv=1, head_dim=128,
+                    k_rank=64, v_rank=64)
+  for rope in (True, False):
+    c = mg.choose_config(mlrd, batch=8, cache_len=65536, rope=rope)
+    assert c.block_s == 128 and c.stages == 4, c
+    assert mg.smem_bytes(mlrd, rope, c) <= mg.SMEM_BYTES
+    assert mg.choose_config(mlrd, batch=8, cache_len=64 * 1001,
+                            rope=rope).block_s == 64
   big = mg.MosaicConfig(block_s=64, stages=6)
   assert "shared memory" in mg.unsupported_reason(spec, jnp.bfloat16, 4096,
                                                   True, big)
@@ -174,7 +195,7 @@ LOWER_CASES = [
 ]
 
 
-def _lower(spec, batch, s, rope, dtype=jnp.bfloat16):
+def _lower(spec, batch, s, rope, dtype=jnp.bfloat16, config=None):
   sd = jax.ShapeDtypeStruct
   args = (sd((batch, spec.n_heads, spec.head_dim), dtype),
           sd((batch, s, spec.groups * spec.k_rank), dtype),
@@ -187,18 +208,27 @@ def _lower(spec, batch, s, rope, dtype=jnp.bfloat16):
 
   def f(q, hk, hv, k_up, lengths, inv, kb):
     return mg.latent_attention(q, hk, hv, k_up, lengths, spec=spec,
-                               inv_freq=inv if rope else None, k_bias=kb)
+                               inv_freq=inv if rope else None, k_bias=kb,
+                               config=config)
   return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
 
 
+@pytest.mark.parametrize("block_s", [None, 64, 128])
 @pytest.mark.parametrize("rope", [True, False])
 @pytest.mark.parametrize("case", LOWER_CASES,
                          ids=lambda c: "-".join(map(str, c)))
-def test_kernel_lowers_for_sm90(case, rope):
+def test_kernel_lowers_for_sm90(case, rope, block_s):
+  """Every shape with the chosen config and with each tile size that fits
+  its shared memory (two ring slots)."""
   g, j, qk, h, rk, rv, shared, batch, s = case
   spec = LatentSpec(groups=g, kv_per_group=j, q_per_kv=qk, head_dim=h,
                     k_rank=rk, v_rank=rv, shared=shared)
-  text = _lower(spec, batch, s, rope).as_text()
+  config = None
+  if block_s:
+    config = mg.MosaicConfig(block_s=block_s, stages=2, splits=2)
+    if mg.unsupported_reason(spec, jnp.bfloat16, s, rope, config):
+      pytest.skip("does not fit")
+  text = _lower(spec, batch, s, rope, config=config).as_text()
   assert "mosaic_gpu" in text
 
 
@@ -251,13 +281,13 @@ def test_compiled_kernel_matches_reference(case, rope, dtype):
 
 @gpu
 @needs_hopper
-@pytest.mark.parametrize("stages,splits,rotation", [
-    (2, 1, "float16"), (4, 3, "float16"), (2, 5, "float32"),
-    (4, 1, "float32")])
-def test_compiled_kernel_ring_and_splits(stages, splits, rotation):
+@pytest.mark.parametrize("block_s,stages,splits,rotation", [
+    (64, 2, 1, "float16"), (64, 4, 3, "float16"), (64, 2, 5, "float32"),
+    (64, 4, 1, "float32"), (128, 2, 3, "float16"), (128, 2, 1, "float32")])
+def test_compiled_kernel_ring_and_splits(block_s, stages, splits, rotation):
   spec = LatentSpec(groups=2, kv_per_group=2, q_per_kv=2, head_dim=128,
                     k_rank=128, v_rank=128)
-  cfg = mg.MosaicConfig(block_s=64, stages=stages, splits=splits,
+  cfg = mg.MosaicConfig(block_s=block_s, stages=stages, splits=splits,
                         rotation_dtype=rotation)
   for rope in (True, False):
     check(spec, batch=2, cache_len=1024, lengths=[1024, 333],
