@@ -72,9 +72,6 @@ class MosaicConfig:
   # after the rebuild; q passed as f16): half the registers of f32 and
   # two elements per instruction. "float32" rotates in f32 and rounds after.
   rotation_dtype: str = "float16"
-  # the softmax denominator summed by the tensor core (a ones tile times
-  # Pᵀ next to p·h_v) instead of a cross-warp reduction per tile
-  tensor_sum: bool = True
   # Mosaic GPU's in-kernel profiler (eval/profile_kernel.py): the named
   # stages of each tile (`jax.named_scope` below) timed in SM cycles per
   # warpgroup, at most `profile_space` ranges each, written as a trace
@@ -145,8 +142,6 @@ def smem_bytes(spec: LatentSpec, rope: bool, config: MosaicConfig) -> int:
   bs, nq = config.block_s, query_cols(spec, rope)
   ring = bs * (spec.k_rank + (0 if spec.shared else spec.v_rank))
   fixed = COMPUTE_WGS * nq * bs                          # Pᵀ per WG
-  if config.tensor_sum:
-    fixed += 64 * SUB                                    # the ones tile
   if rope:
     hh = spec.head_dim // 2
     fixed += 2 * spec.k_rank * hh + 2 * nq * hh + 3 * hh * 2  # B, q, f32s
@@ -164,21 +159,19 @@ def choose_config(spec: LatentSpec, *, batch: int, cache_len: int, rope: bool,
   64; as many ring slots as fit (≤ 4); splits so that the grid fills the
   GPU in one wave at most (one CTA per SM: the ring takes its shared
   memory), each split still walking ≥ 4 tiles per compute WG."""
-  fits = lambda bs, st, ts=True: smem_bytes(spec, rope, MosaicConfig(
-      block_s=bs, stages=st, tensor_sum=ts)) <= SMEM_BYTES
+  fits = lambda bs, st: smem_bytes(spec, rope, MosaicConfig(
+      block_s=bs, stages=st)) <= SMEM_BYTES
   bs = 2 * SUB if cache_len % (2 * SUB) == 0 and fits(2 * SUB, 2) else SUB
   stages = 4
   while stages > 2 and not fits(bs, stages):
     stages -= 2
-  tensor_sum = fits(bs, stages)
   programs = batch * spec.groups * (spec.kv_per_group if rope else 1)
   tiles = max(1, cache_len // bs)
   # one full wave: 32 programs × 5 splits = 160 CTAs on 132 SMs ran a
   # second, nearly empty wave (Llama-2-7B G-LRD-4, batch 1, on the H200)
   want = max(1, n_sms // programs)
   splits = max(1, min(want, tiles // (4 * COMPUTE_WGS)))
-  return MosaicConfig(block_s=bs, stages=stages, splits=splits,
-                      tensor_sum=tensor_sum)
+  return MosaicConfig(block_s=bs, stages=stages, splits=splits)
 
 
 # ------------------------------------------------ plain math the kernel uses
@@ -200,31 +193,25 @@ def softmax_step(m, l, blocks):
   (a sequence of [rows, N] f32 arrays): running max m [N] and sum l [N] ->
   (m', l', rescale of the old accumulator [N], probabilities: one block
   per score block). The blocks are combined elementwise first, so a tile
-  costs one cross-warp max and one cross-warp sum however many it has.
-  l None: the sum is left out (l' None; the caller sums on the tensor
-  core)."""
+  costs one cross-warp max and one cross-warp sum however many it has."""
   top = functools.reduce(jnp.maximum, blocks)
   m_new = jnp.maximum(m, top.max(axis=0))
   corr = jnp.exp(m - m_new)
   probs = tuple(jnp.exp(s - lax.broadcast_in_dim(m_new, s.shape, [1]))
                 for s in blocks)
-  if l is None:
-    return m_new, None, corr, probs
   total = functools.reduce(jnp.add, probs)
   return m_new, l * corr + total.sum(axis=0), corr, probs
 
 
 def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
             config: MosaicConfig, span: int, nq: int, dtype, has_bias: bool):
-  if config.tensor_sum:
-    ones_g, *rest = rest
   if rope:
     (bk_g, q_g, vec_g, base_g, acc_o, m_o, l_o, b_s, q_s, vec_s, base_s,
-     *rest) = rest
+     hk_s, hv_s, p_s, setup_bar, kprod_bar, vprod_bar,
+     kcons_bar, vcons_bar, turn_bar) = rest
   else:
-    qf_g, acc_o, m_o, l_o, qf_s, *rest = rest
-  (hk_s, hv_s, p_s, ones_s, setup_bar, kprod_bar, vprod_bar, kcons_bar,
-   vcons_bar, turn_bar) = rest
+    (qf_g, acc_o, m_o, l_o, qf_s, hk_s, hv_s, p_s, setup_bar, kprod_bar,
+     vprod_bar, kcons_bar, vcons_bar, turn_bar) = rest
   # a key slot is free once its tile's first wgmma has read it; with a
   # shared latent the same slot still holds the values
   split_rings = not spec.shared
@@ -261,65 +248,55 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
                       jnp.sin(row_angle).astype(rot))
 
     def tile(i, carry):
-      acc, m, l = carry       # l: [N], or the [64, N] ones·Pᵀ accumulator
+      acc, m, l = carry
       t = wg + COMPUTE_WGS * i
       slot = lax.rem(t, stages)
       s0 = start + t * bs
       with jax.named_scope("k_wait"):
         plgpu.barrier_wait(kprod_bar.at[slot])
-      # Keys and scores of the tile's sub-tiles, software-pipelined on the
-      # tensor core: sub-tile j+1's rebuild is issued before sub-tile j is
-      # rotated, and each score product runs while the next sub-tile is
-      # rotated; wgmmas complete in issue order, so "at most n in flight"
-      # waits pick out the one needed.
-      def keys_and_scores(*accs):
-        rebuilt, scored = accs[:subs] if rope else (), accs[-subs:]
+      scores = []
+      for j in range(subs):
+        rows = pl.ds(j * SUB, SUB)
+        # a key slot is free once the tile's last sub-tile has been read
+        release_keys = split_rings and j == subs - 1
         if rope:
-          plgpu.wgmma(rebuilt[0], hk_s.at[slot, pl.ds(0, SUB)], b_s)
-        for j in range(subs):
-          if not rope:
-            plgpu.wgmma(scored[j], hk_s.at[slot, pl.ds(j * SUB, SUB)],
-                        qf_s.T)
-            continue
           with jax.named_scope("rebuild"):
-            # in flight: this rebuild, and the previous sub-tile's scores
-            k = plgpu.wgmma_accumulator_load(rebuilt[j],
-                                             wait_n=1 if j else 0)
-            if split_rings and j == subs - 1:   # every rebuild has read
+            c0 = col(base_s.at[slot, j, 0])
+            z0 = col(base_s.at[slot, j, 1])
+            # one wgmma with N = H (both halves): the h_k rows are read
+            # from shared memory once, not once per half
+            def rebuild(k_ref):
+              plgpu.wgmma(k_ref, hk_s.at[slot, rows], b_s)
+              return k_ref[...]
+            k = pl.run_scoped(rebuild, plgpu.ACC((SUB, 2 * hh), jnp.float32))
+            if release_keys:
               plgpu.barrier_arrive(kcons_bar.at[slot])
           with jax.named_scope("rope"):
             # keys are rounded once, to the rotation type: f32->16-bit
-            # converts issue at 16/clk/SM on sm_90 (8x slower than an
-            # FMA), and each pass over a [64, 128] tile costs ~256 cycles
+            # converts issue at 16/clk/SM on sm_90 (8x slower than an FMA),
+            # and each pass over a [64, 128] tile costs ~256 cycles, a
+            # quarter of the tile's rebuild on the tensor core
             k1, k2 = k[:, :hh].astype(rot), k[:, hh:].astype(rot)
-            if j + 1 < subs:
-              plgpu.wgmma(rebuilt[j + 1],
-                          hk_s.at[slot, pl.ds((j + 1) * SUB, SUB)], b_s)
             if has_bias:
               k1, k2 = k1 + kb1, k2 + kb2
-            c0 = col(base_s.at[slot, j, 0])
-            z0 = col(base_s.at[slot, j, 1])
             cos, sin = angle_sum(cos_i, sin_i, c0, z0)   # of (s0 + i)·θ
             r1, r2 = rotate_halves(k1, k2, cos, sin)
             r = jnp.concatenate([r1.astype(q_dtype), r2.astype(q_dtype)],
                                 axis=1)
-            plgpu.wgmma(scored[j], r, q_s.T)
-        with jax.named_scope("score"):
-          out = [plgpu.wgmma_accumulator_load(scored[j],
-                                              wait_n=subs - 1 - j)
-                 for j in range(subs)]
-        if not rope and split_rings:
-          plgpu.barrier_arrive(kcons_bar.at[slot])
-        return out
-
-      blocks = pl.run_scoped(
-          keys_and_scores,
-          *([plgpu.ACC((SUB, 2 * hh), jnp.float32)] * subs if rope else []),
-          *[plgpu.ACC((SUB, nq), jnp.float32)] * subs)
-      scores = []
-      for j, s in enumerate(blocks):
-        if rope:
-          s = s * (spec.head_dim ** -0.5)            # in f32, as the model
+          with jax.named_scope("score"):
+            def score(ref):
+              plgpu.wgmma(ref, r, q_s.T)
+              return ref[...]
+            s = pl.run_scoped(score, plgpu.ACC((SUB, nq), jnp.float32))
+            s = s * (spec.head_dim ** -0.5)          # in f32, as the model
+        else:
+          with jax.named_scope("score"):
+            def score(ref):
+              plgpu.wgmma(ref, hk_s.at[slot, rows], qf_s.T)
+              return ref[...]
+            s = pl.run_scoped(score, plgpu.ACC((SUB, nq), jnp.float32))
+            if release_keys:
+              plgpu.barrier_arrive(kcons_bar.at[slot])
         pos = s0 + j * SUB + plgpu.broadcasted_iota(
             jnp.int32, (SUB, nq), 0, layout=wgmma_layout)
         scores.append(jnp.where(pos < length, s, _FLOOR))
@@ -331,16 +308,13 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
         def _():
           plgpu.barrier_wait(turn_bar.at[wg])
       with jax.named_scope("softmax"):
-        m_new, l_new, corr, probs = softmax_step(
-            m, None if config.tensor_sum else l, scores)
+        m_new, l, corr, probs = softmax_step(m, l, scores)
         plgpu.barrier_arrive(turn_bar.at[1 - wg])
       with jax.named_scope("p_store"):
         for j, prob in enumerate(probs):
           p_s.at[wg, j].T[...] = prob.astype(dtype)
         plgpu.commit_smem()                 # visible to the tensor core
         acc = acc * lax.broadcast_in_dim(corr, (rv, nq), [1])
-        if config.tensor_sum:
-          l_new = l * lax.broadcast_in_dim(corr, l.shape, [1])
       values = hk_s if spec.shared else hv_s
       if split_rings:
         with jax.named_scope("v_wait"):
@@ -358,28 +332,18 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
         plgpu.commit_smem()
 
       with jax.named_scope("pv"):
-        def mix(refs):
-          ref, sum_ref = refs
+        def mix(ref):
           for j in range(subs):
             plgpu.wgmma(ref, values.at[slot, pl.ds(j * SUB, SUB)].T,
                         p_s.at[wg, j].T)
-            if config.tensor_sum:      # every row: Σ_rows P (rounded as
-              plgpu.wgmma(sum_ref, ones_s, p_s.at[wg, j].T)  # p·h_v's)
-        if config.tensor_sum:
-          acc, l_new = pl.run_state(mix)((plgpu.ACC.init(acc),
-                                          plgpu.ACC.init(l_new)))
-        else:
-          acc = pl.run_state(lambda r: mix((r, None)))(plgpu.ACC.init(acc))
+        acc = pl.run_state(mix)(plgpu.ACC.init(acc))
         plgpu.barrier_arrive(
             (vcons_bar if split_rings else kcons_bar).at[slot])
-      return acc, m_new, l_new
+      return acc, m_new, l
 
     acc0 = plgpu.layout_cast(jnp.zeros((rv, nq), jnp.float32), wgmma_layout)
     m0 = plgpu.layout_cast(jnp.full((nq,), _FLOOR, jnp.float32), col_layout)
-    if config.tensor_sum:
-      l0 = plgpu.layout_cast(jnp.zeros((64, nq), jnp.float32), wgmma_layout)
-    else:
-      l0 = plgpu.layout_cast(jnp.zeros((nq,), jnp.float32), col_layout)
+    l0 = plgpu.layout_cast(jnp.zeros((nq,), jnp.float32), col_layout)
     mine = (n_tiles - wg + COMPUTE_WGS - 1) // COMPUTE_WGS
     acc, m, l = lax.fori_loop(0, mine, tile, (acc0, m0, l0))
     part = p * COMPUTE_WGS + wg
@@ -390,8 +354,6 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
   @pl.when(wg == COMPUTE_WGS)
   def _memory():
     plgpu.set_max_registers(40, action="decrease")
-    if config.tensor_sum:
-      plgpu.copy_gmem_to_smem(ones_g, ones_s, setup_bar.at[0])
     if rope:
       plgpu.copy_gmem_to_smem(bk_g.at[x], b_s, setup_bar.at[0])
       plgpu.copy_gmem_to_smem(q_g.at[b, x], q_s, setup_bar.at[0])
@@ -532,27 +494,19 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
   v_swizzle = k_swizzle if spec.shared else _swizzle(rv)
   p_smem = plgpu.SMEM((COMPUTE_WGS, bs // SUB, nq, SUB), dtype,
                       transforms=_transforms(min(v_swizzle, _swizzle(SUB))))
-  unused = plgpu.SMEM((1, 8, 64), dtype)  # no value ring / ones tile
-  ones = ()
-  if config.tensor_sum:  # A of ones·Pᵀ: [64, SUB], swizzled as Pᵀ
-    ones = (jnp.ones((64, SUB), dtype),)
-    ones_smem = plgpu.SMEM((64, SUB), dtype, transforms=_transforms(
-        min(v_swizzle, _swizzle(SUB))))
-    n_setup += 1
+  unused = plgpu.SMEM((1, 8, 64), dtype)  # no value ring: shared latent
   per_key_tile = 2 if rope else 1          # + the tile's cos/sin row
   ring_bars = functools.partial(plgpu.Barrier, num_barriers=config.stages)
   scratch += [ring_k, unused if spec.shared else ring_v, p_smem,
-              ones_smem if config.tensor_sum else unused,
               plgpu.Barrier(num_arrivals=n_setup, num_barriers=1),
               ring_bars(num_arrivals=per_key_tile), ring_bars(num_arrivals=1),
               ring_bars(num_arrivals=1), ring_bars(num_arrivals=1),
               plgpu.Barrier(num_arrivals=1, num_barriers=COMPUTE_WGS)]
   parts = COMPUTE_WGS * splits
   shape = (batch, x_size, parts)
-  sums = (64, nq) if config.tensor_sum else (nq,)   # all 64 rows alike
   out_type = [jax.ShapeDtypeStruct(shape + (rv, nq), jnp.float32),
               jax.ShapeDtypeStruct(shape + (nq,), jnp.float32),
-              jax.ShapeDtypeStruct(shape + sums, jnp.float32)]
+              jax.ShapeDtypeStruct(shape + (nq,), jnp.float32)]
   kernel = functools.partial(_kernel, spec=spec, rope=rope, config=config,
                              span=span, nq=nq, dtype=dtype,
                              has_bias=k_bias is not None)
@@ -566,9 +520,7 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
       num_threads=COMPUTE_WGS + 1, thread_name="wg",
       kernel_name="palu_latent_" + ("rope" if rope else "norope"),
   )(lengths.astype(jnp.int32), _group_major(hk, spec.groups),
-    _group_major(hv_in, spec.groups), *ones, *operands)
-  if config.tensor_sum:
-    l = l[..., 0, :]
+    _group_major(hv_in, spec.groups), *operands)
   heads = spec.q_per_kv if rope else spec.heads_per_group
   acc = jnp.swapaxes(acc, -1, -2)[..., :heads, :]     # [B, X, parts, Q, R_v]
   out = combine_splits(acc, m[..., :heads], l[..., :heads])
