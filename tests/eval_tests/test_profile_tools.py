@@ -1,0 +1,72 @@
+"""The trace arithmetic of eval/profile_kernel.py and eval/profile_decode.py
+on hand-made traces (the GPU runs produce the real ones)."""
+
+import pytest
+
+from eval.profile_decode import (busy_us, gpu_kernel_events, kernel_kind,
+                                 summarize)
+from eval.profile_kernel import stage_cycles
+
+
+def _range(name, begin, end, tid):
+  # the profiler's timestamps: SM cycles / 1e3
+  return [{"name": name, "ph": "B", "ts": begin / 1e3, "tid": tid},
+          {"name": name, "ph": "E", "ts": end / 1e3, "tid": tid}]
+
+
+def test_stage_cycles_per_role_and_period():
+  events = []
+  for t in range(4):                      # a compute WG: tiles every 1000
+    base = 1000 * t
+    events += _range("k_wait", base, base + 100, tid=1)
+    events += _range("rebuild", base + 100, base + 400, tid=1)
+  events += _range("k_free", 0, 50, tid=3)  # the producer
+  events += _range("k_free", 60, 90, tid=3)
+  out = stage_cycles({"traceEvents": events})
+  assert out["compute"]["k_wait"] == pytest.approx([100] * 4)
+  assert out["compute"]["rebuild"] == pytest.approx([300] * 4)
+  # the first gap is dropped (pipeline fill): starts 0,1000,2000,3000
+  assert out["compute"]["period"] == pytest.approx([1000, 1000])
+  assert out["memory"]["k_free"] == pytest.approx([50, 30])
+  assert "k_free" not in out["compute"]
+
+
+def test_kernel_kinds():
+  assert kernel_kind("palu_latent_rope_mosaic_gpu_kernel") == "latent_attn"
+  assert kernel_kind("cudnn_generated_fort_native_sdpa_sm80") == \
+      "cudnn_attn"
+  assert kernel_kind("gemm_fusion_dot_936") == "matmul"
+  assert kernel_kind("input_reduce_fusion_98") == "other"
+
+
+def _trace():
+  meta = [{"ph": "M", "name": "process_name", "pid": 1,
+           "args": {"name": "/device:GPU:0"}},
+          {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7,
+           "args": {"name": "Stream #13(Compute)"}},
+          {"ph": "M", "name": "process_name", "pid": 2,
+           "args": {"name": "/host:CPU"}},
+          {"ph": "M", "name": "thread_name", "pid": 2, "tid": 9,
+           "args": {"name": "python"}}]
+  kernels = [{"ph": "X", "pid": 1, "tid": 7, "name": "gemm_fusion_dot_1",
+              "ts": 0, "dur": 10},
+             {"ph": "X", "pid": 1, "tid": 7, "name": "gemm_fusion_dot_1",
+              "ts": 5, "dur": 10},             # overlaps the first
+             {"ph": "X", "pid": 1, "tid": 7, "name": "loop_add_fusion",
+              "ts": 30, "dur": 5}]
+  host = [{"ph": "X", "pid": 2, "tid": 9, "name": "PjitFunction",
+           "ts": 0, "dur": 100}]
+  return {"traceEvents": meta + kernels + host}
+
+
+def test_gpu_events_busy_time_and_summary():
+  events = gpu_kernel_events(_trace())
+  assert len(events) == 3                     # the host event is left out
+  assert busy_us(events) == pytest.approx(20.0)   # [0,15) ∪ [30,35)
+  s = summarize(events, steps=2, wall_s=1e-4)
+  assert s["wall_ms_per_step"] == pytest.approx(0.05)
+  assert s["gpu_busy_ms_per_step"] == pytest.approx(0.01)
+  assert s["kernels_per_step"] == 1.5
+  assert s["matmul_ms_per_step"] == pytest.approx(0.01)
+  assert s["other_ms_per_step"] == pytest.approx(0.0025)
+  assert s["top"][0]["name"] == "gemm_fusion_dot_1"
