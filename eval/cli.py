@@ -19,9 +19,9 @@ import os
 import sys
 import time
 
-from eval.cli_types import (HelpFormatter, Parser, nonneg_float, nonneg_int,
-                            open_fraction, positive_float, positive_int,
-                            top_p)
+from eval.cli_types import (HelpFormatter, Parser, mesh_spec, nonneg_float,
+                            nonneg_int, open_fraction, positive_float,
+                            positive_int, top_p)
 from palu_jax.errors import PaluError
 
 
@@ -136,10 +136,19 @@ def render_chat(tokenizer, prompt: str) -> str:
       add_generation_prompt=True, bos_token="", eos_token="")
 
 
+def _mesh(args):
+  """The --mesh flag as a device mesh (None without the flag: one device)."""
+  if getattr(args, "mesh", None) is None:
+    return None
+  from palu_jax.sharding.mesh import make_mesh
+  return make_mesh(args.mesh)
+
+
 def cmd_generate(args) -> int:
   from palu_jax.api import load_model
   from palu_jax.generate import Generator
   from palu_jax.sampling import SamplingConfig
+  mesh = _mesh(args)                       # a bad mesh fails before loading
   model, tok = load_model(args.model, dtype=args.dtype)
   if tok is None:
     raise PaluError(f"{args.model}: no tokenizer found next to the checkpoint")
@@ -150,7 +159,7 @@ def cmd_generate(args) -> int:
                     "tokenizer)")
   sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p)
-  gen = Generator(model)
+  gen = Generator(model, mesh=mesh)
   if not args.chat:
     print(args.prompt, end="", flush=True)
   produced: list[int] = []
@@ -189,13 +198,14 @@ def cmd_ppl(args) -> int:
   _check_data_dir(args)
   if args.out:                         # before, not after, the evaluation
     check_output_file_dir(args.out)
+  mesh = _mesh(args)
   model, tok = load_model(args.model, dtype=args.dtype)
   if tok is None:
     raise PaluError(f"{args.model}: no tokenizer found next to the checkpoint")
   ids = tok.encode(load_text(args.dataset, data_dir_override=args.data_dir),
                    add_bos=False)
   r = perplexity(model, ids, seqlen=args.seqlen, batch_size=args.batch_size,
-                 limit=args.limit)
+                 limit=args.limit, mesh=mesh)
   total = len(ids) // args.seqlen
   print(f"dataset: {args.dataset}  windows: {r.windows}/{total}  "
         f"tokens: {r.tokens}  nll: {r.nll:.5f}")
@@ -438,6 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--seed", type=nonneg_int, default=0, help=seed_help)
   g.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                  help=dtype_help)
+  g.add_argument("--mesh", type=mesh_spec, default=None,
+                 help="devices as data=D,model=M (batch over data, heads / "
+                 "latent groups over model) [one device]")
   g.set_defaults(fn=cmd_generate)
 
   q = parser("ppl", help="perplexity (non-overlapping windows)")
@@ -455,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help=dtype_help)
   q.add_argument("--out", default=None,
                  help="also write ppl_<model>_<dataset>.json/.md into this dir")
+  q.add_argument("--mesh", type=mesh_spec, default=None,
+                 help="devices as data=D,model=M (batch over data, heads / "
+                 "latent groups over model) [one device]")
   q.set_defaults(fn=cmd_ppl)
 
   e = parser("eval", help="evaluate configurations side by side "

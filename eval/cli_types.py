@@ -40,6 +40,22 @@ open_fraction = _checked(float, "a number in (0, 1)", lambda v: 0 < v < 1,
 top_p = _checked(float, "a number in (0, 1]", lambda v: 0 < v <= 1, "top_p")
 
 
+def mesh_spec(text: str) -> str:
+  """--mesh data=D,model=M: axis names and sizes checked when parsed (the
+  device count when the mesh is built)."""
+  from palu_jax.errors import ConfigError
+  from palu_jax.sharding.mesh import parse_mesh
+  sizes = {}
+  for part in text.split(","):
+    name, _, value = part.partition("=")
+    sizes[name.strip()] = int(value) if value.strip().isdigit() else 1
+  try:
+    parse_mesh(text, math.prod(sizes.values()))
+  except ConfigError as e:
+    raise argparse.ArgumentTypeError(str(e).removeprefix("mesh: "))
+  return text
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
   """Shows "(default: X)" after each flag's help, except where the default
   is None or a switch's own value, or the help already names it in [...]."""

@@ -38,7 +38,7 @@ def _window_nll(graphdef, state, windows: jax.Array) -> jax.Array:
 
 
 def perplexity(model, token_ids, *, seqlen: int = 2048, batch_size: int = 1,
-               limit: int | None = None, progress: bool = True
+               limit: int | None = None, progress: bool = True, mesh=None
                ) -> PerplexityResult:
   """Perplexity of `model` on a token stream.
 
@@ -48,6 +48,10 @@ def perplexity(model, token_ids, *, seqlen: int = 2048, batch_size: int = 1,
     seqlen: window length T.
     batch_size: windows per jitted call (the last batch is padded).
     limit: evaluate only the first `limit` windows.
+    mesh: a ("data", "model") mesh (`palu_jax.sharding.mesh.make_mesh`):
+      the parameters are sharded by their logical axes and each batch of
+      windows split over "data" (batch_size a multiple of its size to use
+      every device; otherwise the windows are replicated, with a warning).
   """
   require_positive_int("seqlen", seqlen)
   require_positive_int("batch_size", batch_size)
@@ -65,6 +69,13 @@ def perplexity(model, token_ids, *, seqlen: int = 2048, batch_size: int = 1,
                     f"max_seq_len={model.cfg.max_seq_len}")
   windows = ids[:n * seqlen].reshape(n, seqlen)
   graphdef, state = nnx.split(model)
+  place = jnp.asarray
+  if mesh is not None:
+    from palu_jax.sharding.shard import batch_sharding, shard_state
+    state = shard_state(state, mesh)
+    windows_sharding = batch_sharding((batch_size, seqlen), mesh,
+                                      name="perplexity windows")
+    place = lambda b: jax.device_put(b, windows_sharding)
   total = 0.0
   bar = tqdm(total=n, desc=f"ppl (seqlen {seqlen})", unit="win",
              disable=not progress)
@@ -73,7 +84,7 @@ def perplexity(model, token_ids, *, seqlen: int = 2048, batch_size: int = 1,
     real = len(batch)
     if real < batch_size:  # keep one compiled shape
       batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - real, 0)])
-    sums = np.asarray(_window_nll(graphdef, state, jnp.asarray(batch)))
+    sums = np.asarray(_window_nll(graphdef, state, place(batch)))
     total += float(np.sum(sums[:real], dtype=np.float64))
     bar.update(real)
   bar.close()

@@ -154,10 +154,8 @@ def read_marker(path: str) -> dict[str, Any]:
   return meta
 
 
-def load_model_dir(path: str) -> tuple[ModelConfig, dict[str, np.ndarray],
-                                       dict[str, Any]]:
-  """Reads (config, flat numpy params, marker) from a model directory."""
-  import orbax.checkpoint as ocp
+def read_model_config(path: str) -> tuple[ModelConfig, dict[str, Any]]:
+  """(config, marker) of a model directory, without its parameters."""
   meta = read_marker(path)
   cfg_path = os.path.join(path, "config.json")
   try:
@@ -171,14 +169,52 @@ def load_model_dir(path: str) -> tuple[ModelConfig, dict[str, np.ndarray],
     raise CheckpointError(cfg_path, "config.json is missing") from e
   except ValueError as e:
     raise CheckpointError(cfg_path, str(e)) from e
+  return cfg, meta
+
+
+def load_model_dir(path: str, *, shardings: Mapping[str, Any] | None = None
+                   ) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
+  """Reads (config, flat params, marker) from a model directory.
+
+  Without `shardings` the parameters are numpy arrays. With shardings
+  ({flat key: jax Sharding}, e.g. from `palu_jax.sharding.shard`), each
+  is restored by orbax straight into its shards as a jax array in its
+  stored dtype (keys without one are replicated), so no device holds a
+  full copy of a sharded weight.
+  """
+  import orbax.checkpoint as ocp
+  cfg, meta = read_model_config(path)
   params_dir = os.path.join(os.path.abspath(path), "params")  # orbax: absolute
   if not os.path.isdir(params_dir):
     raise CheckpointError(params_dir, "parameter checkpoint is missing")
+  ckptr = ocp.StandardCheckpointer()
   try:
-    tree = ocp.StandardCheckpointer().restore(params_dir)
+    if shardings is None:
+      tree = ckptr.restore(params_dir)
+    else:
+      tree = ckptr.restore(params_dir, _sharded_target(
+          ckptr.metadata(params_dir).item_metadata.tree, shardings))
   except Exception as e:  # orbax raises many types for damaged checkpoints
     raise CheckpointError(params_dir, f"cannot restore parameters: {e}") from e
-  return cfg, {k: np.asarray(v) for k, v in _flat(tree).items()}, meta
+  flat = _flat(tree)
+  if shardings is None:
+    flat = {k: np.asarray(v) for k, v in flat.items()}
+  return cfg, flat, meta
+
+
+def _sharded_target(metadata: Mapping[str, Any],
+                    shardings: Mapping[str, Any]) -> dict:
+  """Orbax restore target: each stored array's shape and dtype with its
+  sharding (replicated on the same mesh where none is given)."""
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec
+  mesh = next(iter(shardings.values())).mesh
+  out = {}
+  for key, m in _flat(metadata).items():
+    sharding = shardings.get(key, NamedSharding(mesh, PartitionSpec()))
+    out[key] = jax.ShapeDtypeStruct(tuple(m.shape), m.dtype,
+                                    sharding=sharding)
+  return _nested(out)
 
 
 def load_source(src: str) -> tuple[ModelConfig, dict[str, np.ndarray],

@@ -82,14 +82,21 @@ def decode_loop(graphdef, state, init: DecodeState, temperature, top_k, top_p,
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens",
-                                             "max_len", "greedy", "stream"))
+                                             "max_len", "greedy", "stream",
+                                             "mesh"))
 def _generate_program(graphdef, state, prompt, lengths, key, temperature,
                       top_k, top_p, eos_ids, pad_id, *, max_new_tokens,
-                      max_len, greedy, stream):
-  """prompt [B, P] right-padded, lengths [B] -> tokens [B, M], steps []."""
+                      max_len, greedy, stream, mesh=None):
+  """prompt [B, P] right-padded, lengths [B] -> tokens [B, M], steps [].
+  With a mesh, the cache is laid out by `sharding.shard.cache_shardings`
+  (batch over "data", KV heads / latent groups over "model")."""
   model = nnx.merge(graphdef, state)
   batch = prompt.shape[0]
   cache = model.init_cache(batch, max_len)
+  if mesh is not None:
+    from palu_jax.sharding.shard import cache_shardings
+    cache = jax.lax.with_sharding_constraint(cache,
+                                             cache_shardings(cache, mesh))
   logits, cache = model(prompt, cache, num_valid=lengths,
                         logits_at=lengths - 1, fresh_cache=True)
   key, sub = jax.random.split(key)
@@ -142,11 +149,20 @@ class Generator:
   Example:
     gen = Generator(model)
     outs = gen.generate_ids([[1, 2, 3], [4, 5]], max_new_tokens=32)
+
+  With `mesh` (`palu_jax.sharding.mesh.make_mesh("data=2,model=4")`), the
+  parameters are placed on its devices by their logical axes, the prompts
+  split over "data" and the cache sharded as the parameters are; the
+  tokens equal those of one device.
   """
 
   def __init__(self, model, *, eos_ids: Sequence[int] | None = None,
-               pad_id: int = 0):
+               pad_id: int = 0, mesh=None):
     self.graphdef, self.state = nnx.split(model)
+    self.mesh = mesh
+    if mesh is not None:
+      from palu_jax.sharding.shard import shard_state
+      self.state = shard_state(self.state, mesh)
     self.cfg = model.cfg
     self.eos_ids = list(self.cfg.eos_ids if eos_ids is None else eos_ids)
     self.pad_id = pad_id
@@ -189,14 +205,21 @@ class Generator:
       user_fn = on_token
       on_token = lambda step, ids: step < max_new_tokens and user_fn(step, ids)
     _STREAM_TARGET[0] = on_token
+    prompt, lengths = jnp.asarray(prompt), jnp.asarray(lengths, jnp.int32)
+    if self.mesh is not None:
+      from palu_jax.sharding.shard import batch_sharding
+      prompt = jax.device_put(prompt, batch_sharding(
+          prompt.shape, self.mesh, name="prompts"))
+      lengths = jax.device_put(lengths, batch_sharding(
+          lengths.shape, self.mesh, name="prompt lengths"))
     try:
       tokens, steps = _generate_program(
-        self.graphdef, self.state, jnp.asarray(prompt),
-        jnp.asarray(lengths, jnp.int32), jax.random.key(seed),
+        self.graphdef, self.state, prompt, lengths, jax.random.key(seed),
         *sampling.as_arrays(), jnp.asarray(eos), jnp.int32(self.pad_id),
         max_new_tokens=max_new_tokens,
         max_len=width + max_new_tokens + CHUNK,
-        greedy=sampling.temperature == 0, stream=on_token is not None)
+        greedy=sampling.temperature == 0, stream=on_token is not None,
+        mesh=self.mesh)
       tokens = np.asarray(tokens)[:, :int(steps)]
     finally:
       _STREAM_TARGET[0] = None

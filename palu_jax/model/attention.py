@@ -95,10 +95,14 @@ class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
     self.cfg = cfg
     qd, kd = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    self.q_proj = linear(cfg.dim, qd, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
-    self.k_proj = linear(cfg.dim, kd, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
-    self.v_proj = linear(cfg.dim, kd, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
-    self.o_proj = linear(qd, cfg.dim, bias=False, dtype=dtype, rngs=rngs)
+    self.q_proj = linear(cfg.dim, qd, bias=cfg.qkv_bias, dtype=dtype,
+                         rngs=rngs, axes=("embed", "heads"))
+    self.k_proj = linear(cfg.dim, kd, bias=cfg.qkv_bias, dtype=dtype,
+                         rngs=rngs, axes=("embed", "kv_heads"))
+    self.v_proj = linear(cfg.dim, kd, bias=cfg.qkv_bias, dtype=dtype,
+                         rngs=rngs, axes=("embed", "kv_heads"))
+    self.o_proj = linear(qd, cfg.dim, bias=False, dtype=dtype, rngs=rngs,
+                         axes=("heads", "embed"))
     # (method, bits, group, residual) of a simulated quantized-KV baseline
     # (palu_jax.quantize.kv_baselines), full forward only; None = exact.
     self.kv_quant = None

@@ -86,16 +86,23 @@ class LatentAttention(nnx.Module):
     heads = group_size * cfg.q_per_kv       # query heads of one group
     normal = nnx.initializers.normal
     self.q_proj = linear(d, cfg.n_heads * h, bias=cfg.qkv_bias, dtype=dtype,
-                         rngs=rngs)
-    self.k_down = nnx.Param(normal(d ** -0.5)(rngs.params(), (d, rk), dtype))
-    self.k_up = nnx.Param(normal(rk ** -0.5)(rngs.params(), (rk, width), dtype))
+                         rngs=rngs, axes=("embed", "heads"))
+    # logical axes (palu_jax.sharding): a latent group's latents, B_k rows
+    # and W_o slice move together along "kv_groups"
+    self.k_down = nnx.Param(normal(d ** -0.5)(rngs.params(), (d, rk), dtype),
+                            logical_axes=("embed", "kv_groups"))
+    self.k_up = nnx.Param(normal(rk ** -0.5)(rngs.params(), (rk, width), dtype),
+                          logical_axes=("kv_groups", None))
     self.v_down = (None if shared_kv else
-                   nnx.Param(normal(d ** -0.5)(rngs.params(), (d, rv), dtype)))
+                   nnx.Param(normal(d ** -0.5)(rngs.params(), (d, rv), dtype),
+                             logical_axes=("embed", "kv_groups")))
     self.o_latent = nnx.Param(normal((rv * cfg.q_per_kv) ** -0.5)(
-        rngs.params(), (rv, heads, d), dtype))
+        rngs.params(), (rv, heads, d), dtype),
+        logical_axes=("kv_groups", None, "embed"))
     if cfg.qkv_bias:
-      self.k_bias = nnx.Param(jnp.zeros((cfg.n_kv_heads * h,), dtype))
-      self.o_bias = nnx.Param(jnp.zeros((d,), dtype))
+      self.k_bias = nnx.Param(jnp.zeros((cfg.n_kv_heads * h,), dtype),
+                              logical_axes=("kv_heads",))
+      self.o_bias = nnx.Param(jnp.zeros((d,), dtype), logical_axes=("embed",))
     else:
       self.k_bias = self.o_bias = None
 

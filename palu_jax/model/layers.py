@@ -16,7 +16,7 @@ class RMSNorm(nnx.Module):
 
   def __init__(self, dim: int, eps: float, *, dtype=jnp.bfloat16):
     self.eps = eps
-    self.scale = nnx.Param(jnp.ones((dim,), dtype))
+    self.scale = nnx.Param(jnp.ones((dim,), dtype), logical_axes=("embed",))
 
   def __call__(self, x: Array) -> Array:
     xf = x.astype(jnp.float32)
@@ -60,11 +60,18 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
   return out.astype(x.dtype)
 
 
-def linear(din: int, dout: int, *, bias: bool, dtype, rngs: nnx.Rngs):
-  """A [din, dout] projection computed and stored in `dtype`."""
-  return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=dtype,
-                    kernel_init=nnx.initializers.normal(din ** -0.5),
-                    rngs=rngs)
+def linear(din: int, dout: int, *, bias: bool, dtype, rngs: nnx.Rngs,
+           axes: tuple[str | None, str | None] = (None, None)):
+  """A [din, dout] projection computed and stored in `dtype`; `axes` are
+  the logical axes of its two dimensions (palu_jax.sharding.mesh.RULES),
+  kept as the parameters' `logical_axes` metadata."""
+  return nnx.Linear(
+      din, dout, use_bias=bias, dtype=dtype, param_dtype=dtype,
+      kernel_init=nnx.with_metadata(nnx.initializers.normal(din ** -0.5),
+                                    logical_axes=tuple(axes)),
+      bias_init=nnx.with_metadata(nnx.initializers.zeros_init(),
+                                  logical_axes=(axes[1],)),
+      rngs=rngs)
 
 
 class MLP(nnx.Module):
@@ -72,11 +79,11 @@ class MLP(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
     self.gate_proj = linear(cfg.dim, cfg.hidden_dim, bias=False, dtype=dtype,
-                            rngs=rngs)
+                            rngs=rngs, axes=("embed", "mlp"))
     self.up_proj = linear(cfg.dim, cfg.hidden_dim, bias=False, dtype=dtype,
-                          rngs=rngs)
+                          rngs=rngs, axes=("embed", "mlp"))
     self.down_proj = linear(cfg.hidden_dim, cfg.dim, bias=False, dtype=dtype,
-                            rngs=rngs)
+                            rngs=rngs, axes=("mlp", "embed"))
 
   def __call__(self, x: Array) -> Array:
     return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

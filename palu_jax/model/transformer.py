@@ -62,8 +62,12 @@ class Transformer(nnx.Module):
     self.cfg = cfg
     self.palu = palu
     self.dtype = jnp.dtype(dtype)
-    self.embed = nnx.Embed(cfg.vocab_size, cfg.dim, dtype=dtype,
-                           param_dtype=dtype, rngs=rngs)
+    self.embed = nnx.Embed(
+        cfg.vocab_size, cfg.dim, dtype=dtype, param_dtype=dtype, rngs=rngs,
+        embedding_init=nnx.with_metadata(   # nnx.Embed's default init
+            nnx.initializers.variance_scaling(1.0, "fan_in", "normal",
+                                              out_axis=0),
+            logical_axes=("vocab", "embed")))
     if palu is not None:
       palu.validate(cfg)
     self.layers = nnx.List([
@@ -76,7 +80,7 @@ class Transformer(nnx.Module):
     self.final_norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype=dtype)
     self.lm_head = (None if cfg.tie_embeddings else
                     linear(cfg.dim, cfg.vocab_size, bias=False, dtype=dtype,
-                           rngs=rngs))
+                           rngs=rngs, axes=("embed", "vocab")))
 
   def set_attention_implementation(self, implementation: str | None, *,
                                    prefill: str | None = None) -> None:
@@ -92,13 +96,14 @@ class Transformer(nnx.Module):
 
   def init_cache(self, batch: int, max_len: int) -> Cache:
     """An empty cache for `batch` sequences of up to `max_len` tokens
-    (a latent cache read by the kernels is rounded up to a multiple of 64
-    rows, the kernels' tile)."""
+    (a latent cache read by the kernels is rounded up to a multiple of 128
+    rows: the Mosaic GPU kernel's largest tile, which it takes only when
+    the cache length is a multiple of it)."""
     c, p = self.cfg, self.palu
     require_positive_int("batch", batch)
     require_positive_int("max_len", max_len)
     if p is not None and self.layers[0].attn.uses_kernel():
-      max_len = -(-max_len // 64) * 64
+      max_len = -(-max_len // 128) * 128
     if p is not None and p.kv_bits < 16:
       return init_quant_latent_cache(
           [sum(r) for r in p.k_ranks],

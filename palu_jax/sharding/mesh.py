@@ -74,10 +74,14 @@ def parse_mesh(spec: str | None, n_devices: int) -> dict[str, int]:
 
 def make_mesh(spec: str | None = None,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A ("data", "model") mesh over `devices` (default: all)."""
+  """A ("data", "model") mesh over `devices` (default: all). Its axes are
+  `Auto`: XLA propagates shardings through the model's plain jnp code (an
+  `Explicit` mesh, jax.make_mesh's default, would ask every ambiguous op
+  such as the embedding gather for an output sharding)."""
   devices = list(devices if devices is not None else jax.devices())
   sizes = parse_mesh(spec, len(devices))
   return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2,
                        devices=devices)
 
 

@@ -77,6 +77,25 @@ def test_bad_numbers_stop_at_parse_time(capsys, argv, flag):
   fails(capsys, argv, flag)
 
 
+@pytest.mark.parametrize("argv,needle", [
+    (["ppl", "M", "--mesh", "tensor=2"], "unknown axis 'tensor'"),
+    (["generate", "M", "--prompt", "x", "--mesh", "data=two"],
+     "axis 'data' needs a size >= 1"),
+    (["ppl", "M", "--mesh", "data=2,data=2"], "given twice"),
+])
+def test_bad_mesh_flags_name_the_axis(capsys, argv, needle):
+  fails(capsys, argv, "--mesh", needle)
+
+
+def test_mesh_larger_than_the_machine_is_one_line(capsys, tmp_path):
+  """The device count is checked when the mesh is built (this process has
+  one CPU device)."""
+  err = fails(capsys, ["ppl", "smollm2-135m", "--mesh",
+                              "data=2,model=4", "--data-dir",
+                              str(tmp_path)])
+  assert "has 8 devices, but 1 are available" in err
+
+
 def test_version_and_help_show_defaults(capsys):
   assert main(["--version"]) == 0
   assert capsys.readouterr().out.startswith("palu-jax ")

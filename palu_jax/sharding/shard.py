@@ -1,0 +1,109 @@
+"""Placing a model's parameters and its decode cache on a mesh.
+
+Parameters carry their logical axes as `logical_axes` metadata, set where
+the model creates them (`layers.linear(axes=...)`, `nnx.Param(...,
+logical_axes=...)`); `shard_state` puts each on the mesh by the one rule
+table (`mesh.RULES`). An array without the metadata (LoRA factors, say) is
+replicated. Caches are sharded by structure: batch over "data", a dense
+cache's KV heads and a latent cache's latent width ("kv_groups") over
+"model"; packed low-bit latents only over "data" (their bytes mix groups
+at the edges).
+
+Sharding decides where arrays live; XLA's SPMD partitioner then runs the
+same jitted programs on every device, so a sharded model computes what
+the single-device one does (tests/model_tests/test_sharded_model.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from palu_jax.model.cache import Cache, LayerKV, LayerLatent, LayerQuantLatent
+from palu_jax.sharding.mesh import named_sharding
+
+
+def _is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def variable_sharding(var: nnx.Variable, mesh: Mesh, *, name: str = "param"
+                      ) -> NamedSharding:
+  """The NamedSharding of one parameter from its `logical_axes` metadata
+  (replicated without it)."""
+  shape = var.get_value().shape
+  axes = var.get_metadata().get("logical_axes") or (None,) * len(shape)
+  return named_sharding(axes, shape, mesh, name=name)
+
+
+def state_shardings(state, mesh: Mesh):
+  """The state's pytree with each Variable replaced by its NamedSharding
+  (for jit's in/out_shardings or `jax.device_put`)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, v: variable_sharding(v, mesh,
+                                        name=jax.tree_util.keystr(path)),
+      state, is_leaf=_is_variable)
+
+
+def shard_state(state, mesh: Mesh):
+  """The state with every parameter placed on `mesh` by its logical axes
+  (metadata kept)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, v: v.replace(jax.device_put(
+          v.get_value(), variable_sharding(
+              v, mesh, name=jax.tree_util.keystr(path)))),
+      state, is_leaf=_is_variable)
+
+
+def shard_model(model, mesh: Mesh):
+  """The model's parameters placed on `mesh` (in place; returns model)."""
+  _, state = nnx.split(model)
+  nnx.update(model, shard_state(state, mesh))
+  return model
+
+
+def _latent(x, mesh, name) -> NamedSharding:
+  # [B, S, R]: R (the groups side by side) over "model"; an empty side
+  # (shared latent) only over "data"
+  axes = ("batch", "seq", "kv_groups" if x.shape[-1] else None)
+  return named_sharding(axes, x.shape, mesh, name=name)
+
+
+def cache_shardings(cache: Cache, mesh: Mesh) -> Cache:
+  """A Cache-shaped pytree of NamedShardings (for
+  `jax.lax.with_sharding_constraint` or `jax.device_put`)."""
+  layers = []
+  for i, layer in enumerate(cache.layers):
+    name = f"cache.layers[{i}]"
+    if isinstance(layer, LayerKV):
+      axes = ("batch", "seq", "kv_heads", "head_dim")
+      layers.append(LayerKV(
+          k=named_sharding(axes, layer.k.shape, mesh, name=name + ".k"),
+          v=named_sharding(axes, layer.v.shape, mesh, name=name + ".v")))
+    elif isinstance(layer, LayerLatent):
+      layers.append(LayerLatent(hk=_latent(layer.hk, mesh, name + ".hk"),
+                                hv=_latent(layer.hv, mesh, name + ".hv")))
+    elif isinstance(layer, LayerQuantLatent):
+      arrays = {f.name: getattr(layer, f.name)
+                for f in dataclasses.fields(layer)
+                if f.metadata.get("pytree_node", True)}
+      layers.append(layer.replace(**{
+          k: named_sharding(("batch", "seq", None), v.shape, mesh,
+                            name=f"{name}.{k}") for k, v in arrays.items()}))
+    else:
+      raise TypeError(f"{name}: no sharding rule for {type(layer).__name__}")
+  return Cache(layers=tuple(layers), lengths=named_sharding(
+      ("batch",), cache.lengths.shape, mesh, name="cache.lengths"))
+
+
+def batch_sharding(shape, mesh: Mesh, *, name: str) -> NamedSharding:
+  """Inputs [B, ...] (prompts, lengths): batch over "data"."""
+  return named_sharding(("batch",) + (None,) * (len(shape) - 1), shape,
+                        mesh, name=name)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
