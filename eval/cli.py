@@ -85,11 +85,12 @@ def cmd_compress(args) -> int:
                             fisher_windows=args.fisher_windows,
                             seed=args.seed, batch_size=args.batch_size)
   cache = None if args.no_calib_cache else args.calib_cache
+  mesh = _mesh(args)
   t = time.perf_counter()
   out, report = compress_checkpoint(args.model, args.out, comp, calib,
                                     dtype=args.dtype, cache_dir=cache,
                                     data_dir=args.data_dir,
-                                    overwrite=args.overwrite)
+                                    overwrite=args.overwrite, mesh=mesh)
   print(f"compressed {args.model} -> {out} in {time.perf_counter() - t:.1f}s "
         f"(calibration {report['calibration_seconds']:.1f}s, decomposition "
         f"{report['compress_seconds']:.1f}s)")
@@ -389,6 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help="recompute calibration statistics, cache nothing")
   k.add_argument("--data-dir", default=None, help=data_dir_help)
   k.add_argument("--overwrite", action="store_true", help=overwrite_help)
+  k.add_argument("--mesh", type=mesh_spec, default=None,
+                 help="calibrate data-parallel on data=D,model=M devices "
+                 "(windows over data; --batch-size a multiple of D) [one "
+                 "device]")
   k.set_defaults(fn=cmd_compress)
 
   f = parser("finetune", help="LoRA recovery fine-tuning; writes the "

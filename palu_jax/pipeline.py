@@ -51,14 +51,15 @@ def compress_checkpoint(src: str, out_dir: str,
                         calib: CalibrationConfig = CalibrationConfig(), *,
                         dtype: str = "float32", cache_dir: str | None = None,
                         data_dir: str | None = None, overwrite: bool = False,
-                        progress: bool = True) -> tuple[str, dict]:
+                        progress: bool = True, mesh=None) -> tuple[str, dict]:
   """Source checkpoint or model directory -> compressed model directory.
 
   `comp` picks the method: a CompressionConfig (Palu) or an EigenConfig
   (Eigen Attention). Calibration runs the dense model in `dtype`. The
   directory holds the latent-cache params (orbax), its PaluConfig in the
   marker (kind 'palu'), how it was made, and `ranks.md`. Returns (absolute
-  path, report).
+  path, report). With `mesh`, calibration runs data-parallel on it
+  (`palu_jax.calibrate.statistics.calibrate`).
   """
   from palu_jax.api import parse_dtype
   from palu_jax.checkpoint import load_source, load_tokenizer_for, save_model
@@ -88,7 +89,7 @@ def compress_checkpoint(src: str, out_dir: str,
     model = from_params(cfg, base, dtype=parse_dtype(dtype))
     stats = calibrate(model, tok, calib, fisher=method.needs_fisher(comp),
                       cache_dir=cache_dir, progress=progress,
-                      data_dir=data_dir)
+                      data_dir=data_dir, mesh=mesh)
   result = method.run(CompressionJob(
       cfg=cfg, base=base, stats=stats, model=model, tokenizer=tok, comp=comp,
       calib=calib, data_dir=data_dir, progress=progress))

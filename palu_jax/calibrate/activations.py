@@ -40,25 +40,31 @@ def _batch_grams(graphdef, state, windows: Array) -> Array:
 
 
 def kv_input_grams(model, windows, *, batch_size: int = 1,
-                   progress: bool = True) -> tuple[np.ndarray, int]:
+                   progress: bool = True, mesh=None
+                   ) -> tuple[np.ndarray, int]:
   """Accumulates XᵀX of each layer's k/v projection input.
 
   Args:
     model: a palu_jax Transformer.
     windows: [N, T] int token windows.
+    mesh: a ("data", "model") mesh: parameters sharded by their logical
+      axes, each batch of windows split over "data"; the per-device partial
+      sums of a batch are reduced by XLA (batch_size a multiple of the
+      "data" size uses every device).
 
   Returns:
     (grams [L, D, D] float64 on the host, number of tokens seen).
   """
+  from palu_jax.sharding.shard import batch_placer, split_for
   windows = as_windows(windows)
-  graphdef, state = nnx.split(model)
+  graphdef, state = split_for(model, mesh)
+  place = batch_placer(mesh, name="calibration windows")
   total = None
   bar = tqdm(total=len(windows), desc="calibration (XᵀX)", unit="win",
              disable=not progress)
   for i in range(0, len(windows), batch_size):
     batch = windows[i:i + batch_size]
-    g = np.asarray(_batch_grams(graphdef, state, jnp.asarray(batch)),
-                   np.float64)
+    g = np.asarray(_batch_grams(graphdef, state, place(batch)), np.float64)
     if not np.all(np.isfinite(g)):
       raise PaluError(f"calibration produced NaN/Inf activations in windows "
                       f"{i}..{i + len(batch) - 1}; try --dtype float32")

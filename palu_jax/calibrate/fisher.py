@@ -40,26 +40,30 @@ def _kv_grads(graphdef, kv_state, rest, windows):
   return jax.grad(loss)(kv_state)
 
 
-def kv_fisher(model, windows, *, batch_size: int = 1, progress: bool = True
-              ) -> dict[str, float]:
+def kv_fisher(model, windows, *, batch_size: int = 1, progress: bool = True,
+              mesh=None) -> dict[str, float]:
   """Fisher score per k/v projection.
 
   Args:
     model: a palu_jax Transformer (its dtype is used for the gradients).
     windows: [N, T] int token windows; each batch of `batch_size` windows is
       one gradient sample.
+    mesh: a ("data", "model") mesh: parameters sharded, each batch split
+      over "data" (its gradient is reduced across devices by XLA).
 
   Returns:
     {'layers.{i}.attn.{k,v}_proj': F_m}.
   """
+  from palu_jax.sharding.shard import batch_placer, split_for
   windows = as_windows(windows)
-  graphdef, kv_state, rest = nnx.split(model, is_kv_kernel, ...)
+  graphdef, kv_state, rest = split_for(model, mesh, is_kv_kernel, ...)
+  place = batch_placer(mesh, name="calibration windows")
   sq = None
   batches = 0
   bar = tqdm(total=len(windows), desc="calibration (Fisher)", unit="win",
              disable=not progress)
   for i in range(0, len(windows), batch_size):
-    g = _kv_grads(graphdef, kv_state, rest, jnp.asarray(windows[i:i + batch_size]))
+    g = _kv_grads(graphdef, kv_state, rest, place(windows[i:i + batch_size]))
     g2 = jax.tree_util.tree_map(lambda a: jnp.square(a.astype(jnp.float32)), g)
     sq = g2 if sq is None else jax.tree_util.tree_map(jnp.add, sq, g2)
     batches += 1

@@ -96,9 +96,12 @@ def calibration_windows(tokenizer, calib: CalibrationConfig, *,
 
 def calibrate(model, tokenizer, calib: CalibrationConfig, *,
               fisher: bool = True, cache_dir: str | None = None,
-              progress: bool = True, data_dir: str | None = None
-              ) -> CalibrationStats:
+              progress: bool = True, data_dir: str | None = None,
+              mesh=None) -> CalibrationStats:
   """XᵀX of the k/v inputs (and Fisher scores) on random calibration windows.
+
+  With `mesh`, both run data-parallel (windows over "data", parameters
+  sharded by their logical axes; `activations.kv_input_grams`).
 
   With `cache_dir`, results are stored there (and reused) under a key of
   the model's parameters and `calib`; Gram matrices and Fisher scores are
@@ -128,7 +131,7 @@ def calibrate(model, tokenizer, calib: CalibrationConfig, *,
   else:
     windows = get_windows()
     grams, tokens = kv_input_grams(model, windows, batch_size=calib.batch_size,
-                                   progress=progress)
+                                   progress=progress, mesh=mesh)
     if grams_path:
       _save_grams(grams_path, grams, tokens)
   scores: dict[str, float] = {}
@@ -139,7 +142,8 @@ def calibrate(model, tokenizer, calib: CalibrationConfig, *,
     else:
       windows = get_windows() if windows is None else windows
       scores = kv_fisher(model, windows[:calib.fisher_windows or calib.windows],
-                         batch_size=calib.batch_size, progress=progress)
+                         batch_size=calib.batch_size, progress=progress,
+                         mesh=mesh)
       if fisher_path:
         atomic_write_bytes(fisher_path, json.dumps(scores).encode())
   return CalibrationStats(grams=grams, tokens=tokens, fisher=scores,

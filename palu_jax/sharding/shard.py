@@ -107,3 +107,21 @@ def batch_sharding(shape, mesh: Mesh, *, name: str) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_placer(mesh: Mesh | None, *, name: str):
+  """A function putting [B, ...] host arrays on the device(s): batch over
+  "data" with a mesh, the default device without."""
+  import jax.numpy as jnp
+  if mesh is None:
+    return jnp.asarray
+  return lambda x: jax.device_put(x, batch_sharding(x.shape, mesh,
+                                                    name=name))
+
+
+def split_for(model, mesh: Mesh | None, *filters):
+  """nnx.split(model, *filters) with every state placed on `mesh`."""
+  parts = nnx.split(model, *filters)
+  if mesh is None:
+    return parts
+  return (parts[0],) + tuple(shard_state(s, mesh) for s in parts[1:])

@@ -75,7 +75,28 @@ def main():
                       mesh=make_mesh("data=4,model=2"))
     out[f"{name}|ppl"] = [one.nll, many.nll]
   out["orbax"] = orbax_round_trip()
+  out["calibration"] = calibration_check(rng)
   print(json.dumps(out, default=str))
+
+
+def calibration_check(rng):
+  """Gram matrices and Fisher scores of the dense model, one device vs
+  data-parallel on a 4x2 mesh (batches of 4 windows)."""
+  from palu_jax.calibrate.activations import kv_input_grams
+  from palu_jax.calibrate.fisher import kv_fisher
+  model = Transformer(CFG, dtype=jnp.float32, rngs=nnx.Rngs(3))
+  windows = rng.integers(0, 256, (8, 24))
+  mesh = make_mesh("data=4,model=2")
+  g1, n1 = kv_input_grams(model, windows, batch_size=4, progress=False)
+  g8, n8 = kv_input_grams(model, windows, batch_size=4, progress=False,
+                          mesh=mesh)
+  f1 = kv_fisher(model, windows, batch_size=4, progress=False)
+  f8 = kv_fisher(model, windows, batch_size=4, progress=False, mesh=mesh)
+  return {"tokens": [n1, n8],
+          "gram_rel_diff": float(np.max(np.abs(g8 - g1)) / np.max(np.abs(g1))),
+          "fisher_keys_equal": sorted(f1) == sorted(f8),
+          "fisher_rel_diff": max(abs(f8[k] - f1[k]) / abs(f1[k]) for k in f1),
+          "fisher_modules": len(f1)}
 
 
 def orbax_round_trip():

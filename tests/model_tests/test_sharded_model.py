@@ -78,6 +78,14 @@ def test_parameters_and_caches_are_really_sharded(results):
       "data", None, None]
 
 
+def test_data_parallel_calibration_equals_one_device(results):
+  r = results["calibration"]
+  assert r["tokens"] == [8 * 24, 8 * 24]
+  assert r["gram_rel_diff"] < 1e-5
+  assert r["fisher_keys_equal"] and r["fisher_modules"] == 2 * 2
+  assert r["fisher_rel_diff"] < 1e-4
+
+
 def test_orbax_round_trip_onto_another_mesh(results):
   r = results["orbax"]
   assert r["saved_k_down_spec"] == [None, "model"]        # 2x4 on save
