@@ -289,6 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
   p = Parser(prog="palu-jax", description=__doc__, formatter_class=HelpFormatter)
   p.add_argument("--version", action="version",
                  version=f"palu-jax {_version()}")
+  p.add_argument("--coordinator", default=None,
+                 help="host:port of process 0 of a multi-process (multi-host) "
+                 "job; with --num-processes and --process-id [env "
+                 "JAX_COORDINATOR_ADDRESS, or a cluster jax detects]")
+  p.add_argument("--num-processes", type=positive_int, default=None,
+                 help="processes in the job [env JAX_NUM_PROCESSES]")
+  p.add_argument("--process-id", type=nonneg_int, default=None,
+                 help="this process's index [env JAX_PROCESS_ID]")
   sub = p.add_subparsers(dest="command", required=True)
   parser = functools.partial(sub.add_parser, formatter_class=HelpFormatter)
   overwrite_help = ("replace OUT if it is a palu-jax model directory (never "
@@ -529,6 +537,8 @@ def main(argv: list[str] | None = None) -> int:
   except SystemExit as e:     # bad flags (2), --help / --version (0)
     return e.code if isinstance(e.code, int) else 2
   try:
+    from palu_jax.sharding.distributed import initialize
+    initialize(args.coordinator, args.num_processes, args.process_id)
     return args.fn(args)
   except PaluError as e:
     print(f"palu-jax: error: {e}", file=sys.stderr)

@@ -32,9 +32,13 @@ class PerplexityResult:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _window_nll(graphdef, state, windows: jax.Array) -> jax.Array:
-  """windows [B, T] -> [B] summed NLL of tokens 1..T-1 (float32)."""
-  return jnp.sum(next_token_nll(nnx.merge(graphdef, state), windows), axis=-1)
+def _window_nll(graphdef, state, windows: jax.Array, real: jax.Array
+                ) -> jax.Array:
+  """windows [B, T], real [B] (0 for padding windows) -> summed NLL of
+  tokens 1..T-1 of the real windows (a float32 scalar: replicated, so it
+  can be read on every process of a multi-host job)."""
+  nll = jnp.sum(next_token_nll(nnx.merge(graphdef, state), windows), axis=-1)
+  return jnp.sum(nll * real)
 
 
 def perplexity(model, token_ids, *, seqlen: int = 2048, batch_size: int = 1,
@@ -68,14 +72,9 @@ def perplexity(model, token_ids, *, seqlen: int = 2048, batch_size: int = 1,
     raise PaluError(f"seqlen={seqlen} exceeds the model context "
                     f"max_seq_len={model.cfg.max_seq_len}")
   windows = ids[:n * seqlen].reshape(n, seqlen)
-  graphdef, state = nnx.split(model)
-  place = jnp.asarray
-  if mesh is not None:
-    from palu_jax.sharding.shard import batch_sharding, shard_state
-    state = shard_state(state, mesh)
-    windows_sharding = batch_sharding((batch_size, seqlen), mesh,
-                                      name="perplexity windows")
-    place = lambda b: jax.device_put(b, windows_sharding)
+  from palu_jax.sharding.shard import batch_placer, split_for
+  graphdef, state = split_for(model, mesh)
+  place = batch_placer(mesh, name="perplexity windows")
   total = 0.0
   bar = tqdm(total=n, desc=f"ppl (seqlen {seqlen})", unit="win",
              disable=not progress)
@@ -84,8 +83,8 @@ def perplexity(model, token_ids, *, seqlen: int = 2048, batch_size: int = 1,
     real = len(batch)
     if real < batch_size:  # keep one compiled shape
       batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - real, 0)])
-    sums = np.asarray(_window_nll(graphdef, state, place(batch)))
-    total += float(np.sum(sums[:real], dtype=np.float64))
+    mask = (np.arange(batch_size) < real).astype(np.float32)
+    total += float(_window_nll(graphdef, state, place(batch), place(mask)))
     bar.update(real)
   bar.close()
   tokens = n * (seqlen - 1)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -48,13 +49,25 @@ def state_shardings(state, mesh: Mesh):
       state, is_leaf=_is_variable)
 
 
+def put(x, sharding: NamedSharding):
+  """A host or local array as a global array with `sharding`: each process
+  moves only the slices its own devices hold (every process passes the
+  same x)."""
+  if isinstance(x, jax.Array) and x.sharding == sharding:
+    return x
+  if jax.process_count() == 1:
+    return jax.device_put(x, sharding)
+  host = np.asarray(x)
+  return jax.make_array_from_callback(host.shape, sharding,
+                                      lambda idx: host[idx])
+
+
 def shard_state(state, mesh: Mesh):
   """The state with every parameter placed on `mesh` by its logical axes
   (metadata kept)."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, v: v.replace(jax.device_put(
-          v.get_value(), variable_sharding(
-              v, mesh, name=jax.tree_util.keystr(path)))),
+      lambda path, v: v.replace(put(v.get_value(), variable_sharding(
+          v, mesh, name=jax.tree_util.keystr(path)))),
       state, is_leaf=_is_variable)
 
 
@@ -115,8 +128,7 @@ def batch_placer(mesh: Mesh | None, *, name: str):
   import jax.numpy as jnp
   if mesh is None:
     return jnp.asarray
-  return lambda x: jax.device_put(x, batch_sharding(x.shape, mesh,
-                                                    name=name))
+  return lambda x: put(x, batch_sharding(np.shape(x), mesh, name=name))
 
 
 def split_for(model, mesh: Mesh | None, *filters):

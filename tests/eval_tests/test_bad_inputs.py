@@ -87,6 +87,16 @@ def test_bad_mesh_flags_name_the_axis(capsys, argv, needle):
   fails(capsys, argv, "--mesh", needle)
 
 
+def test_process_flags_without_a_coordinator(capsys, monkeypatch):
+  for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID",
+            "OMPI_COMM_WORLD_SIZE", "KUBERNETES_SERVICE_HOST"):
+    monkeypatch.delenv(k, raising=False)
+  fails(capsys, ["--process-id", "1", "ppl", "M"],
+        "need a coordinator address")
+  fails(capsys, ["--coordinator", "host", "--num-processes", "2",
+                 "--process-id", "0", "ppl", "M"], "is not host:port")
+
+
 def test_mesh_larger_than_the_machine_is_one_line(capsys, tmp_path):
   """The device count is checked when the mesh is built (this process has
   one CPU device)."""
