@@ -117,7 +117,7 @@ def cmd_finetune(args) -> int:
   out, log = finetune_checkpoint(
       args.model, args.out, lora, train, dataset=args.dataset,
       data_dir=args.data_dir, checkpoint_dir=args.ckpt_dir,
-      overwrite=args.overwrite, plot=loss_png)
+      overwrite=args.overwrite, plot=loss_png, mesh=_mesh(args))
   first, last = log["losses"][0], log["losses"][-1]
   print(f"fine-tuned {args.model} -> {out}: {log['steps']} steps, "
         f"{log['tokens']} tokens in {log['seconds']}s; loss {first:.4f} -> "
@@ -237,7 +237,8 @@ def cmd_eval(args) -> int:
                     data_dir=args.data_dir)
   models = [ModelSpec.parse(m) for m in args.models]
   out = os.path.join(args.out, args.name)
-  run_suite(models, cfg, out, progress=not args.no_progress)
+  run_suite(models, cfg, out, progress=not args.no_progress,
+            mesh=_mesh(args))
   print(f"results: {os.path.join(out, 'results.md')}")
   return 0
 
@@ -443,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
   f.add_argument("--seed", type=nonneg_int, default=0, help=seed_help)
   f.add_argument("--data-dir", default=None, help=data_dir_help)
   f.add_argument("--overwrite", action="store_true", help=overwrite_help)
+  f.add_argument("--mesh", type=mesh_spec, default=None,
+                 help="train data-parallel on data=D,model=M devices "
+                 "(micro-batches over data) [one device]")
   f.set_defaults(fn=cmd_finetune)
 
   g = parser("generate", help="generate text (streams tokens)")
@@ -517,6 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="results root")
   e.add_argument("--no-progress", action="store_true",
                  help="no progress bars")
+  e.add_argument("--mesh", type=mesh_spec, default=None,
+                 help="perplexity and zero-shot data-parallel on "
+                 "data=D,model=M devices [one device]")
   e.set_defaults(fn=cmd_eval)
 
   d = parser("demo", help="SmolLM2-135M: convert, compress, perplexity, "

@@ -159,8 +159,10 @@ def load_for_eval(spec: ModelSpec, dtype: str):
   return model, tok, info
 
 
-def run_task(task: str, model, tok, cfg: SuiteConfig, progress: bool
-             ) -> dict:
+def run_task(task: str, model, tok, cfg: SuiteConfig, progress: bool,
+             mesh=None) -> dict:
+  """One task's result; perplexity and zero-shot run data-parallel on
+  `mesh` when given (the long-context tasks on one device)."""
   if task.startswith("ppl:"):
     from eval.perplexity import perplexity
     from palu_jax.data import load_text
@@ -168,14 +170,14 @@ def run_task(task: str, model, tok, cfg: SuiteConfig, progress: bool
                      add_bos=False)
     seqlen = min(cfg.ppl_seqlen, model.cfg.max_seq_len)
     r = perplexity(model, ids, seqlen=seqlen, limit=cfg.ppl_limit,
-                   progress=progress)
+                   progress=progress, mesh=mesh)
     return {"value": r.perplexity, "metric": "perplexity", "nll": r.nll,
             "windows": r.windows, "tokens": r.tokens, "seqlen": r.seqlen}
   if task.startswith("zeroshot:"):
     from eval.zeroshot.evaluate import evaluate_task
     return evaluate_task(model, tok, task[9:], limit=cfg.limit,
                          batch_size=cfg.batch_size, data_dir=cfg.data_dir,
-                         progress=progress)
+                         progress=progress, mesh=mesh)
   if task == "needle":
     from eval.longcontext.needle import needle_eval
     out = needle_eval(model, tok, context_lens=cfg.needle_lengths,
@@ -208,7 +210,7 @@ def _read_part(path: str, settings: dict, *, warn: bool = True
 
 
 def run_suite(models: list[ModelSpec], cfg: SuiteConfig, out_dir: str, *,
-              progress: bool = True) -> dict:
+              progress: bool = True, mesh=None) -> dict:
   """Runs every (model, task) pair not already done; returns the summary
   written to <out_dir>/results.json."""
   names = [m.name for m in models]
@@ -234,7 +236,7 @@ def run_suite(models: list[ModelSpec], cfg: SuiteConfig, out_dir: str, *,
     atomic_write_text(info_path, json.dumps(infos, indent=1) + "\n")
     for task in todo:
       t0 = time.perf_counter()
-      result = run_task(task, model, tok, cfg, progress)
+      result = run_task(task, model, tok, cfg, progress, mesh)
       result["seconds"] = round(time.perf_counter() - t0, 2)
       path = _part_path(out_dir, spec.name, task)
       os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -71,15 +71,17 @@ def _score_rows(graphdef, state, tokens, targets, weights):
 
 def score_token_pairs(model, pairs: list[tuple[list[int], list[int]]], *,
                       batch_size: int = 16, max_batch_tokens: int = 65536,
-                      progress: bool = True, desc: str = "loglikelihood"
-                      ) -> list[Score]:
+                      progress: bool = True, desc: str = "loglikelihood",
+                      mesh=None) -> list[Score]:
   """Scores (context ids, continuation ids) pairs, in input order.
 
   A batch holds up to `batch_size` rows and `max_batch_tokens` padded
   tokens (long rows go fewer at a time). Rows longer than the model's
   context keep their last max_seq_len + 1 tokens (lm-eval's left
-  truncation).
+  truncation). With `mesh`, the parameters are sharded and each batch's
+  rows split over "data" (batches rounded to a multiple of its size).
   """
+  from palu_jax.sharding.shard import batch_placer, split_for
   max_len = model.cfg.max_seq_len
   rows = []
   for ctx, cont in pairs:
@@ -88,13 +90,16 @@ def score_token_pairs(model, pairs: list[tuple[list[int], list[int]]], *,
     whole = (list(ctx) + list(cont))[-(max_len + 1):]
     rows.append((whole[:-1], whole[1:], len(cont)))
   order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
-  graphdef, state = nnx.split(model)
+  graphdef, state = split_for(model, mesh)
+  place = batch_placer(mesh, name="zero-shot rows")
+  rows_per = 1 if mesh is None else mesh.shape["data"]
   out: list[Score | None] = [None] * len(rows)
   bar = tqdm(total=len(rows), desc=desc, unit="req", disable=not progress)
   start = 0
   while start < len(order):
     width = min(bucket_length(len(rows[order[start]][0])), max_len)
     size = max(1, min(batch_size, max_batch_tokens // width))
+    size = max(rows_per, size // rows_per * rows_per)
     idx = order[start:start + size]
     tokens = np.zeros((size, width), np.int32)
     targets = np.zeros((size, width), np.int32)
@@ -103,8 +108,8 @@ def score_token_pairs(model, pairs: list[tuple[list[int], list[int]]], *,
       inp, tgt, n = rows[i]
       tokens[r, :len(inp)], targets[r, :len(tgt)] = inp, tgt
       weights[r, len(tgt) - n:len(tgt)] = 1.0
-    lp, greedy = _score_rows(graphdef, state, jnp.asarray(tokens),
-                             jnp.asarray(targets), jnp.asarray(weights))
+    lp, greedy = _score_rows(graphdef, state, place(tokens), place(targets),
+                             place(weights))
     lp, greedy = np.asarray(lp), np.asarray(greedy)
     for r, i in enumerate(idx):
       out[i] = Score(float(lp[r]), bool(greedy[r]), rows[i][2])

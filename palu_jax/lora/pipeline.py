@@ -27,10 +27,11 @@ def finetune_checkpoint(src: str, out_dir: str, lora: LoraConfig,
                         data_dir: str | None = None,
                         checkpoint_dir: str | None = None,
                         overwrite: bool = False, progress: bool = True,
-                        plot: Callable[[np.ndarray], bytes | None] | None = None
-                        ) -> tuple[str, dict]:
+                        plot: Callable[[np.ndarray], bytes | None] | None = None,
+                        mesh=None) -> tuple[str, dict]:
   """Fine-tunes LoRA adapters on `src` (dense or compressed) and writes the
-  merged model to `out_dir`. Returns (absolute path, training log)."""
+  merged model to `out_dir`. Returns (absolute path, training log). With
+  `mesh`, training is data-parallel on it (`LoraTrainer`)."""
   from safetensors.numpy import save as save_safetensors
 
   from palu_jax.api import load_params
@@ -51,7 +52,7 @@ def finetune_checkpoint(src: str, out_dir: str, lora: LoraConfig,
   ids = tok.encode(load_text(dataset, data_dir_override=data_dir),
                    add_bos=False)
   sequences = pack(ids, train.seqlen)
-  trainer = LoraTrainer(cfg, params, palu, lora, train)
+  trainer = LoraTrainer(cfg, params, palu, lora, train, mesh=mesh)
   start = time.perf_counter()
   adapters, losses = trainer.fit(
       sequences, checkpoint_dir=checkpoint_dir or out_dir.rstrip("/") + ".ckpt",

@@ -100,7 +100,11 @@ class LoraTrainer:
 
   def __init__(self, cfg: ModelConfig, params: Mapping[str, Any],
                palu: PaluConfig | None, lora: LoraConfig,
-               train: TrainConfig):
+               train: TrainConfig, *, mesh=None):
+    """mesh: a ("data", "model") mesh: the frozen model (and the float32
+    target weights) sharded by their logical axes, each micro-batch split
+    over "data"; the adapters (small) are replicated, their gradients
+    reduced across devices by XLA."""
     from palu_jax.api import parse_dtype
     from palu_jax.model import from_params
     train.validate()
@@ -110,6 +114,16 @@ class LoraTrainer:
     model = from_params(cfg, params, dtype=self.dtype, palu=palu)
     self._graphdef, self._state = nnx.split(model)
     self._base = {n: jnp.asarray(params[n], jnp.float32) for n in self.targets}
+    self._place = jnp.asarray
+    if mesh is not None:
+      from palu_jax.sharding.mesh import named_sharding
+      from palu_jax.sharding.shard import put, shard_state, variable_sharding
+      where = {".".join(map(str, k)): variable_sharding(v, mesh)
+               for k, v in nnx.to_flat_state(self._state)}
+      self._state = shard_state(self._state, mesh)
+      self._base = {n: put(w, where[n]) for n, w in self._base.items()}
+      self._place = lambda micro: put(micro, named_sharding(
+          (None, "batch", None), micro.shape, mesh, name="LoRA micro-batch"))
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, train.lr, train.warmup, train.steps, 0.0)
     self.optimizer = optax.chain(
@@ -181,7 +195,7 @@ class LoraTrainer:
     for step in range(start, end):
       tick = time.perf_counter()
       batch = batch_at(sequences, step, t.batch_size, t.seed)
-      micro = jnp.asarray(batch.reshape(t.grad_accum, -1, t.seqlen))
+      micro = self._place(batch.reshape(t.grad_accum, -1, t.seqlen))
       adapters, opt_state, loss = self._step(self.frozen, adapters,
                                              opt_state, micro)
       losses[step] = float(loss)

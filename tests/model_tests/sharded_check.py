@@ -10,6 +10,7 @@ import numpy as np
 from flax import nnx
 
 from eval.perplexity import perplexity
+from eval.zeroshot.scoring import score_token_pairs
 from palu_jax.config import ModelConfig, PaluConfig
 from palu_jax.generate import Generator
 from palu_jax.model import Transformer
@@ -74,8 +75,19 @@ def main():
     many = perplexity(model, ids, seqlen=32, batch_size=4, progress=False,
                       mesh=make_mesh("data=4,model=2"))
     out[f"{name}|ppl"] = [one.nll, many.nll]
+    # zero-shot scoring (the log-likelihood of continuations), rows over data
+    pairs = [(list(rng.integers(1, 256, n)), list(rng.integers(1, 256, 3)))
+             for n in (4, 9, 13, 6, 11, 5)]
+    one = score_token_pairs(model, pairs, batch_size=4, progress=False)
+    many = score_token_pairs(model, pairs, batch_size=4, progress=False,
+                             mesh=make_mesh("data=4,model=2"))
+    out[f"{name}|zeroshot"] = {
+        "max_abs_diff": max(abs(a.logprob - b.logprob)
+                            for a, b in zip(one, many)),
+        "same_greedy": [a.is_greedy for a in one] == [b.is_greedy for b in many]}
   out["orbax"] = orbax_round_trip()
   out["calibration"] = calibration_check(rng)
+  out["lora"] = lora_check(rng)
   print(json.dumps(out, default=str))
 
 
@@ -97,6 +109,31 @@ def calibration_check(rng):
           "fisher_keys_equal": sorted(f1) == sorted(f8),
           "fisher_rel_diff": max(abs(f8[k] - f1[k]) / abs(f1[k]) for k in f1),
           "fisher_modules": len(f1)}
+
+
+def lora_check(rng):
+  """Two LoRA steps on the Palu model, one device vs a 2x4 mesh."""
+  from palu_jax.lora.adapters import LoraConfig
+  from palu_jax.lora.train import LoraTrainer, TrainConfig
+  pc = MODELS["palu16"]
+  model = Transformer(CFG, dtype=jnp.float32, rngs=nnx.Rngs(4), palu=pc)
+  params = {".".join(map(str, k)): np.asarray(v.get_value())
+            for k, v in nnx.to_flat_state(nnx.state(model))}
+  train = TrainConfig(steps=2, warmup=0, batch_size=8, grad_accum=2,
+                      seqlen=16, compute_dtype="float32", lr=1e-2)
+  seqs = rng.integers(0, 256, (32, 16))
+  runs = []
+  for mesh in (None, make_mesh("data=2,model=4")):
+    trainer = LoraTrainer(CFG, params, pc, LoraConfig(rank=4), train,
+                          mesh=mesh)
+    adapters, losses = trainer.fit(seqs, progress=False)
+    runs.append((jax.tree.map(np.asarray, adapters), losses))
+  (a1, l1), (a8, l8) = runs
+  diffs = jax.tree.leaves(jax.tree.map(
+      lambda x, y: float(np.max(np.abs(x - y)) / (np.max(np.abs(x)) + 1e-12)),
+      a1, a8))
+  return {"losses": [l1.tolist(), l8.tolist()],
+          "adapter_rel_diff": max(diffs), "adapters": len(diffs)}
 
 
 def orbax_round_trip():
