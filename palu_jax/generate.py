@@ -9,6 +9,7 @@ compressed ones.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Callable, Sequence
 
@@ -213,13 +214,16 @@ class Generator:
       lengths = jax.device_put(lengths, batch_sharding(
           lengths.shape, self.mesh, name="prompt lengths"))
     try:
-      tokens, steps = _generate_program(
-        self.graphdef, self.state, prompt, lengths, jax.random.key(seed),
-        *sampling.as_arrays(), jnp.asarray(eos), jnp.int32(self.pad_id),
-        max_new_tokens=max_new_tokens,
-        max_len=width + max_new_tokens + CHUNK,
-        greedy=sampling.temperature == 0, stream=on_token is not None,
-        mesh=self.mesh)
+      with contextlib.ExitStack() as stack:
+        if self.mesh is not None:     # the kernels run per device under it
+          stack.enter_context(jax.set_mesh(self.mesh))
+        tokens, steps = _generate_program(
+          self.graphdef, self.state, prompt, lengths, jax.random.key(seed),
+          *sampling.as_arrays(), jnp.asarray(eos), jnp.int32(self.pad_id),
+          max_new_tokens=max_new_tokens,
+          max_len=width + max_new_tokens + CHUNK,
+          greedy=sampling.temperature == 0, stream=on_token is not None,
+          mesh=self.mesh)
       tokens = np.asarray(tokens)[:, :int(steps)]
     finally:
       _STREAM_TARGET[0] = None

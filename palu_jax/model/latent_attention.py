@@ -22,6 +22,7 @@ split into separate key and value latents is one of its candidates).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from typing import Sequence
@@ -169,11 +170,13 @@ class LatentAttention(nnx.Module):
     else:
       hk, hv = cache.hk, (None if self.shared_kv else cache.hv)
     b = q.shape[0]
-    mixed = latent_decode_attention(
-        q[:, 0], hk, hv, self.k_up[...], start + 1, spec=spec,
-        inv_freq=jnp.asarray(rope_inv_freq(self.cfg)),
-        k_bias=None if self.k_bias is None else self.k_bias[...],
-        implementation=self.implementation)           # [B, N, R_v] f32
+    mixed = _per_device(
+        functools.partial(latent_decode_attention,
+                          inv_freq=jnp.asarray(rope_inv_freq(self.cfg)),
+                          implementation=self.implementation),
+        q[:, 0], hk, hv, self.k_up[...], start + 1,
+        None if self.k_bias is None else self.k_bias[...], spec=spec)
+    # mixed: [B, N, R_v] f32
     # o_latent [G·R_v, N_g, D] flattens to [(G, R_v, N_g), D]: order the
     # mixed latents the same way and project in one matrix product
     mixed = mixed.reshape(b, spec.groups, spec.heads_per_group, spec.v_rank)
@@ -277,6 +280,37 @@ def _dense_causal_attention(q: Array, keys: Array, values: Array,
     return None
   o = o.reshape(b, t, j, chunks, qk, h).transpose(0, 1, 2, 4, 3, 5)
   return o.reshape(b, t, n, chunks * h)[..., :r]
+
+
+def _per_device(attend, q, hk, hv, k_up, lengths, k_bias, *, spec):
+  """attend(q [B, N, H], hk, hv, k_up, lengths, spec=, k_bias=) on every
+  device over its own batch rows and latent groups when a mesh is set
+  (`jax.set_mesh`, as `Generator(mesh=)` does): the Pallas kernels are
+  custom calls XLA cannot partition, so without this it would gather the
+  whole cache to every device. Groups go over "model" when they divide it
+  and the latents are 16-bit (packed codes stay whole); batch rows over
+  "data" when they divide it; whatever does not divide is replicated."""
+  from jax.sharding import PartitionSpec as P
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return attend(q, hk, hv, k_up, lengths, spec=spec, k_bias=k_bias)
+  sizes = dict(mesh.shape)
+  d, m = sizes.get("data", 1), sizes.get("model", 1)
+  b_ax = "data" if d > 1 and q.shape[0] % d == 0 else None
+  g_ax = ("model" if m > 1 and spec.groups % m == 0 and spec.bits == 16
+          else None)
+  local = dataclasses.replace(spec, groups=spec.groups // (m if g_ax else 1))
+  latent = P(b_ax, None, g_ax)
+  side = lambda x: None if x is None else jax.tree.map(lambda _: latent, x)
+
+  def body(q, hk, hv, k_up, lengths, k_bias):
+    return attend(q, hk, hv, k_up, lengths, spec=local, k_bias=k_bias)
+  return jax.shard_map(
+      body, mesh=mesh,
+      in_specs=(P(b_ax, g_ax, None), side(hk), side(hv), P(g_ax, None),
+                P(b_ax), None if k_bias is None else P(g_ax)),
+      out_specs=P(b_ax, g_ax, None), check_vma=False,
+  )(q, hk, hv, k_up, lengths, k_bias)
 
 
 @functools.cache

@@ -34,6 +34,10 @@ MODELS = {"dense": None, "palu16": palu(16), "palu_int4": palu(4)}
 # greedy generation (a compile of the whole decode loop each) on a subset
 GREEDY = {("dense", "data=4,model=2"), ("palu16", "model=8"),
           ("palu16", "data=2,model=4"), ("palu_int4", "data=2,model=4")}
+# the same through the decode-kernel path (its jnp backend on CPU) run per
+# device by shard_map: 4 groups over model=4 / model=2, batch over data
+KERNEL_GREEDY = {("palu16", "data=2,model=4"), ("palu16", "data=4,model=2"),
+                 ("palu_int4", "data=2,model=4")}
 
 
 def main():
@@ -42,7 +46,8 @@ def main():
   tokens = jnp.asarray(rng.integers(0, 256, (8, 12)), jnp.int32)
   prompts = [list(rng.integers(1, 256, n)) for n in (5, 9, 3, 7, 12, 4, 6,
                                                        10)]
-  out = {"devices": len(jax.devices()), "greedy_runs": len(GREEDY)}
+  out = {"devices": len(jax.devices()), "greedy_runs": len(GREEDY),
+         "kernel_greedy_runs": len(KERNEL_GREEDY)}
   for name, pc in MODELS.items():
     model = Transformer(CFG, dtype=jnp.float32, rngs=nnx.Rngs(1), palu=pc)
     graphdef, state = nnx.split(model)
@@ -68,6 +73,12 @@ def main():
       if (name, spec) in GREEDY:
         row["same_tokens"] = Generator(model, mesh=mesh).generate_ids(
             prompts, max_new_tokens=8) == want_ids
+      if (name, spec) in KERNEL_GREEDY:
+        kernel_model = nnx.merge(graphdef, state)
+        kernel_model.set_attention_implementation("mosaic_gpu")  # -> jnp
+        row["same_tokens_kernel_path"] = Generator(
+            kernel_model, mesh=mesh).generate_ids(
+                prompts, max_new_tokens=8) == want_ids
       out[f"{name}|{spec}"] = row
     # data-parallel perplexity (windows over "data")
     ids = rng.integers(0, 256, 16 * 32)

@@ -63,6 +63,15 @@ def test_greedy_generation_identical(results):
   assert all(r["same_tokens"] for r in runs)
 
 
+def test_decode_kernel_path_per_device_identical(results):
+  """The latent decode kernels' path (its jnp backend on CPU) under
+  shard_map, one call per device over its groups and rows."""
+  runs = [r for r in results.values()
+          if isinstance(r, dict) and "same_tokens_kernel_path" in r]
+  assert len(runs) == results["kernel_greedy_runs"] == 3
+  assert all(r["same_tokens_kernel_path"] for r in runs)
+
+
 def test_parameters_and_caches_are_really_sharded(results):
   assert results["devices"] == 8
   # q_proj [64, 8 heads x 16] column-sharded over "model"
