@@ -44,13 +44,9 @@ def mesh_spec(text: str) -> str:
   """--mesh data=D,model=M: axis names and sizes checked when parsed (the
   device count when the mesh is built)."""
   from palu_jax.errors import ConfigError
-  from palu_jax.sharding.mesh import parse_mesh
-  sizes = {}
-  for part in text.split(","):
-    name, _, value = part.partition("=")
-    sizes[name.strip()] = int(value) if value.strip().isdigit() else 1
+  from palu_jax.sharding.mesh import spec_devices
   try:
-    parse_mesh(text, math.prod(sizes.values()))
+    spec_devices(text)
   except ConfigError as e:
     raise argparse.ArgumentTypeError(str(e).removeprefix("mesh: "))
   return text

@@ -72,6 +72,19 @@ def parse_mesh(spec: str | None, n_devices: int) -> dict[str, int]:
   return sizes
 
 
+def spec_devices(spec: str) -> int:
+  """How many devices "data=D,model=M" asks for (axes and sizes checked;
+  a mesh over the first that many devices: `make_mesh(spec,
+  jax.devices()[:n])`)."""
+  sizes = {}
+  for part in spec.split(","):
+    name, _, value = part.partition("=")
+    sizes[name.strip()] = int(value) if value.strip().isdigit() else 1
+  n = math.prod(sizes.values())
+  parse_mesh(spec, n)
+  return n
+
+
 def make_mesh(spec: str | None = None,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A ("data", "model") mesh over `devices` (default: all). Its axes are

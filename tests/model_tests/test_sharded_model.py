@@ -141,3 +141,28 @@ def test_logical_axes_are_on_every_weight():
       assert axes is not None, path
       assert len(axes) == len(var.get_value().shape), path
       assert all(a is None or a in M.RULES for a in axes), (path, axes)
+
+
+def test_bench_sharded_writes_rows_for_each_mesh(tmp_path):
+  """eval/bench_sharded.py on the tiny shape and 8 host devices (the
+  numbers mean nothing on a CPU; the rows, fields and files are checked)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  subprocess.run(
+      [sys.executable, "-m", "eval.bench_sharded", "--model", "tiny",
+       "--variants", "base", "--batch", "8", "--context", "128",
+       "--meshes", "none", "data=1,model=1", "data=2,model=4",
+       "--steps", "8", "--repeats", "1", "--out", str(tmp_path)],
+      env=env, check=True, capture_output=True, text=True, cwd=ROOT)
+  data = json.loads((tmp_path / "bench_sharded.json").read_text())
+  rows = data["rows"]
+  assert data["n_devices"] == 8
+  assert [(r["mesh"], r["devices"]) for r in rows] == [
+      ("none", 1), ("data=1,model=1", 1), ("data=2,model=4", 8)]
+  assert all(r["tokens_per_s"] > 0 for r in rows)
+  assert rows[0]["vs_unsharded"] == 1.0
+  assert rows[1]["scaling_efficiency"] == 1.0
+  # 2x4: each device holds a quarter of the sharded weights at most
+  assert rows[2]["weight_bytes_per_device"] < rows[1][
+      "weight_bytes_per_device"]
+  assert (tmp_path / "bench_sharded.md").exists()

@@ -1,0 +1,171 @@
+"""Decode speed on device meshes: the cost of sharding and its scaling.
+
+For each variant (dense on its best decode kernel, Palu 50 % M-LRD, ...),
+the jitted decode loop of `eval.bench_e2e` is timed unsharded and on each
+mesh given (`--meshes data=1,model=1 model=2 ...`; "none" is the unsharded
+path), with the parameters placed by their logical axes and the cache by
+`palu_jax.sharding.shard.cache_shardings`. Per row: ms per step, tokens/s,
+the ratio to the unsharded path of the same variant on one device
+(`vs_unsharded`), the scaling efficiency against the one-device mesh
+(tokens/s ÷ (devices × one-device tokens/s)), and the largest context that
+fits at that batch (per-device free memory after the weights ÷ per-device
+cache bytes per token).
+
+  python -m eval.bench_sharded [--model llama2-7b] [--batch 8]
+      [--context 16384] [--meshes none data=1,model=1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from eval.bench_decode import (SHAPES, _decode, _random_cache, _time,
+                               cache_len)
+from eval.bench_e2e import VARIANTS, build, palu_config
+from eval.plots import plot_results
+from eval.report import markdown_table, write_results
+from palu_jax.generate import CHUNK, DecodeState
+from palu_jax.sharding.mesh import make_mesh, spec_devices
+from palu_jax.sharding.shard import cache_shardings, put, shard_state
+
+
+def _per_device_bytes(tree) -> int:
+  """Bytes the first device holds of a pytree of (sharded) arrays."""
+  dev = jax.devices()[0]
+  total = 0
+  for x in jax.tree_util.tree_leaves(tree):
+    for s in x.addressable_shards:
+      if s.device == dev:
+        total += s.data.nbytes
+  return total
+
+
+def time_decode(model, *, mesh, batch: int, ctx: int, steps: int,
+                repeats: int) -> dict:
+  """ms per decode step of `model` (unsharded when mesh is None)."""
+  graphdef, state = nnx.split(model)
+  cache = _random_cache(model, batch=batch, max_len=cache_len(ctx, steps))
+  if mesh is not None:
+    state = shard_state(state, mesh)
+    cache = jax.tree.map(put, cache, cache_shardings(cache, mesh))
+
+  def fresh(cache):  # the loop state is donated: new arrays each time
+    return DecodeState(
+        cache=cache.replace(lengths=jnp.full((batch,), ctx, jnp.int32)),
+        tokens=jnp.zeros((batch, steps + CHUNK), jnp.int32),
+        last=jnp.arange(batch, dtype=jnp.int32) + 5, step=jnp.int32(0),
+        done=jnp.zeros((batch,), bool), key=jax.random.key(0))
+  ctx_mgr = jax.set_mesh(mesh) if mesh is not None else _null()
+  with ctx_mgr:
+    holder = [_decode(graphdef, state, fresh(cache), steps=steps)]
+    jax.block_until_ready(holder[0])
+
+    def run():
+      holder[0] = _decode(graphdef, state, fresh(holder[0].cache),
+                          steps=steps)
+      jax.block_until_ready(holder[0].tokens)
+    seconds = _time(run, repeats)
+  return {"ms_per_step": 1e3 * seconds / steps,
+          "tokens_per_s": batch * steps / seconds,
+          "weight_bytes_per_device": _per_device_bytes(state),
+          "cache_bytes_per_device": _per_device_bytes(holder[0].cache)}
+
+
+class _null:
+  def __enter__(self):
+    return None
+
+  def __exit__(self, *exc):
+    return False
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--model", default="llama2-7b", choices=sorted(SHAPES))
+  ap.add_argument("--variants", nargs="+", default=["base", "palu50_g1"],
+                  choices=sorted(VARIANTS))
+  ap.add_argument("--batch", type=int, default=8)
+  ap.add_argument("--context", type=int, default=16384)
+  ap.add_argument("--meshes", nargs="+", default=["none", "data=1,model=1"],
+                  help='"none" (unsharded) or data=D,model=M specs')
+  ap.add_argument("--steps", type=int, default=32)
+  ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--out", default=os.path.join("eval", "results"))
+  ap.add_argument("--name", default="bench_sharded")
+  args = ap.parse_args(argv)
+  cfg = SHAPES[args.model]
+  devices = jax.devices()
+  limit = (devices[0].memory_stats() or {}).get("bytes_limit", 0)
+  rows: list[dict] = []
+  cols = ["variant", "mesh", "devices", "batch", "context", "ms_per_step",
+          "tokens_per_s", "vs_unsharded", "scaling_efficiency",
+          "max_context", "note"]
+
+  def save():
+    md = (f"# Sharded decode, {args.model} shapes ({devices[0].device_kind}"
+          f" x{len(devices)})\n\nbf16, greedy, {args.steps} steps per "
+          "timing. vs_unsharded: tokens/s over the unsharded path of the "
+          "same variant; scaling_efficiency: tokens/s over devices x the "
+          "one-device mesh's; max_context: the longest context whose "
+          "per-device cache fits next to the per-device weights (92 % of "
+          "the memory limit).\n\n" + markdown_table(rows, cols))
+    jpath, _ = write_results(args.out, args.name,
+                             {"device": devices[0].device_kind,
+                              "n_devices": len(devices), "rows": rows}, md)
+    try:
+      plot_results(jpath)
+    except Exception as e:      # a plot is a convenience, never a failure
+      print(f"plot skipped: {e}", file=sys.stderr)
+
+  for name in args.variants:
+    spec = VARIANTS[name]
+    palu = None if spec is None else palu_config(cfg, *spec)
+    model = build(cfg, palu, jnp.bfloat16,
+                  "xla" if name == "base_xla" else None)
+    base_tps, one_tps = None, None
+    for mesh_spec in args.meshes:
+      mesh = None if mesh_spec == "none" else make_mesh(
+          mesh_spec, devices[:spec_devices(mesh_spec)])
+      n = 1 if mesh is None else mesh.size
+      row = {"variant": name, "mesh": mesh_spec, "devices": n,
+             "batch": args.batch, "context": args.context,
+             "device": devices[0].device_kind}
+      t0 = time.perf_counter()
+      try:
+        row.update(time_decode(model, mesh=mesh, batch=args.batch,
+                               ctx=args.context, steps=args.steps,
+                               repeats=args.repeats))
+      except jax.errors.JaxRuntimeError as e:
+        row["note"] = f"failed: {str(e).splitlines()[0][:100]}"
+      row["wall_s"] = time.perf_counter() - t0
+      tps = row.get("tokens_per_s")
+      if tps:
+        if mesh is None:
+          base_tps = tps
+        if n == 1 and mesh is not None:
+          one_tps = one_tps or tps
+        row["vs_unsharded"] = tps / base_tps if base_tps else None
+        row["scaling_efficiency"] = (tps / (n * one_tps) if one_tps
+                                     else None)
+        per_tok = row["cache_bytes_per_device"] / (
+            args.batch * cache_len(args.context, args.steps))
+        if limit and per_tok:
+          row["max_context"] = int((0.92 * limit - row[
+              "weight_bytes_per_device"]) / (args.batch * per_tok))
+      rows.append(row)
+      save()
+      print({k: (round(v, 3) if isinstance(v, float) else v)
+             for k, v in row.items() if k in cols}, flush=True)
+    del model
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
