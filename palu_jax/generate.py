@@ -224,6 +224,9 @@ class Generator:
           max_len=width + max_new_tokens + CHUNK,
           greedy=sampling.temperature == 0, stream=on_token is not None,
           mesh=self.mesh)
+      if self.mesh is not None:
+        from palu_jax.sharding.shard import to_host
+        tokens = to_host(tokens)
       tokens = np.asarray(tokens)[:, :int(steps)]
     finally:
       _STREAM_TARGET[0] = None

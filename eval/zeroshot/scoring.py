@@ -81,7 +81,7 @@ def score_token_pairs(model, pairs: list[tuple[list[int], list[int]]], *,
   truncation). With `mesh`, the parameters are sharded and each batch's
   rows split over "data" (batches rounded to a multiple of its size).
   """
-  from palu_jax.sharding.shard import batch_placer, split_for
+  from palu_jax.sharding.shard import batch_placer, split_for, to_host
   max_len = model.cfg.max_seq_len
   rows = []
   for ctx, cont in pairs:
@@ -110,7 +110,7 @@ def score_token_pairs(model, pairs: list[tuple[list[int], list[int]]], *,
       weights[r, len(tgt) - n:len(tgt)] = 1.0
     lp, greedy = _score_rows(graphdef, state, place(tokens), place(targets),
                              place(weights))
-    lp, greedy = np.asarray(lp), np.asarray(greedy)
+    lp, greedy = to_host(lp), to_host(greedy)
     for r, i in enumerate(idx):
       out[i] = Score(float(lp[r]), bool(greedy[r]), rows[i][2])
     bar.update(len(idx))

@@ -62,6 +62,15 @@ def put(x, sharding: NamedSharding):
                                       lambda idx: host[idx])
 
 
+def to_host(x) -> np.ndarray:
+  """A (possibly sharded, possibly multi-process) array as numpy on this
+  process: every process gets the whole array."""
+  if jax.process_count() == 1 or x.is_fully_addressable:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def shard_state(state, mesh: Mesh):
   """The state with every parameter placed on `mesh` by its logical axes
   (metadata kept)."""

@@ -1,6 +1,7 @@
 """One process of a two-process job (test_multiprocess.py starts two):
-perplexity of the Palu model of sharded_check.py on a data=4 mesh that
-spans both processes' 2 CPU devices each. Prints JSON."""
+perplexity and greedy generation of the Palu model of sharded_check.py on
+a data=4 mesh that spans both processes' 2 CPU devices each. Prints
+JSON."""
 
 import json
 import sys
@@ -8,6 +9,8 @@ import sys
 import numpy as np
 
 from palu_jax.sharding.distributed import initialize
+
+PROMPTS = [[5, 9, 2], [7, 1, 4, 4, 8], [3], [6, 2, 9, 9]]   # ragged
 
 
 def main():
@@ -25,7 +28,10 @@ def main():
   ids = np.random.default_rng(5).integers(0, 256, 12 * 32)
   r = perplexity(model, ids, seqlen=32, batch_size=4, progress=False,
                  mesh=make_mesh("data=4"))
-  print(json.dumps({"process": jax.process_index(),
+  from palu_jax.generate import Generator
+  tokens = Generator(model, mesh=make_mesh("data=4")).generate_ids(
+      PROMPTS, max_new_tokens=6)
+  print(json.dumps({"process": jax.process_index(), "tokens": tokens,
                     "processes": jax.process_count(),
                     "devices": len(jax.devices()), "nll": r.nll,
                     "windows": r.windows}))

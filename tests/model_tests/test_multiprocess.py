@@ -27,13 +27,18 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_compute_one_process_perplexity():
+def test_two_processes_compute_what_one_process_computes():
+  """Perplexity, and greedy tokens of a ragged batch (rows split over the
+  processes, gathered back to each)."""
   sys.path.insert(0, HERE)
   from sharded_check import CFG, MODELS
   model = Transformer(CFG, dtype=jnp.float32, rngs=nnx.Rngs(1),
                       palu=MODELS["palu16"])
   ids = np.random.default_rng(5).integers(0, 256, 12 * 32)
   want = perplexity(model, ids, seqlen=32, batch_size=4, progress=False)
+  from multiprocess_check import PROMPTS
+  from palu_jax.generate import Generator
+  want_tokens = Generator(model).generate_ids(PROMPTS, max_new_tokens=6)
   port = str(_free_port())
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join([ROOT, HERE]),
@@ -53,6 +58,7 @@ def test_two_processes_compute_one_process_perplexity():
     assert o["processes"] == 2 and o["devices"] == 4
     assert o["windows"] == want.windows == 12
     assert o["nll"] == pytest.approx(want.nll, rel=1e-5)
+    assert o["tokens"] == want_tokens
 
 
 def test_initialize_without_a_job_is_a_no_op_and_bad_flags_are_named(
