@@ -45,7 +45,10 @@ from pallas_kernels.latent_attention import mosaic_gpu
 from pallas_kernels.latent_attention.api import latent_decode_attention
 from pallas_kernels.tuning import choose_config
 
-SHAPES = {"llama2-7b": (32, 32, 128), "llama3-8b": (32, 8, 128)}
+SHAPES = {"llama2-7b": (32, 32, 128), "llama3-8b": (32, 8, 128),
+          # SmolLM2-135M: 9 q / 3 kv heads x 64; its default compression
+          # is one shared latent for all 3 KV heads (--groups 3 --shared)
+          "smollm2-135m": (9, 3, 64)}
 GROUP = 4           # KV heads per latent group (G-LRD)
 DTYPE = jnp.bfloat16
 BASELINES = ("full_xla", "full_dpa_xla", "full_cudnn", "full_pallas")
@@ -124,16 +127,18 @@ def _full_pallas(k_splits):
 
 # ---------------------------------------------------------------------- palu
 
-def palu_spec(n_heads, n_kv, head_dim, ratio, bits, group=GROUP
-              ) -> LatentSpec:
+def palu_spec(n_heads, n_kv, head_dim, ratio, bits, group=GROUP,
+              shared: bool = False) -> LatentSpec:
   """G-LRD latents keeping 1 - ratio of each group's key/value dims, the
   rank rounded to the nearest multiple the kernel takes at `bits` (the
-  bytes reported are those of the rounded rank)."""
+  bytes reported are those of the rounded rank). shared: one latent of
+  twice the rank serves keys and values (the same bytes per token)."""
   spec = LatentSpec(groups=n_kv // group, kv_per_group=group,
                     q_per_kv=n_heads // n_kv, head_dim=head_dim, k_rank=16,
-                    v_rank=16, bits=bits)
+                    v_rank=16, bits=bits, shared=shared)
   unit = rank_unit(spec)
-  rank = max(unit, int(round((1 - ratio) * group * head_dim / unit)) * unit)
+  width = (2 if shared else 1) * group * head_dim
+  rank = max(unit, int(round((1 - ratio) * width / unit)) * unit)
   return dataclasses.replace(spec, k_rank=rank, v_rank=rank)
 
 
@@ -161,8 +166,8 @@ def palu_flops(spec: LatentSpec, batch: int, ctx: int, rope: bool) -> float:
 
 
 def run(shapes, batches, contexts, ratios, bits_list, *, tune: bool,
-        save, groups=(GROUP,), backends=("mosaic_gpu", "triton")
-        ) -> list[dict]:
+        save, groups=(GROUP,), backends=("mosaic_gpu", "triton"),
+        shared: bool = False) -> list[dict]:
   rows: list[dict] = []
   for shape_name in shapes:
     n_heads, n_kv, h = SHAPES[shape_name]
@@ -199,9 +204,11 @@ def run(shapes, batches, contexts, ratios, bits_list, *, tune: bool,
         del kh, vh
         for group, ratio, bits in itertools.product(groups, ratios,
                                                     bits_list):
-          spec = palu_spec(n_heads, n_kv, h, ratio, bits, group)
+          if n_kv % group:
+            continue
+          spec = palu_spec(n_heads, n_kv, h, ratio, bits, group, shared)
           hk = _latent_side(spec, batch, ctx, 6)
-          hv = _latent_side(spec, batch, ctx, 7)
+          hv = None if shared else _latent_side(spec, batch, ctx, 7)
           k_up = _pseudo_random(jnp.float32(8), shape=(
               spec.groups * spec.k_rank, group * h), dtype=DTYPE)
           inv = jnp.asarray(1.0 / 10000 ** (np.arange(0, h, 2) / h),
@@ -210,7 +217,8 @@ def run(shapes, batches, contexts, ratios, bits_list, *, tune: bool,
           for rope, backend in itertools.product((True, False), backends):
             name = (f"palu{round(ratio * 100)}_{'rope' if rope else 'norope'}"
                     + ("" if bits == 16 else f"_int{bits}")
-                    + ("" if group == GROUP else f"_g{group}"))
+                    + ("" if group == GROUP else f"_g{group}")
+                    + ("_shared" if shared else ""))
             configs = _configs(backend, spec, batch, ctx, rope, tune)
             best = None
             for cfg in configs:
@@ -333,6 +341,9 @@ def main(argv=None) -> int:
   ap.add_argument("--backends", nargs="+", default=["mosaic_gpu", "triton"],
                   choices=["mosaic_gpu", "triton"],
                   help="latent kernel backends to time side by side")
+  ap.add_argument("--shared", action="store_true",
+                  help="one latent per group for keys and values (twice "
+                  "the rank; variant suffix _shared)")
   ap.add_argument("--tune", action="store_true",
                   help="also sweep block size / warps / stages / splits")
   ap.add_argument("--name", default="bench_kernels")
@@ -361,7 +372,7 @@ def main(argv=None) -> int:
 
   run(args.shapes, args.batches, args.contexts, args.ratios, args.bits,
       tune=args.tune, save=save, groups=args.groups,
-      backends=tuple(args.backends))
+      backends=tuple(args.backends), shared=args.shared)
   return 0
 
 
