@@ -56,16 +56,14 @@ def load_model(src: str, *, dtype: str = "bfloat16", mesh=None
     mesh: a ("data", "model") mesh: the parameters are placed on it by
       their logical axes (`palu_jax.sharding`). A model directory is
       restored straight into the shards; other sources are read on the
-      host first.
+      host first, then each weight goes to its shards.
   """
   if mesh is not None and os.path.isdir(src) and is_model_dir(src):
     return _load_sharded(src, parse_dtype(dtype), mesh), load_tokenizer_for(
         src)
   cfg, params, palu, _ = load_params(src)
-  model = from_params(cfg, params, dtype=parse_dtype(dtype), palu=palu)
-  if mesh is not None:
-    from palu_jax.sharding.shard import shard_model
-    shard_model(model, mesh)
+  model = from_params(cfg, params, dtype=parse_dtype(dtype), palu=palu,
+                      mesh=mesh)
   return model, load_tokenizer_for(src)
 
 

@@ -86,7 +86,7 @@ def compress_checkpoint(src: str, out_dir: str,
     if tok is None:
       raise PaluError(f"{src}: calibration needs the model's tokenizer, and "
                       "none was found next to the checkpoint")
-    model = from_params(cfg, base, dtype=parse_dtype(dtype))
+    model = from_params(cfg, base, dtype=parse_dtype(dtype), mesh=mesh)
     stats = calibrate(model, tok, calib, fisher=method.needs_fisher(comp),
                       cache_dir=cache_dir, progress=progress,
                       data_dir=data_dir, mesh=mesh)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -182,15 +183,17 @@ class Transformer(nnx.Module):
     return self.logits(x), cache
 
 
-def _nest(flat: Mapping[str, np.ndarray], dtype) -> dict:
-  """{'layers.0.attn.q_proj.kernel': a} -> {'layers': {0: {...}}}."""
+def _nest(flat: Mapping[str, np.ndarray], dtype, place=None) -> dict:
+  """{'layers.0.attn.q_proj.kernel': a} -> {'layers': {0: {...}}};
+  place(key, array) puts each on its devices (default: jnp.asarray)."""
   out: dict = {}
   for key, value in flat.items():
     node = out
     parts = [int(p) if p.isdigit() else p for p in key.split(".")]
     for p in parts[:-1]:
       node = node.setdefault(p, {})
-    node[parts[-1]] = jnp.asarray(value, dtype=dtype)
+    node[parts[-1]] = (jnp.asarray(value, dtype=dtype) if place is None
+                       else place(key, value))
   return out
 
 
@@ -210,10 +213,12 @@ def _check_shapes(params: Mapping[str, np.ndarray], state) -> None:
 
 
 def from_params(cfg: ModelConfig, params: Mapping[str, np.ndarray], *,
-                dtype=jnp.bfloat16, palu: PaluConfig | None = None
-                ) -> Transformer:
+                dtype=jnp.bfloat16, palu: PaluConfig | None = None,
+                mesh=None) -> Transformer:
   """Builds a Transformer holding `params` (canonical flat keys) in `dtype`;
-  `palu` for a compressed model's parameters."""
+  `palu` for a compressed model's parameters. With `mesh`, each parameter
+  goes from the host straight into its shards (its logical axes on the
+  mesh), so no device holds a full copy of a sharded weight."""
   if palu is None:
     keymap.check_params(params, cfg.to_dict(), None)
   abstract = nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype,
@@ -221,8 +226,20 @@ def from_params(cfg: ModelConfig, params: Mapping[str, np.ndarray], *,
   graphdef, state = nnx.split(abstract)
   if palu is not None:
     _check_shapes(params, state)
+  place = None
+  if mesh is not None:
+    from palu_jax.sharding.shard import put, variable_sharding
+    where = {".".join(map(str, k)): variable_sharding(v, mesh)
+             for k, v in nnx.to_flat_state(state)}
+
+    def place(key, value):
+      if key not in where:            # named by the fit check below
+        return jnp.asarray(value, dtype=dtype)
+      if isinstance(value, jax.Array):
+        return put(value.astype(dtype), where[key])
+      return put(np.asarray(value).astype(dtype), where[key])
   try:
-    state.replace_by_pure_dict(_nest(params, dtype))
+    state.replace_by_pure_dict(_nest(params, dtype, place))
   except (KeyError, ValueError) as e:
     raise CheckpointError(None, f"parameters do not fit the model: {e}") from e
   return nnx.merge(graphdef, state)

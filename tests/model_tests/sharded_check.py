@@ -163,6 +163,19 @@ def orbax_round_trip():
           for k, v in nnx.to_flat_state(nnx.state(model))}
   saved_spec = list(flat["layers.0.attn.k_down"].sharding.spec)
   res = {"saved_k_down_spec": saved_spec}
+  # from host arrays straight into shards (a source that is not a model
+  # directory: `from_params(..., mesh=)`)
+  from palu_jax.model import from_params
+  host = {k: np.asarray(v) for k, v in flat.items()}
+  placed = from_params(CFG, host, dtype=jnp.float32, palu=pc,
+                       mesh=make_mesh("model=8"))
+  got = {".".join(map(str, k)): v.get_value()
+         for k, v in nnx.to_flat_state(nnx.state(placed))}
+  res["from_params"] = {
+      "max_abs_diff": max(float(np.max(np.abs(np.asarray(got[k]) - host[k])))
+                          for k in host),
+      "q_shard": list(got["layers.0.attn.q_proj.kernel"]
+                      .addressable_shards[0].data.shape)}
   with tempfile.TemporaryDirectory() as tmp:
     path = save_model(os.path.join(tmp, "m"), CFG, flat,
                       meta={"kind": "palu", "palu": pc.to_dict()})

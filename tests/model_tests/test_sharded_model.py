@@ -120,6 +120,9 @@ def test_orbax_round_trip_onto_another_mesh(results):
   assert r["data=8"]["k_down_spec"] == [None, None]       # replicated
   for spec in ("model=8", "data=8"):
     assert r[spec]["same_keys"] and r[spec]["max_abs_diff"] == 0.0
+  # host arrays into shards: q_proj [64, 128] over model=8
+  assert r["from_params"]["max_abs_diff"] == 0.0
+  assert r["from_params"]["q_shard"] == [64, 16]
 
 
 def test_logical_axes_are_on_every_weight():
