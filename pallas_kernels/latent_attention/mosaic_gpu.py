@@ -6,10 +6,10 @@ kernel; `rope=False`: B_k folded into the query). Per CTA, three warpgroups:
   memory WG   TMA producer: the loop invariants once (B_k or the absorbed
               query, queries, RoPE frequencies, key bias), then the latent
               tiles into two rings of `stages` shared-memory slots, keys
-              (h_k [bs, R_k] and the tile's cos/sin row) and values (h_v
+              (h_k [bs, R_k] and the tile's cos/sin rows) and values (h_v
               [bs, R_v]), each slot guarded by a produced and a consumed
-              barrier. A key slot is released as soon as its tile's first
-              wgmma has read it, a value slot at the tile's end, and keys
+              barrier. A key slot is released as soon as its tile's last
+              rebuild has read it, a value slot at the tile's end, and keys
               are loaded one tile ahead of values.
   compute WGs two of them, taking alternate tiles (WG w: tiles w, w+2, …),
               each with its own online softmax; they write separate partials,
@@ -19,19 +19,24 @@ kernel; `rope=False`: B_k folded into the query). Per CTA, three warpgroups:
               one scratch buffer per kernel, which two WGs reducing at once
               would race on (seen on the H200: wrong sums, 1-60 % of outputs).
 
-Per tile, with positions as wgmma rows (M = bs) and the few query heads as
-columns (N = 8·⌈Q/8⌉), so no tensor-core work is spent on padding rows:
+A tile is bs = 64 or 128 positions (`choose_config`: 128 where two ring
+slots of it fit). Per sub-tile of 64 positions, with positions as wgmma
+rows (M = 64) and the few query heads as columns (N = 8·⌈Q/8⌉), so no
+tensor-core work is spent on padding rows:
   RoPE:    K = h_k·B_k                        (one wgmma, N = H, f32)
            round to float16 once, rotate the halves by the angles
            (s0 + i)·θ in packed f16 registers  (`rotation_dtype`)
            Sᵀ = K_rot·qᵀ                       (wgmma, A from registers)
   no RoPE: Sᵀ = h_k·q'ᵀ                       (wgmma, q' = q·B_kᵀ/√H)
-  then     m, l, P = online softmax over the bs rows (f32)
-           Pᵀ → shared memory (bf16/fp16), acc += h_vᵀ·P  (wgmma, [R_v, N])
+and per tile (one update for all its sub-tiles):
+           m, l, P = online softmax over the bs rows (f32)
+           Pᵀ → shared memory (bf16/fp16), acc += h_vᵀ·P  (wgmma, [R_v, N],
+           K = bs)
 
-The rotation angle of row i of a tile starting at s0 is s0·θ + i·θ: cos/sin
-of i·θ are computed once per WG, those of s0·θ per tile on one row vector
-(an XLA table), and the two are combined by the angle-sum identities.
+The rotation angle of row i of a sub-tile starting at s0 is s0·θ + i·θ:
+cos/sin of i·θ are computed once per WG, those of s0·θ per sub-tile on one
+row vector (an XLA table), and the two are combined by the angle-sum
+identities.
 
 Grid: (X, P, B) with X = G·J KV heads (RoPE: one CTA per KV head, so its B_k
 slice stays resident) or G groups (no RoPE), P sequence splits. The 2·P
