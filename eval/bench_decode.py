@@ -15,6 +15,7 @@ and SmolLM2's GGUF is not on the GPU machine); shapes are exact.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import platform
@@ -140,25 +141,45 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype) -> int:
   return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
 
 
-def bench_one(model, graphdef, state, *, batch, ctx, steps, repeats, bw):
+def per_device_bytes(tree) -> int:
+  """Bytes the first device holds of a pytree of (sharded) arrays."""
+  dev = jax.devices()[0]
+  return sum(s.data.nbytes for x in jax.tree_util.tree_leaves(tree)
+             for s in x.addressable_shards if s.device == dev)
+
+
+def bench_one(model, graphdef, state, *, batch, ctx, steps, repeats, bw,
+              mesh=None):
+  """Times the jitted decode loop. With `mesh`, the parameters and the
+  cache are sharded on it (`palu_jax.sharding.shard`) and the loop is
+  traced under it (the latent kernels then run per device)."""
   cfg = model.cfg
   if steps % CHUNK:
     raise ValueError(f"--steps must be a multiple of {CHUNK}")
   cache = _random_cache(model, batch=batch, max_len=cache_len(ctx, steps))
+  scope = contextlib.nullcontext()
+  if mesh is not None:
+    from palu_jax.sharding.shard import cache_shardings, put, shard_state
+    state = shard_state(state, mesh)
+    cache = jax.tree.map(put, cache, cache_shardings(cache, mesh))
+    scope = jax.set_mesh(mesh)
   def fresh(cache):  # new arrays each time: the loop state is donated
     return DecodeState(
         cache=cache.replace(lengths=jnp.full((batch,), ctx, jnp.int32)),
         tokens=jnp.zeros((batch, steps + CHUNK), jnp.int32),
         last=jnp.arange(batch, dtype=jnp.int32) + 5, step=jnp.int32(0),
         done=jnp.zeros((batch,), bool), key=jax.random.key(0))
-  t0 = time.perf_counter()
-  holder = [_decode(graphdef, state, fresh(cache), steps=steps)]  # compile
-  jax.block_until_ready(holder[0])
-  first_s = time.perf_counter() - t0
-  def run():
-    holder[0] = _decode(graphdef, state, fresh(holder[0].cache), steps=steps)
-    jax.block_until_ready(holder[0].tokens)
-  seconds = _time(run, repeats)
+  with scope:
+    t0 = time.perf_counter()
+    holder = [_decode(graphdef, state, fresh(cache), steps=steps)]  # compile
+    jax.block_until_ready(holder[0])
+    first_s = time.perf_counter() - t0
+
+    def run():
+      holder[0] = _decode(graphdef, state, fresh(holder[0].cache),
+                          steps=steps)
+      jax.block_until_ready(holder[0].tokens)
+    seconds = _time(run, repeats)
   step_s = seconds / steps
   w_bytes = weight_read_bytes(model)
   kv_bytes = batch * (ctx + steps / 2) * kv_bytes_per_token(cfg, model.dtype)
@@ -173,6 +194,8 @@ def bench_one(model, graphdef, state, *, batch, ctx, steps, repeats, bw):
       "frac_of_weight_kv_bound": ((w_bytes + kv_bytes) / bw) / step_s,
       "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
       "first_call_s": first_s,
+      "weight_bytes_per_device": per_device_bytes(state),
+      "cache_bytes_per_device": per_device_bytes(holder[0].cache),
   }
 
 

@@ -78,7 +78,15 @@ def main(argv=None) -> int:
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--out", default=os.path.join("eval", "results"))
   ap.add_argument("--name", default="bench_e2e")
+  ap.add_argument("--mesh", default=None,
+                  help="shard parameters and caches on data=D,model=M "
+                  "devices [one device; eval/bench_sharded.py compares "
+                  "meshes]")
   args = ap.parse_args(argv)
+  mesh = None
+  if args.mesh:
+    from palu_jax.sharding.mesh import make_mesh, spec_devices
+    mesh = make_mesh(args.mesh, jax.devices()[:spec_devices(args.mesh)])
   cfg = SHAPES[args.model]
   device = jax.devices()[0]
   limit = (device.memory_stats() or {}).get("bytes_limit", 0)
@@ -128,7 +136,7 @@ def main(argv=None) -> int:
           try:
             row.update(bench_one(model, graphdef, state, batch=batch,
                                  ctx=ctx, steps=args.steps,
-                                 repeats=args.repeats, bw=bw))
+                                 repeats=args.repeats, bw=bw, mesh=mesh))
           except jax.errors.JaxRuntimeError as e:
             row["note"] = f"failed: {str(e).splitlines()[0][:100]}"
           row["wall_s"] = time.perf_counter() - t0

@@ -26,64 +26,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from eval.bench_decode import (SHAPES, _decode, _random_cache, _time,
-                               cache_len)
+from eval.bench_decode import SHAPES, bench_one, cache_len, measure_bandwidth
 from eval.bench_e2e import VARIANTS, build, palu_config
 from eval.plots import plot_results
 from eval.report import markdown_table, write_results
-from palu_jax.generate import CHUNK, DecodeState
 from palu_jax.sharding.mesh import make_mesh, spec_devices
-from palu_jax.sharding.shard import cache_shardings, put, shard_state
-
-
-def _per_device_bytes(tree) -> int:
-  """Bytes the first device holds of a pytree of (sharded) arrays."""
-  dev = jax.devices()[0]
-  total = 0
-  for x in jax.tree_util.tree_leaves(tree):
-    for s in x.addressable_shards:
-      if s.device == dev:
-        total += s.data.nbytes
-  return total
-
-
-def time_decode(model, *, mesh, batch: int, ctx: int, steps: int,
-                repeats: int) -> dict:
-  """ms per decode step of `model` (unsharded when mesh is None)."""
-  graphdef, state = nnx.split(model)
-  cache = _random_cache(model, batch=batch, max_len=cache_len(ctx, steps))
-  if mesh is not None:
-    state = shard_state(state, mesh)
-    cache = jax.tree.map(put, cache, cache_shardings(cache, mesh))
-
-  def fresh(cache):  # the loop state is donated: new arrays each time
-    return DecodeState(
-        cache=cache.replace(lengths=jnp.full((batch,), ctx, jnp.int32)),
-        tokens=jnp.zeros((batch, steps + CHUNK), jnp.int32),
-        last=jnp.arange(batch, dtype=jnp.int32) + 5, step=jnp.int32(0),
-        done=jnp.zeros((batch,), bool), key=jax.random.key(0))
-  ctx_mgr = jax.set_mesh(mesh) if mesh is not None else _null()
-  with ctx_mgr:
-    holder = [_decode(graphdef, state, fresh(cache), steps=steps)]
-    jax.block_until_ready(holder[0])
-
-    def run():
-      holder[0] = _decode(graphdef, state, fresh(holder[0].cache),
-                          steps=steps)
-      jax.block_until_ready(holder[0].tokens)
-    seconds = _time(run, repeats)
-  return {"ms_per_step": 1e3 * seconds / steps,
-          "tokens_per_s": batch * steps / seconds,
-          "weight_bytes_per_device": _per_device_bytes(state),
-          "cache_bytes_per_device": _per_device_bytes(holder[0].cache)}
-
-
-class _null:
-  def __enter__(self):
-    return None
-
-  def __exit__(self, *exc):
-    return False
 
 
 def main(argv=None) -> int:
@@ -103,6 +50,7 @@ def main(argv=None) -> int:
   cfg = SHAPES[args.model]
   devices = jax.devices()
   limit = (devices[0].memory_stats() or {}).get("bytes_limit", 0)
+  bw = measure_bandwidth(1.0)["reference"]      # for bench_one's fractions
   rows: list[dict] = []
   cols = ["variant", "mesh", "devices", "batch", "context", "ms_per_step",
           "tokens_per_s", "vs_unsharded", "scaling_efficiency",
@@ -139,9 +87,10 @@ def main(argv=None) -> int:
              "device": devices[0].device_kind}
       t0 = time.perf_counter()
       try:
-        row.update(time_decode(model, mesh=mesh, batch=args.batch,
-                               ctx=args.context, steps=args.steps,
-                               repeats=args.repeats))
+        graphdef, state = nnx.split(model)
+        row.update(bench_one(model, graphdef, state, batch=args.batch,
+                             ctx=args.context, steps=args.steps,
+                             repeats=args.repeats, bw=bw, mesh=mesh))
       except jax.errors.JaxRuntimeError as e:
         row["note"] = f"failed: {str(e).splitlines()[0][:100]}"
       row["wall_s"] = time.perf_counter() - t0
