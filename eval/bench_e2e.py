@@ -34,13 +34,17 @@ from palu_jax.model import Transformer
 GROUP = 4
 
 
-def palu_config(cfg, ratio: float, bits: int, group: int = GROUP
-                ) -> PaluConfig:
+def palu_config(cfg, ratio: float, bits: int, group: int = GROUP,
+                shared: bool = False) -> PaluConfig:
+  """Uniform ranks keeping 1 - ratio of each group's key/value width;
+  shared: one latent of twice the rank for keys and values (the default
+  compression of small models such as SmolLM2-135M)."""
   size = min(group, cfg.n_kv_heads)
-  rank = int(round((1 - ratio) * size * cfg.head_dim / 16)) * 16
+  width = (2 if shared else 1) * size * cfg.head_dim
+  rank = int(round((1 - ratio) * width / 16)) * 16
   ranks = ((rank,) * (cfg.n_kv_heads // size),) * cfg.n_layers
   return PaluConfig(group_size=size, k_ranks=ranks, v_ranks=ranks,
-                    kv_bits=bits, quant_group=32)
+                    kv_bits=bits, quant_group=32, shared_kv=shared)
 
 
 VARIANTS = {
@@ -51,6 +55,8 @@ VARIANTS = {
     "palu50_int4": (0.5, 4),
     "palu50_g1": (0.5, 16, 1),
     "palu50_int4_g1": (0.5, 4, 1),
+    # all KV heads of a layer in one shared latent (SmolLM2's default)
+    "palu50_shared": (0.5, 16, 1024, True),
 }
 
 

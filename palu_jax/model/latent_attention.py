@@ -225,12 +225,17 @@ class LatentAttention(nnx.Module):
         mixed = _dense_causal_attention(qg, keys, hv[..., lo:hi], impl)
       if mixed is None:
         probs = causal_probs(qg, keys, q_pos)                # [B,K,G,T,S]
-        p_hi, p_lo = split_hi_lo(probs, hv.dtype)
+        values = hv[..., lo:hi]
+        if jax.default_backend() == "cpu":
+          # XLA:CPU runs no batched 16-bit x 16-bit -> f32 dot outside a
+          # fusion ("Unsupported element type for DotThunk"): mix in f32
+          values = values.astype(jnp.float32)
+        p_hi, p_lo = split_hi_lo(probs, values.dtype)
         mix = functools.partial(jnp.einsum, "BKGTS,BSR->BTKGR",
                                 preferred_element_type=jnp.float32)
-        mixed = mix(p_hi, hv[..., lo:hi])
+        mixed = mix(p_hi, values)
         if p_lo is not None:
-          mixed = mixed + mix(p_lo, hv[..., lo:hi])
+          mixed = mixed + mix(p_lo, values)
         mixed = mixed.reshape(b, t, heads, hi - lo).astype(x.dtype)
       out = out + jnp.einsum("BTNR,RND->BTD", mixed, self.o_latent[lo:hi],
                              preferred_element_type=jnp.float32)

@@ -1,5 +1,6 @@
 """Palu latent-cache model against the dense model it was folded from."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -160,3 +161,29 @@ def test_unsupported_prefill_implementation_falls_back(caplog):
   palu_model.set_attention_implementation("xla", prefill="flash")
   with pytest.raises(ValueError, match="prefill_implementation"):
     palu_model(tokens)
+
+
+@pytest.mark.parametrize("bits", [16, 4])
+def test_bfloat16_palu_model_generates_on_cpu(bits):
+  """A bf16 compressed model decodes on the CPU (XLA:CPU has no batched
+  bf16 x bf16 -> f32 dot outside a fusion; the jnp mix runs in f32 there),
+  and its logits follow the float32 model's to bf16 precision."""
+  from flax import nnx
+  from palu_jax.config import ModelConfig, PaluConfig
+  from palu_jax.generate import Generator
+  from palu_jax.model import Transformer
+  cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4,
+                    n_kv_heads=2, head_dim=8, hidden_dim=64, max_seq_len=64)
+  ranks = ((8,),) * 2
+  palu = PaluConfig(group_size=2, k_ranks=ranks, v_ranks=ranks, kv_bits=bits,
+                    quant_group=8)
+  f32 = Transformer(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0), palu=palu)
+  _, state = nnx.split(f32)
+  bf16 = Transformer(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), palu=palu)
+  nnx.update(bf16, jax.tree.map(lambda x: x.astype(jnp.bfloat16), state))
+  ids = Generator(bf16).generate_ids([[1, 2, 3], [4, 5]], max_new_tokens=5)
+  assert [len(x) for x in ids] == [5, 5]
+  tokens = jnp.asarray([[1, 2, 3, 4, 5, 6]], jnp.int32)
+  want = np.asarray(f32(tokens)[0])
+  got = np.asarray(bf16(tokens)[0])
+  assert np.max(np.abs(got - want)) < 0.05 * np.max(np.abs(want))
