@@ -71,15 +71,11 @@ def _load_sharded(path: str, dtype, mesh) -> Transformer:
   """A model directory restored into the shards its parameters' logical
   axes give on `mesh`."""
   from flax import nnx
-  from palu_jax.sharding.shard import variable_sharding
+  from palu_jax.sharding.shard import flat_shardings
   cfg, meta = read_model_config(path)
   palu = _palu_of(meta, path)
   abstract = nnx.eval_shape(lambda: Transformer(
       cfg, dtype=dtype, rngs=nnx.Rngs(0), palu=palu))
-  _, state = nnx.split(abstract)
-  shardings = {}
-  for keys, var in nnx.to_flat_state(state):
-    name = ".".join(map(str, keys))
-    shardings[name] = variable_sharding(var, mesh, name=name)
-  _, params, _ = load_model_dir(path, shardings=shardings)
+  _, params, _ = load_model_dir(
+      path, shardings=flat_shardings(nnx.state(abstract), mesh))
   return from_params(cfg, params, dtype=dtype, palu=palu)

@@ -111,17 +111,19 @@ class LoraTrainer:
     self.cfg, self.lora, self.train = cfg, lora, train
     self.targets = find_targets(params, lora)
     self.dtype = parse_dtype(train.compute_dtype)
-    model = from_params(cfg, params, dtype=self.dtype, palu=palu)
+    # with a mesh, each weight goes from the host straight into its shards
+    model = from_params(cfg, params, dtype=self.dtype, palu=palu, mesh=mesh)
     self._graphdef, self._state = nnx.split(model)
-    self._base = {n: jnp.asarray(params[n], jnp.float32) for n in self.targets}
     self._place = jnp.asarray
-    if mesh is not None:
+    if mesh is None:
+      self._base = {n: jnp.asarray(params[n], jnp.float32)
+                    for n in self.targets}
+    else:
       from palu_jax.sharding.mesh import named_sharding
-      from palu_jax.sharding.shard import put, shard_state, variable_sharding
-      where = {".".join(map(str, k)): variable_sharding(v, mesh)
-               for k, v in nnx.to_flat_state(self._state)}
-      self._state = shard_state(self._state, mesh)
-      self._base = {n: put(w, where[n]) for n, w in self._base.items()}
+      from palu_jax.sharding.shard import flat_shardings, put
+      where = flat_shardings(self._state, mesh)
+      self._base = {n: put(np.asarray(params[n], np.float32), where[n])
+                    for n in self.targets}
       self._place = lambda micro: put(micro, named_sharding(
           (None, "batch", None), micro.shape, mesh, name="LoRA micro-batch"))
     schedule = optax.warmup_cosine_decay_schedule(

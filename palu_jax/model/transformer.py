@@ -228,9 +228,8 @@ def from_params(cfg: ModelConfig, params: Mapping[str, np.ndarray], *,
     _check_shapes(params, state)
   place = None
   if mesh is not None:
-    from palu_jax.sharding.shard import put, variable_sharding
-    where = {".".join(map(str, k)): variable_sharding(v, mesh)
-             for k, v in nnx.to_flat_state(state)}
+    from palu_jax.sharding.shard import flat_shardings, put
+    where = flat_shardings(state, mesh)
 
     def place(key, value):
       if key not in where:            # named by the fit check below

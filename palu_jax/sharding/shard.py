@@ -21,7 +21,7 @@ import dataclasses
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from palu_jax.model.cache import Cache, LayerKV, LayerLatent, LayerQuantLatent
 from palu_jax.sharding.mesh import named_sharding
@@ -40,13 +40,14 @@ def variable_sharding(var: nnx.Variable, mesh: Mesh, *, name: str = "param"
   return named_sharding(axes, shape, mesh, name=name)
 
 
-def state_shardings(state, mesh: Mesh):
-  """The state's pytree with each Variable replaced by its NamedSharding
-  (for jit's in/out_shardings or `jax.device_put`)."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, v: variable_sharding(v, mesh,
-                                        name=jax.tree_util.keystr(path)),
-      state, is_leaf=_is_variable)
+def flat_shardings(state, mesh: Mesh) -> dict[str, NamedSharding]:
+  """{flat parameter name ('layers.0.attn.k_down', the checkpoint keys):
+  its NamedSharding} for every Variable of `state` (abstract or not)."""
+  out = {}
+  for keys, var in nnx.to_flat_state(state):
+    name = ".".join(map(str, keys))
+    out[name] = variable_sharding(var, mesh, name=name)
+  return out
 
 
 def put(x, sharding: NamedSharding):
@@ -78,13 +79,6 @@ def shard_state(state, mesh: Mesh):
       lambda path, v: v.replace(put(v.get_value(), variable_sharding(
           v, mesh, name=jax.tree_util.keystr(path)))),
       state, is_leaf=_is_variable)
-
-
-def shard_model(model, mesh: Mesh):
-  """The model's parameters placed on `mesh` (in place; returns model)."""
-  _, state = nnx.split(model)
-  nnx.update(model, shard_state(state, mesh))
-  return model
 
 
 def _latent(x, mesh, name) -> NamedSharding:
@@ -125,10 +119,6 @@ def batch_sharding(shape, mesh: Mesh, *, name: str) -> NamedSharding:
   """Inputs [B, ...] (prompts, lengths): batch over "data"."""
   return named_sharding(("batch",) + (None,) * (len(shape) - 1), shape,
                         mesh, name=name)
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, PartitionSpec())
 
 
 def batch_placer(mesh: Mesh | None, *, name: str):
