@@ -167,7 +167,7 @@ def palu_flops(spec: LatentSpec, batch: int, ctx: int, rope: bool) -> float:
 
 def run(shapes, batches, contexts, ratios, bits_list, *, tune: bool,
         save, groups=(GROUP,), backends=("mosaic_gpu", "triton"),
-        shared: bool = False) -> list[dict]:
+        shared: bool = False, rope_modes: tuple = ()) -> list[dict]:
   rows: list[dict] = []
   for shape_name in shapes:
     n_heads, n_kv, h = SHAPES[shape_name]
@@ -219,7 +219,8 @@ def run(shapes, batches, contexts, ratios, bits_list, *, tune: bool,
                     + ("" if bits == 16 else f"_int{bits}")
                     + ("" if group == GROUP else f"_g{group}")
                     + ("_shared" if shared else ""))
-            configs = _configs(backend, spec, batch, ctx, rope, tune)
+            configs = _configs(backend, spec, batch, ctx, rope, tune,
+                               rope_modes)
             best = None
             for cfg in configs:
               fn = functools.partial(
@@ -231,6 +232,9 @@ def run(shapes, batches, contexts, ratios, bits_list, *, tune: bool,
               r["rank"] = spec.k_rank
               r["group"] = group
               r["backend"] = backend
+              if len(configs) > 1:      # every config timed, in the log
+                print(f"  {name} {backend} {r['config']}: {r['us']} us",
+                      flush=True)
               if best is None or (r["us"] or 1e30) < (best["us"] or 1e30):
                 best = r
             if best is not None:
@@ -259,9 +263,11 @@ def _palu_call(q, hk, hv, k_up, lengths, *, spec, inv, config, backend):
                                  config=config)
 
 
-def _configs(backend, spec, batch, ctx, rope, tune) -> list:
+def _configs(backend, spec, batch, ctx, rope, tune, rope_modes=()) -> list:
   """Launch configs to time for one backend (the chosen one first); none
-  when the Mosaic GPU kernel cannot take the shape (Triton's row stands)."""
+  when the Mosaic GPU kernel cannot take the shape (Triton's row stands).
+  `rope_modes`: also time the chosen Mosaic GPU config with each of these
+  RoPE scoring modes ("rebuild", "fold")."""
   if backend == "triton":
     base = choose_config(spec, batch=batch, cache_len=ctx, rope=rope)
     return [base] + (_tune_grid(base) if tune else [])
@@ -269,6 +275,11 @@ def _configs(backend, spec, batch, ctx, rope, tune) -> list:
   if mosaic_gpu.unsupported_reason(spec, DTYPE, ctx, rope, base):
     return []
   out = [base]
+  for mode in rope_modes if rope else ():
+    c = dataclasses.replace(base, rope_mode=mode)
+    if c not in out and mosaic_gpu.unsupported_reason(
+        spec, DTYPE, ctx, rope, c) is None:
+      out.append(c)
   if tune:
     for bs in (64, 128):
       for stages in (2, 4):
@@ -296,7 +307,8 @@ def _tune_grid(base):
 
 def _cfg_str(c) -> str:
   if isinstance(c, mosaic_gpu.MosaicConfig):
-    return f"bs={c.block_s} P={c.splits} stages={c.stages}"
+    return (f"bs={c.block_s} P={c.splits} stages={c.stages}"
+            + (f" {c.rope_mode}" if c.rope_mode != "rebuild" else ""))
   return f"bs={c.block_s} P={c.splits} w={c.num_warps} st={c.num_stages}"
 
 
@@ -346,6 +358,10 @@ def main(argv=None) -> int:
                   "the rank; variant suffix _shared)")
   ap.add_argument("--tune", action="store_true",
                   help="also sweep block size / warps / stages / splits")
+  ap.add_argument("--rope-modes", nargs="+", default=[],
+                  choices=["rebuild", "fold"],
+                  help="also time the Mosaic GPU RoPE kernel with these "
+                  "scoring modes (the fastest row is kept; all are logged)")
   ap.add_argument("--name", default="bench_kernels")
   ap.add_argument("--out", default=os.path.join("eval", "results"))
   args = ap.parse_args(argv)
@@ -372,7 +388,8 @@ def main(argv=None) -> int:
 
   run(args.shapes, args.batches, args.contexts, args.ratios, args.bits,
       tune=args.tune, save=save, groups=args.groups,
-      backends=tuple(args.backends), shared=args.shared)
+      backends=tuple(args.backends), shared=args.shared,
+      rope_modes=tuple(args.rope_modes))
   return 0
 
 

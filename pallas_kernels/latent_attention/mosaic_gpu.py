@@ -77,6 +77,13 @@ class MosaicConfig:
   # after the rebuild; q passed as f16): half the registers of f32 and
   # two elements per instruction. "float32" rotates in f32 and rounds after.
   rotation_dtype: str = "float16"
+  # RoPE scores: "rebuild" keys per KV head (K = h_k·B_k, rotate, Sᵀ =
+  # K_rot·qᵀ: the tensor work serves every query head of the KV head), or
+  # "fold" each query into B_k (U = B_k ⊙ q per rotation pair, [C|D] =
+  # h_k·U, s = Σ_i cos·C + sin·D in f32: no key conversion, no score
+  # wgmma, but q_per_kv times the tensor work). `choose_config` folds when
+  # a KV head serves one query head.
+  rope_mode: str = "rebuild"
   # Mosaic GPU's in-kernel profiler (eval/profile_kernel.py): the named
   # stages of each tile (`jax.named_scope` below) timed in SM cycles per
   # warpgroup, at most `profile_space` ranges each, written as a trace
@@ -134,6 +141,8 @@ def unsupported_reason(spec: LatentSpec, dtype, cache_len: int, rope: bool,
             f"{config.block_s})")
   if config.rotation_dtype not in ("float16", "float32"):
     return f"rotation_dtype {config.rotation_dtype!r} (float16 or float32)"
+  if config.rope_mode not in ("rebuild", "fold"):
+    return f"rope_mode {config.rope_mode!r} (rebuild or fold)"
   if config.stages % 2:
     return f"stages {config.stages} (needs an even number)"
   if smem_bytes(spec, rope, config) > SMEM_BYTES:
@@ -147,7 +156,11 @@ def smem_bytes(spec: LatentSpec, rope: bool, config: MosaicConfig) -> int:
   bs, nq = config.block_s, query_cols(spec, rope)
   ring = bs * (spec.k_rank + (0 if spec.shared else spec.v_rank))
   fixed = COMPUTE_WGS * nq * bs                          # Pᵀ per WG
-  if rope:
+  if rope and config.rope_mode == "fold":
+    hh, qk = spec.head_dim // 2, spec.q_per_kv
+    fixed += qk * spec.k_rank * 2 * hh + (1 + 2 * qk) * hh * 2  # U, f32s
+    fixed += config.stages * (bs // SUB) * 2 * hh * 2  # cos/sin rows (f32)
+  elif rope:
     hh = spec.head_dim // 2
     fixed += 2 * spec.k_rank * hh + 2 * nq * hh + 3 * hh * 2  # B, q, f32s
     fixed += config.stages * (bs // SUB) * 2 * hh * 2  # cos/sin rows (f32)
@@ -163,9 +176,12 @@ def choose_config(spec: LatentSpec, *, batch: int, cache_len: int, rope: bool,
   then serve twice the rows; eval/results/profile_kernel_h200.md), else
   64; as many ring slots as fit (≤ 4); splits so that the grid fills the
   GPU in one wave at most (one CTA per SM: the ring takes its shared
-  memory), each split still walking ≥ 4 tiles per compute WG."""
+  memory), each split still walking ≥ 4 tiles per compute WG. RoPE scores
+  fold the query into B_k where a KV head serves one query head (the same
+  tensor work as a rebuild, without the key conversion and score wgmma)."""
+  mode = "fold" if rope and spec.q_per_kv == 1 else "rebuild"
   fits = lambda bs, st: smem_bytes(spec, rope, MosaicConfig(
-      block_s=bs, stages=st)) <= SMEM_BYTES
+      block_s=bs, stages=st, rope_mode=mode)) <= SMEM_BYTES
   bs = 2 * SUB if cache_len % (2 * SUB) == 0 and fits(2 * SUB, 2) else SUB
   stages = 4
   while stages > 2 and not fits(bs, stages):
@@ -176,7 +192,8 @@ def choose_config(spec: LatentSpec, *, batch: int, cache_len: int, rope: bool,
   # second, nearly empty wave (Llama-2-7B G-LRD-4, batch 1, on the H200)
   want = max(1, n_sms // programs)
   splits = max(1, min(want, tiles // (4 * COMPUTE_WGS)))
-  return MosaicConfig(block_s=bs, stages=stages, splits=splits)
+  return MosaicConfig(block_s=bs, stages=stages, splits=splits,
+                      rope_mode=mode)
 
 
 # ------------------------------------------------ plain math the kernel uses
@@ -191,6 +208,20 @@ def angle_sum(cos_i, sin_i, c0, z0):
 def rotate_halves(k1, k2, cos, sin):
   """RoPE in the rotate-half layout on the two halves of a key."""
   return k1 * cos - k2 * sin, k2 * cos + k1 * sin
+
+
+def folded_scores(c, d, cos_i, sin_i, c0, z0):
+  """RoPE scores from a query folded into B_k (`rope_mode="fold"`).
+
+  c, d [rows, H/2]: h_k·U and h_k·V, where U[r, i] = B1[r, i]·q1_i +
+  B2[r, i]·q2_i and V[r, i] = B1[r, i]·q2_i − B2[r, i]·q1_i (rotate-half
+  halves of B_k and of the rotated query). With the key angle
+  (s0 + row)·θ_i = a + b split into the row's (cos_i, sin_i) and the
+  sub-tile start's (c0, z0):  q·rot(k) = Σ_i cos(a+b)·c_i + sin(a+b)·d_i
+  = Σ_i cos_i·(c0·c + z0·d) + sin_i·(c0·d − z0·c). Returns [rows]."""
+  e = c * c0 + d * z0
+  f = d * c0 - c * z0
+  return (cos_i * e + sin_i * f).sum(axis=1)
 
 
 def softmax_step(m, l, blocks):
@@ -210,7 +241,12 @@ def softmax_step(m, l, blocks):
 
 def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
             config: MosaicConfig, span: int, nq: int, dtype, has_bias: bool):
-  if rope:
+  fold = rope and config.rope_mode == "fold"
+  if fold:
+    (u_g, vec_g, base_g, acc_o, m_o, l_o, u_s, vec_s, base_s, hk_s, hv_s,
+     p_s, setup_bar, kprod_bar, vprod_bar, kcons_bar, vcons_bar,
+     turn_bar) = rest
+  elif rope:
     (bk_g, q_g, vec_g, base_g, acc_o, m_o, l_o, b_s, q_s, vec_s, base_s,
      hk_s, hv_s, p_s, setup_bar, kprod_bar, vprod_bar,
      kcons_bar, vcons_bar, turn_bar) = rest
@@ -240,11 +276,12 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
     plgpu.barrier_wait(setup_bar.at[0])
     if rope:
       hh = spec.head_dim // 2
-      rot = jnp.dtype(config.rotation_dtype)
+      # folded scores stay f32 from the accumulator to the row sum
+      rot = jnp.dtype(jnp.float32 if fold else config.rotation_dtype)
       col = lambda k: lax.broadcast_in_dim(
           plgpu.load(k, (), layout=col_layout).astype(rot), (SUB, hh), [1])
       inv = plgpu.load(vec_s.at[0], (), layout=col_layout)
-      if has_bias:
+      if has_bias and not fold:
         kb1, kb2 = col(vec_s.at[1]), col(vec_s.at[2])
       rows = plgpu.broadcasted_iota(jnp.int32, (SUB, hh), 0,
                                     layout=wgmma_layout).astype(jnp.float32)
@@ -264,7 +301,36 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
         rows = pl.ds(j * SUB, SUB)
         # a key slot is free once the tile's last sub-tile has been read
         release_keys = split_rings and j == subs - 1
-        if rope:
+        if fold:
+          c0 = col(base_s.at[slot, j, 0])
+          z0 = col(base_s.at[slot, j, 1])
+          per_query = []
+          for n in range(spec.q_per_kv):
+            # profile names as in "rebuild": the tensor-core stage, then
+            # the rotation (here of the products, in f32)
+            with jax.named_scope("rebuild"):
+              def fold_dot(ref, n=n):
+                plgpu.wgmma(ref, hk_s.at[slot, rows], u_s.at[n])
+                return ref[...]
+              cd = pl.run_scoped(fold_dot,
+                                 plgpu.ACC((SUB, 2 * hh), jnp.float32))
+              if release_keys and n == spec.q_per_kv - 1:
+                plgpu.barrier_arrive(kcons_bar.at[slot])
+            with jax.named_scope("rope"):
+              c, d = cd[:, :hh], cd[:, hh:]
+              if has_bias:
+                c = c + col(vec_s.at[1 + 2 * n])
+                d = d + col(vec_s.at[2 + 2 * n])
+              per_query.append(folded_scores(c, d, cos_i, sin_i, c0, z0))
+          # query n's scores (one per row) into column n of [SUB, nq]
+          widen = lambda v: lax.broadcast_in_dim(v, (SUB, nq), [0])
+          s = widen(per_query[0])
+          if spec.q_per_kv > 1:
+            qcol = plgpu.broadcasted_iota(jnp.int32, (SUB, nq), 1,
+                                          layout=wgmma_layout)
+            for n in range(1, spec.q_per_kv):
+              s = jnp.where(qcol == n, widen(per_query[n]), s)
+        elif rope:
           with jax.named_scope("rebuild"):
             c0 = col(base_s.at[slot, j, 0])
             z0 = col(base_s.at[slot, j, 1])
@@ -359,7 +425,11 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
   @pl.when(wg == COMPUTE_WGS)
   def _memory():
     plgpu.set_max_registers(40, action="decrease")
-    if rope:
+    if fold:
+      for n in range(spec.q_per_kv):   # TMA: at most 5 strided dims
+        plgpu.copy_gmem_to_smem(u_g.at[b, x, n], u_s.at[n], setup_bar.at[0])
+      plgpu.copy_gmem_to_smem(vec_g.at[b, x], vec_s, setup_bar.at[0])
+    elif rope:
       plgpu.copy_gmem_to_smem(bk_g.at[x], b_s, setup_bar.at[0])
       plgpu.copy_gmem_to_smem(q_g.at[b, x], q_s, setup_bar.at[0])
       plgpu.copy_gmem_to_smem(vec_g.at[x], vec_s, setup_bar.at[0])
@@ -433,10 +503,46 @@ def _rope_operands(q: Array, k_up: Array, k_bias: Array | None,
   vecs = jnp.stack([inv, kb[:, :hh], kb[:, hh:]], axis=1)
   bk = k_up.reshape(g, spec.k_rank, j, h).transpose(0, 2, 1, 3)
   bk = bk.reshape(g * j, spec.k_rank, h).astype(dtype)
+  return bk, qh, vecs, _subtile_angles(inv_freq, cache_len)
+
+
+def _subtile_angles(inv_freq: Array, cache_len: int) -> Array:
+  """cos/sin of the first position of each sub-tile of 64 rows
+  [S/64, 2, H/2] (f32, as the model computes its tables: pos·θ in f32)."""
   starts = jnp.arange(0, cache_len, SUB, dtype=jnp.float32)
   angle = starts[:, None] * jnp.asarray(inv_freq, jnp.float32)[None, :]
-  base = jnp.stack([jnp.cos(angle), jnp.sin(angle)], axis=1)
-  return bk, qh, vecs, base
+  return jnp.stack([jnp.cos(angle), jnp.sin(angle)], axis=1)
+
+
+def _fold_operands(q: Array, k_up: Array, k_bias: Array | None,
+                   inv_freq: Array, spec: LatentSpec, dtype):
+  """Queries folded into B_k for `rope_mode="fold"`: q [B, N, H] (rotated)
+  -> U [B, G·J, Q, R_k, H] in dtype, per query head of each KV head the
+  columns [U | V] of `folded_scores` scaled by 1/√H (one rounding, of the
+  f32 product); and the f32 vectors [B, G·J, 1 + 2Q, H/2]: inv_freq, then
+  per query head the key bias folded the same way (its c and d terms)."""
+  g, j, qk, h = spec.groups, spec.kv_per_group, spec.q_per_kv, spec.head_dim
+  hh = h // 2
+  batch = q.shape[0]
+  f32 = jnp.float32
+  qh = q.astype(f32).reshape(batch, g * j, qk, h) * h ** -0.5
+  q1, q2 = qh[..., :hh], qh[..., hh:]
+  bk = k_up.astype(dtype).astype(f32).reshape(g, spec.k_rank, j, h)
+  bk = bk.transpose(0, 2, 1, 3).reshape(g * j, spec.k_rank, h)
+  b1, b2 = bk[..., :hh], bk[..., hh:]
+  mix = lambda bb, qq: jnp.einsum("xri,bxni->bxnri", bb, qq)
+  u = jnp.concatenate([mix(b1, q1) + mix(b2, q2), mix(b1, q2) - mix(b2, q1)],
+                      axis=-1).astype(dtype)
+  if k_bias is None:
+    kb = jnp.zeros((g * j, h), f32)
+  else:
+    kb = k_bias.astype(dtype).astype(f32).reshape(g * j, h)
+  kb1, kb2 = kb[None, :, None, :hh], kb[None, :, None, hh:]
+  cb = kb1 * q1 + kb2 * q2                                   # [B, X, Q, hh]
+  db = kb1 * q2 - kb2 * q1
+  inv = jnp.broadcast_to(jnp.asarray(inv_freq, f32), (batch, g * j, 1, hh))
+  bias = jnp.stack([cb, db], axis=3).reshape(batch, g * j, 2 * qk, hh)
+  return u, jnp.concatenate([inv, bias], axis=2)
 
 
 def _group_major(h: Array, groups: int) -> Array:
@@ -471,7 +577,19 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
   rk, rv = spec.k_rank, spec.v_rank
   hv_in = hk if spec.shared else hv
   k_swizzle = _swizzle(rk)
-  if rope:
+  fold = rope and config.rope_mode == "fold"
+  if fold:
+    hh = spec.head_dim // 2
+    k_swizzle = min(k_swizzle, _swizzle(2 * hh))
+    u, vecs = _fold_operands(q, k_up, k_bias, inv_freq, spec, dtype)
+    operands = (u, vecs, _subtile_angles(inv_freq, s))
+    scratch = [plgpu.SMEM((spec.q_per_kv, rk, 2 * hh), dtype,
+                          transforms=_transforms(k_swizzle)),
+               plgpu.SMEM((1 + 2 * spec.q_per_kv, hh), jnp.float32),
+               plgpu.SMEM((config.stages, bs // SUB, 2, hh), jnp.float32)]
+    n_setup = 1 + spec.q_per_kv
+    x_size = spec.groups * spec.kv_per_group
+  elif rope:
     hh = spec.head_dim // 2
     # the rebuild's A (h_k tile) and B (B_k) share one swizzle
     k_swizzle = min(k_swizzle, _swizzle(2 * hh))

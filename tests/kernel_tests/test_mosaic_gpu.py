@@ -10,6 +10,8 @@ marked `gpu`, run on an H200 (`pytest -m gpu`, log in
 eval/results/kernel_tests_h200.txt).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,6 +74,45 @@ def test_float16_rotation_is_within_bf16_rounding():
   for g, w in zip(got, want):
     err = np.abs(np.asarray(g, np.float64) - w) / scale
     assert err.max() < 2 ** -8, err.max()
+
+
+def test_folded_scores_equal_scores_of_rotated_keys():
+  """`rope_mode="fold"`: the scores the kernel forms from h_k·[U | V] (the
+  query folded into B_k, `_fold_operands`) and the tile angles
+  (`folded_scores`) equal q·RoPE(h_k·B_k + b)/√H computed the direct way
+  (float32 operands, numpy float64 for the direct side), for every query
+  head of every KV head, with a key bias, in a sub-tile far from 0."""
+  spec = LatentSpec(groups=2, kv_per_group=2, q_per_kv=2, head_dim=32,
+                    k_rank=48, v_rank=64)
+  q, hk, _, k_up, k_bias, inv = make_inputs(spec, 2, 64, jnp.float32)
+  u, vecs = mg._fold_operands(q, k_up, k_bias, inv, spec, jnp.float32)
+  g, j, qk, h, hh = 2, 2, 2, 32, 16
+  assert u.shape == (2, g * j, qk, 48, h) and vecs.shape == (2, 4, 5, hh)
+  np.testing.assert_array_equal(vecs[:, :, 0], np.broadcast_to(inv, (2, 4,
+                                                                     hh)))
+  s0 = 70000
+  theta = np.asarray(inv, np.float64)
+  pos = (s0 + np.arange(64))[:, None] * theta[None]            # [rows, hh]
+  rows = np.arange(64)[:, None] * theta[None]
+  hk64 = np.asarray(hk, np.float64).reshape(2, 64, g, 48)
+  bk = np.asarray(k_up, np.float64).reshape(g, 48, j, h)
+  kb = np.asarray(k_bias, np.float64).reshape(g, j, h)
+  qh = np.asarray(q, np.float64).reshape(2, g, j, qk, h)
+  for b in range(2):
+    for x in range(g * j):
+      gg, jj = divmod(x, j)
+      k = hk64[b, :, gg] @ bk[gg, :, jj] + kb[gg, jj]          # [rows, H]
+      r1, r2 = mg.rotate_halves(k[:, :hh], k[:, hh:], np.cos(pos),
+                                np.sin(pos))
+      for n in range(qk):
+        want = np.concatenate([r1, r2], -1) @ qh[b, gg, jj, n] / np.sqrt(h)
+        cd = hk64[b, :, gg] @ np.asarray(u[b, x, n], np.float64)
+        c = cd[:, :hh] + np.asarray(vecs[b, x, 1 + 2 * n], np.float64)
+        d = cd[:, hh:] + np.asarray(vecs[b, x, 2 + 2 * n], np.float64)
+        got = mg.folded_scores(c, d, np.cos(rows), np.sin(rows),
+                               np.cos(s0 * theta), np.sin(s0 * theta))
+        np.testing.assert_allclose(got, want, rtol=1e-5,
+                                   atol=1e-5 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("blocks_per_tile", [1, 2])
@@ -165,6 +206,20 @@ def test_unsupported_reasons_and_config():
     assert mg.smem_bytes(mlrd, rope, c) <= mg.SMEM_BYTES
     assert mg.choose_config(mlrd, batch=8, cache_len=64 * 1001,
                             rope=rope).block_s == 64
+  # RoPE scores fold the query into B_k where a KV head has one query
+  # head (the same tensor work), and rebuild keys for GQA
+  assert cfg.rope_mode == "fold"
+  assert mg.choose_config(mlrd, batch=8, cache_len=4096,
+                          rope=True).rope_mode == "fold"
+  gqa = LatentSpec(groups=2, kv_per_group=4, q_per_kv=4, head_dim=128,
+                   k_rank=256, v_rank=256)
+  assert mg.choose_config(gqa, batch=1, cache_len=4096,
+                          rope=True).rope_mode == "rebuild"
+  assert "rope_mode 'x'" in mg.unsupported_reason(
+      mlrd, jnp.bfloat16, 4096, True, mg.MosaicConfig(rope_mode="x"))
+  # folding 4 query heads into B_k needs 4 copies of it: does not fit
+  assert "shared memory" in mg.unsupported_reason(
+      gqa, jnp.bfloat16, 4096, True, mg.MosaicConfig(rope_mode="fold"))
   big = mg.MosaicConfig(block_s=64, stages=6)
   assert "shared memory" in mg.unsupported_reason(spec, jnp.bfloat16, 4096,
                                                   True, big)
@@ -213,21 +268,27 @@ def _lower(spec, batch, s, rope, dtype=jnp.bfloat16, config=None):
   return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
 
 
+# the kernel's three ways to score: RoPE keys rebuilt, RoPE with the query
+# folded into B_k, no RoPE (B_k folded into the query)
+PATHS = [(True, "rebuild"), (True, "fold"), (False, "rebuild")]
+PATH_IDS = ["rebuild", "fold", "norope"]
+
+
 @pytest.mark.parametrize("block_s", [None, 64, 128])
-@pytest.mark.parametrize("rope", [True, False])
+@pytest.mark.parametrize("rope,mode", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("case", LOWER_CASES,
                          ids=lambda c: "-".join(map(str, c)))
-def test_kernel_lowers_for_sm90(case, rope, block_s):
-  """Every shape with the chosen config and with each tile size that fits
-  its shared memory (two ring slots)."""
+def test_kernel_lowers_for_sm90(case, rope, mode, block_s):
+  """Every shape and path with the chosen config and with each tile size
+  that fits its shared memory (two ring slots)."""
   g, j, qk, h, rk, rv, shared, batch, s = case
   spec = LatentSpec(groups=g, kv_per_group=j, q_per_kv=qk, head_dim=h,
                     k_rank=rk, v_rank=rv, shared=shared)
-  config = None
-  if block_s:
-    config = mg.MosaicConfig(block_s=block_s, stages=2, splits=2)
-    if mg.unsupported_reason(spec, jnp.bfloat16, s, rope, config):
-      pytest.skip("does not fit")
+  config = mg.choose_config(spec, batch=batch, cache_len=s, rope=rope)
+  config = dataclasses.replace(config, rope_mode=mode, **(
+      dict(block_s=block_s, stages=2, splits=2) if block_s else {}))
+  if mg.unsupported_reason(spec, jnp.bfloat16, s, rope, config):
+    pytest.skip("does not fit")
   text = _lower(spec, batch, s, rope, config=config).as_text()
   assert "mosaic_gpu" in text
 
@@ -235,7 +296,15 @@ def test_kernel_lowers_for_sm90(case, rope, block_s):
 # ------------------------------------------ GPU: compiled kernel vs reference
 
 def check(spec, *, batch, cache_len, lengths, dtype, rope, bias=False,
-          config=None, seed=0):
+          config=None, mode=None, seed=0):
+  """Compiled kernel vs the reference; `mode` sets the RoPE scoring of the
+  chosen (or given) config. Skips a mode the shape's shared memory cannot
+  take (returns False)."""
+  if mode is not None:
+    config = dataclasses.replace(config or mg.choose_config(
+        spec, batch=batch, cache_len=cache_len, rope=rope), rope_mode=mode)
+    if mg.unsupported_reason(spec, dtype, cache_len, rope, config):
+      return False
   q, hk, hv, k_up, k_bias, inv = make_inputs(spec, batch, cache_len, dtype,
                                              seed)
   kw = dict(spec=spec, inv_freq=inv if rope else None,
@@ -250,6 +319,7 @@ def check(spec, *, batch, cache_len, lengths, dtype, rope, bias=False,
   assert np.all(np.isfinite(out))
   np.testing.assert_allclose(out, want, atol=TOL[dtype] * np.max(np.abs(
       want)), rtol=0)
+  return True
 
 
 GPU_GRID = [
@@ -268,15 +338,16 @@ GPU_GRID = [
 @gpu
 @needs_hopper
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("rope", [True, False])
+@pytest.mark.parametrize("rope,mode", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("case", GPU_GRID,
                          ids=lambda c: "-".join(map(str, c[:7])))
-def test_compiled_kernel_matches_reference(case, rope, dtype):
+def test_compiled_kernel_matches_reference(case, rope, mode, dtype):
   g, j, qk, h, rk, rv, shared, batch, s, lengths = case
   spec = LatentSpec(groups=g, kv_per_group=j, q_per_kv=qk, head_dim=h,
                     k_rank=rk, v_rank=rv, shared=shared)
-  check(spec, batch=batch, cache_len=s, lengths=lengths, dtype=dtype,
-        rope=rope, bias=rope)
+  if not check(spec, batch=batch, cache_len=s, lengths=lengths, dtype=dtype,
+               rope=rope, bias=rope, mode=mode):
+    pytest.skip("does not fit shared memory")
 
 
 @gpu
@@ -289,23 +360,26 @@ def test_compiled_kernel_ring_and_splits(block_s, stages, splits, rotation):
                     k_rank=128, v_rank=128)
   cfg = mg.MosaicConfig(block_s=block_s, stages=stages, splits=splits,
                         rotation_dtype=rotation)
-  for rope in (True, False):
-    check(spec, batch=2, cache_len=1024, lengths=[1024, 333],
-          dtype=jnp.bfloat16, rope=rope, bias=True, config=cfg)
+  for rope, mode in PATHS:
+    assert check(spec, batch=2, cache_len=1024, lengths=[1024, 333],
+                 dtype=jnp.bfloat16, rope=rope, bias=True, config=cfg,
+                 mode=mode)
 
 
 @gpu
 @needs_hopper
-def test_compiled_rows_past_the_length_do_not_matter():
+@pytest.mark.parametrize("mode", ["rebuild", "fold"])
+def test_compiled_rows_past_the_length_do_not_matter(mode):
   spec = LatentSpec(groups=1, kv_per_group=2, q_per_kv=1, head_dim=128,
                     k_rank=128, v_rank=128)
   q, hk, hv, k_up, _, inv = make_inputs(spec, 1, 128, jnp.bfloat16)
   lengths = jnp.asarray([21], jnp.int32)
+  cfg = mg.MosaicConfig(rope_mode=mode)
   base = mg.latent_attention(q, hk, hv, k_up, lengths, spec=spec,
-                             inv_freq=inv)
+                             inv_freq=inv, config=cfg)
   out = mg.latent_attention(q, hk.at[:, 40:].set(1e4),
                             hv.at[:, 30:].set(jnp.inf), k_up, lengths,
-                            spec=spec, inv_freq=inv)
+                            spec=spec, inv_freq=inv, config=cfg)
   np.testing.assert_array_equal(np.asarray(out), np.asarray(base))
 
 
@@ -325,5 +399,6 @@ def test_compiled_kernel_random_shapes(data):
   batch = data.draw(st.integers(1, 3))
   s = 64 * data.draw(st.integers(1, 8))
   lengths = [data.draw(st.integers(1, s)) for _ in range(batch)]
+  rope, mode = data.draw(st.sampled_from(PATHS))
   check(spec, batch=batch, cache_len=s, lengths=lengths, dtype=jnp.bfloat16,
-        rope=data.draw(st.booleans()), bias=True)
+        rope=rope, bias=True, mode=mode)
