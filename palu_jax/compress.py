@@ -24,7 +24,7 @@ from palu_jax.calibrate.statistics import (  # noqa: F401  (re-exported)
 from palu_jax.config import ModelConfig, PaluConfig, check_cache_bits
 from palu_jax.decompose import lrd, metrics, ranks
 from palu_jax.decompose.fold import palu_params
-from palu_jax.decompose.svd import Factorization, LowRank, factorize
+from palu_jax.decompose.svd import Factorization, LowRank, factorize_many
 from palu_jax.errors import ConfigError, PaluError
 from palu_jax.fields import check_field_types, check_positive
 from palu_jax.kv_report import (format_rank_report, kv_bytes_per_token,
@@ -139,10 +139,12 @@ def factorize_model(cfg: ModelConfig, base: Mapping[str, np.ndarray],
                     stats: CalibrationStats | None, group_size: int,
                     whiten: str, seqlen: int = 2048, *,
                     shared_kv: bool = False, k_weight: float = 1.0,
-                    progress: bool = False
+                    progress: bool = False, devices=None
                     ) -> dict[str, list[list[Factorization]]]:
   """Full SVDs of every head group: {'k': [L][groups], 'v': [L][groups]},
-  or {'kv': [L][groups]} of the joint [W_k W_v] with `shared_kv`."""
+  or {'kv': [L][groups]} of the joint [W_k W_v] with `shared_kv`. A layer's
+  SVDs run concurrently over `devices` (`svd.factorize_many`; default all
+  of this process's devices)."""
   if whiten != "none" and stats is None:
     raise PaluError(f"whiten={whiten!r} needs calibration statistics")
   if stats is not None:
@@ -156,7 +158,7 @@ def factorize_model(cfg: ModelConfig, base: Mapping[str, np.ndarray],
     gram = None if whiten == "none" else stats.grams[i] / stats.tokens
     w = {kind: np.asarray(base[pre + f"{kind}_proj.kernel"], np.float32)
          for kind in ("k", "v")}
-    layer: dict[str, list[Factorization]] = {kind: [] for kind in out}
+    jobs = []                        # (kind, matrix, output metric factor)
     for g, c in enumerate(cols):
       factor = {}
       for kind in ("k", "v"):
@@ -172,9 +174,7 @@ def factorize_model(cfg: ModelConfig, base: Mapping[str, np.ndarray],
         else:
           factor[kind] = None
       if not shared_kv:
-        for kind in ("k", "v"):
-          layer[kind].append(factorize(w[kind][:, c], gram,
-                                       out_factor=factor[kind]))
+        jobs += [(kind, w[kind][:, c], factor[kind]) for kind in ("k", "v")]
         continue
       # Joint: each side scaled to unit energy (its own units), keys by
       # k_weight, so neither dominates the shared latent by scale alone.
@@ -185,10 +185,12 @@ def factorize_model(cfg: ModelConfig, base: Mapping[str, np.ndarray],
         scale = (k_weight if kind == "k" else 1.0) ** 0.5 / max(energy, 1e-30) ** 0.5
         factor[kind] = factor[kind] * scale
       joint = np.concatenate([w["k"][:, c], w["v"][:, c]], axis=1)
-      layer["kv"].append(factorize(joint, gram, out_factor=metrics.block_diag(
-          [factor["k"], factor["v"]])))
+      jobs.append(("kv", joint, metrics.block_diag([factor["k"],
+                                                    factor["v"]])))
+    done = factorize_many([j[1] for j in jobs], gram,
+                          out_factors=[j[2] for j in jobs], devices=devices)
     for kind in out:
-      out[kind].append(layer[kind])
+      out[kind].append([f for (k, _, _), f in zip(jobs, done) if k == kind])
   return out
 
 
@@ -290,7 +292,7 @@ def _fisher(stats: CalibrationStats | None, module: str) -> float:
 def compress_params(cfg: ModelConfig, base: Mapping[str, np.ndarray],
                     stats: CalibrationStats | None, comp: CompressionConfig,
                     *, factors=None, seqlen: int = 2048,
-                    progress: bool = False
+                    progress: bool = False, devices=None
                     ) -> tuple[dict[str, np.ndarray], PaluConfig, dict]:
   """Dense params -> (Palu params, PaluConfig, report).
 
@@ -303,7 +305,7 @@ def compress_params(cfg: ModelConfig, base: Mapping[str, np.ndarray],
     factors = factorize_model(cfg, base, stats, size, comp.whiten,
                               comp.rope_span or seqlen,
                               shared_kv=comp.shared_kv, k_weight=comp.k_weight,
-                              progress=progress)
+                              progress=progress, devices=devices)
   chosen = allocate_ranks(cfg, factors, stats, comp, size)
   if comp.shared_kv:
     width = size * cfg.head_dim
@@ -344,9 +346,11 @@ class PaluMethod(Method):
     return "fisher" in comp.alloc
 
   def run(self, job: CompressionJob) -> MethodResult:
+    devices = None if job.mesh is None else job.mesh.local_devices
     params, palu, report = compress_params(job.cfg, job.base, job.stats,
                                            job.comp, seqlen=job.calib.seqlen,
-                                           progress=job.progress)
+                                           progress=job.progress,
+                                           devices=devices)
     return MethodResult(params, palu, report, format_rank_report(report),
                         {"method": "palu", **job.comp.to_dict()})
 

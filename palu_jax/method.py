@@ -31,6 +31,7 @@ class CompressionJob:
   calib: CalibrationConfig
   data_dir: str | None
   progress: bool
+  mesh: Any = None        # the jax.sharding.Mesh the job runs on, if any
 
 
 @dataclasses.dataclass(frozen=True)

@@ -92,7 +92,7 @@ def compress_checkpoint(src: str, out_dir: str,
                       data_dir=data_dir, mesh=mesh)
   result = method.run(CompressionJob(
       cfg=cfg, base=base, stats=stats, model=model, tokenizer=tok, comp=comp,
-      calib=calib, data_dir=data_dir, progress=progress))
+      calib=calib, data_dir=data_dir, progress=progress, mesh=mesh))
   del model
   params, palu = result.params, result.palu
   if comp.k_up_bits == 8:

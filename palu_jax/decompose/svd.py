@@ -106,23 +106,50 @@ def factorize(w: Array, gram: Array | None = None, *,
     out_factor: M [n, n] lower triangular (an output metric M·Mᵀ: how much
       an error in each output column costs downstream); None = I.
   """
-  w = jnp.asarray(w, jnp.float32)
-  target = w
-  if gram is not None:
-    s_low, _ = whitening_factor(gram, jitter=jitter)
-    target = s_low.T @ target
+  return factorize_many([w], gram, out_factors=[out_factor], jitter=jitter,
+                        devices=[None])[0]
+
+
+@jax.jit
+def _factor(w: Array, s_low: Array | None, out_factor: Array | None):
+  """SVD of Sᵀ·W·M (S, M optional) mapped back: (S⁻ᵀ·U, σ, Vᵀ·M⁻¹)."""
+  target = w if s_low is None else s_low.T @ w
   if out_factor is not None:
-    out_factor = jnp.asarray(out_factor, jnp.float32)
     target = target @ out_factor
   u, sig, vt = jnp.linalg.svd(target, full_matrices=False)
-  if gram is not None:
+  if s_low is not None:
     # down = S⁻ᵀ·U: solve Sᵀ·down = U.
     u = jax.scipy.linalg.solve_triangular(s_low, u, trans="T", lower=True)
   if out_factor is not None:
     # up = Vᵀ·M⁻¹: solve Mᵀ·upᵀ = V.
     vt = jax.scipy.linalg.solve_triangular(out_factor, vt.T, trans="T",
                                            lower=True).T
-  return Factorization(u, sig, vt)
+  return u, sig, vt
+
+
+def factorize_many(ws, gram: Array | None = None, *, out_factors=None,
+                   jitter: float | None = None, devices=None
+                   ) -> list[Factorization]:
+  """`factorize` of several w [d, n_i] with one input Gram (the head groups
+  of a layer): the whitening Cholesky once, then one SVD per matrix, spread
+  round-robin over `devices` (default: this process's devices). They are
+  all dispatched before any result is read, so they run concurrently, one
+  per device; the factors come back as host arrays."""
+  s_low = None if gram is None else whitening_factor(gram, jitter=jitter)[0]
+  devices = list(devices) if devices is not None else jax.local_devices()
+  out_factors = out_factors or [None] * len(ws)
+  if len(out_factors) != len(ws):
+    raise ValueError(f"{len(out_factors)} output factors for {len(ws)} "
+                     "matrices")
+  pending = []
+  for i, (w, m) in enumerate(zip(ws, out_factors)):
+    args = (jnp.asarray(w, jnp.float32), s_low,
+            None if m is None else jnp.asarray(m, jnp.float32))
+    device = devices[i % len(devices)]
+    if device is not None:
+      args = jax.device_put(args, device)
+    pending.append(_factor(*args))
+  return [Factorization(*(np.asarray(a) for a in f)) for f in pending]
 
 
 def whitened_svd(w: Array, gram: Array, rank: int, *,

@@ -98,8 +98,33 @@ def main():
         "same_greedy": [a.is_greedy for a in one] == [b.is_greedy for b in many]}
   out["orbax"] = orbax_round_trip()
   out["calibration"] = calibration_check(rng)
+  out["svd"] = svd_spread_check(rng)
   out["lora"] = lora_check(rng)
   print(json.dumps(out, default=str))
+
+
+def svd_spread_check(rng):
+  """A layer's group SVDs spread over the 8 devices (one each, dispatched
+  together) against the same SVDs one at a time on device 0."""
+  from palu_jax.decompose.svd import factorize, factorize_many
+  x = rng.standard_normal((256, 32))
+  gram = jnp.asarray(x.T @ x, jnp.float32)
+  ws = [rng.standard_normal((32, 16)) for _ in range(8)]
+  metric = [None, np.tril(rng.standard_normal((16, 16))) + 4 * np.eye(16)] * 4
+  spread = factorize_many(ws, gram, out_factors=metric)
+  diff = 0.0
+  for w, m, got in zip(ws, metric, spread):
+    with jax.default_device(jax.devices()[0]):
+      want = factorize(w, gram, out_factor=m)
+    # singular vectors are unique up to sign: compare rank-5 products
+    low = lambda f: np.asarray(f.truncate(5).down) @ np.asarray(
+        f.truncate(5).up)
+    diff = max(diff, float(np.abs(low(got) - low(want)).max()
+                           / np.abs(low(want)).max()),
+               float(np.abs(np.asarray(got.singular) - np.asarray(
+                   want.singular)).max() / float(want.singular[0])))
+  return {"matrices": len(spread), "devices": len(jax.local_devices()),
+          "rel_diff": diff}
 
 
 def calibration_check(rng):

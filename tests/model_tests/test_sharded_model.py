@@ -101,6 +101,12 @@ def test_data_parallel_calibration_equals_one_device(results):
   assert r["fisher_rel_diff"] < 1e-4
 
 
+def test_group_svds_spread_over_devices_equal_one_device(results):
+  r = results["svd"]
+  assert r["matrices"] == 8 and r["devices"] == 8
+  assert r["rel_diff"] < 1e-4
+
+
 def test_lora_steps_equal_one_device(results):
   r = results["lora"]
   one, many = r["losses"]
