@@ -64,7 +64,7 @@ def stage_cycles(trace: dict) -> dict[str, dict]:
 
 
 def profile_one(spec, *, batch: int, context: int, rope: bool,
-                stages: int | None) -> dict:
+                stages: int | None, rope_mode: str | None = None) -> dict:
   hk = _latent_side(spec, batch, context, 6)
   hv = _latent_side(spec, batch, context, 7)
   k_up = _pseudo_random(jnp.float32(8), shape=(
@@ -80,6 +80,7 @@ def profile_one(spec, *, batch: int, context: int, rope: bool,
   with tempfile.TemporaryDirectory() as tmp:
     cfg = mg.MosaicConfig(block_s=base.block_s, stages=stages or base.stages,
                           splits=base.splits,
+                          rope_mode=rope_mode or base.rope_mode,
                           profile_space=len(COMPUTE_STAGES) * tiles + 16,
                           profile_dir=tmp)
     out = mg.latent_attention(q, hk, hv, k_up, lengths, spec=spec,
@@ -90,7 +91,8 @@ def profile_one(spec, *, batch: int, context: int, rope: bool,
     with open(path) as f:
       trace = json.load(f)
   cyc = stage_cycles(trace)
-  row = {"stages": cfg.stages, "splits": cfg.splits}
+  row = {"stages": cfg.stages, "splits": cfg.splits,
+         "rope_mode": cfg.rope_mode}
   comp = cyc["compute"]
   period = float(np.median(comp["period"])) if comp["period"] else None
   row["period_cyc"] = period
@@ -112,6 +114,9 @@ def main(argv=None) -> int:
                   help="ring slots to try (0: the kernel's choice)")
   ap.add_argument("--norope", action="store_true",
                   help="also profile the no-RoPE path")
+  ap.add_argument("--rope-modes", nargs="+", default=[None],
+                  choices=["rebuild", "fold"],
+                  help="RoPE scoring modes to profile (default: the chosen)")
   ap.add_argument("--out", default=os.path.join("eval", "results"))
   ap.add_argument("--name", default="profile_kernel")
   args = ap.parse_args(argv)
@@ -122,19 +127,21 @@ def main(argv=None) -> int:
   for group, rope in paths:
     spec = palu_spec(32, 32, 128, 0.5, 16, group)
     for batch in args.batches:
-      for st in args.stages:
+      for st, mode in [(st, mode) for st in args.stages
+                       for mode in args.rope_modes]:
         row = {"variant": f"palu50_{'rope' if rope else 'norope'}_g{group}",
                "batch": batch, "context": args.context,
                "device": jax.devices()[0].device_kind}
         try:
           row.update(profile_one(spec, batch=batch, context=args.context,
-                                 rope=rope, stages=st or None))
+                                 rope=rope, stages=st or None,
+                                 rope_mode=mode))
         except Exception as e:  # a variant that does not fit is reported
           row["note"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
         rows.append(row)
         print({k: (round(v) if isinstance(v, float) else v)
                for k, v in row.items()}, flush=True)
-  cols = ["variant", "batch", "stages", "splits", "period_cyc",
+  cols = ["variant", "batch", "stages", "splits", "rope_mode", "period_cyc",
           *COMPUTE_STAGES, "k_free", "v_free", "note"]
   md = ("# Mosaic GPU latent kernel: SM cycles per tile and stage\n\n"
         "Llama-2-7B shape, 50 %, bf16, the in-kernel profiler "

@@ -81,8 +81,8 @@ class MosaicConfig:
   # K_rot·qᵀ: the tensor work serves every query head of the KV head), or
   # "fold" each query into B_k (U = B_k ⊙ q per rotation pair, [C|D] =
   # h_k·U, s = Σ_i cos·C + sin·D in f32: no key conversion, no score
-  # wgmma, but q_per_kv times the tensor work). `choose_config` folds when
-  # a KV head serves one query head.
+  # wgmma, but q_per_kv times the tensor work; measured no faster, NOTES.md
+  # v9). Fold has no register operand in flight: the base for pipelining.
   rope_mode: str = "rebuild"
   # Mosaic GPU's in-kernel profiler (eval/profile_kernel.py): the named
   # stages of each tile (`jax.named_scope` below) timed in SM cycles per
@@ -176,10 +176,10 @@ def choose_config(spec: LatentSpec, *, batch: int, cache_len: int, rope: bool,
   then serve twice the rows; eval/results/profile_kernel_h200.md), else
   64; as many ring slots as fit (≤ 4); splits so that the grid fills the
   GPU in one wave at most (one CTA per SM: the ring takes its shared
-  memory), each split still walking ≥ 4 tiles per compute WG. RoPE scores
-  fold the query into B_k where a KV head serves one query head (the same
-  tensor work as a rebuild, without the key conversion and score wgmma)."""
-  mode = "fold" if rope and spec.q_per_kv == 1 else "rebuild"
+  memory), each split still walking ≥ 4 tiles per compute WG."""
+  # "fold" measured no faster than "rebuild" on the H200 (NOTES.md, v9)
+  # and rounds q·B_k to 16 bits: rebuild is the default
+  mode = "rebuild"
   fits = lambda bs, st: smem_bytes(spec, rope, MosaicConfig(
       block_s=bs, stages=st, rope_mode=mode)) <= SMEM_BYTES
   bs = 2 * SUB if cache_len % (2 * SUB) == 0 and fits(2 * SUB, 2) else SUB
