@@ -147,10 +147,15 @@ def _latent_side(spec, batch, ctx, seed):
   if spec.bits == 16:
     return _pseudo_random(jnp.float32(seed), shape=(batch, ctx, width),
                           dtype=DTYPE)
+  groups = width // spec.quant_group
+  if spec.bits == 8:             # float8 e4m3 codes, a pow2 scale per group
+    codes = _pseudo_random(jnp.float32(seed), shape=(batch, ctx, width),
+                           dtype=jnp.float32).astype(jnp.float8_e4m3fn)
+    scale = jnp.full((batch, ctx, groups), 0.0625, DTYPE)
+    return QuantLatent(codes, scale, jnp.zeros((batch, ctx, 0), DTYPE))
   nbytes = spec.bits * -(-width // 8)
   codes = (_pseudo_random(jnp.float32(seed), shape=(batch, ctx, nbytes),
                           dtype=jnp.float32) * 2550 + 128).astype(jnp.uint8)
-  groups = width // spec.quant_group
   scale = jnp.full((batch, ctx, groups), 0.01, DTYPE)
   offset = jnp.full((batch, ctx, groups), -0.05, DTYPE)
   return QuantLatent(codes, scale, offset)
@@ -216,7 +221,7 @@ def run(shapes, batches, contexts, ratios, bits_list, *, tune: bool,
           nbytes = batch * ctx * spec.latent_bytes_per_token()
           for rope, backend in itertools.product((True, False), backends):
             name = (f"palu{round(ratio * 100)}_{'rope' if rope else 'norope'}"
-                    + ("" if bits == 16 else f"_int{bits}")
+                    + {16: "", 8: "_fp8"}.get(bits, f"_int{bits}")
                     + ("" if group == GROUP else f"_g{group}")
                     + ("_shared" if shared else ""))
             configs = _configs(backend, spec, batch, ctx, rope, tune,
@@ -349,7 +354,7 @@ def main(argv=None) -> int:
   ap.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5])
   ap.add_argument("--groups", nargs="+", type=int, default=[GROUP],
                   help="KV heads per latent group (4: G-LRD, 1: M-LRD)")
-  ap.add_argument("--bits", nargs="+", type=int, default=[16, 4, 3, 2])
+  ap.add_argument("--bits", nargs="+", type=int, default=[16, 8, 4, 3, 2])
   ap.add_argument("--backends", nargs="+", default=["mosaic_gpu", "triton"],
                   choices=["mosaic_gpu", "triton"],
                   help="latent kernel backends to time side by side")

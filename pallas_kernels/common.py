@@ -188,8 +188,11 @@ def value_latents(hk_v: Array, hv, spec: LatentSpec, dtype) -> Array:
 
 def cache_sides(hk, hv, spec: LatentSpec) -> tuple[tuple, tuple]:
   """Cache arrays of each side as the kernel takes them (no value side with
-  a shared latent)."""
-  as_tuple = lambda x: tuple(x) if isinstance(x, QuantLatent) else (x,)
+  a shared latent; float8 codes have no offset array)."""
+  def as_tuple(x):
+    if not isinstance(x, QuantLatent):
+      return (x,)
+    return (x.codes, x.scale) if spec.bits == 8 else tuple(x)
   return as_tuple(hk), (() if spec.shared else as_tuple(hv))
 
 
@@ -224,7 +227,7 @@ def interleave(fields: list) -> Array:
 
 def fields_per_byte(bits: int) -> int:
   """Codes per byte of the packed layout (3-bit: its 2-bit low plane)."""
-  return {16: 1, 4: 2, 3: 4, 2: 4}[bits]
+  return {16: 1, 8: 1, 4: 2, 3: 4, 2: 4}[bits]
 
 
 def piece_layout(spec: LatentSpec, rank: int) -> tuple[tuple[int, int, int],
@@ -297,10 +300,21 @@ def load_latent_pieces(side_refs, b, rows, group_col, rank: int,
     (h_ref,) = side_refs
     return [h_ref[b, rows, pl.ds(group_col + c0, size)].astype(dtype)
             for c0, size, _ in pieces]
-  codes_ref, scale_ref, offset_ref = side_refs
+  codes_ref, scale_ref = side_refs[:2]
+  g = spec.quant_group
+  if spec.bits == 8:
+    # float8 e4m3 codes times a power-of-two scale: exact in bf16/fp16/f32,
+    # so the product equals the reference's f32 dequantization, rounded
+    out = []
+    for c0, size, _ in pieces:
+      col = group_col + c0
+      scale = repeat_columns(
+          scale_ref[b, rows, pl.ds(col // g, size // g)].astype(dtype), g)
+      out.append(codes_ref[b, rows, pl.ds(col, size)].astype(dtype) * scale)
+    return out
+  offset_ref = side_refs[2]
   per = fields_per_byte(spec.bits)
   width = 2 if spec.bits == 3 else spec.bits
-  g = spec.quant_group
   out = []
   for k in range(0, len(pieces), per):
     c0, size = pieces[k][0], pieces[k][1] * per           # the chunk

@@ -35,8 +35,10 @@ def triton_unsupported_reason(spec: LatentSpec, q: Array, cache_len: int
   if q.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
     return (f"dtype {q.dtype} (the kernel takes bfloat16, float16 or "
             "float32)")
-  if spec.bits == 8:
-    return "float8 latents (the Triton kernels read 16-bit or 4/3/2-bit codes)"
+  cc = compute_capability()
+  if spec.bits == 8 and cc is not None and cc < 8.9:
+    return (f"float8 latents on compute capability {cc} (Triton converts "
+            "e4m3 from 8.9 on)")
   h = spec.head_dim
   if h % 16 or h > 256:
     return f"head_dim {h} (needs a multiple of 16 up to 256)"

@@ -21,7 +21,7 @@ from pallas_kernels.common import (KernelConfig, LatentSpec, QuantLatent,
                                    unpack_codes)
 from pallas_kernels.latent_rope_attention import (
     latent_rope_attention, latent_rope_attention_reference)
-from palu_jax.quantize import int_quant
+from palu_jax.quantize import fp8_quant, int_quant
 
 INTERPRET = jax.default_backend() != "gpu"
 # |kernel - reference| <= TOL·max|reference|: with 16-bit inputs the kernel
@@ -44,6 +44,11 @@ def make_inputs(spec: LatentSpec, batch: int, cache_len: int, dtype,
                                          spec.groups * rank)), dtype)
     if spec.bits == 16:
       return x
+    if spec.bits == 8:
+      codes, scale = fp8_quant.quantize(x, group=spec.quant_group,
+                                        scale_dtype=dtype)
+      return QuantLatent(codes, scale, jnp.zeros(scale.shape[:2] + (0,),
+                                                 dtype))
     codes, scale, offset = int_quant.quantize(
         x, bits=spec.bits, group=spec.quant_group, scale_dtype=dtype)
     return QuantLatent(int_quant.pack(codes, spec.bits), scale, offset)
@@ -87,6 +92,8 @@ GRID = [
     (1, 3, 3, 64, 96, 96, True, 16, 2, 96, [95, 50]),      # J=3: padded tiles
     (2, 1, 4, 48, 32, 48, False, 16, 2, 48, [17, 48]),      # H/2 = 24
     (1, 2, 1, 128, 80, 80, True, 16, 1, 64, [33]),
+    (2, 2, 2, 32, 64, 64, False, 8, 2, 64, [64, 9]),       # float8 e4m3
+    (1, 2, 2, 32, 96, 96, True, 8, 2, 64, [40, 1]),
     (2, 2, 2, 32, 64, 64, False, 4, 2, 64, [64, 9]),
     (1, 2, 2, 32, 96, 96, True, 4, 2, 64, [40, 1]),        # 64 + 32 chunks
     (2, 2, 1, 32, 64, 64, False, 3, 2, 48, [48, 20]),
@@ -122,7 +129,7 @@ def test_rope_kernel_b_on_chip_or_reread_per_tile(case, resident):
 
 
 @pytest.mark.parametrize("rope", [True, False])
-@pytest.mark.parametrize("bits", [16, 4])
+@pytest.mark.parametrize("bits", [16, 8, 4])
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.float32])
 def test_float16_float32_and_splits(rope, bits, dtype):
   spec = LatentSpec(groups=2, kv_per_group=2, q_per_kv=2, head_dim=32,
@@ -196,8 +203,8 @@ def test_pow2_chunks():
           suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_random_supported_shapes(data):
-  bits = data.draw(st.sampled_from([16, 4, 3, 2]))
-  unit = {16: 16, 4: 32, 3: 64, 2: 64}[bits]
+  bits = data.draw(st.sampled_from([16, 8, 4, 3, 2]))
+  unit = {16: 16, 8: 32, 4: 32, 3: 64, 2: 64}[bits]
   spec = LatentSpec(
       groups=data.draw(st.integers(1, 2)),
       kv_per_group=data.draw(st.integers(1, 3)),
