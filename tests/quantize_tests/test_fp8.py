@@ -80,10 +80,12 @@ def test_bytes_per_token_are_the_arrays_bytes():
 
 
 @pytest.mark.parametrize("rope", [True, False])
-def test_decode_api_reads_fp8_latents(rope, caplog):
+def test_decode_api_reads_fp8_latents(rope):
   """The kernels' api takes an fp8 cache side (QuantLatent with float8
-  codes and no offset): the GPU kernels refuse it with a logged reason and
-  the reference attends over exactly the dequantized latents."""
+  codes and no offset): the Triton kernel (interpret mode on the CPU)
+  attends over exactly the dequantized latents, as the reference does on
+  16-bit copies of them (f32 inputs: the kernels' f32 tolerance, 1e-5 of
+  the largest output, as in tests/kernel_tests)."""
   import dataclasses
 
   from pallas_kernels.common import LatentSpec, QuantLatent
@@ -106,8 +108,9 @@ def test_decode_api_reads_fp8_latents(rope, caplog):
                                  spec=dataclasses.replace(spec, bits=16),
                                  inv_freq=kw["inv_freq"],
                                  implementation="xla")
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6,
-                             atol=1e-6)
+  want = np.asarray(want)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=0,
+                             atol=1e-5 * np.abs(want).max())
 
 
 def test_scales_are_powers_of_two_so_products_are_exact():
