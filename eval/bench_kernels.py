@@ -172,7 +172,8 @@ def palu_flops(spec: LatentSpec, batch: int, ctx: int, rope: bool) -> float:
 
 def run(shapes, batches, contexts, ratios, bits_list, *, tune: bool,
         save, groups=(GROUP,), backends=("mosaic_gpu", "triton"),
-        shared: bool = False, rope_modes: tuple = ()) -> list[dict]:
+        shared: bool = False, rope_modes: tuple = (),
+        compute_wgs: tuple = ()) -> list[dict]:
   rows: list[dict] = []
   for shape_name in shapes:
     n_heads, n_kv, h = SHAPES[shape_name]
@@ -225,7 +226,7 @@ def run(shapes, batches, contexts, ratios, bits_list, *, tune: bool,
                     + ("" if group == GROUP else f"_g{group}")
                     + ("_shared" if shared else ""))
             configs = _configs(backend, spec, batch, ctx, rope, tune,
-                               rope_modes)
+                               rope_modes, compute_wgs)
             best = None
             for cfg in configs:
               fn = functools.partial(
@@ -268,11 +269,13 @@ def _palu_call(q, hk, hv, k_up, lengths, *, spec, inv, config, backend):
                                  config=config)
 
 
-def _configs(backend, spec, batch, ctx, rope, tune, rope_modes=()) -> list:
+def _configs(backend, spec, batch, ctx, rope, tune, rope_modes=(),
+             compute_wgs=()) -> list:
   """Launch configs to time for one backend (the chosen one first); none
   when the Mosaic GPU kernel cannot take the shape (Triton's row stands).
   `rope_modes`: also time the chosen Mosaic GPU config with each of these
-  RoPE scoring modes ("rebuild", "fold")."""
+  RoPE scoring modes ("rebuild", "fold"), and the chosen config for each
+  count of compute warpgroups in `compute_wgs`."""
   if backend == "triton":
     base = choose_config(spec, batch=batch, cache_len=ctx, rope=rope)
     return [base] + (_tune_grid(base) if tune else [])
@@ -280,6 +283,12 @@ def _configs(backend, spec, batch, ctx, rope, tune, rope_modes=()) -> list:
   if mosaic_gpu.unsupported_reason(spec, DTYPE, ctx, rope, base):
     return []
   out = [base]
+  for w in compute_wgs:
+    c = mosaic_gpu.choose_config(spec, batch=batch, cache_len=ctx, rope=rope,
+                                 compute_wgs=w)
+    if c not in out and mosaic_gpu.unsupported_reason(
+        spec, DTYPE, ctx, rope, c) is None:
+      out.append(c)
   for mode in rope_modes if rope else ():
     c = dataclasses.replace(base, rope_mode=mode)
     if c not in out and mosaic_gpu.unsupported_reason(
@@ -313,7 +322,8 @@ def _tune_grid(base):
 def _cfg_str(c) -> str:
   if isinstance(c, mosaic_gpu.MosaicConfig):
     return (f"bs={c.block_s} P={c.splits} stages={c.stages}"
-            + (f" {c.rope_mode}" if c.rope_mode != "rebuild" else ""))
+            + (f" {c.rope_mode}" if c.rope_mode != "rebuild" else "")
+            + (f" wgs={c.compute_wgs}" if c.compute_wgs != 2 else ""))
   return f"bs={c.block_s} P={c.splits} w={c.num_warps} st={c.num_stages}"
 
 
@@ -367,6 +377,9 @@ def main(argv=None) -> int:
                   choices=["rebuild", "fold"],
                   help="also time the Mosaic GPU RoPE kernel with these "
                   "scoring modes (the fastest row is kept; all are logged)")
+  ap.add_argument("--compute-wgs", nargs="+", type=int, default=[],
+                  choices=[2, 3], help="also time the Mosaic GPU kernel "
+                  "with this many compute warpgroups (fastest row kept)")
   ap.add_argument("--name", default="bench_kernels")
   ap.add_argument("--out", default=os.path.join("eval", "results"))
   args = ap.parse_args(argv)
@@ -394,7 +407,7 @@ def main(argv=None) -> int:
   run(args.shapes, args.batches, args.contexts, args.ratios, args.bits,
       tune=args.tune, save=save, groups=args.groups,
       backends=tuple(args.backends), shared=args.shared,
-      rope_modes=tuple(args.rope_modes))
+      rope_modes=tuple(args.rope_modes), compute_wgs=tuple(args.compute_wgs))
   return 0
 
 

@@ -59,7 +59,7 @@ from pallas_kernels.absorb_attention import absorbed_queries
 from pallas_kernels.common import Array, LatentSpec, combine_splits
 
 _FLOOR = -1e30           # finite "minus infinity": masked rows never give NaN
-COMPUTE_WGS = 2
+COMPUTE_WGS = 2          # compute warpgroups by default
 SUB = 64                 # rows per key sub-tile: the wgmma M
 SMEM_BYTES = 227 * 1024  # per CTA on sm_90 (232448 bytes)
 
@@ -73,6 +73,9 @@ class MosaicConfig:
   block_s: int = 64
   stages: int = 2
   splits: int = 1
+  # compute warpgroups taking turns on tiles: 2 (232 registers each) or 3
+  # (160 each): more warps to hide each other's stalls (NOTES.md, v10)
+  compute_wgs: int = COMPUTE_WGS
   # RoPE keys rotated in packed float16 (keys rounded once, to f16, right
   # after the rebuild; q passed as f16): half the registers of f32 and
   # two elements per instruction. "float32" rotates in f32 and rounds after.
@@ -90,6 +93,15 @@ class MosaicConfig:
   # into `profile_dir`. Off (0, "") in normal runs: it costs shared memory.
   profile_space: int = 0
   profile_dir: str = ""
+
+
+_PRODUCER_REGISTERS = {2: 40, 3: 24}
+
+
+def _compute_registers(n_wgs: int) -> int:
+  """Registers per compute thread: what the producer leaves of 64K."""
+  free = 65536 // 128 - _PRODUCER_REGISTERS[n_wgs]
+  return min(232, free // n_wgs // 8 * 8)
 
 
 def scores_dtype(config: MosaicConfig, dtype):
@@ -143,8 +155,11 @@ def unsupported_reason(spec: LatentSpec, dtype, cache_len: int, rope: bool,
     return f"rotation_dtype {config.rotation_dtype!r} (float16 or float32)"
   if config.rope_mode not in ("rebuild", "fold"):
     return f"rope_mode {config.rope_mode!r} (rebuild or fold)"
-  if config.stages % 2:
-    return f"stages {config.stages} (needs an even number)"
+  if config.compute_wgs not in (2, 3):
+    return f"compute_wgs {config.compute_wgs} (2 or 3)"
+  if config.stages % config.compute_wgs:
+    return (f"stages {config.stages} (needs a multiple of compute_wgs="
+            f"{config.compute_wgs}: each WG owns every W-th ring slot)")
   if smem_bytes(spec, rope, config) > SMEM_BYTES:
     return (f"{smem_bytes(spec, rope, config)} bytes of shared memory "
             f"(limit {SMEM_BYTES})")
@@ -155,7 +170,7 @@ def smem_bytes(spec: LatentSpec, rope: bool, config: MosaicConfig) -> int:
   """Shared memory the kernel allocates (2-byte elements)."""
   bs, nq = config.block_s, query_cols(spec, rope)
   ring = bs * (spec.k_rank + (0 if spec.shared else spec.v_rank))
-  fixed = COMPUTE_WGS * nq * bs                          # Pᵀ per WG
+  fixed = config.compute_wgs * nq * bs                   # Pᵀ per WG
   if rope and config.rope_mode == "fold":
     hh, qk = spec.head_dim // 2, spec.q_per_kv
     fixed += qk * spec.k_rank * 2 * hh + (1 + 2 * qk) * hh * 2  # U, f32s
@@ -174,30 +189,31 @@ def smem_bytes(spec: LatentSpec, rope: bool, config: MosaicConfig) -> int:
 
 
 def choose_config(spec: LatentSpec, *, batch: int, cache_len: int, rope: bool,
-                  n_sms: int = 132) -> MosaicConfig:
-  """Tiles of 128 rows where two ring slots of them fit (a softmax update,
-  its two cross-warp reductions and the hand-over between the compute WGs
-  then serve twice the rows; eval/results/profile_kernel_h200.md), else
-  64; as many ring slots as fit (≤ 4); splits so that the grid fills the
-  GPU in one wave at most (one CTA per SM: the ring takes its shared
-  memory), each split still walking ≥ 4 tiles per compute WG."""
+                  n_sms: int = 132, compute_wgs: int = COMPUTE_WGS
+                  ) -> MosaicConfig:
+  """Tiles of 128 rows where one ring slot per compute WG fits (a softmax
+  update, its two cross-warp reductions and the hand-over between the
+  compute WGs then serve twice the rows;
+  eval/results/profile_kernel_h200.md), else 64; two slots per WG where
+  they fit; splits so that the grid fills the GPU in one wave at most (one
+  CTA per SM: the ring takes its shared memory), each split still walking
+  ≥ 4 tiles per compute WG."""
   # "fold" measured no faster than "rebuild" on the H200 (NOTES.md, v9)
   # and rounds q·B_k to 16 bits: rebuild is the default
   mode = "rebuild"
+  w = compute_wgs
   fits = lambda bs, st: smem_bytes(spec, rope, MosaicConfig(
-      block_s=bs, stages=st, rope_mode=mode)) <= SMEM_BYTES
-  bs = 2 * SUB if cache_len % (2 * SUB) == 0 and fits(2 * SUB, 2) else SUB
-  stages = 4
-  while stages > 2 and not fits(bs, stages):
-    stages -= 2
+      block_s=bs, stages=st, rope_mode=mode, compute_wgs=w)) <= SMEM_BYTES
+  bs = 2 * SUB if cache_len % (2 * SUB) == 0 and fits(2 * SUB, w) else SUB
+  stages = 2 * w if fits(bs, 2 * w) else w
   programs = batch * spec.groups * (spec.kv_per_group if rope else 1)
   tiles = max(1, cache_len // bs)
   # one full wave: 32 programs × 5 splits = 160 CTAs on 132 SMs ran a
   # second, nearly empty wave (Llama-2-7B G-LRD-4, batch 1, on the H200)
   want = max(1, n_sms // programs)
-  splits = max(1, min(want, tiles // (4 * COMPUTE_WGS)))
+  splits = max(1, min(want, tiles // (4 * w)))
   return MosaicConfig(block_s=bs, stages=stages, splits=splits,
-                      rope_mode=mode)
+                      rope_mode=mode, compute_wgs=w)
 
 
 # ------------------------------------------------ plain math the kernel uses
@@ -274,9 +290,13 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
   wgmma_layout = plgpu.Layout.WGMMA
   col_layout = plgpu.Layout.WGMMA.reduce(0)    # one value per column
 
-  @pl.when(wg < COMPUTE_WGS)
+  n_wgs = config.compute_wgs
+
+  @pl.when(wg < n_wgs)
   def _compute():
-    plgpu.set_max_registers(232, action="increase")
+    # the register file (64K) split: producer 40 (2 WGs) or 24 (3 WGs) per
+    # thread, the rest to the compute WGs, in multiples of 8
+    plgpu.set_max_registers(_compute_registers(n_wgs), action="increase")
     plgpu.barrier_wait(setup_bar.at[0])
     if rope:
       hh = spec.head_dim // 2
@@ -295,7 +315,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
 
     def tile(i, carry):
       acc, m, l = carry
-      t = wg + COMPUTE_WGS * i
+      t = wg + n_wgs * i
       slot = lax.rem(t, stages)
       s0 = start + t * bs
       with jax.named_scope("k_wait"):
@@ -376,15 +396,16 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
             jnp.int32, (SUB, nq), 0, layout=wgmma_layout)
         scores.append(jnp.where(pos < length, s, _FLOOR))
       # Cross-warp reductions (max and sum over the rows) go through one
-      # shared scratch buffer of the kernel, so the two WGs take turns: WG w
-      # waits for its turn (WG 0's first is free) and hands it over after.
+      # shared scratch buffer of the kernel, so the WGs take turns in tile
+      # order: WG w waits for its turn (WG 0's first is free) and hands it
+      # to WG w + 1 (mod W) after.
       with jax.named_scope("turn"):
         @pl.when(jnp.logical_or(wg > 0, i > 0))
         def _():
           plgpu.barrier_wait(turn_bar.at[wg])
       with jax.named_scope("softmax"):
         m_new, l, corr, probs = softmax_step(m, l, scores)
-        plgpu.barrier_arrive(turn_bar.at[1 - wg])
+        plgpu.barrier_arrive(turn_bar.at[lax.rem(wg + 1, n_wgs)])
       with jax.named_scope("p_store"):
         for j, prob in enumerate(probs):
           p_s.at[wg, j].T[...] = prob.astype(dtype)
@@ -419,16 +440,16 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
     acc0 = plgpu.layout_cast(jnp.zeros((rv, nq), jnp.float32), wgmma_layout)
     m0 = plgpu.layout_cast(jnp.full((nq,), _FLOOR, jnp.float32), col_layout)
     l0 = plgpu.layout_cast(jnp.zeros((nq,), jnp.float32), col_layout)
-    mine = (n_tiles - wg + COMPUTE_WGS - 1) // COMPUTE_WGS
+    mine = (n_tiles - wg + n_wgs - 1) // n_wgs
     acc, m, l = lax.fori_loop(0, mine, tile, (acc0, m0, l0))
-    part = p * COMPUTE_WGS + wg
+    part = p * n_wgs + wg
     acc_o[b, x, part] = acc
     m_o[b, x, part] = m
     l_o[b, x, part] = l
 
-  @pl.when(wg == COMPUTE_WGS)
+  @pl.when(wg == n_wgs)
   def _memory():
-    plgpu.set_max_registers(40, action="decrease")
+    plgpu.set_max_registers(_PRODUCER_REGISTERS[n_wgs], action="decrease")
     if fold:
       for n in range(spec.q_per_kv):   # TMA: at most 5 strided dims
         plgpu.copy_gmem_to_smem(u_g.at[b, x, n], u_s.at[n], setup_bar.at[0])
@@ -619,7 +640,7 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
                       transforms=_transforms(_swizzle(rv)))
   # p·h_v: A (h_v tile, transposed) and B (Pᵀ) share one swizzle
   v_swizzle = k_swizzle if spec.shared else _swizzle(rv)
-  p_smem = plgpu.SMEM((COMPUTE_WGS, bs // SUB, nq, SUB), dtype,
+  p_smem = plgpu.SMEM((config.compute_wgs, bs // SUB, nq, SUB), dtype,
                       transforms=_transforms(min(v_swizzle, _swizzle(SUB))))
   unused = plgpu.SMEM((1, 8, 64), dtype)  # no value ring: shared latent
   per_key_tile = 2 if rope else 1          # + the tile's cos/sin row
@@ -628,8 +649,8 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
               plgpu.Barrier(num_arrivals=n_setup, num_barriers=1),
               ring_bars(num_arrivals=per_key_tile), ring_bars(num_arrivals=1),
               ring_bars(num_arrivals=1), ring_bars(num_arrivals=1),
-              plgpu.Barrier(num_arrivals=1, num_barriers=COMPUTE_WGS)]
-  parts = COMPUTE_WGS * splits
+              plgpu.Barrier(num_arrivals=1, num_barriers=config.compute_wgs)]
+  parts = config.compute_wgs * splits
   shape = (batch, x_size, parts)
   out_type = [jax.ShapeDtypeStruct(shape + (rv, nq), jnp.float32),
               jax.ShapeDtypeStruct(shape + (nq,), jnp.float32),
@@ -644,7 +665,7 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
       kernel, out_type=out_type, scratch_types=scratch,
       compiler_params=profile,
       grid=(x_size, splits, batch), grid_names=("x", "p", "b"),
-      num_threads=COMPUTE_WGS + 1, thread_name="wg",
+      num_threads=config.compute_wgs + 1, thread_name="wg",
       kernel_name="palu_latent_" + ("rope" if rope else "norope"),
   )(lengths.astype(jnp.int32), _group_major(hk, spec.groups),
     _group_major(hv_in, spec.groups), *operands)

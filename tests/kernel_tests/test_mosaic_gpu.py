@@ -217,6 +217,16 @@ def test_unsupported_reasons_and_config():
   # folding 4 query heads into B_k needs 4 copies of it: does not fit
   assert "shared memory" in mg.unsupported_reason(
       gqa, jnp.bfloat16, 4096, True, mg.MosaicConfig(rope_mode="fold"))
+  assert "compute_wgs 4" in mg.unsupported_reason(
+      mlrd, jnp.bfloat16, 4096, True, mg.MosaicConfig(compute_wgs=4))
+  assert "multiple of compute_wgs=3" in mg.unsupported_reason(
+      mlrd, jnp.bfloat16, 4096, True, mg.MosaicConfig(compute_wgs=3,
+                                                      stages=4))
+  three = mg.choose_config(mlrd, batch=8, cache_len=65536, rope=True,
+                           compute_wgs=3)
+  assert three.compute_wgs == 3 and three.stages % 3 == 0
+  assert mg.unsupported_reason(mlrd, jnp.bfloat16, 65536, True, three) is None
+  assert mg._compute_registers(2) == 232 and mg._compute_registers(3) == 160
   big = mg.MosaicConfig(block_s=64, stages=6)
   assert "shared memory" in mg.unsupported_reason(spec, jnp.bfloat16, 4096,
                                                   True, big)
@@ -271,19 +281,22 @@ PATHS = [(True, "rebuild"), (True, "fold"), (False, "rebuild")]
 PATH_IDS = ["rebuild", "fold", "norope"]
 
 
+@pytest.mark.parametrize("wgs", [2, 3])
 @pytest.mark.parametrize("block_s", [None, 64, 128])
 @pytest.mark.parametrize("rope,mode", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("case", LOWER_CASES,
                          ids=lambda c: "-".join(map(str, c)))
-def test_kernel_lowers_for_sm90(case, rope, mode, block_s):
+def test_kernel_lowers_for_sm90(case, rope, mode, block_s, wgs):
   """Every shape and path with the chosen config and with each tile size
-  that fits its shared memory (two ring slots)."""
+  that fits its shared memory (one ring slot per compute WG), with two and
+  three compute WGs."""
   g, j, qk, h, rk, rv, shared, batch, s = case
   spec = LatentSpec(groups=g, kv_per_group=j, q_per_kv=qk, head_dim=h,
                     k_rank=rk, v_rank=rv, shared=shared)
-  config = mg.choose_config(spec, batch=batch, cache_len=s, rope=rope)
+  config = mg.choose_config(spec, batch=batch, cache_len=s, rope=rope,
+                            compute_wgs=wgs)
   config = dataclasses.replace(config, rope_mode=mode, **(
-      dict(block_s=block_s, stages=2, splits=2) if block_s else {}))
+      dict(block_s=block_s, stages=wgs, splits=2) if block_s else {}))
   if mg.unsupported_reason(spec, jnp.bfloat16, s, rope, config):
     pytest.skip("does not fit")
   text = _lower(spec, batch, s, rope, config=config).as_text()
@@ -361,6 +374,25 @@ def test_compiled_kernel_ring_and_splits(block_s, stages, splits, rotation):
     assert check(spec, batch=2, cache_len=1024, lengths=[1024, 333],
                  dtype=jnp.bfloat16, rope=rope, bias=True, config=cfg,
                  mode=mode)
+
+
+@gpu
+@needs_hopper
+@pytest.mark.parametrize("case", [GPU_GRID[i] for i in (0, 3, 4, 5, 6)],
+                         ids=lambda c: "-".join(map(str, c[:7])))
+def test_compiled_three_compute_warpgroups(case):
+  """Three compute WGs (turns on the reductions go round a ring of three,
+  ring slots a multiple of three, 160 registers each)."""
+  g, j, qk, h, rk, rv, shared, batch, s, lengths = case
+  spec = LatentSpec(groups=g, kv_per_group=j, q_per_kv=qk, head_dim=h,
+                    k_rank=rk, v_rank=rv, shared=shared)
+  for rope in (True, False):
+    cfg = mg.choose_config(spec, batch=batch, cache_len=s, rope=rope,
+                           compute_wgs=3)
+    if mg.unsupported_reason(spec, jnp.bfloat16, s, rope, cfg):
+      continue
+    assert check(spec, batch=batch, cache_len=s, lengths=lengths,
+                 dtype=jnp.bfloat16, rope=rope, bias=rope, config=cfg)
 
 
 @gpu
