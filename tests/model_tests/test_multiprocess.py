@@ -28,8 +28,9 @@ def _free_port() -> int:
 
 
 def test_two_processes_compute_what_one_process_computes():
-  """Perplexity, and greedy tokens of a ragged batch (rows split over the
-  processes, gathered back to each)."""
+  """Perplexity, greedy tokens of a ragged batch and zero-shot scores of
+  ragged requests (rows split over the processes, gathered back to
+  each)."""
   sys.path.insert(0, HERE)
   from sharded_check import CFG, MODELS
   model = Transformer(CFG, dtype=jnp.float32, rngs=nnx.Rngs(1),
@@ -39,6 +40,9 @@ def test_two_processes_compute_what_one_process_computes():
   from multiprocess_check import PROMPTS
   from palu_jax.generate import Generator
   want_tokens = Generator(model).generate_ids(PROMPTS, max_new_tokens=6)
+  from eval.zeroshot.scoring import score_token_pairs
+  from multiprocess_check import PAIRS
+  want_scores = score_token_pairs(model, PAIRS, batch_size=4, progress=False)
   port = str(_free_port())
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join([ROOT, HERE]),
@@ -59,6 +63,9 @@ def test_two_processes_compute_what_one_process_computes():
     assert o["windows"] == want.windows == 12
     assert o["nll"] == pytest.approx(want.nll, rel=1e-5)
     assert o["tokens"] == want_tokens
+    assert o["logprobs"] == pytest.approx([s.logprob for s in want_scores],
+                                          rel=1e-5, abs=1e-5)
+    assert o["greedy"] == [s.is_greedy for s in want_scores]
 
 
 def test_initialize_without_a_job_is_a_no_op_and_bad_flags_are_named(
