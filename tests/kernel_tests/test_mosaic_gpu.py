@@ -254,6 +254,10 @@ LOWER_CASES = [
     (32, 1, 1, 128, 64, 64, False, 2, 1024),    # M-LRD
     (3, 1, 3, 64, 32, 64, False, 2, 1024),      # SmolLM2-like, H = 64
     (2, 2, 2, 64, 128, 128, True, 2, 1024),     # shared latent
+    # SmolLM2-135M's default (one shared latent for its 3 KV heads): the
+    # chosen config was 152 bytes over the limit before smem_bytes counted
+    # the reduction scratch (lowering reports the overflow on the CPU too)
+    (1, 3, 3, 64, 192, 192, True, 16, 8320),
 ]
 
 
