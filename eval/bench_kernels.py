@@ -283,27 +283,23 @@ def _configs(backend, spec, batch, ctx, rope, tune, rope_modes=(),
   if mosaic_gpu.unsupported_reason(spec, DTYPE, ctx, rope, base):
     return []
   out = [base]
+
+  def add(c):                     # once, and only if the kernel takes it
+    if c not in out and mosaic_gpu.unsupported_reason(
+        spec, DTYPE, ctx, rope, c) is None:
+      out.append(c)
   for w in compute_wgs:
-    c = mosaic_gpu.choose_config(spec, batch=batch, cache_len=ctx, rope=rope,
-                                 compute_wgs=w)
-    if c not in out and mosaic_gpu.unsupported_reason(
-        spec, DTYPE, ctx, rope, c) is None:
-      out.append(c)
+    add(mosaic_gpu.choose_config(spec, batch=batch, cache_len=ctx, rope=rope,
+                                 compute_wgs=w))
   for mode in rope_modes if rope else ():
-    c = dataclasses.replace(base, rope_mode=mode)
-    if c not in out and mosaic_gpu.unsupported_reason(
-        spec, DTYPE, ctx, rope, c) is None:
-      out.append(c)
+    add(dataclasses.replace(base, rope_mode=mode))
   if tune:
     for bs in (64, 128):
       for stages in (2, 4):
         for splits in sorted({max(1, base.splits // 2), base.splits,
                               base.splits * 2}):
-          c = mosaic_gpu.MosaicConfig(block_s=bs, stages=stages,
-                                      splits=splits)
-          if c not in out and mosaic_gpu.unsupported_reason(
-              spec, DTYPE, ctx, rope, c) is None:
-            out.append(c)
+          add(mosaic_gpu.MosaicConfig(block_s=bs, stages=stages,
+                                      splits=splits))
   return out
 
 

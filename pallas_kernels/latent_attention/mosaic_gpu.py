@@ -1,7 +1,9 @@
 """Latent decode attention on Hopper: Pallas's Mosaic GPU backend (wgmma, TMA).
 
 One kernel serves both paths (`rope=True`: keys rebuilt and rotated in the
-kernel; `rope=False`: B_k folded into the query). Per CTA, three warpgroups:
+kernel, or with `rope_mode="fold"` the query folded into B_k, see
+`folded_scores`; `rope=False`: B_k folded into the query). Per CTA, one
+memory warpgroup and `compute_wgs` (2, or 3) compute warpgroups:
 
   memory WG   TMA producer: the loop invariants once (B_k or the absorbed
               query, queries, RoPE frequencies, key bias), then the latent
@@ -11,11 +13,11 @@ kernel; `rope=False`: B_k folded into the query). Per CTA, three warpgroups:
               barrier. A key slot is released as soon as its tile's last
               rebuild has read it, a value slot at the tile's end, and keys
               are loaded one tile ahead of values.
-  compute WGs two of them, taking alternate tiles (WG w: tiles w, w+2, …),
+  compute WGs W of them, taking tiles in turn (WG w: tiles w, w+W, …),
               each with its own online softmax; they write separate partials,
               so the tensor core is kept busy by one WG while the other does
               its elementwise work. Their softmax reductions take turns (a
-              pair of barriers): Pallas lowers a cross-warp reduction through
+              ring of W barriers): Pallas lowers a cross-warp reduction through
               one scratch buffer per kernel, which two WGs reducing at once
               would race on (seen on the H200: wrong sums, 1-60 % of outputs).
 
@@ -520,15 +522,23 @@ def _rope_operands(q: Array, k_up: Array, k_bias: Array | None,
   qh = q.reshape(batch, g * j, qk, h)
   qh = jnp.pad(qh, [(0, 0), (0, 0), (0, nq - qk), (0, 0)]).astype(
       q_dtype or dtype)
-  if k_bias is None:
-    kb = jnp.zeros((g * j, h), jnp.float32)
-  else:
-    kb = k_bias.astype(dtype).astype(jnp.float32).reshape(g * j, h)
+  bk, kb = _per_kv_head(k_up, k_bias, spec, dtype)
   inv = jnp.broadcast_to(jnp.asarray(inv_freq, jnp.float32)[None], (g * j, hh))
   vecs = jnp.stack([inv, kb[:, :hh], kb[:, hh:]], axis=1)
+  return bk, qh, vecs, _subtile_angles(inv_freq, cache_len)
+
+
+def _per_kv_head(k_up: Array, k_bias: Array | None, spec: LatentSpec,
+                 dtype) -> tuple[Array, Array]:
+  """B_k [G·R_k, J·H] regrouped per KV head -> [G·J, R_k, H] in dtype, and
+  the key bias per KV head [G·J, H] as f32 of its dtype value (zeros when
+  there is none)."""
+  g, j, h = spec.groups, spec.kv_per_group, spec.head_dim
   bk = k_up.reshape(g, spec.k_rank, j, h).transpose(0, 2, 1, 3)
   bk = bk.reshape(g * j, spec.k_rank, h).astype(dtype)
-  return bk, qh, vecs, _subtile_angles(inv_freq, cache_len)
+  if k_bias is None:
+    return bk, jnp.zeros((g * j, h), jnp.float32)
+  return bk, k_bias.astype(dtype).astype(jnp.float32).reshape(g * j, h)
 
 
 def _subtile_angles(inv_freq: Array, cache_len: int) -> Array:
@@ -552,16 +562,12 @@ def _fold_operands(q: Array, k_up: Array, k_bias: Array | None,
   f32 = jnp.float32
   qh = q.astype(f32).reshape(batch, g * j, qk, h) * h ** -0.5
   q1, q2 = qh[..., :hh], qh[..., hh:]
-  bk = k_up.astype(dtype).astype(f32).reshape(g, spec.k_rank, j, h)
-  bk = bk.transpose(0, 2, 1, 3).reshape(g * j, spec.k_rank, h)
+  bk, kb = _per_kv_head(k_up, k_bias, spec, dtype)
+  bk = bk.astype(f32)
   b1, b2 = bk[..., :hh], bk[..., hh:]
   mix = lambda bb, qq: jnp.einsum("xri,bxni->bxnri", bb, qq)
   u = jnp.concatenate([mix(b1, q1) + mix(b2, q2), mix(b1, q2) - mix(b2, q1)],
                       axis=-1).astype(dtype)
-  if k_bias is None:
-    kb = jnp.zeros((g * j, h), f32)
-  else:
-    kb = k_bias.astype(dtype).astype(f32).reshape(g * j, h)
   kb1, kb2 = kb[None, :, None, :hh], kb[None, :, None, hh:]
   cb = kb1 * q1 + kb2 * q2                                   # [B, X, Q, hh]
   db = kb1 * q2 - kb2 * q1
