@@ -173,7 +173,7 @@ def palu_flops(spec: LatentSpec, batch: int, ctx: int, rope: bool) -> float:
 def run(shapes, batches, contexts, ratios, bits_list, *, tune: bool,
         save, groups=(GROUP,), backends=("mosaic_gpu", "triton"),
         shared: bool = False, rope_modes: tuple = (),
-        compute_wgs: tuple = ()) -> list[dict]:
+        compute_wgs: tuple = (), split_counts: tuple = ()) -> list[dict]:
   rows: list[dict] = []
   for shape_name in shapes:
     n_heads, n_kv, h = SHAPES[shape_name]
@@ -226,7 +226,7 @@ def run(shapes, batches, contexts, ratios, bits_list, *, tune: bool,
                     + ("" if group == GROUP else f"_g{group}")
                     + ("_shared" if shared else ""))
             configs = _configs(backend, spec, batch, ctx, rope, tune,
-                               rope_modes, compute_wgs)
+                               rope_modes, compute_wgs, split_counts)
             best = None
             for cfg in configs:
               fn = functools.partial(
@@ -270,12 +270,13 @@ def _palu_call(q, hk, hv, k_up, lengths, *, spec, inv, config, backend):
 
 
 def _configs(backend, spec, batch, ctx, rope, tune, rope_modes=(),
-             compute_wgs=()) -> list:
+             compute_wgs=(), split_counts=()) -> list:
   """Launch configs to time for one backend (the chosen one first); none
   when the Mosaic GPU kernel cannot take the shape (Triton's row stands).
   `rope_modes`: also time the chosen Mosaic GPU config with each of these
   RoPE scoring modes ("rebuild", "fold"), and the chosen config for each
-  count of compute warpgroups in `compute_wgs`."""
+  count of compute warpgroups in `compute_wgs` and each split count in
+  `split_counts`."""
   if backend == "triton":
     base = choose_config(spec, batch=batch, cache_len=ctx, rope=rope)
     return [base] + (_tune_grid(base) if tune else [])
@@ -293,6 +294,8 @@ def _configs(backend, spec, batch, ctx, rope, tune, rope_modes=(),
                                  compute_wgs=w))
   for mode in rope_modes if rope else ():
     add(dataclasses.replace(base, rope_mode=mode))
+  for p in split_counts:
+    add(dataclasses.replace(base, splits=p))
   if tune:
     for bs in (64, 128):
       for stages in (2, 4):
@@ -376,6 +379,9 @@ def main(argv=None) -> int:
   ap.add_argument("--compute-wgs", nargs="+", type=int, default=[],
                   choices=[2, 3], help="also time the Mosaic GPU kernel "
                   "with this many compute warpgroups (fastest row kept)")
+  ap.add_argument("--splits", nargs="+", type=int, default=[],
+                  help="also time the chosen Mosaic GPU config with each of "
+                  "these split counts (fastest row kept; all logged)")
   ap.add_argument("--name", default="bench_kernels")
   ap.add_argument("--out", default=os.path.join("eval", "results"))
   args = ap.parse_args(argv)
@@ -403,7 +409,8 @@ def main(argv=None) -> int:
   run(args.shapes, args.batches, args.contexts, args.ratios, args.bits,
       tune=args.tune, save=save, groups=args.groups,
       backends=tuple(args.backends), shared=args.shared,
-      rope_modes=tuple(args.rope_modes), compute_wgs=tuple(args.compute_wgs))
+      rope_modes=tuple(args.rope_modes), compute_wgs=tuple(args.compute_wgs),
+      split_counts=tuple(args.splits))
   return 0
 
 

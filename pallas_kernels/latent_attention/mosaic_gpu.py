@@ -198,8 +198,17 @@ def choose_config(spec: LatentSpec, *, batch: int, cache_len: int, rope: bool,
   compute WGs then serve twice the rows;
   eval/results/profile_kernel_h200.md), else 64; two slots per WG where
   they fit; splits so that the grid fills the GPU in one wave at most (one
-  CTA per SM: the ring takes its shared memory), each split still walking
-  ≥ 4 tiles per compute WG."""
+  CTA per SM: the ring takes its shared memory and the registers), each
+  split still walking one tile per compute WG and, with RoPE, at least
+  2·k_rank rows (its B_k slice is loaded once per CTA).
+
+  Split counts measured on the H200 (eval/results/
+  bench_kernels_h200_splits.md, Llama-3-8B B1 4K, 50 %): G-LRD-4 RoPE best
+  at 8 splits of 512 rows (43 µs; 16 splits 51 µs), M-LRD RoPE at 16 of
+  256 (35 µs; the earlier ≥ 4-tiles-per-WG rule picked 4: 51 µs), no RoPE
+  at one tile per WG (G-LRD-4 32 splits 31 µs vs 42 µs at 8). SmolLM2
+  (48 RoPE programs, B16 8K): 2 splits (one wave) beat 3–16 (87 vs 92–115
+  µs)."""
   # "fold" measured no faster than "rebuild" on the H200 (NOTES.md, v9)
   # and rounds q·B_k to 16 bits: rebuild is the default
   mode = "rebuild"
@@ -213,7 +222,8 @@ def choose_config(spec: LatentSpec, *, batch: int, cache_len: int, rope: bool,
   # one full wave: 32 programs × 5 splits = 160 CTAs on 132 SMs ran a
   # second, nearly empty wave (Llama-2-7B G-LRD-4, batch 1, on the H200)
   want = max(1, n_sms // programs)
-  splits = max(1, min(want, tiles // (4 * w)))
+  min_rows = max(w * bs, 2 * spec.k_rank if rope else 0)
+  splits = max(1, min(want, tiles * bs // min_rows))
   return MosaicConfig(block_s=bs, stages=stages, splits=splits,
                       rope_mode=mode, compute_wgs=w)
 
