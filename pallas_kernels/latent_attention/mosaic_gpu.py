@@ -203,7 +203,7 @@ def choose_config(spec: LatentSpec, *, batch: int, cache_len: int, rope: bool,
   2·k_rank rows (its B_k slice is loaded once per CTA).
 
   Split counts measured on the H200 (eval/results/
-  bench_kernels_h200_splits.md, Llama-3-8B B1 4K, 50 %): G-LRD-4 RoPE best
+  bench_kernels_h200_splits.txt, Llama-3-8B B1 4K, 50 %): G-LRD-4 RoPE best
   at 8 splits of 512 rows (43 µs; 16 splits 51 µs), M-LRD RoPE at 16 of
   256 (35 µs; the earlier ≥ 4-tiles-per-WG rule picked 4: 51 µs), no RoPE
   at one tile per WG (G-LRD-4 32 splits 31 µs vs 42 µs at 8). SmolLM2
