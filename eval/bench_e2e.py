@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -47,17 +48,29 @@ def palu_config(cfg, ratio: float, bits: int, group: int = GROUP,
                     kv_bits=bits, quant_group=32, shared_kv=shared)
 
 
-VARIANTS = {
-    "base": None,                 # dense, decode attention on cuDNN (GPU)
-    "base_xla": None,             # dense, jnp attention (the old baseline)
-    "palu50": (0.5, 16),
-    "palu50_g2": (0.5, 16, 2),
-    "palu50_int4": (0.5, 4),
-    "palu50_g1": (0.5, 16, 1),
-    "palu50_int4_g1": (0.5, 4, 1),
-    # all KV heads of a layer in one shared latent (SmolLM2's default)
-    "palu50_shared": (0.5, 16, 1024, True),
-}
+# the default list; any name `variant_spec` parses can be asked for
+VARIANTS = ("base", "base_xla", "palu50", "palu50_g2", "palu50_int4",
+            "palu50_g1", "palu50_int4_g1", "palu50_shared")
+_VARIANT = re.compile(r"^palu(?P<pct>\d{1,2})(?:_(?P<bits>fp8|int[234]))?"
+                      r"(?:_g(?P<group>\d+))?(?P<shared>_shared)?$")
+
+
+def variant_spec(name: str):
+  """A variant name -> palu_config's (ratio, bits, group, shared), or None
+  for the dense model ("base": decode on the best kernel, "base_xla": jnp
+  attention). Names: palu<percent>[_fp8|_int4|_int3|_int2][_g<heads per
+  latent>][_shared], e.g. palu50_fp8_g1; no _g: groups of 4; _shared:
+  one latent per layer for keys and values (SmolLM2's default)."""
+  if name in ("base", "base_xla"):
+    return None
+  m = _VARIANT.match(name)
+  if not m or not 0 < int(m["pct"]) < 100:
+    raise SystemExit(f"--variants: cannot read {name!r} (base, base_xla or "
+                     "palu<percent>[_fp8|_int4|_int3|_int2][_g<n>][_shared])")
+  bits = {None: 16, "fp8": 8}.get(m["bits"]) or int(m["bits"][3:])
+  if m["shared"]:
+    return int(m["pct"]) / 100, bits, 1024, True
+  return int(m["pct"]) / 100, bits, int(m["group"] or GROUP), False
 
 
 def build(cfg, palu, dtype, dense_decode: str | None = None):
@@ -76,7 +89,9 @@ def build(cfg, palu, dtype, dense_decode: str | None = None):
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--model", default="llama2-7b", choices=sorted(SHAPES))
-  ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+  ap.add_argument("--variants", nargs="+", default=list(VARIANTS),
+                  help="base, base_xla or palu<percent>[_fp8|_int4|_int3|"
+                  "_int2][_g<KV heads per latent>][_shared]")
   ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
   ap.add_argument("--contexts", nargs="+", type=int,
                   default=[4096, 16384, 65536])
@@ -119,7 +134,7 @@ def main(argv=None) -> int:
     plot_results(jpath)          # a PNG next to it, with matplotlib
 
   for name in args.variants:
-    spec = VARIANTS[name]
+    spec = variant_spec(name)
     palu = None if spec is None else palu_config(cfg, *spec)
     model = build(cfg, palu, jnp.bfloat16,
                   "xla" if name == "base_xla" else None)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from eval.bench_decode import SHAPES, bench_one, cache_len, measure_bandwidth
-from eval.bench_e2e import VARIANTS, build, palu_config
+from eval.bench_e2e import build, palu_config, variant_spec
 from eval.plots import plot_results
 from eval.report import markdown_table, write_results
 from palu_jax.sharding.mesh import make_mesh, spec_devices
@@ -37,7 +37,8 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--model", default="llama2-7b", choices=sorted(SHAPES))
   ap.add_argument("--variants", nargs="+", default=["base", "palu50_g1"],
-                  choices=sorted(VARIANTS))
+                  help="as eval/bench_e2e.py: base or palu<percent>[_fp8|"
+                  "_int4][_g<n>][_shared]")
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--context", type=int, default=16384)
   ap.add_argument("--meshes", nargs="+", default=["none", "data=1,model=1"],
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
       print(f"plot skipped: {e}", file=sys.stderr)
 
   for name in args.variants:
-    spec = VARIANTS[name]
+    spec = variant_spec(name)
     palu = None if spec is None else palu_config(cfg, *spec)
     model = build(cfg, palu, jnp.bfloat16,
                   "xla" if name == "base_xla" else None)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from eval.bench_decode import (SHAPES, _decode, _random_cache, cache_len)
-from eval.bench_e2e import VARIANTS, build, palu_config
+from eval.bench_e2e import build, palu_config, variant_spec
 from eval.report import markdown_table, write_results
 from palu_jax.generate import DecodeState
 
@@ -102,7 +102,7 @@ def summarize(events: list[dict], steps: int, wall_s: float) -> dict:
 
 def profile_variant(name: str, cfg, *, batch: int, ctx: int, steps: int,
                     keep_trace: str | None) -> dict:
-  spec = VARIANTS[name]
+  spec = variant_spec(name)
   palu = None if spec is None else palu_config(cfg, *spec)
   model = build(cfg, palu, jnp.bfloat16,
                 "xla" if name == "base_xla" else None)
@@ -139,7 +139,8 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--model", default="llama2-7b", choices=sorted(SHAPES))
   ap.add_argument("--variants", nargs="+", default=["base", "palu50_g1"],
-                  choices=sorted(VARIANTS))
+                  help="as eval/bench_e2e.py: base or palu<percent>[_fp8|"
+                  "_int4][_g<n>][_shared]")
   ap.add_argument("--batch", type=int, default=1)
   ap.add_argument("--contexts", type=int, nargs="+", default=[4096])
   ap.add_argument("--steps", type=int, default=16)
