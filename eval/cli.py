@@ -45,9 +45,11 @@ def cmd_convert(args) -> int:
   return 0
 
 
-def cmd_compress(args) -> int:
-  from palu_jax.compress import CalibrationConfig, CompressionConfig
-  from palu_jax.pipeline import compress_checkpoint
+def compression_config(args):
+  """The compress command's flags (over a --preset, over the defaults or
+  --palu) -> CompressionConfig or EigenConfig; misplaced flags raise
+  ConfigError naming them."""
+  from palu_jax.compress import CompressionConfig
   from palu_jax.eigen.compress import EigenConfig
   from palu_jax.errors import ConfigError
   palu_only = ("mode", "group_size", "alloc", "whiten", "k_fraction",
@@ -55,14 +57,23 @@ def cmd_compress(args) -> int:
   eigen_only = ("eps", "step", "floor", "error_windows")
   common = ("ratio", "multiple", "hadamard", "kv_bits", "quant_group",
             "k_up_bits")
-  _check_data_dir(args)
   method = args.method
-  if args.hadamard and args.kv_bits in (None, 16):
+  preset = {}
+  if args.preset is not None:
+    if method == "eigen":
+      raise ConfigError("preset", "--preset picks Palu settings; it does "
+                        "not apply to --method eigen")
+    from palu_jax.compression_presets import preset_fields
+    preset = preset_fields(args.preset)
+  kv_bits = args.kv_bits if args.kv_bits is not None else preset.get(
+      "kv_bits")
+  if args.hadamard and kv_bits in (None, 16):
     # the rotation leaves a 16-bit model unchanged: asking for it alone is
     # a mistake (the API keeps it, for tests of that very invariance)
     raise ConfigError("hadamard", "--hadamard only helps quantized latents: "
                       "pass --kv-bits 8/4/3/2 with it")
-  if args.group_size is not None and args.mode != "glrd":
+  if args.group_size is not None and (args.mode or preset.get("mode")) != \
+      "glrd":
     raise ConfigError("group_size", "--group-size applies to --mode glrd "
                       "only; pass --mode glrd with it")
   wrong = [n for n in (palu_only if method == "eigen" else eigen_only)
@@ -71,14 +82,20 @@ def cmd_compress(args) -> int:
   if wrong:
     raise ConfigError("method", f"--{wrong[0].replace('_', '-')} does not "
                       f"apply to --method {method}")
-  given = {name: getattr(args, name) for name in common + (
+  given = {**preset, **{name: getattr(args, name) for name in common + (
       eigen_only if method == "eigen" else palu_only)
-      if getattr(args, name) is not None}
+      if getattr(args, name) is not None}}   # flags override the preset
   if method == "eigen":
-    comp = EigenConfig(**given)
-  else:
-    comp = (CompressionConfig.palu(**given) if args.palu
-            else CompressionConfig(**given))
+    return EigenConfig(**given)
+  return (CompressionConfig.palu(**given) if args.palu
+          else CompressionConfig(**given))
+
+
+def cmd_compress(args) -> int:
+  from palu_jax.compress import CalibrationConfig
+  from palu_jax.pipeline import compress_checkpoint
+  _check_data_dir(args)
+  comp = compression_config(args)
   calib = CalibrationConfig(dataset=args.calib_dataset,
                             windows=args.calib_windows,
                             seqlen=args.calib_seqlen,
@@ -330,6 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
   k.add_argument("--error-windows", type=positive_int, default=None,
                  help="eigen: calibration windows the errors are measured "
                  "on [8]")
+  k.add_argument("--preset", choices=["fast", "balanced", "small"],
+                 default=None, help="settings picked from the measured "
+                 "configuration table (README: which configuration for which "
+                 "goal); flags below still override")
   k.add_argument("--palu", action="store_true",
                  help="Palu as published (separate latents, input whitening, "
                  "Fisher ranks); flags below still override")

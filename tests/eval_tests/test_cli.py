@@ -167,3 +167,43 @@ def test_compress_fp8_key_up_projection(tmp_path, stories_bin, capsys):
                "256", "--limit", "4"]) == 0
   ppl = float(capsys.readouterr().out.strip().splitlines()[-1].split()[1])
   assert 1.0 < ppl < 6.0
+
+
+def test_compress_presets_map_to_the_config():
+  """--preset sets the fields of palu_jax.compression_presets.PRESETS over
+  the defaults; explicit flags override it; Eigen refuses it by name."""
+  from eval.cli import build_parser, compression_config
+  from palu_jax.compress import CompressionConfig
+  from palu_jax.compression_presets import PRESETS
+  from palu_jax.errors import ConfigError
+  parse = lambda *a: build_parser().parse_args(["compress", "m", "--out",
+                                                "o", *a])
+  for name, preset in PRESETS.items():
+    comp = compression_config(parse("--preset", name))
+    assert comp == CompressionConfig(**preset.fields), name
+  small = compression_config(parse("--preset", "small", "--kv-bits", "4",
+                                   "--hadamard"))
+  assert (small.kv_bits, small.hadamard, small.multiple) == (4, True, 32)
+  assert compression_config(parse("--preset", "fast", "--ratio",
+                                  "0.3")).ratio == 0.3
+  with pytest.raises(ConfigError, match="preset"):
+    compression_config(parse("--preset", "small", "--method", "eigen"))
+  with pytest.raises(SystemExit):
+    parse("--preset", "tiny")
+
+
+def test_compress_with_a_preset(tmp_path, stories_bin, capsys):
+  """A preset compresses the real model and lands in the marker file
+  (stories260K's 8-wide heads need smaller rank multiples than the preset's
+  32: the flags override it)."""
+  out = tmp_path / "small"
+  assert main(["compress", stories_bin, "--out", str(out), "--preset",
+               "small", "--rank-multiple", "8", "--quant-group", "8",
+               "--calib-dataset", "tinystories", "--calib-windows", "4",
+               "--calib-seqlen", "64", "--no-calib-cache"]) == 0
+  with open(out / "palu_jax.json") as f:
+    marker = json.load(f)
+  assert marker["compression"]["kv_bits"] == 8
+  assert marker["compression"]["ratio"] == 0.5
+  assert marker["compression"]["multiple"] == 8
+  assert "KV cache: " in capsys.readouterr().out
