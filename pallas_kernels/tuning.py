@@ -29,13 +29,29 @@ TABLE = {
 }
 
 
+# Hopper's opt-in shared memory per block; Ampere has less (164 KB on the
+# A100), where the smaller tiles this rule picks for large ranks fit too
+SMEM_BYTES = 227 * 1024
+
+
+def smem_estimate(spec: LatentSpec, block_s: int, stages: int) -> int:
+  """Shared memory Triton takes for a tile loop: `stages` buffers of the
+  key latent tile, one of the value tile, ~24 KB of the rest. Fits the
+  one overflow measured (H200, G-LRD-4 at 30 %, ranks 352, 128-row tiles,
+  2 stages: Triton asked 291,072 B, this says 294,912) and the 50 % ranks
+  (256) that compile at those tiles (estimate 221,184 B)."""
+  per = spec.bits / 8
+  return int(block_s * per * (stages * spec.k_rank + spec.v_rank)) + 24576
+
+
 def choose_config(spec: LatentSpec, *, batch: int, cache_len: int,
                   rope: bool, n_programs: int = TARGET_PROGRAMS
                   ) -> KernelConfig:
   """Kernel config for this shape; block_s divides cache_len (≥ 16)."""
   block_s, warps, stages = TABLE[(rope, spec.bits == 16,
                                   spec.heads_per_group >= 16)]
-  while block_s > 16 and cache_len % block_s:
+  while block_s > 16 and (cache_len % block_s or smem_estimate(
+      spec, block_s, stages) > SMEM_BYTES):
     block_s //= 2
   tiles = max(1, cache_len // block_s)
   want = -(-n_programs // max(1, batch * spec.groups))
