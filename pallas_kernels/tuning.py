@@ -34,12 +34,19 @@ TABLE = {
 SMEM_BYTES = 227 * 1024
 
 
-def smem_estimate(spec: LatentSpec, block_s: int, stages: int) -> int:
-  """Shared memory Triton takes for a tile loop: `stages` buffers of the
-  key latent tile, one of the value tile, ~24 KB of the rest. Fits the
-  one overflow measured (H200, G-LRD-4 at 30 %, ranks 352, 128-row tiles,
-  2 stages: Triton asked 291,072 B, this says 294,912) and the 50 % ranks
-  (256) that compile at those tiles (estimate 221,184 B)."""
+def smem_estimate(spec: LatentSpec, block_s: int, stages: int,
+                  rope: bool) -> int:
+  """Shared memory (bytes) Triton takes for a tile loop, fitted to what it
+  asked on the H200 for G-LRD-4 at 30 % (ranks 352, head_dim 128, 2
+  stages): 291,072 B with 128-row tiles, 237,824 B with 64 (both failed to
+  compile; the limit is 232,448). With RoPE the B_k slices of a KV head
+  (R × H, 16-bit) are buffered `stages` times and each tile row costs
+  (R + H/2) 16-bit values; the 50 % ranks (256) come to 217,344 B at 128
+  rows and 2 stages, which compile. Without RoPE (B_k folded into the
+  query) `stages` latent tiles of keys and one of values."""
+  if rope:
+    return (stages * spec.k_rank * spec.head_dim * 2
+            + block_s * (spec.k_rank + spec.head_dim // 2) * 2 + 4352)
   per = spec.bits / 8
   return int(block_s * per * (stages * spec.k_rank + spec.v_rank)) + 24576
 
@@ -50,9 +57,16 @@ def choose_config(spec: LatentSpec, *, batch: int, cache_len: int,
   """Kernel config for this shape; block_s divides cache_len (≥ 16)."""
   block_s, warps, stages = TABLE[(rope, spec.bits == 16,
                                   spec.heads_per_group >= 16)]
-  while block_s > 16 and (cache_len % block_s or smem_estimate(
-      spec, block_s, stages) > SMEM_BYTES):
+  while block_s > 16 and cache_len % block_s:
     block_s //= 2
+  # too large for shared memory: halve the tile down to 64 rows, then drop
+  # the second stage, then halve again
+  while block_s > 16 and smem_estimate(spec, block_s, stages,
+                                       rope) > SMEM_BYTES:
+    if block_s <= 64 and stages > 1:
+      stages = 1
+    else:
+      block_s //= 2
   tiles = max(1, cache_len // block_s)
   want = -(-n_programs // max(1, batch * spec.groups))
   splits = max(1, min(want, tiles // MIN_TILES_PER_SPLIT))

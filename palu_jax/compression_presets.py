@@ -23,22 +23,25 @@ class Preset:
   goal: str                   # one line: what it is for
 
 
+# Measured (eval/results/config_table.md): SmolLM2-135M WikiText-2
+# perplexity; decode tokens/s of the Llama-2-7B shape at 64K, batch 1, H200.
 PRESETS: dict[str, Preset] = {
-    # per-head latents: the least key-rebuild work per byte read, so the
-    # fastest RoPE kernel (Llama-2-7B shape, 64K) at a large quality cost
-    # on models with few KV heads
+    # per-head latents: the least key-rebuild work per byte read, the only
+    # compressed configuration faster than the dense model at 64K (1.27×)
+    # and on the speed/quality front, at a large quality cost on models
+    # with few KV heads (SmolLM2: 46.9 vs 24.1)
     "fast": Preset({"ratio": 0.5, "mode": "mlrd"},
                    "fastest decode at long context (per-head latents)"),
-    # the default decomposition at 50 %: half the cache, bf16 latents the
-    # Mosaic GPU kernel reads at full speed
+    # the default decomposition at 50 %: half the cache (twice the context
+    # in the same memory), 16-bit latents that the Mosaic GPU kernel reads
     "balanced": Preset({"ratio": 0.5},
                        "half the cache, 16-bit latents on the fast kernel"),
-    # fp8 latents cost nothing measurable in perplexity over bf16 ones
-    # (SmolLM2 50 %: 24.077 vs 24.077) at 53 % of their bytes; int4 halves
-    # them again for +1.6 %
+    # fp8 latents cost nothing measurable over bf16 ones (SmolLM2 50 %:
+    # 24.077 vs 24.077) at 53 % of their bytes; decoded by the Triton
+    # kernels until an fp8 Mosaic GPU kernel exists (0.17× at 64K)
     "small": Preset({"ratio": 0.5, "kv_bits": 8, "multiple": 32},
-                    "smallest cache at no measurable cost over 16-bit "
-                    "latents (float8 latents)"),
+                    "a quarter of the dense cache at the 16-bit latents' "
+                    "quality (float8 latents)"),
 }
 
 
