@@ -173,7 +173,8 @@ def palu_flops(spec: LatentSpec, batch: int, ctx: int, rope: bool) -> float:
 def run(shapes, batches, contexts, ratios, bits_list, *, tune: bool,
         save, groups=(GROUP,), backends=("mosaic_gpu", "triton"),
         shared: bool = False, rope_modes: tuple = (),
-        compute_wgs: tuple = (), split_counts: tuple = ()) -> list[dict]:
+        compute_wgs: tuple = (), split_counts: tuple = (),
+        kv_heads_per_cta: tuple = ()) -> list[dict]:
   rows: list[dict] = []
   for shape_name in shapes:
     n_heads, n_kv, h = SHAPES[shape_name]
@@ -226,7 +227,8 @@ def run(shapes, batches, contexts, ratios, bits_list, *, tune: bool,
                     + ("" if group == GROUP else f"_g{group}")
                     + ("_shared" if shared else ""))
             configs = _configs(backend, spec, batch, ctx, rope, tune,
-                               rope_modes, compute_wgs, split_counts)
+                               rope_modes, compute_wgs, split_counts,
+                               kv_heads_per_cta)
             best = None
             for cfg in configs:
               fn = functools.partial(
@@ -270,13 +272,14 @@ def _palu_call(q, hk, hv, k_up, lengths, *, spec, inv, config, backend):
 
 
 def _configs(backend, spec, batch, ctx, rope, tune, rope_modes=(),
-             compute_wgs=(), split_counts=()) -> list:
+             compute_wgs=(), split_counts=(), kv_heads_per_cta=()) -> list:
   """Launch configs to time for one backend (the chosen one first); none
   when the Mosaic GPU kernel cannot take the shape (Triton's row stands).
   `rope_modes`: also time the chosen Mosaic GPU config with each of these
   RoPE scoring modes ("rebuild", "fold"), and the chosen config for each
-  count of compute warpgroups in `compute_wgs` and each split count in
-  `split_counts`."""
+  count of compute warpgroups in `compute_wgs`, each split count in
+  `split_counts` and (RoPE) each count of KV heads per CTA in
+  `kv_heads_per_cta` that divides the group's."""
   if backend == "triton":
     base = choose_config(spec, batch=batch, cache_len=ctx, rope=rope)
     return [base] + (_tune_grid(base) if tune else [])
@@ -296,6 +299,10 @@ def _configs(backend, spec, batch, ctx, rope, tune, rope_modes=(),
     add(dataclasses.replace(base, rope_mode=mode))
   for p in split_counts:
     add(dataclasses.replace(base, splits=p))
+  for hc in kv_heads_per_cta if rope else ():
+    if spec.kv_per_group % hc == 0:
+      add(mosaic_gpu.choose_config(spec, batch=batch, cache_len=ctx,
+                                   rope=rope, kv_heads_per_cta=hc))
   if tune:
     for bs in (64, 128):
       for stages in (2, 4):
@@ -322,7 +329,9 @@ def _cfg_str(c) -> str:
   if isinstance(c, mosaic_gpu.MosaicConfig):
     return (f"bs={c.block_s} P={c.splits} stages={c.stages}"
             + (f" {c.rope_mode}" if c.rope_mode != "rebuild" else "")
-            + (f" wgs={c.compute_wgs}" if c.compute_wgs != 2 else ""))
+            + (f" wgs={c.compute_wgs}" if c.compute_wgs != 2 else "")
+            + (f" heads={c.kv_heads_per_cta}" if c.kv_heads_per_cta != 1
+               else ""))
   return f"bs={c.block_s} P={c.splits} w={c.num_warps} st={c.num_stages}"
 
 
@@ -382,6 +391,9 @@ def main(argv=None) -> int:
   ap.add_argument("--splits", nargs="+", type=int, default=[],
                   help="also time the chosen Mosaic GPU config with each of "
                   "these split counts (fastest row kept; all logged)")
+  ap.add_argument("--kv-heads-per-cta", nargs="+", type=int, default=[],
+                  help="also time the Mosaic GPU RoPE kernel with one CTA "
+                  "for this many KV heads of a group (fastest row kept)")
   ap.add_argument("--name", default="bench_kernels")
   ap.add_argument("--out", default=os.path.join("eval", "results"))
   args = ap.parse_args(argv)
@@ -410,7 +422,8 @@ def main(argv=None) -> int:
       tune=args.tune, save=save, groups=args.groups,
       backends=tuple(args.backends), shared=args.shared,
       rope_modes=tuple(args.rope_modes), compute_wgs=tuple(args.compute_wgs),
-      split_counts=tuple(args.splits))
+      split_counts=tuple(args.splits),
+      kv_heads_per_cta=tuple(args.kv_heads_per_cta))
   return 0
 
 

@@ -89,6 +89,13 @@ class MosaicConfig:
   # wgmma, but q_per_kv times the tensor work; measured no faster, NOTES.md
   # v9). Fold has no register operand in flight: the base for pipelining.
   rope_mode: str = "rebuild"
+  # RoPE, rebuild: KV heads of a latent group served by one CTA (a divisor
+  # of the group's heads). Their B_k slices sit side by side in shared
+  # memory, each latent tile is read once for all of them (not once per
+  # head), the rotation angles are computed once, and one softmax update
+  # and one p·h_v product serve all their query heads (N = heads × padded
+  # queries): the per-tile chain is paid once per `kv_heads_per_cta` heads.
+  kv_heads_per_cta: int = 1
   # Mosaic GPU's in-kernel profiler (eval/profile_kernel.py): the named
   # stages of each tile (`jax.named_scope` below) timed in SM cycles per
   # warpgroup, at most `profile_space` ranges each, written as a trace
@@ -131,6 +138,11 @@ def query_cols(spec: LatentSpec, rope: bool) -> int:
   return 8 * -(-n // 8)
 
 
+def heads_per_cta(rope: bool, config: MosaicConfig) -> int:
+  """KV heads one CTA serves with RoPE (1 without: B_k is in the query)."""
+  return config.kv_heads_per_cta if rope else 1
+
+
 def unsupported_reason(spec: LatentSpec, dtype, cache_len: int, rope: bool,
                        config: MosaicConfig) -> str | None:
   """Why this kernel cannot run a shape (None if it can)."""
@@ -146,8 +158,14 @@ def unsupported_reason(spec: LatentSpec, dtype, cache_len: int, rope: bool,
     return f"k_rank {spec.k_rank} (needs a multiple of 16)"
   if rope and spec.head_dim % 32:
     return f"head_dim {spec.head_dim} (needs a multiple of 32)"
-  if query_cols(spec, rope) > 256:
-    return "more than 256 query heads per program"
+  hc = heads_per_cta(rope, config)
+  if hc < 1 or spec.kv_per_group % hc:
+    return (f"kv_heads_per_cta {hc} (a divisor of kv_per_group="
+            f"{spec.kv_per_group})")
+  if hc > 1 and config.rope_mode != "rebuild":
+    return f"kv_heads_per_cta {hc} with rope_mode {config.rope_mode!r}"
+  if query_cols(spec, rope) * hc > 256:
+    return "more than 256 query columns per program"
   if config.block_s not in (SUB, 2 * SUB):
     return f"block_s {config.block_s} (64 or 128)"
   if cache_len % config.block_s:
@@ -171,15 +189,16 @@ def unsupported_reason(spec: LatentSpec, dtype, cache_len: int, rope: bool,
 def smem_bytes(spec: LatentSpec, rope: bool, config: MosaicConfig) -> int:
   """Shared memory the kernel allocates (2-byte elements)."""
   bs, nq = config.block_s, query_cols(spec, rope)
+  hc = heads_per_cta(rope, config)
   ring = bs * (spec.k_rank + (0 if spec.shared else spec.v_rank))
-  fixed = config.compute_wgs * nq * bs                   # Pᵀ per WG
+  fixed = config.compute_wgs * hc * nq * bs              # Pᵀ per WG
   if rope and config.rope_mode == "fold":
     hh, qk = spec.head_dim // 2, spec.q_per_kv
     fixed += qk * spec.k_rank * 2 * hh + (1 + 2 * qk) * hh * 2  # U, f32s
     fixed += config.stages * (bs // SUB) * 2 * hh * 2  # cos/sin rows (f32)
   elif rope:
     hh = spec.head_dim // 2
-    fixed += 2 * spec.k_rank * hh + 2 * nq * hh + 3 * hh * 2  # B, q, f32s
+    fixed += hc * (2 * spec.k_rank * hh + 2 * nq * hh + 3 * hh * 2)  # B, q
     fixed += config.stages * (bs // SUB) * 2 * hh * 2  # cos/sin rows (f32)
   else:
     fixed += nq * spec.k_rank
@@ -191,8 +210,8 @@ def smem_bytes(spec: LatentSpec, rope: bool, config: MosaicConfig) -> int:
 
 
 def choose_config(spec: LatentSpec, *, batch: int, cache_len: int, rope: bool,
-                  n_sms: int = 132, compute_wgs: int = COMPUTE_WGS
-                  ) -> MosaicConfig:
+                  n_sms: int = 132, compute_wgs: int = COMPUTE_WGS,
+                  kv_heads_per_cta: int = 1) -> MosaicConfig:
   """Tiles of 128 rows where one ring slot per compute WG fits (a softmax
   update, its two cross-warp reductions and the hand-over between the
   compute WGs then serve twice the rows;
@@ -212,12 +231,13 @@ def choose_config(spec: LatentSpec, *, batch: int, cache_len: int, rope: bool,
   # "fold" measured no faster than "rebuild" on the H200 (NOTES.md, v9)
   # and rounds q·B_k to 16 bits: rebuild is the default
   mode = "rebuild"
-  w = compute_wgs
+  w, hc = compute_wgs, kv_heads_per_cta
   fits = lambda bs, st: smem_bytes(spec, rope, MosaicConfig(
-      block_s=bs, stages=st, rope_mode=mode, compute_wgs=w)) <= SMEM_BYTES
+      block_s=bs, stages=st, rope_mode=mode, compute_wgs=w,
+      kv_heads_per_cta=hc)) <= SMEM_BYTES
   bs = 2 * SUB if cache_len % (2 * SUB) == 0 and fits(2 * SUB, w) else SUB
   stages = 2 * w if fits(bs, 2 * w) else w
-  programs = batch * spec.groups * (spec.kv_per_group if rope else 1)
+  programs = batch * spec.groups * (spec.kv_per_group // hc if rope else 1)
   tiles = max(1, cache_len // bs)
   # one full wave: 32 programs × 5 splits = 160 CTAs on 132 SMs ran a
   # second, nearly empty wave (Llama-2-7B G-LRD-4, batch 1, on the H200)
@@ -225,7 +245,7 @@ def choose_config(spec: LatentSpec, *, batch: int, cache_len: int, rope: bool,
   min_rows = max(w * bs, 2 * spec.k_rank if rope else 0)
   splits = max(1, min(want, tiles * bs // min_rows))
   return MosaicConfig(block_s=bs, stages=stages, splits=splits,
-                      rope_mode=mode, compute_wgs=w)
+                      rope_mode=mode, compute_wgs=w, kv_heads_per_cta=hc)
 
 
 # ------------------------------------------------ plain math the kernel uses
@@ -292,7 +312,9 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
   subs = bs // SUB
   q_dtype = scores_dtype(config, dtype)
   rk, rv = spec.k_rank, spec.v_rank
-  j_per = spec.kv_per_group if rope else 1
+  hc = heads_per_cta(rope, config)
+  cols = hc * nq               # query columns of the CTA: nq per KV head
+  j_per = spec.kv_per_group // hc if rope else 1   # CTAs per latent group
   x, p, b = lax.axis_index("x"), lax.axis_index("p"), lax.axis_index("b")
   wg = lax.axis_index("wg")
   g = x // j_per
@@ -316,9 +338,13 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
       rot = jnp.dtype(jnp.float32 if fold else config.rotation_dtype)
       col = lambda k: lax.broadcast_in_dim(
           plgpu.load(k, (), layout=col_layout).astype(rot), (SUB, hh), [1])
-      inv = plgpu.load(vec_s.at[0], (), layout=col_layout)
+      # fold: vec_s [1 + 2Q, H/2]; rebuild: [heads, 3, H/2] (inv_freq is
+      # the same for every head)
+      inv = plgpu.load(vec_s.at[0] if fold else vec_s.at[0, 0], (),
+                       layout=col_layout)
       if has_bias and not fold:
-        kb1, kb2 = col(vec_s.at[1]), col(vec_s.at[2])
+        key_bias = [(col(vec_s.at[jj, 1]), col(vec_s.at[jj, 2]))
+                    for jj in range(hc)]
       rows = plgpu.broadcasted_iota(jnp.int32, (SUB, hh), 0,
                                     layout=wgmma_layout).astype(jnp.float32)
       row_angle = rows * lax.broadcast_in_dim(inv, (SUB, hh), [1])
@@ -367,35 +393,44 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
             for n in range(1, spec.q_per_kv):
               s = jnp.where(qcol == n, widen(per_query[n]), s)
         elif rope:
-          with jax.named_scope("rebuild"):
-            c0 = col(base_s.at[slot, j, 0])
-            z0 = col(base_s.at[slot, j, 1])
-            # one wgmma with N = H (both halves): the h_k rows are read
-            # from shared memory once, not once per half
-            def rebuild(k_ref):
-              plgpu.wgmma(k_ref, hk_s.at[slot, rows], b_s)
-              return k_ref[...]
-            k = pl.run_scoped(rebuild, plgpu.ACC((SUB, 2 * hh), jnp.float32))
-            if release_keys:
-              plgpu.barrier_arrive(kcons_bar.at[slot])
-          with jax.named_scope("rope"):
-            # keys are rounded once, to the rotation type: f32->16-bit
-            # converts issue at 16/clk/SM on sm_90 (8x slower than an FMA),
-            # and each pass over a [64, 128] tile costs ~256 cycles, a
-            # quarter of the tile's rebuild on the tensor core
-            k1, k2 = k[:, :hh].astype(rot), k[:, hh:].astype(rot)
-            if has_bias:
-              k1, k2 = k1 + kb1, k2 + kb2
-            cos, sin = angle_sum(cos_i, sin_i, c0, z0)   # of (s0 + i)·θ
-            r1, r2 = rotate_halves(k1, k2, cos, sin)
-            r = jnp.concatenate([r1.astype(q_dtype), r2.astype(q_dtype)],
-                                axis=1)
-          with jax.named_scope("score"):
-            def score(ref):
-              plgpu.wgmma(ref, r, q_s.T)
-              return ref[...]
-            s = pl.run_scoped(score, plgpu.ACC((SUB, nq), jnp.float32))
-            s = s * (spec.head_dim ** -0.5)          # in f32, as the model
+          c0 = col(base_s.at[slot, j, 0])
+          z0 = col(base_s.at[slot, j, 1])
+          cos = sin = None
+          per_head = []
+          for jj in range(hc):
+            with jax.named_scope("rebuild"):
+              # one wgmma with N = H (both halves): the h_k rows are read
+              # from shared memory once, not once per half
+              def rebuild(k_ref, jj=jj):
+                plgpu.wgmma(k_ref, hk_s.at[slot, rows], b_s.at[jj])
+                return k_ref[...]
+              k = pl.run_scoped(rebuild,
+                                plgpu.ACC((SUB, 2 * hh), jnp.float32))
+              if release_keys and jj == hc - 1:
+                plgpu.barrier_arrive(kcons_bar.at[slot])
+            with jax.named_scope("rope"):
+              # keys are rounded once, to the rotation type: f32->16-bit
+              # converts issue at 16/clk/SM on sm_90 (8x slower than an
+              # FMA), and each pass over a [64, 128] tile costs ~256
+              # cycles, a quarter of the tile's rebuild on the tensor core
+              k1, k2 = k[:, :hh].astype(rot), k[:, hh:].astype(rot)
+              if has_bias:
+                kb1, kb2 = key_bias[jj]
+                k1, k2 = k1 + kb1, k2 + kb2
+              if cos is None:       # of (s0 + i)·θ, once for all heads
+                cos, sin = angle_sum(cos_i, sin_i, c0, z0)
+              r1, r2 = rotate_halves(k1, k2, cos, sin)
+              r = jnp.concatenate([r1.astype(q_dtype), r2.astype(q_dtype)],
+                                  axis=1)
+            with jax.named_scope("score"):
+              def score(ref, jj=jj):
+                plgpu.wgmma(ref, r, q_s.at[jj].T)
+                return ref[...]
+              sj = pl.run_scoped(score, plgpu.ACC((SUB, nq), jnp.float32))
+              # 1/√H in f32, as the model
+              per_head.append(sj * (spec.head_dim ** -0.5))
+          s = (per_head[0] if hc == 1
+               else jnp.concatenate(per_head, axis=1))   # [SUB, cols]
         else:
           with jax.named_scope("score"):
             def score(ref):
@@ -405,7 +440,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
             if release_keys:
               plgpu.barrier_arrive(kcons_bar.at[slot])
         pos = s0 + j * SUB + plgpu.broadcasted_iota(
-            jnp.int32, (SUB, nq), 0, layout=wgmma_layout)
+            jnp.int32, (SUB, cols), 0, layout=wgmma_layout)
         scores.append(jnp.where(pos < length, s, _FLOOR))
       # Cross-warp reductions (max and sum over the rows) go through one
       # shared scratch buffer of the kernel, so the WGs take turns in tile
@@ -422,7 +457,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
         for j, prob in enumerate(probs):
           p_s.at[wg, j].T[...] = prob.astype(dtype)
         plgpu.commit_smem()                 # visible to the tensor core
-        acc = acc * lax.broadcast_in_dim(corr, (rv, nq), [1])
+        acc = acc * lax.broadcast_in_dim(corr, (rv, cols), [1])
       values = hk_s if spec.shared else hv_s
       if split_rings:
         with jax.named_scope("v_wait"):
@@ -449,9 +484,11 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
             (vcons_bar if split_rings else kcons_bar).at[slot])
       return acc, m_new, l
 
-    acc0 = plgpu.layout_cast(jnp.zeros((rv, nq), jnp.float32), wgmma_layout)
-    m0 = plgpu.layout_cast(jnp.full((nq,), _FLOOR, jnp.float32), col_layout)
-    l0 = plgpu.layout_cast(jnp.zeros((nq,), jnp.float32), col_layout)
+    acc0 = plgpu.layout_cast(jnp.zeros((rv, cols), jnp.float32),
+                             wgmma_layout)
+    m0 = plgpu.layout_cast(jnp.full((cols,), _FLOOR, jnp.float32),
+                           col_layout)
+    l0 = plgpu.layout_cast(jnp.zeros((cols,), jnp.float32), col_layout)
     mine = (n_tiles - wg + n_wgs - 1) // n_wgs
     acc, m, l = lax.fori_loop(0, mine, tile, (acc0, m0, l0))
     part = p * n_wgs + wg
@@ -467,8 +504,10 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
         plgpu.copy_gmem_to_smem(u_g.at[b, x, n], u_s.at[n], setup_bar.at[0])
       plgpu.copy_gmem_to_smem(vec_g.at[b, x], vec_s, setup_bar.at[0])
     elif rope:
-      plgpu.copy_gmem_to_smem(bk_g.at[x], b_s, setup_bar.at[0])
-      plgpu.copy_gmem_to_smem(q_g.at[b, x], q_s, setup_bar.at[0])
+      for jj in range(hc):             # TMA: at most 5 strided dims
+        plgpu.copy_gmem_to_smem(bk_g.at[x, jj], b_s.at[jj], setup_bar.at[0])
+        plgpu.copy_gmem_to_smem(q_g.at[b, x, jj], q_s.at[jj],
+                                setup_bar.at[0])
       plgpu.copy_gmem_to_smem(vec_g.at[x], vec_s, setup_bar.at[0])
     else:
       plgpu.copy_gmem_to_smem(qf_g.at[b, x], qf_s, setup_bar.at[0])
@@ -610,6 +649,8 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
     config = choose_config(spec, batch=batch, cache_len=s, rope=rope)
   dtype = q.dtype
   nq = query_cols(spec, rope)
+  hc = heads_per_cta(rope, config)
+  cols = hc * nq
   bs = config.block_s
   blocks = s // bs
   per = -(-blocks // config.splits)
@@ -634,16 +675,20 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
     hh = spec.head_dim // 2
     # the rebuild's A (h_k tile) and B (B_k) share one swizzle
     k_swizzle = min(k_swizzle, _swizzle(2 * hh))
-    operands = _rope_operands(q, k_up, k_bias, inv_freq, spec, nq, dtype, s,
-                              scores_dtype(config, dtype))
-    scratch = [plgpu.SMEM((rk, 2 * hh), dtype,
+    bk, qh, vecs, angles = _rope_operands(q, k_up, k_bias, inv_freq, spec, nq,
+                                          dtype, s, scores_dtype(config, dtype))
+    x_size = spec.groups * spec.kv_per_group // hc
+    # each CTA's `hc` KV heads side by side (free reshapes)
+    operands = (bk.reshape(x_size, hc, rk, 2 * hh),
+                qh.reshape(batch, x_size, hc, nq, 2 * hh),
+                vecs.reshape(x_size, hc, 3, hh), angles)
+    scratch = [plgpu.SMEM((hc, rk, 2 * hh), dtype,
                           transforms=_transforms(k_swizzle)),
-               plgpu.SMEM((nq, 2 * hh), scores_dtype(config, dtype),
+               plgpu.SMEM((hc, nq, 2 * hh), scores_dtype(config, dtype),
                           transforms=_transforms(_swizzle(2 * hh))),
-               plgpu.SMEM((3, hh), jnp.float32),
+               plgpu.SMEM((hc, 3, hh), jnp.float32),
                plgpu.SMEM((config.stages, bs // SUB, 2, hh), jnp.float32)]
-    n_setup = 3
-    x_size = spec.groups * spec.kv_per_group
+    n_setup = 1 + 2 * hc
   else:
     operands = (absorbed_queries(q, k_up, spec, nq, dtype),)
     scratch = [plgpu.SMEM((nq, rk), dtype,
@@ -656,7 +701,7 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
                       transforms=_transforms(_swizzle(rv)))
   # p·h_v: A (h_v tile, transposed) and B (Pᵀ) share one swizzle
   v_swizzle = k_swizzle if spec.shared else _swizzle(rv)
-  p_smem = plgpu.SMEM((config.compute_wgs, bs // SUB, nq, SUB), dtype,
+  p_smem = plgpu.SMEM((config.compute_wgs, bs // SUB, cols, SUB), dtype,
                       transforms=_transforms(min(v_swizzle, _swizzle(SUB))))
   unused = plgpu.SMEM((1, 8, 64), dtype)  # no value ring: shared latent
   per_key_tile = 2 if rope else 1          # + the tile's cos/sin row
@@ -668,9 +713,9 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
               plgpu.Barrier(num_arrivals=1, num_barriers=config.compute_wgs)]
   parts = config.compute_wgs * splits
   shape = (batch, x_size, parts)
-  out_type = [jax.ShapeDtypeStruct(shape + (rv, nq), jnp.float32),
-              jax.ShapeDtypeStruct(shape + (nq,), jnp.float32),
-              jax.ShapeDtypeStruct(shape + (nq,), jnp.float32)]
+  out_type = [jax.ShapeDtypeStruct(shape + (rv, cols), jnp.float32),
+              jax.ShapeDtypeStruct(shape + (cols,), jnp.float32),
+              jax.ShapeDtypeStruct(shape + (cols,), jnp.float32)]
   kernel = functools.partial(_kernel, spec=spec, rope=rope, config=config,
                              span=span, nq=nq, dtype=dtype,
                              has_bias=k_bias is not None)
@@ -685,7 +730,16 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
       kernel_name="palu_latent_" + ("rope" if rope else "norope"),
   )(lengths.astype(jnp.int32), _group_major(hk, spec.groups),
     _group_major(hv_in, spec.groups), *operands)
-  heads = spec.q_per_kv if rope else spec.heads_per_group
-  acc = jnp.swapaxes(acc, -1, -2)[..., :heads, :]     # [B, X, parts, Q, R_v]
-  out = combine_splits(acc, m[..., :heads], l[..., :heads])
+  acc = jnp.swapaxes(acc, -1, -2)                 # [B, X, parts, cols, R_v]
+  if rope:
+    # per KV head of the CTA its query heads, without the padding
+    def real(a):
+      lead, rest = a.shape[:3], a.shape[4:]
+      a = a.reshape(lead + (hc, nq) + rest)[:, :, :, :, :spec.q_per_kv]
+      return a.reshape(lead + (hc * spec.q_per_kv,) + rest)
+    acc, m, l = real(acc), real(m), real(l)
+  else:
+    heads = spec.heads_per_group
+    acc, m, l = acc[..., :heads, :], m[..., :heads], l[..., :heads]
+  out = combine_splits(acc, m, l)
   return out.reshape(batch, spec.n_heads, rv)

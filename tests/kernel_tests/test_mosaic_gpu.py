@@ -307,6 +307,43 @@ def test_kernel_lowers_for_sm90(case, rope, mode, block_s, wgs):
   assert "mosaic_gpu" in text
 
 
+# (G, J, Q, H, R_k, R_v, shared, batch, S): groups of several KV heads
+SEVERAL_HEADS = [
+    (1, 3, 3, 64, 192, 192, True, 16, 8192),    # SmolLM2-135M's default
+    (4, 2, 2, 128, 128, 128, False, 2, 1024),   # G-LRD-2, GQA 2
+    (2, 2, 1, 128, 64, 64, False, 1, 512),      # G-LRD-2, MHA, small ranks
+    (2, 4, 1, 64, 64, 64, False, 1, 512),       # four heads of 64
+]
+
+
+@pytest.mark.parametrize("case", SEVERAL_HEADS,
+                         ids=lambda c: "-".join(map(str, c)))
+def test_kernel_lowers_with_several_kv_heads_per_cta(case):
+  """`kv_heads_per_cta`: every divisor of the group's KV heads that fits
+  shared memory lowers for sm_90, with its chosen tiles and with 64-row
+  tiles; a non-divisor and the fold mode are refused by name."""
+  g, j, qk, h, rk, rv, shared, batch, s = case
+  spec = LatentSpec(groups=g, kv_per_group=j, q_per_kv=qk, head_dim=h,
+                    k_rank=rk, v_rank=rv, shared=shared)
+  lowered = 0
+  for hc in range(2, j + 1):
+    config = mg.choose_config(spec, batch=batch, cache_len=s, rope=True,
+                              kv_heads_per_cta=hc)
+    if j % hc:
+      assert "kv_heads_per_cta" in mg.unsupported_reason(
+          spec, jnp.bfloat16, s, True, config)
+      continue
+    assert "rope_mode 'fold'" in mg.unsupported_reason(
+        spec, jnp.bfloat16, s, True,
+        dataclasses.replace(config, rope_mode="fold"))
+    for cfg in (config, dataclasses.replace(config, block_s=64, stages=2)):
+      if mg.unsupported_reason(spec, jnp.bfloat16, s, True, cfg):
+        continue
+      assert "mosaic_gpu" in _lower(spec, batch, s, True, config=cfg).as_text()
+      lowered += 1
+  assert lowered                   # each case has a configuration that fits
+
+
 # ------------------------------------------ GPU: compiled kernel vs reference
 
 def check(spec, *, batch, cache_len, lengths, dtype, rope, bias=False,
@@ -397,6 +434,33 @@ def test_compiled_three_compute_warpgroups(case):
       continue
     assert check(spec, batch=batch, cache_len=s, lengths=lengths,
                  dtype=jnp.bfloat16, rope=rope, bias=rope, config=cfg)
+
+
+@gpu
+@needs_hopper
+@pytest.mark.parametrize("case", [
+    (4, 2, 2, 128, 128, 128, False, 2, 256, [130, 256]),   # G-LRD-2
+    (2, 2, 2, 64, 128, 128, True, 2, 256, [256, 3]),       # shared latent
+    (1, 3, 3, 64, 192, 192, True, 2, 512, [512, 77]),      # SmolLM2
+    (2, 4, 1, 64, 64, 64, False, 3, 320, [1, 319, 200]),   # 4 heads of 64
+], ids=lambda c: "-".join(map(str, c[:7])))
+def test_compiled_several_kv_heads_per_cta(case):
+  """One CTA for several KV heads of a group (every divisor that fits),
+  against the reference, with the key bias."""
+  g, j, qk, h, rk, rv, shared, batch, s, lengths = case
+  spec = LatentSpec(groups=g, kv_per_group=j, q_per_kv=qk, head_dim=h,
+                    k_rank=rk, v_rank=rv, shared=shared)
+  ran = 0
+  for hc in [d for d in range(2, j + 1) if j % d == 0]:
+    cfg = mg.choose_config(spec, batch=batch, cache_len=s, rope=True,
+                           kv_heads_per_cta=hc)
+    for c in (cfg, dataclasses.replace(cfg, splits=1)):
+      if mg.unsupported_reason(spec, jnp.bfloat16, s, True, c):
+        continue
+      assert check(spec, batch=batch, cache_len=s, lengths=lengths,
+                   dtype=jnp.bfloat16, rope=True, bias=True, config=c)
+      ran += 1
+  assert ran
 
 
 @gpu
