@@ -363,6 +363,20 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
         rows = pl.ds(j * SUB, SUB)
         # a key slot is free once the tile's last sub-tile has been read
         release_keys = split_rings and j == subs - 1
+
+        def latent_product(operand, last, rows=rows, release=release_keys):
+          """h_k sub-tile [SUB, R_k] · operand [R_k, H] -> f32 [SUB, H] on
+          the tensor core (one wgmma, N = H: the h_k rows are read from
+          shared memory once); the sub-tile's last one frees the key
+          slot."""
+          def product(ref):
+            plgpu.wgmma(ref, hk_s.at[slot, rows], operand)
+            return ref[...]
+          out = pl.run_scoped(product, plgpu.ACC((SUB, 2 * hh), jnp.float32))
+          if release and last:
+            plgpu.barrier_arrive(kcons_bar.at[slot])
+          return out
+
         if fold:
           c0 = col(base_s.at[slot, j, 0])
           z0 = col(base_s.at[slot, j, 1])
@@ -371,13 +385,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
             # profile names as in "rebuild": the tensor-core stage, then
             # the rotation (here of the products, in f32)
             with jax.named_scope("rebuild"):
-              def fold_dot(ref, n=n):
-                plgpu.wgmma(ref, hk_s.at[slot, rows], u_s.at[n])
-                return ref[...]
-              cd = pl.run_scoped(fold_dot,
-                                 plgpu.ACC((SUB, 2 * hh), jnp.float32))
-              if release_keys and n == spec.q_per_kv - 1:
-                plgpu.barrier_arrive(kcons_bar.at[slot])
+              cd = latent_product(u_s.at[n], n == spec.q_per_kv - 1)
             with jax.named_scope("rope"):
               c, d = cd[:, :hh], cd[:, hh:]
               if has_bias:
@@ -399,15 +407,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
           per_head = []
           for jj in range(hc):
             with jax.named_scope("rebuild"):
-              # one wgmma with N = H (both halves): the h_k rows are read
-              # from shared memory once, not once per half
-              def rebuild(k_ref, jj=jj):
-                plgpu.wgmma(k_ref, hk_s.at[slot, rows], b_s.at[jj])
-                return k_ref[...]
-              k = pl.run_scoped(rebuild,
-                                plgpu.ACC((SUB, 2 * hh), jnp.float32))
-              if release_keys and jj == hc - 1:
-                plgpu.barrier_arrive(kcons_bar.at[slot])
+              k = latent_product(b_s.at[jj], jj == hc - 1)
             with jax.named_scope("rope"):
               # keys are rounded once, to the rotation type: f32->16-bit
               # converts issue at 16/clk/SM on sm_90 (8x slower than an
