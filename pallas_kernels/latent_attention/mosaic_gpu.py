@@ -96,6 +96,10 @@ class MosaicConfig:
   # and one p·h_v product serve all their query heads (N = heads × padded
   # queries): the per-tile chain is paid once per `kv_heads_per_cta` heads.
   kv_heads_per_cta: int = 1
+  # R_v not a multiple of 64 (30 % ranks, Fisher ranks in multiples of 16):
+  # p·h_v in overlapping 64-row pieces (`value_row_chunks`). Off until its
+  # compiled tests have run on the GPU: such shapes go to Triton.
+  value_pieces: bool = False
   # Mosaic GPU's in-kernel profiler (eval/profile_kernel.py): the named
   # stages of each tile (`jax.named_scope` below) timed in SM cycles per
   # warpgroup, at most `profile_space` ranges each, written as a trace
@@ -138,6 +142,17 @@ def query_cols(spec: LatentSpec, rope: bool) -> int:
   return 8 * -(-n // 8)
 
 
+def value_row_chunks(v_rank: int) -> tuple[tuple[int, int], ...]:
+  """(offset, rows) of the p·h_v accumulator pieces: all R_v rows at once
+  when R_v is a multiple of 64 (the wgmma M), else 64-row pieces with the
+  last one ending at R_v, overlapping its neighbour (their common rows get
+  the same sums, so either copy is right)."""
+  if v_rank % SUB == 0:
+    return ((0, v_rank),)
+  offsets = list(range(0, v_rank - SUB, SUB)) + [v_rank - SUB]
+  return tuple((o, SUB) for o in offsets)
+
+
 def heads_per_cta(rope: bool, config: MosaicConfig) -> int:
   """KV heads one CTA serves with RoPE (1 without: B_k is in the query)."""
   return config.kv_heads_per_cta if rope else 1
@@ -151,9 +166,13 @@ def unsupported_reason(spec: LatentSpec, dtype, cache_len: int, rope: bool,
     return f"dtype {jnp.dtype(dtype).name} (Mosaic GPU path takes bf16/fp16)"
   if spec.bits != 16:
     return f"{spec.bits}-bit latents (Mosaic GPU path reads 16-bit latents)"
-  if spec.v_rank % 64:
-    return (f"v_rank {spec.v_rank} (needs a multiple of 64: the wgmma M of "
-            "p·h_v)")
+  if spec.v_rank % 16 or spec.v_rank < SUB:
+    return (f"v_rank {spec.v_rank} (needs a multiple of 16, at least 64: "
+            "p·h_v takes 64-row pieces of it)")
+  if spec.v_rank % SUB and not config.value_pieces:
+    return (f"v_rank {spec.v_rank} (not a multiple of 64; "
+            "MosaicConfig(value_pieces=True) takes it in 64-row pieces, not "
+            "yet run on the GPU)")
   if spec.k_rank % 16:
     return f"k_rank {spec.k_rank} (needs a multiple of 16)"
   if rope and spec.head_dim % 32:
@@ -314,6 +333,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
   rk, rv = spec.k_rank, spec.v_rank
   hc = heads_per_cta(rope, config)
   cols = hc * nq               # query columns of the CTA: nq per KV head
+  chunks = value_row_chunks(spec.v_rank)
   j_per = spec.kv_per_group // hc if rope else 1   # CTAs per latent group
   x, p, b = lax.axis_index("x"), lax.axis_index("p"), lax.axis_index("b")
   wg = lax.axis_index("wg")
@@ -457,7 +477,8 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
         for j, prob in enumerate(probs):
           p_s.at[wg, j].T[...] = prob.astype(dtype)
         plgpu.commit_smem()                 # visible to the tensor core
-        acc = acc * lax.broadcast_in_dim(corr, (rv, cols), [1])
+        acc = tuple(a * lax.broadcast_in_dim(corr, a.shape, [1])
+                    for a in acc)
       values = hk_s if spec.shared else hv_s
       if split_rings:
         with jax.named_scope("v_wait"):
@@ -475,24 +496,28 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
         plgpu.commit_smem()
 
       with jax.named_scope("pv"):
-        def mix(ref):
+        def mix(refs):
           for j in range(subs):
-            plgpu.wgmma(ref, values.at[slot, pl.ds(j * SUB, SUB)].T,
-                        p_s.at[wg, j].T)
-        acc = pl.run_state(mix)(plgpu.ACC.init(acc))
+            for ref, (off, size) in zip(refs, chunks):
+              plgpu.wgmma(ref, values.at[slot, pl.ds(j * SUB, SUB),
+                                         pl.ds(off, size)].T,
+                          p_s.at[wg, j].T)
+        acc = pl.run_state(mix)(tuple(plgpu.ACC.init(a) for a in acc))
         plgpu.barrier_arrive(
             (vcons_bar if split_rings else kcons_bar).at[slot])
       return acc, m_new, l
 
-    acc0 = plgpu.layout_cast(jnp.zeros((rv, cols), jnp.float32),
-                             wgmma_layout)
+    acc0 = tuple(plgpu.layout_cast(jnp.zeros((size, cols), jnp.float32),
+                                   wgmma_layout) for _, size in chunks)
     m0 = plgpu.layout_cast(jnp.full((cols,), _FLOOR, jnp.float32),
                            col_layout)
     l0 = plgpu.layout_cast(jnp.zeros((cols,), jnp.float32), col_layout)
     mine = (n_tiles - wg + n_wgs - 1) // n_wgs
     acc, m, l = lax.fori_loop(0, mine, tile, (acc0, m0, l0))
     part = p * n_wgs + wg
-    acc_o[b, x, part] = acc
+    for a, (off, size) in zip(acc, chunks):
+      # overlapping chunks hold the same values in their common rows
+      acc_o[b, x, part, pl.ds(off, size)] = a
     m_o[b, x, part] = m
     l_o[b, x, part] = l
 

@@ -146,6 +146,20 @@ def test_online_softmax_steps_and_split_merge_equal_one_softmax(
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_value_row_chunks_cover_the_rank_in_64_row_pieces():
+  """p·h_v accumulates R_v rows in wgmma pieces of 64: one piece when R_v
+  is a multiple of 64; else the last piece ends at R_v and overlaps."""
+  assert mg.value_row_chunks(128) == ((0, 128),)
+  assert mg.value_row_chunks(96) == ((0, 64), (32, 64))
+  for rv in range(64, 513, 16):
+    chunks = mg.value_row_chunks(rv)
+    covered = np.zeros(rv, bool)
+    for off, size in chunks:
+      assert off % 16 == 0 and off + size <= rv and size % 64 == 0
+      covered[off:off + size] = True
+    assert covered.all() and chunks[-1][0] + chunks[-1][1] == rv
+
+
 def test_operands():
   spec = LatentSpec(groups=2, kv_per_group=2, q_per_kv=3, head_dim=16,
                     k_rank=32, v_rank=64)
@@ -189,6 +203,12 @@ def test_unsupported_reasons_and_config():
   assert "4-bit" in mg.unsupported_reason(
       LatentSpec(groups=1, kv_per_group=1, q_per_kv=1, head_dim=64,
                  k_rank=64, v_rank=64, bits=4), jnp.bfloat16, 64, True, cfg)
+  odd = LatentSpec(groups=1, kv_per_group=1, q_per_kv=1, head_dim=64,
+                   k_rank=96, v_rank=96)
+  assert "value_pieces=True" in mg.unsupported_reason(
+      odd, jnp.bfloat16, 64, True, cfg)
+  assert mg.unsupported_reason(odd, jnp.bfloat16, 64, True,
+                               mg.MosaicConfig(value_pieces=True)) is None
   assert "v_rank 48" in mg.unsupported_reason(
       LatentSpec(groups=1, kv_per_group=1, q_per_kv=1, head_dim=64,
                  k_rank=64, v_rank=48), jnp.bfloat16, 64, True, cfg)
@@ -258,6 +278,12 @@ LOWER_CASES = [
     # chosen config was 152 bytes over the limit before smem_bytes counted
     # the reduction scratch (lowering reports the overflow on the CPU too)
     (1, 3, 3, 64, 192, 192, True, 16, 8320),
+    # ranks that are not multiples of 64 (30 % on M-LRD, G-LRD-2, SmolLM2;
+    # Fisher ranks in multiples of 16): p·h_v in overlapping 64-row pieces
+    (8, 1, 1, 128, 96, 96, False, 2, 1024),
+    (4, 2, 2, 128, 176, 176, False, 2, 1024),
+    (1, 3, 3, 64, 272, 272, True, 16, 8192),
+    (2, 1, 2, 64, 80, 80, False, 1, 512),
 ]
 
 
@@ -299,7 +325,7 @@ def test_kernel_lowers_for_sm90(case, rope, mode, block_s, wgs):
                     k_rank=rk, v_rank=rv, shared=shared)
   config = mg.choose_config(spec, batch=batch, cache_len=s, rope=rope,
                             compute_wgs=wgs)
-  config = dataclasses.replace(config, rope_mode=mode, **(
+  config = dataclasses.replace(config, rope_mode=mode, value_pieces=True, **(
       dict(block_s=block_s, stages=wgs, splits=2) if block_s else {}))
   if mg.unsupported_reason(spec, jnp.bfloat16, s, rope, config):
     pytest.skip("does not fit")
@@ -461,6 +487,27 @@ def test_compiled_several_kv_heads_per_cta(case):
                    dtype=jnp.bfloat16, rope=True, bias=True, config=c)
       ran += 1
   assert ran
+
+
+@gpu
+@needs_hopper
+@pytest.mark.parametrize("rope,mode", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("case", [
+    (8, 1, 1, 128, 96, 96, False, 2, 256, [256, 70]),      # M-LRD 30 %
+    (2, 2, 2, 128, 176, 176, False, 2, 256, [130, 256]),   # G-LRD-2 30 %
+    (1, 3, 3, 64, 272, 272, True, 2, 320, [320, 1]),       # SmolLM2 30 %
+    (2, 1, 2, 64, 32, 80, False, 1, 128, [100]),           # R_v = 80
+], ids=lambda c: "-".join(map(str, c[:7])))
+def test_compiled_value_ranks_not_multiples_of_64(case, rope, mode):
+  g, j, qk, h, rk, rv, shared, batch, s, lengths = case
+  spec = LatentSpec(groups=g, kv_per_group=j, q_per_kv=qk, head_dim=h,
+                    k_rank=rk, v_rank=rv, shared=shared)
+  config = dataclasses.replace(mg.choose_config(
+      spec, batch=batch, cache_len=s, rope=rope), value_pieces=True)
+  if not check(spec, batch=batch, cache_len=s, lengths=lengths,
+               dtype=jnp.bfloat16, rope=rope, bias=rope, config=config,
+               mode=mode):
+    pytest.skip("does not fit shared memory")
 
 
 @gpu
