@@ -174,7 +174,8 @@ def run(shapes, batches, contexts, ratios, bits_list, *, tune: bool,
         save, groups=(GROUP,), backends=("mosaic_gpu", "triton"),
         shared: bool = False, rope_modes: tuple = (),
         compute_wgs: tuple = (), split_counts: tuple = (),
-        kv_heads_per_cta: tuple = ()) -> list[dict]:
+        kv_heads_per_cta: tuple = (), fp8_latents: bool = False
+        ) -> list[dict]:
   rows: list[dict] = []
   for shape_name in shapes:
     n_heads, n_kv, h = SHAPES[shape_name]
@@ -214,6 +215,8 @@ def run(shapes, batches, contexts, ratios, bits_list, *, tune: bool,
           if n_kv % group:
             continue
           spec = palu_spec(n_heads, n_kv, h, ratio, bits, group, shared)
+          if bits == 8 and fp8_latents:   # one scale per token and group
+            spec = dataclasses.replace(spec, quant_group=spec.k_rank)
           hk = _latent_side(spec, batch, ctx, 6)
           hv = None if shared else _latent_side(spec, batch, ctx, 7)
           k_up = _pseudo_random(jnp.float32(8), shape=(
@@ -228,7 +231,7 @@ def run(shapes, batches, contexts, ratios, bits_list, *, tune: bool,
                     + ("_shared" if shared else ""))
             configs = _configs(backend, spec, batch, ctx, rope, tune,
                                rope_modes, compute_wgs, split_counts,
-                               kv_heads_per_cta)
+                               kv_heads_per_cta, fp8_latents)
             best = None
             for cfg in configs:
               fn = functools.partial(
@@ -272,7 +275,8 @@ def _palu_call(q, hk, hv, k_up, lengths, *, spec, inv, config, backend):
 
 
 def _configs(backend, spec, batch, ctx, rope, tune, rope_modes=(),
-             compute_wgs=(), split_counts=(), kv_heads_per_cta=()) -> list:
+             compute_wgs=(), split_counts=(), kv_heads_per_cta=(),
+             fp8_latents=False) -> list:
   """Launch configs to time for one backend (the chosen one first); none
   when the Mosaic GPU kernel cannot take the shape (Triton's row stands).
   `rope_modes`: also time the chosen Mosaic GPU config with each of these
@@ -284,6 +288,7 @@ def _configs(backend, spec, batch, ctx, rope, tune, rope_modes=(),
     base = choose_config(spec, batch=batch, cache_len=ctx, rope=rope)
     return [base] + (_tune_grid(base) if tune else [])
   base = mosaic_gpu.choose_config(spec, batch=batch, cache_len=ctx, rope=rope)
+  base = dataclasses.replace(base, fp8_latents=fp8_latents)
   if mosaic_gpu.unsupported_reason(spec, DTYPE, ctx, rope, base):
     return []
   out = [base]
@@ -331,7 +336,7 @@ def _cfg_str(c) -> str:
             + (f" {c.rope_mode}" if c.rope_mode != "rebuild" else "")
             + (f" wgs={c.compute_wgs}" if c.compute_wgs != 2 else "")
             + (f" heads={c.kv_heads_per_cta}" if c.kv_heads_per_cta != 1
-               else ""))
+               else "") + (" fp8" if c.fp8_latents else ""))
   return f"bs={c.block_s} P={c.splits} w={c.num_warps} st={c.num_stages}"
 
 
@@ -394,6 +399,9 @@ def main(argv=None) -> int:
   ap.add_argument("--kv-heads-per-cta", nargs="+", type=int, default=[],
                   help="also time the Mosaic GPU RoPE kernel with one CTA "
                   "for this many KV heads of a group (fastest row kept)")
+  ap.add_argument("--fp8-latents", action="store_true",
+                  help="float8 rows with one scale per token and latent "
+                  "group, read by the Mosaic GPU kernel's fp8 path (no RoPE)")
   ap.add_argument("--name", default="bench_kernels")
   ap.add_argument("--out", default=os.path.join("eval", "results"))
   args = ap.parse_args(argv)
@@ -423,7 +431,8 @@ def main(argv=None) -> int:
       backends=tuple(args.backends), shared=args.shared,
       rope_modes=tuple(args.rope_modes), compute_wgs=tuple(args.compute_wgs),
       split_counts=tuple(args.splits),
-      kv_heads_per_cta=tuple(args.kv_heads_per_cta))
+      kv_heads_per_cta=tuple(args.kv_heads_per_cta),
+      fp8_latents=args.fp8_latents)
   return 0
 
 

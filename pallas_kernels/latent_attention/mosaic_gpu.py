@@ -58,7 +58,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.absorb_attention import absorbed_queries
-from pallas_kernels.common import Array, LatentSpec, combine_splits
+from pallas_kernels.common import (Array, LatentSpec, cache_sides,
+                                   combine_splits)
 
 _FLOOR = -1e30           # finite "minus infinity": masked rows never give NaN
 COMPUTE_WGS = 2          # compute warpgroups by default
@@ -100,6 +101,11 @@ class MosaicConfig:
   # p·h_v in overlapping 64-row pieces (`value_row_chunks`). Off until its
   # compiled tests have run on the GPU: such shapes go to Triton.
   value_pieces: bool = False
+  # float8 latent caches without RoPE, one scale per token and latent group
+  # (quant_group = the rank): codes upcast to f16 in registers, the scale a
+  # row factor of the scores and of P (NOTES.md, "fp8 kernel"). Off until
+  # its compiled tests have run on the GPU: such caches go to Triton.
+  fp8_latents: bool = False
   # Mosaic GPU's in-kernel profiler (eval/profile_kernel.py): the named
   # stages of each tile (`jax.named_scope` below) timed in SM cycles per
   # warpgroup, at most `profile_space` ranges each, written as a trace
@@ -164,7 +170,19 @@ def unsupported_reason(spec: LatentSpec, dtype, cache_len: int, rope: bool,
   if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16),
                               jnp.dtype(jnp.float16)):
     return f"dtype {jnp.dtype(dtype).name} (Mosaic GPU path takes bf16/fp16)"
-  if spec.bits != 16:
+  if spec.bits == 8:
+    if not config.fp8_latents:
+      return ("8-bit latents (MosaicConfig(fp8_latents=True) reads float8 "
+              "caches without RoPE; not yet run on the GPU)")
+    if rope:
+      return "float8 latents with RoPE (the fp8 path has no key rebuild)"
+    if spec.quant_group != spec.k_rank or (
+        not spec.shared and spec.quant_group != spec.v_rank):
+      return (f"quant_group {spec.quant_group} (float8 needs one scale per "
+              f"token and latent group: quant_group = the rank)")
+    if spec.k_rank % 32 or spec.v_rank % 32:
+      return "float8 ranks not multiples of 32 (the 1-byte swizzle)"
+  elif spec.bits != 16:
     return f"{spec.bits}-bit latents (Mosaic GPU path reads 16-bit latents)"
   if spec.v_rank % 16 or spec.v_rank < SUB:
     return (f"v_rank {spec.v_rank} (needs a multiple of 16, at least 64: "
@@ -210,6 +228,12 @@ def smem_bytes(spec: LatentSpec, rope: bool, config: MosaicConfig) -> int:
   bs, nq = config.block_s, query_cols(spec, rope)
   hc = heads_per_cta(rope, config)
   ring = bs * (spec.k_rank + (0 if spec.shared else spec.v_rank))
+  fp8 = spec.bits == 8 and not rope
+  if fp8:   # 1-byte codes; 16-bit scales per token; each WG's f16 values
+    ring = ring // 2 + 2 * bs
+    extra = config.compute_wgs * bs * spec.v_rank
+  else:
+    extra = 0
   fixed = config.compute_wgs * hc * nq * bs              # Pᵀ per WG
   if rope and config.rope_mode == "fold":
     hh, qk = spec.head_dim // 2, spec.q_per_kv
@@ -225,7 +249,7 @@ def smem_bytes(spec: LatentSpec, rope: bool, config: MosaicConfig) -> int:
   # + Pallas's cross-warp reduction scratch (2 KB by default) and 1 KB for
   # barriers and alignment (SmolLM2's shared latent measured 2840 bytes
   # above the buffers alone: a config at the limit failed to compile)
-  return 2 * (config.stages * ring + fixed + unused) + 2048 + 1024
+  return 2 * (config.stages * ring + fixed + unused + extra) + 2048 + 1024
 
 
 def choose_config(spec: LatentSpec, *, batch: int, cache_len: int, rope: bool,
@@ -321,12 +345,20 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
     (bk_g, q_g, vec_g, base_g, acc_o, m_o, l_o, b_s, q_s, vec_s, base_s,
      hk_s, hv_s, p_s, setup_bar, kprod_bar, vprod_bar,
      kcons_bar, vcons_bar, turn_bar) = rest
+  elif spec.bits == 8:
+    (qf_g, sk_g, sv_g, acc_o, m_o, l_o, qf_s, hk_s, hv_s, sk_s, sv_s, vb_s,
+     p_s, setup_bar, kprod_bar, vprod_bar, kcons_bar, vcons_bar,
+     turn_bar) = rest
   else:
     (qf_g, acc_o, m_o, l_o, qf_s, hk_s, hv_s, p_s, setup_bar, kprod_bar,
      vprod_bar, kcons_bar, vcons_bar, turn_bar) = rest
   # a key slot is free once its tile's first wgmma has read it; with a
   # shared latent the same slot still holds the values
   split_rings = not spec.shared
+  # float8 codes (no RoPE): upcast to f16 in registers; the key slot is
+  # free once a tile's codes and scales are loaded, the values go to the
+  # WG's f16 tile `vb_s` (masked past the length) for p·h_v
+  fp8 = spec.bits == 8
   bs, stages = config.block_s, config.stages
   subs = bs // SUB
   q_dtype = scores_dtype(config, dtype)
@@ -343,6 +375,17 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
   n_tiles = jnp.clip(pl.cdiv(length - start, bs), 0, span // bs)
   wgmma_layout = plgpu.Layout.WGMMA
   col_layout = plgpu.Layout.WGMMA.reduce(0)    # one value per column
+  row_layout = plgpu.Layout.WGMMA.reduce(1)    # one value per row
+
+  def upcast(ref, rows_from):
+    """float8 codes [SUB, R] in shared memory -> f16 [SUB, R] (exact), in
+    the wgmma layout, rows at or past the length zeroed (codes there may
+    be anything, and 0·NaN is NaN on the tensor core)."""
+    v = plgpu.load(ref, (), layout=plgpu.Layout.WGMMA_UPCAST_2X)
+    v = plgpu.layout_cast(v.astype(jnp.float16), wgmma_layout)
+    row = rows_from + plgpu.broadcasted_iota(jnp.int32, v.shape, 0,
+                                             layout=wgmma_layout)
+    return jnp.where(row < length, v, jnp.zeros_like(v))
 
   n_wgs = config.compute_wgs
 
@@ -378,7 +421,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
       s0 = start + t * bs
       with jax.named_scope("k_wait"):
         plgpu.barrier_wait(kprod_bar.at[slot])
-      scores = []
+      scores, k_scales = [], []
       for j in range(subs):
         rows = pl.ds(j * SUB, SUB)
         # a key slot is free once the tile's last sub-tile has been read
@@ -451,6 +494,22 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
               per_head.append(sj * (spec.head_dim ** -0.5))
           s = (per_head[0] if hc == 1
                else jnp.concatenate(per_head, axis=1))   # [SUB, cols]
+        elif fp8:
+          with jax.named_scope("upcast"):
+            a = upcast(hk_s.at[slot, rows], s0 + j * SUB)
+            k_scales.append(plgpu.load(sk_s.at[slot, rows], (),
+                                       layout=row_layout).astype(jnp.float32))
+            if j == subs - 1:      # codes and scales are in registers
+              plgpu.barrier_arrive(kcons_bar.at[slot])
+            if spec.shared:        # the same latents are the values
+              vb_s.at[wg, rows][...] = a
+          with jax.named_scope("score"):
+            def score(ref):
+              plgpu.wgmma(ref, a, qf_s.T)
+              return ref[...]
+            s = pl.run_scoped(score, plgpu.ACC((SUB, nq), jnp.float32))
+            # one scale per token: a row factor of its scores
+            s = s * lax.broadcast_in_dim(k_scales[j], (SUB, nq), [0])
         else:
           with jax.named_scope("score"):
             def score(ref):
@@ -473,38 +532,54 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
       with jax.named_scope("softmax"):
         m_new, l, corr, probs = softmax_step(m, l, scores)
         plgpu.barrier_arrive(turn_bar.at[lax.rem(wg + 1, n_wgs)])
+      p_scales = k_scales
+      if fp8 and split_rings:
+        with jax.named_scope("v_wait"):
+          plgpu.barrier_wait(vprod_bar.at[slot])
+        with jax.named_scope("upcast"):
+          p_scales = []
+          for j in range(subs):
+            rows = pl.ds(j * SUB, SUB)
+            vb_s.at[wg, rows][...] = upcast(hv_s.at[slot, rows], s0 + j * SUB)
+            p_scales.append(plgpu.load(sv_s.at[slot, rows], (),
+                                       layout=row_layout).astype(jnp.float32))
+          plgpu.barrier_arrive(vcons_bar.at[slot])
       with jax.named_scope("p_store"):
         for j, prob in enumerate(probs):
-          p_s.at[wg, j].T[...] = prob.astype(dtype)
+          if fp8:     # the values' scale per token, folded into P
+            prob = prob * lax.broadcast_in_dim(p_scales[j], prob.shape, [0])
+          p_s.at[wg, j].T[...] = prob.astype(p_s.dtype)
         plgpu.commit_smem()                 # visible to the tensor core
         acc = tuple(a * lax.broadcast_in_dim(corr, a.shape, [1])
                     for a in acc)
-      values = hk_s if spec.shared else hv_s
-      if split_rings:
+      values = vb_s.at[wg] if fp8 else (hk_s if spec.shared else hv_s).at[
+          slot]
+      if split_rings and not fp8:
         with jax.named_scope("v_wait"):
           plgpu.barrier_wait(vprod_bar.at[slot])
 
-      @pl.when(s0 + bs > length)
-      def _():
-        # rows past the length get probability 0, but 0·inf is NaN on the
-        # tensor core: clear them in the sequence's last tile
-        tile_v = values.at[slot]
-        v = tile_v[...]
-        row = plgpu.broadcasted_iota(jnp.int32, v.shape, 0,
-                                     layout=wgmma_layout)
-        tile_v[...] = jnp.where(s0 + row < length, v, jnp.zeros_like(v))
-        plgpu.commit_smem()
+      if not fp8:
+        @pl.when(s0 + bs > length)
+        def _():
+          # rows past the length get probability 0, but 0·inf is NaN on the
+          # tensor core: clear them in the sequence's last tile
+          v = values[...]
+          row = plgpu.broadcasted_iota(jnp.int32, v.shape, 0,
+                                       layout=wgmma_layout)
+          values[...] = jnp.where(s0 + row < length, v, jnp.zeros_like(v))
+          plgpu.commit_smem()
 
       with jax.named_scope("pv"):
         def mix(refs):
           for j in range(subs):
             for ref, (off, size) in zip(refs, chunks):
-              plgpu.wgmma(ref, values.at[slot, pl.ds(j * SUB, SUB),
+              plgpu.wgmma(ref, values.at[pl.ds(j * SUB, SUB),
                                          pl.ds(off, size)].T,
                           p_s.at[wg, j].T)
         acc = pl.run_state(mix)(tuple(plgpu.ACC.init(a) for a in acc))
-        plgpu.barrier_arrive(
-            (vcons_bar if split_rings else kcons_bar).at[slot])
+        if not fp8:                   # (fp8: released after the upcasts)
+          plgpu.barrier_arrive(
+              (vcons_bar if split_rings else kcons_bar).at[slot])
       return acc, m_new, l
 
     acc0 = tuple(plgpu.layout_cast(jnp.zeros((size, cols), jnp.float32),
@@ -549,6 +624,9 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
       # their minor (swizzled) dimension by a traced value
       plgpu.copy_gmem_to_smem(hk_g.at[b, rows, g], hk_s.at[slot],
                               kprod_bar.at[slot])
+      if fp8:                        # scales [B, G, S]: one per token
+        plgpu.copy_gmem_to_smem(sk_g.at[b, g, rows], sk_s.at[slot],
+                                kprod_bar.at[slot])
       if rope:
         first = (p * span + t * bs) // SUB      # the tile's cos/sin rows
         plgpu.copy_gmem_to_smem(base_g.at[pl.ds(first, subs)],
@@ -561,8 +639,12 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
       @jax.named_scope("v_free")
       def _():
         plgpu.barrier_wait(vcons_bar.at[slot])
-      plgpu.copy_gmem_to_smem(hv_g.at[b, pl.ds(start + t * bs, bs), g],
-                              hv_s.at[slot], vprod_bar.at[slot])
+      rows = pl.ds(start + t * bs, bs)
+      plgpu.copy_gmem_to_smem(hv_g.at[b, rows, g], hv_s.at[slot],
+                              vprod_bar.at[slot])
+      if fp8:
+        plgpu.copy_gmem_to_smem(sv_g.at[b, g, rows], sv_s.at[slot],
+                                vprod_bar.at[slot])
 
     # keys run one tile ahead of values: a key slot frees early (after the
     # tile's first wgmma), a value slot only at the tile's end, and waiting
@@ -662,13 +744,21 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
                      lengths: Array, *, spec: LatentSpec,
                      inv_freq: Array | None, k_bias: Array | None = None,
                      config: MosaicConfig | None = None) -> Array:
-  """Decode attention of one token per sequence over a 16-bit latent cache.
+  """Decode attention of one token per sequence over a latent cache.
 
   Same arguments and result as `latent_rope_attention` (inv_freq given:
   keys with RoPE) or `absorb_attention` (inv_freq None); hk, hv are
-  [B, S, G·R] bf16/fp16 arrays. Returns [B, N, R_v] float32.
+  [B, S, G·R] bf16/fp16 arrays, or (no RoPE, `fp8_latents`) `QuantLatent`s
+  of float8 codes with one scale per token and group. Returns [B, N, R_v]
+  float32.
   """
   rope = inv_freq is not None
+  fp8 = spec.bits == 8
+  if fp8:
+    (hk, sk), v_side = cache_sides(hk, hv, spec)
+    hv, sv = v_side or (None, sk)
+    # scales [B, S, G] -> [B, G, S]: a tile's scales are one TMA row
+    sk, sv = jnp.swapaxes(sk, 1, 2), jnp.swapaxes(sv, 1, 2)
   batch, s = hk.shape[:2]
   if config is None:
     config = choose_config(spec, batch=batch, cache_len=s, rope=rope)
@@ -715,25 +805,45 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
                plgpu.SMEM((config.stages, bs // SUB, 2, hh), jnp.float32)]
     n_setup = 1 + 2 * hc
   else:
-    operands = (absorbed_queries(q, k_up, spec, nq, dtype),)
-    scratch = [plgpu.SMEM((nq, rk), dtype,
+    # float8 codes are upcast to f16 (exact): the products run in f16
+    operands = (absorbed_queries(q, k_up, spec, nq,
+                                 jnp.float16 if fp8 else dtype),)
+    if fp8:
+      operands += (sk, sv)
+    scratch = [plgpu.SMEM((nq, rk), operands[0].dtype,
                           transforms=_transforms(_swizzle(rk)))]
     n_setup = 1
     x_size = spec.groups
-  ring_k = plgpu.SMEM((config.stages, bs, rk), dtype,
-                      transforms=_transforms(k_swizzle))
-  ring_v = plgpu.SMEM((config.stages, bs, rv), dtype,
-                      transforms=_transforms(_swizzle(rv)))
+  if fp8:
+    code = jnp.float8_e4m3fn
+    ring_k = plgpu.SMEM((config.stages, bs, rk), code,
+                        transforms=_transforms(_swizzle(rk, 1), 1))
+    ring_v = plgpu.SMEM((config.stages, bs, rv), code,
+                        transforms=_transforms(_swizzle(rv, 1), 1))
+  else:
+    ring_k = plgpu.SMEM((config.stages, bs, rk), dtype,
+                        transforms=_transforms(k_swizzle))
+    ring_v = plgpu.SMEM((config.stages, bs, rv), dtype,
+                        transforms=_transforms(_swizzle(rv)))
   # p·h_v: A (h_v tile, transposed) and B (Pᵀ) share one swizzle
-  v_swizzle = k_swizzle if spec.shared else _swizzle(rv)
-  p_smem = plgpu.SMEM((config.compute_wgs, bs // SUB, cols, SUB), dtype,
+  v_swizzle = k_swizzle if spec.shared and not fp8 else _swizzle(rv)
+  p_dtype = jnp.float16 if fp8 else dtype
+  p_smem = plgpu.SMEM((config.compute_wgs, bs // SUB, cols, SUB), p_dtype,
                       transforms=_transforms(min(v_swizzle, _swizzle(SUB))))
   unused = plgpu.SMEM((1, 8, 64), dtype)  # no value ring: shared latent
-  per_key_tile = 2 if rope else 1          # + the tile's cos/sin row
+  # + the tile's cos/sin row (RoPE) or its scales (float8)
+  per_key_tile = 2 if rope or fp8 else 1
   ring_bars = functools.partial(plgpu.Barrier, num_barriers=config.stages)
-  scratch += [ring_k, unused if spec.shared else ring_v, p_smem,
+  scratch += [ring_k, unused if spec.shared else ring_v]
+  if fp8:   # scale rings of keys and values, each WG's f16 value tile
+    scratch += [plgpu.SMEM((config.stages, bs), sk.dtype),
+                plgpu.SMEM((config.stages, bs), sv.dtype),
+                plgpu.SMEM((config.compute_wgs, bs, rv), jnp.float16,
+                           transforms=_transforms(_swizzle(rv)))]
+  scratch += [p_smem,
               plgpu.Barrier(num_arrivals=n_setup, num_barriers=1),
-              ring_bars(num_arrivals=per_key_tile), ring_bars(num_arrivals=1),
+              ring_bars(num_arrivals=per_key_tile),
+              ring_bars(num_arrivals=2 if fp8 else 1),
               ring_bars(num_arrivals=1), ring_bars(num_arrivals=1),
               plgpu.Barrier(num_arrivals=1, num_barriers=config.compute_wgs)]
   parts = config.compute_wgs * splits

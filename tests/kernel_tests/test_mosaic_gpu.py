@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pallas_kernels.absorb_attention import absorbed_queries
-from pallas_kernels.common import LatentSpec, combine_splits
+from pallas_kernels.common import LatentSpec, QuantLatent, combine_splits
 from pallas_kernels.latent_attention import api, mosaic_gpu as mg
 from pallas_kernels.latent_attention.reference import reference_for
 
@@ -370,6 +370,65 @@ def test_kernel_lowers_with_several_kv_heads_per_cta(case):
   assert lowered                   # each case has a configuration that fits
 
 
+# (G, J, Q, H, R, shared, batch, S): float8 caches, one scale per token
+FP8_CASES = [
+    (8, 1, 1, 128, 64, False, 2, 1024),      # M-LRD
+    (2, 4, 1, 128, 256, False, 1, 4096),     # G-LRD-4
+    (1, 3, 3, 64, 192, True, 16, 8192),      # SmolLM2's shared latent
+    (2, 2, 2, 128, 128, False, 2, 512),      # GQA 2
+]
+
+
+def _fp8_spec(g, j, qk, h, r, shared):
+  return LatentSpec(groups=g, kv_per_group=j, q_per_kv=qk, head_dim=h,
+                    k_rank=r, v_rank=r, shared=shared, bits=8, quant_group=r)
+
+
+@pytest.mark.parametrize("block_s", [None, 64, 128])
+@pytest.mark.parametrize("case", FP8_CASES,
+                         ids=lambda c: "-".join(map(str, c)))
+def test_fp8_kernel_lowers_for_sm90(case, block_s):
+  """The float8 path (no RoPE): codes upcast to f16 in registers, a scale
+  per token on the scores and on P; every shape with its chosen tiles and
+  with each tile size that fits."""
+  g, j, qk, h, r, shared, batch, s = case
+  spec = _fp8_spec(g, j, qk, h, r, shared)
+  config = dataclasses.replace(mg.choose_config(
+      spec, batch=batch, cache_len=s, rope=False), fp8_latents=True, **(
+          dict(block_s=block_s, stages=2) if block_s else {}))
+  if mg.unsupported_reason(spec, jnp.bfloat16, s, False, config):
+    pytest.skip("does not fit")
+  sd = jax.ShapeDtypeStruct
+
+  def side():
+    return QuantLatent(sd((batch, s, g * r), jnp.float8_e4m3fn),
+                       sd((batch, s, g), jnp.bfloat16),
+                       sd((batch, s, 0), jnp.bfloat16))
+  args = (sd((batch, spec.n_heads, h), jnp.bfloat16), side(),
+          None if shared else side(), sd((g * r, j * h), jnp.bfloat16),
+          sd((batch,), jnp.int32))
+
+  def f(q, hk, hv, k_up, lengths):
+    return mg.latent_attention(q, hk, hv, k_up, lengths, spec=spec,
+                               inv_freq=None, config=config)
+  text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+
+
+def test_fp8_reasons():
+  spec = _fp8_spec(8, 1, 1, 128, 64, False)
+  cfg = mg.MosaicConfig()
+  assert "fp8_latents=True" in mg.unsupported_reason(
+      spec, jnp.bfloat16, 1024, False, cfg)
+  on = mg.MosaicConfig(fp8_latents=True)
+  assert mg.unsupported_reason(spec, jnp.bfloat16, 1024, False, on) is None
+  assert "with RoPE" in mg.unsupported_reason(spec, jnp.bfloat16, 1024, True,
+                                              on)
+  assert "quant_group 32" in mg.unsupported_reason(
+      dataclasses.replace(spec, quant_group=32), jnp.bfloat16, 1024, False,
+      on)
+
+
 # ------------------------------------------ GPU: compiled kernel vs reference
 
 def check(spec, *, batch, cache_len, lengths, dtype, rope, bias=False,
@@ -508,6 +567,26 @@ def test_compiled_value_ranks_not_multiples_of_64(case, rope, mode):
                dtype=jnp.bfloat16, rope=rope, bias=rope, config=config,
                mode=mode):
     pytest.skip("does not fit shared memory")
+
+
+@gpu
+@needs_hopper
+@pytest.mark.parametrize("case", [
+    (8, 1, 1, 128, 64, False, 2, 1024, [1000, 64]),     # M-LRD
+    (2, 4, 1, 128, 256, False, 2, 512, [512, 77]),      # G-LRD-4
+    (1, 3, 3, 64, 192, True, 2, 320, [320, 1]),         # SmolLM2 shared
+    (2, 2, 2, 128, 128, False, 3, 448, [448, 1, 200]),  # GQA 2
+], ids=lambda c: "-".join(map(str, c[:6])))
+def test_compiled_fp8_kernel_matches_reference(case):
+  """float8 caches written by the model's quantizer (make_inputs), the
+  reference dequantizing the same codes."""
+  g, j, qk, h, r, shared, batch, s, lengths = case
+  spec = _fp8_spec(g, j, qk, h, r, shared)
+  cfg = dataclasses.replace(mg.choose_config(
+      spec, batch=batch, cache_len=s, rope=False), fp8_latents=True)
+  for c in (cfg, dataclasses.replace(cfg, block_s=64, stages=2, splits=3)):
+    assert check(spec, batch=batch, cache_len=s, lengths=lengths,
+                 dtype=jnp.bfloat16, rope=False, config=c)
 
 
 @gpu
