@@ -186,6 +186,20 @@ def value_latents(hk_v: Array, hv, spec: LatentSpec, dtype) -> Array:
   return v.reshape(batch, s, spec.groups, spec.v_rank).transpose(0, 2, 1, 3)
 
 
+E4M3_CODE = jnp.float8_e4m3fn
+E4M3_MAX = 448.0
+
+
+def pow2_scale(amax: Array, dtype) -> Array:
+  """The power of two at or above amax / 448 (e4m3's largest finite
+  value), within `dtype`'s normal range (1 where amax is 0): a scale under
+  which no e4m3 code saturates and code·scale is exact."""
+  info = jnp.finfo(dtype)
+  e = jnp.ceil(jnp.log2(jnp.maximum(amax, 1e-38) / E4M3_MAX))
+  e = jnp.clip(e, info.minexp, info.maxexp - 1)
+  return jnp.where(amax > 0, jnp.exp2(e), 1.0).astype(dtype)
+
+
 def cache_sides(hk, hv, spec: LatentSpec) -> tuple[tuple, tuple]:
   """Cache arrays of each side as the kernel takes them (no value side with
   a shared latent; float8 codes have no offset array)."""

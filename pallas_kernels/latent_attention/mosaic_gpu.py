@@ -58,8 +58,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.absorb_attention import absorbed_queries
-from pallas_kernels.common import (Array, LatentSpec, cache_sides,
-                                   combine_splits)
+from pallas_kernels.common import (E4M3_CODE, Array, LatentSpec,
+                                   cache_sides, combine_splits, pow2_scale)
 
 _FLOOR = -1e30           # finite "minus infinity": masked rows never give NaN
 COMPUTE_WGS = 2          # compute warpgroups by default
@@ -174,8 +174,8 @@ def unsupported_reason(spec: LatentSpec, dtype, cache_len: int, rope: bool,
     if not config.fp8_latents:
       return ("8-bit latents (MosaicConfig(fp8_latents=True) reads float8 "
               "caches without RoPE; not yet run on the GPU)")
-    if rope:
-      return "float8 latents with RoPE (the fp8 path has no key rebuild)"
+    if rope and config.rope_mode != "rebuild":
+      return "float8 latents with rope_mode 'fold' (rebuild only)"
     if spec.quant_group != spec.k_rank or (
         not spec.shared and spec.quant_group != spec.v_rank):
       return (f"quant_group {spec.quant_group} (float8 needs one scale per "
@@ -228,7 +228,7 @@ def smem_bytes(spec: LatentSpec, rope: bool, config: MosaicConfig) -> int:
   bs, nq = config.block_s, query_cols(spec, rope)
   hc = heads_per_cta(rope, config)
   ring = bs * (spec.k_rank + (0 if spec.shared else spec.v_rank))
-  fp8 = spec.bits == 8 and not rope
+  fp8 = spec.bits == 8
   if fp8:   # 1-byte codes; 16-bit scales per token; each WG's f16 values
     ring = ring // 2 + 2 * bs
     extra = config.compute_wgs * bs * spec.v_rank
@@ -241,7 +241,10 @@ def smem_bytes(spec: LatentSpec, rope: bool, config: MosaicConfig) -> int:
     fixed += config.stages * (bs // SUB) * 2 * hh * 2  # cos/sin rows (f32)
   elif rope:
     hh = spec.head_dim // 2
-    fixed += hc * (2 * spec.k_rank * hh + 2 * nq * hh + 3 * hh * 2)  # B, q
+    # B_k (e4m3 with fp8 latents), q, then the f32 rows: inv_freq, bias
+    # halves (and B_k's column scales)
+    b_units = spec.k_rank * hh if fp8 else 2 * spec.k_rank * hh
+    fixed += hc * (b_units + 2 * nq * hh + (5 if fp8 else 3) * hh * 2)
     fixed += config.stages * (bs // SUB) * 2 * hh * 2  # cos/sin rows (f32)
   else:
     fixed += nq * spec.k_rank
@@ -341,6 +344,10 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
     (u_g, vec_g, base_g, acc_o, m_o, l_o, u_s, vec_s, base_s, hk_s, hv_s,
      p_s, setup_bar, kprod_bar, vprod_bar, kcons_bar, vcons_bar,
      turn_bar) = rest
+  elif rope and spec.bits == 8:
+    (bk_g, q_g, vec_g, base_g, sk_g, sv_g, acc_o, m_o, l_o, b_s, q_s, vec_s,
+     base_s, hk_s, hv_s, sk_s, sv_s, vb_s, p_s, setup_bar, kprod_bar,
+     vprod_bar, kcons_bar, vcons_bar, turn_bar) = rest
   elif rope:
     (bk_g, q_g, vec_g, base_g, acc_o, m_o, l_o, b_s, q_s, vec_s, base_s,
      hk_s, hv_s, p_s, setup_bar, kprod_bar, vprod_bar,
@@ -408,6 +415,11 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
       if has_bias and not fold:
         key_bias = [(col(vec_s.at[jj, 1]), col(vec_s.at[jj, 2]))
                     for jj in range(hc)]
+      if fp8:   # B_k's power-of-two column scales per KV head, f32
+        colf = lambda k: lax.broadcast_in_dim(
+            plgpu.load(k, (), layout=col_layout), (SUB, hh), [1])
+        b_scales = [(colf(vec_s.at[jj, 3]), colf(vec_s.at[jj, 4]))
+                    for jj in range(hc)]
       rows = plgpu.broadcasted_iota(jnp.int32, (SUB, hh), 0,
                                     layout=wgmma_layout).astype(jnp.float32)
       row_angle = rows * lax.broadcast_in_dim(inv, (SUB, hh), [1])
@@ -425,7 +437,8 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
       for j in range(subs):
         rows = pl.ds(j * SUB, SUB)
         # a key slot is free once the tile's last sub-tile has been read
-        release_keys = split_rings and j == subs - 1
+        # (float8: the values were copied out, the slot frees with the keys)
+        release_keys = (split_rings or fp8) and j == subs - 1
 
         def latent_product(operand, last, rows=rows, release=release_keys):
           """h_k sub-tile [SUB, R_k] · operand [R_k, H] -> f32 [SUB, H] on
@@ -468,9 +481,26 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
           z0 = col(base_s.at[slot, j, 1])
           cos = sin = None
           per_head = []
+          if fp8:
+            with jax.named_scope("upcast"):
+              k_scales.append(plgpu.load(sk_s.at[slot, rows], (),
+                                         layout=row_layout
+                                         ).astype(jnp.float32))
+              if spec.shared:      # the same latents are the values
+                vb_s.at[wg, rows][...] = upcast(hk_s.at[slot, rows],
+                                                s0 + j * SUB)
           for jj in range(hc):
             with jax.named_scope("rebuild"):
-              k = latent_product(b_s.at[jj], jj == hc - 1)
+              # float8: e4m3 codes times e4m3 B_k (K-major, [H, R_k]) at
+              # the fp8 tensor rate; the scales after the dot, in f32
+              k = latent_product(b_s.at[jj].T if fp8 else b_s.at[jj],
+                                 jj == hc - 1)
+              if fp8:
+                row = lax.broadcast_in_dim(k_scales[j], (SUB, 2 * hh), [0])
+                cs1, cs2 = b_scales[jj]
+                k = k * row
+                k = jnp.concatenate([k[:, :hh] * cs1, k[:, hh:] * cs2],
+                                    axis=1)
             with jax.named_scope("rope"):
               # keys are rounded once, to the rotation type: f32->16-bit
               # converts issue at 16/clk/SM on sm_90 (8x slower than an
@@ -697,6 +727,17 @@ def _per_kv_head(k_up: Array, k_bias: Array | None, spec: LatentSpec,
   return bk, k_bias.astype(dtype).astype(jnp.float32).reshape(g * j, h)
 
 
+def _e4m3_columns(k_up: Array, spec: LatentSpec) -> tuple[Array, Array]:
+  """B_k per KV head as e4m3 codes, K-major [G·J, H, R_k], and its
+  power-of-two scale per column [G·J, H] (f32): B_k = codes · scale, as
+  `--k-up-bits 8` stores it (`fp8_quant.round_weight_columns`); a B_k not
+  already so rounded is rounded here."""
+  bk, _ = _per_kv_head(k_up, None, spec, jnp.float32)     # [G·J, R_k, H]
+  scale = pow2_scale(jnp.max(jnp.abs(bk), axis=1), jnp.float32)
+  codes = (bk / scale[:, None, :]).astype(E4M3_CODE)
+  return jnp.swapaxes(codes, 1, 2), scale
+
+
 def _subtile_angles(inv_freq: Array, cache_len: int) -> Array:
   """cos/sin of the first position of each sub-tile of 64 rows
   [S/64, 2, H/2] (f32, as the model computes its tables: pos·θ in f32)."""
@@ -793,15 +834,26 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
     bk, qh, vecs, angles = _rope_operands(q, k_up, k_bias, inv_freq, spec, nq,
                                           dtype, s, scores_dtype(config, dtype))
     x_size = spec.groups * spec.kv_per_group // hc
+    n_vec = 3
+    if fp8:   # B_k as e4m3 codes, K-major, + its column scales (f32 rows)
+      bk, col_scale = _e4m3_columns(k_up, spec)
+      vecs = jnp.concatenate([vecs, col_scale.reshape(-1, 2, hh)], axis=1)
+      n_vec = 5
     # each CTA's `hc` KV heads side by side (free reshapes)
-    operands = (bk.reshape(x_size, hc, rk, 2 * hh),
+    operands = (bk.reshape((x_size, hc) + bk.shape[1:]),
                 qh.reshape(batch, x_size, hc, nq, 2 * hh),
-                vecs.reshape(x_size, hc, 3, hh), angles)
-    scratch = [plgpu.SMEM((hc, rk, 2 * hh), dtype,
-                          transforms=_transforms(k_swizzle)),
+                vecs.reshape(x_size, hc, n_vec, hh), angles)
+    if fp8:
+      operands += (sk, sv)
+      b_smem = plgpu.SMEM((hc, 2 * hh, rk), bk.dtype,
+                          transforms=_transforms(_swizzle(rk, 1), 1))
+    else:
+      b_smem = plgpu.SMEM((hc, rk, 2 * hh), dtype,
+                          transforms=_transforms(k_swizzle))
+    scratch = [b_smem,
                plgpu.SMEM((hc, nq, 2 * hh), scores_dtype(config, dtype),
                           transforms=_transforms(_swizzle(2 * hh))),
-               plgpu.SMEM((hc, 3, hh), jnp.float32),
+               plgpu.SMEM((hc, n_vec, hh), jnp.float32),
                plgpu.SMEM((config.stages, bs // SUB, 2, hh), jnp.float32)]
     n_setup = 1 + 2 * hc
   else:
@@ -831,8 +883,8 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
   p_smem = plgpu.SMEM((config.compute_wgs, bs // SUB, cols, SUB), p_dtype,
                       transforms=_transforms(min(v_swizzle, _swizzle(SUB))))
   unused = plgpu.SMEM((1, 8, 64), dtype)  # no value ring: shared latent
-  # + the tile's cos/sin row (RoPE) or its scales (float8)
-  per_key_tile = 2 if rope or fp8 else 1
+  # + the tile's cos/sin row (RoPE) and its scales (float8)
+  per_key_tile = 1 + rope + fp8
   ring_bars = functools.partial(plgpu.Barrier, num_barriers=config.stages)
   scratch += [ring_k, unused if spec.shared else ring_v]
   if fp8:   # scale rings of keys and values, each WG's f16 value tile

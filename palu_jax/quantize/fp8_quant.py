@@ -22,18 +22,10 @@ import jax.numpy as jnp
 from palu_jax.errors import ConfigError
 from palu_jax.quantize.ste import straight_through
 from palu_jax.typing import Array
-
-CODE_DTYPE = jnp.float8_e4m3fn
-E4M3_MAX = 448.0
-
-
-def pow2_scale(amax: Array, dtype) -> Array:
-  """The power of two at or above amax / 448, within `dtype`'s normal
-  range (1 where amax is 0)."""
-  info = jnp.finfo(dtype)
-  e = jnp.ceil(jnp.log2(jnp.maximum(amax, 1e-38) / E4M3_MAX))
-  e = jnp.clip(e, info.minexp, info.maxexp - 1)
-  return jnp.where(amax > 0, jnp.exp2(e), 1.0).astype(dtype)
+# the e4m3 code type, its largest finite value and the power-of-two scale
+# live with the kernels that read the codes (one definition for both)
+from pallas_kernels.common import E4M3_CODE as CODE_DTYPE
+from pallas_kernels.common import E4M3_MAX, pow2_scale  # noqa: F401
 
 
 @functools.partial(jax.jit, static_argnames=("group", "scale_dtype"))

@@ -23,6 +23,7 @@ from pallas_kernels.absorb_attention import absorbed_queries
 from pallas_kernels.common import LatentSpec, QuantLatent, combine_splits
 from pallas_kernels.latent_attention import api, mosaic_gpu as mg
 from pallas_kernels.latent_attention.reference import reference_for
+from palu_jax.quantize import fp8_quant
 
 from kernel_tests.test_latent_decode import make_inputs
 
@@ -384,19 +385,21 @@ def _fp8_spec(g, j, qk, h, r, shared):
                     k_rank=r, v_rank=r, shared=shared, bits=8, quant_group=r)
 
 
+@pytest.mark.parametrize("rope", [True, False], ids=["rope", "norope"])
 @pytest.mark.parametrize("block_s", [None, 64, 128])
 @pytest.mark.parametrize("case", FP8_CASES,
                          ids=lambda c: "-".join(map(str, c)))
-def test_fp8_kernel_lowers_for_sm90(case, block_s):
-  """The float8 path (no RoPE): codes upcast to f16 in registers, a scale
-  per token on the scores and on P; every shape with its chosen tiles and
-  with each tile size that fits."""
+def test_fp8_kernel_lowers_for_sm90(case, block_s, rope):
+  """The float8 path: keys rebuilt by an fp8 wgmma (RoPE) or codes upcast
+  to f16 in registers (no RoPE), a scale per token on the keys or scores
+  and on P; every shape with its chosen tiles and each tile size that
+  fits."""
   g, j, qk, h, r, shared, batch, s = case
   spec = _fp8_spec(g, j, qk, h, r, shared)
   config = dataclasses.replace(mg.choose_config(
-      spec, batch=batch, cache_len=s, rope=False), fp8_latents=True, **(
+      spec, batch=batch, cache_len=s, rope=rope), fp8_latents=True, **(
           dict(block_s=block_s, stages=2) if block_s else {}))
-  if mg.unsupported_reason(spec, jnp.bfloat16, s, False, config):
+  if mg.unsupported_reason(spec, jnp.bfloat16, s, rope, config):
     pytest.skip("does not fit")
   sd = jax.ShapeDtypeStruct
 
@@ -406,11 +409,13 @@ def test_fp8_kernel_lowers_for_sm90(case, block_s):
                        sd((batch, s, 0), jnp.bfloat16))
   args = (sd((batch, spec.n_heads, h), jnp.bfloat16), side(),
           None if shared else side(), sd((g * r, j * h), jnp.bfloat16),
-          sd((batch,), jnp.int32))
+          sd((batch,), jnp.int32), sd((h // 2,), jnp.float32),
+          sd((g * j * h,), jnp.bfloat16))
 
-  def f(q, hk, hv, k_up, lengths):
+  def f(q, hk, hv, k_up, lengths, inv, kb):
     return mg.latent_attention(q, hk, hv, k_up, lengths, spec=spec,
-                               inv_freq=None, config=config)
+                               inv_freq=inv if rope else None,
+                               k_bias=kb if rope else None, config=config)
   text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
 
@@ -422,8 +427,11 @@ def test_fp8_reasons():
       spec, jnp.bfloat16, 1024, False, cfg)
   on = mg.MosaicConfig(fp8_latents=True)
   assert mg.unsupported_reason(spec, jnp.bfloat16, 1024, False, on) is None
-  assert "with RoPE" in mg.unsupported_reason(spec, jnp.bfloat16, 1024, True,
-                                              on)
+  # with RoPE: keys rebuilt by an fp8 wgmma (e4m3 B_k); not in fold mode
+  assert mg.unsupported_reason(spec, jnp.bfloat16, 1024, True, on) is None
+  assert "rope_mode 'fold'" in mg.unsupported_reason(
+      spec, jnp.bfloat16, 1024, True, dataclasses.replace(
+          on, rope_mode="fold"))
   assert "quant_group 32" in mg.unsupported_reason(
       dataclasses.replace(spec, quant_group=32), jnp.bfloat16, 1024, False,
       on)
@@ -443,6 +451,11 @@ def check(spec, *, batch, cache_len, lengths, dtype, rope, bias=False,
       return False
   q, hk, hv, k_up, k_bias, inv = make_inputs(spec, batch, cache_len, dtype,
                                              seed)
+  if spec.bits == 8 and rope:
+    # the fp8 rebuild multiplies e4m3 B_k: give both sides that B_k, as
+    # `--k-up-bits 8` stores it
+    k_up = jnp.asarray(fp8_quant.round_weight_columns(
+        k_up, [spec.k_rank] * spec.groups), dtype)
   kw = dict(spec=spec, inv_freq=inv if rope else None,
             k_bias=k_bias if bias else None)
   lengths = jnp.asarray(lengths, jnp.int32)
@@ -577,16 +590,20 @@ def test_compiled_value_ranks_not_multiples_of_64(case, rope, mode):
     (1, 3, 3, 64, 192, True, 2, 320, [320, 1]),         # SmolLM2 shared
     (2, 2, 2, 128, 128, False, 3, 448, [448, 1, 200]),  # GQA 2
 ], ids=lambda c: "-".join(map(str, c[:6])))
-def test_compiled_fp8_kernel_matches_reference(case):
+@pytest.mark.parametrize("rope", [True, False], ids=["rope", "norope"])
+def test_compiled_fp8_kernel_matches_reference(case, rope):
   """float8 caches written by the model's quantizer (make_inputs), the
-  reference dequantizing the same codes."""
+  reference dequantizing the same codes (and, with RoPE, the same e4m3
+  B_k)."""
   g, j, qk, h, r, shared, batch, s, lengths = case
   spec = _fp8_spec(g, j, qk, h, r, shared)
   cfg = dataclasses.replace(mg.choose_config(
-      spec, batch=batch, cache_len=s, rope=False), fp8_latents=True)
+      spec, batch=batch, cache_len=s, rope=rope), fp8_latents=True)
   for c in (cfg, dataclasses.replace(cfg, block_s=64, stages=2, splits=3)):
+    if mg.unsupported_reason(spec, jnp.bfloat16, s, rope, c):
+      continue
     assert check(spec, batch=batch, cache_len=s, lengths=lengths,
-                 dtype=jnp.bfloat16, rope=False, config=c)
+                 dtype=jnp.bfloat16, rope=rope, bias=rope, config=c)
 
 
 @gpu
