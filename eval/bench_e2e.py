@@ -36,16 +36,20 @@ GROUP = 4
 
 
 def palu_config(cfg, ratio: float, bits: int, group: int = GROUP,
-                shared: bool = False) -> PaluConfig:
+                shared: bool = False, scale_per_token: bool = False
+                ) -> PaluConfig:
   """Uniform ranks keeping 1 - ratio of each group's key/value width;
   shared: one latent of twice the rank for keys and values (the default
-  compression of small models such as SmolLM2-135M)."""
+  compression of small models such as SmolLM2-135M); scale_per_token:
+  quantized latents with one scale per token and latent group (the
+  format the Mosaic GPU fp8 path reads) instead of one per 32 latents."""
   size = min(group, cfg.n_kv_heads)
   width = (2 if shared else 1) * size * cfg.head_dim
   rank = int(round((1 - ratio) * width / 16)) * 16
   ranks = ((rank,) * (cfg.n_kv_heads // size),) * cfg.n_layers
   return PaluConfig(group_size=size, k_ranks=ranks, v_ranks=ranks,
-                    kv_bits=bits, quant_group=32, shared_kv=shared)
+                    kv_bits=bits, quant_group=rank if scale_per_token else 32,
+                    shared_kv=shared)
 
 
 # the default list; any name `variant_spec` parses can be asked for
@@ -95,6 +99,10 @@ def main(argv=None) -> int:
   ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
   ap.add_argument("--contexts", nargs="+", type=int,
                   default=[4096, 16384, 65536])
+  ap.add_argument("--scale-per-token", action="store_true",
+                  help="quantized variants: one scale per token and latent "
+                  "group (what MosaicConfig(fp8_latents=True) reads) instead "
+                  "of one per 32 latents")
   ap.add_argument("--steps", type=int, default=32)
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--out", default=os.path.join("eval", "results"))
@@ -135,7 +143,8 @@ def main(argv=None) -> int:
 
   for name in args.variants:
     spec = variant_spec(name)
-    palu = None if spec is None else palu_config(cfg, *spec)
+    palu = None if spec is None else palu_config(
+        cfg, *spec, scale_per_token=args.scale_per_token)
     model = build(cfg, palu, jnp.bfloat16,
                   "xla" if name == "base_xla" else None)
     graphdef, state = nnx.split(model)

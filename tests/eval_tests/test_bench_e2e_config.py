@@ -1,0 +1,24 @@
+"""eval/bench_e2e.py: variant names and the Palu configs they build."""
+
+import pytest
+
+from eval.bench_decode import SHAPES
+from eval.bench_e2e import palu_config, variant_spec
+
+
+def test_variant_names_and_configs():
+  cfg = SHAPES["llama2-7b"]
+  assert variant_spec("base") is None and variant_spec("base_xla") is None
+  assert variant_spec("palu50_fp8_g1") == (0.5, 8, 1, False)
+  assert variant_spec("palu30_int4") == (0.3, 4, 4, False)
+  assert variant_spec("palu50_shared") == (0.5, 16, 1024, True)
+  with pytest.raises(SystemExit, match="palux"):
+    variant_spec("palux")
+  # Llama-2-7B, groups of 4 KV heads of 128 at 50 %: rank 256 per group
+  p = palu_config(cfg, *variant_spec("palu50_fp8"))
+  assert (p.group_size, p.k_ranks[0][0], p.kv_bits, p.quant_group) == (
+      4, 256, 8, 32)
+  p = palu_config(cfg, *variant_spec("palu50_fp8"), scale_per_token=True)
+  assert p.quant_group == 256
+  assert len(p.k_ranks) == cfg.n_layers
+  assert len(p.k_ranks[0]) == cfg.n_kv_heads // 4
