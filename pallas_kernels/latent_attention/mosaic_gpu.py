@@ -101,9 +101,10 @@ class MosaicConfig:
   # p·h_v in overlapping 64-row pieces (`value_row_chunks`). Off until its
   # compiled tests have run on the GPU: such shapes go to Triton.
   value_pieces: bool = False
-  # float8 latent caches without RoPE, one scale per token and latent group
-  # (quant_group = the rank): codes upcast to f16 in registers, the scale a
-  # row factor of the scores and of P (NOTES.md, "fp8 kernel"). Off until
+  # float8 latent caches, one scale per token and latent group
+  # (quant_group = the rank): with RoPE keys rebuilt by an fp8 wgmma with an
+  # e4m3 B_k, without RoPE codes upcast to f16 in registers; the scale a
+  # row factor of the keys or scores and of P (NOTES.md, v12). Off until
   # its compiled tests have run on the GPU: such caches go to Triton.
   fp8_latents: bool = False
   # Mosaic GPU's in-kernel profiler (eval/profile_kernel.py): the named
@@ -173,7 +174,7 @@ def unsupported_reason(spec: LatentSpec, dtype, cache_len: int, rope: bool,
   if spec.bits == 8:
     if not config.fp8_latents:
       return ("8-bit latents (MosaicConfig(fp8_latents=True) reads float8 "
-              "caches without RoPE; not yet run on the GPU)")
+              "caches; not yet run on the GPU)")
     if rope and config.rope_mode != "rebuild":
       return "float8 latents with rope_mode 'fold' (rebuild only)"
     if spec.quant_group != spec.k_rank or (
@@ -362,9 +363,9 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
   # a key slot is free once its tile's first wgmma has read it; with a
   # shared latent the same slot still holds the values
   split_rings = not spec.shared
-  # float8 codes (no RoPE): upcast to f16 in registers; the key slot is
-  # free once a tile's codes and scales are loaded, the values go to the
-  # WG's f16 tile `vb_s` (masked past the length) for p·h_v
+  # float8 codes: keys rebuilt by an fp8 wgmma (RoPE) or upcast to f16 in
+  # registers (no RoPE); the values go to the WG's f16 tile `vb_s` (masked
+  # past the length) for p·h_v, so a key slot frees with its keys
   fp8 = spec.bits == 8
   bs, stages = config.block_s, config.stages
   subs = bs // SUB
@@ -393,6 +394,10 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
     row = rows_from + plgpu.broadcasted_iota(jnp.int32, v.shape, 0,
                                              layout=wgmma_layout)
     return jnp.where(row < length, v, jnp.zeros_like(v))
+
+  def token_scales(ref):
+    """A sub-tile's float8 scales [SUB] (one per token) as f32 rows."""
+    return plgpu.load(ref, (), layout=row_layout).astype(jnp.float32)
 
   n_wgs = config.compute_wgs
 
@@ -483,9 +488,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
           per_head = []
           if fp8:
             with jax.named_scope("upcast"):
-              k_scales.append(plgpu.load(sk_s.at[slot, rows], (),
-                                         layout=row_layout
-                                         ).astype(jnp.float32))
+              k_scales.append(token_scales(sk_s.at[slot, rows]))
               if spec.shared:      # the same latents are the values
                 vb_s.at[wg, rows][...] = upcast(hk_s.at[slot, rows],
                                                 s0 + j * SUB)
@@ -495,18 +498,17 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
               # the fp8 tensor rate; the scales after the dot, in f32
               k = latent_product(b_s.at[jj].T if fp8 else b_s.at[jj],
                                  jj == hc - 1)
+              k1, k2 = k[:, :hh], k[:, hh:]
               if fp8:
-                row = lax.broadcast_in_dim(k_scales[j], (SUB, 2 * hh), [0])
+                row = lax.broadcast_in_dim(k_scales[j], (SUB, hh), [0])
                 cs1, cs2 = b_scales[jj]
-                k = k * row
-                k = jnp.concatenate([k[:, :hh] * cs1, k[:, hh:] * cs2],
-                                    axis=1)
+                k1, k2 = k1 * row * cs1, k2 * row * cs2
             with jax.named_scope("rope"):
               # keys are rounded once, to the rotation type: f32->16-bit
               # converts issue at 16/clk/SM on sm_90 (8x slower than an
               # FMA), and each pass over a [64, 128] tile costs ~256
               # cycles, a quarter of the tile's rebuild on the tensor core
-              k1, k2 = k[:, :hh].astype(rot), k[:, hh:].astype(rot)
+              k1, k2 = k1.astype(rot), k2.astype(rot)
               if has_bias:
                 kb1, kb2 = key_bias[jj]
                 k1, k2 = k1 + kb1, k2 + kb2
@@ -527,9 +529,8 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
         elif fp8:
           with jax.named_scope("upcast"):
             a = upcast(hk_s.at[slot, rows], s0 + j * SUB)
-            k_scales.append(plgpu.load(sk_s.at[slot, rows], (),
-                                       layout=row_layout).astype(jnp.float32))
-            if j == subs - 1:      # codes and scales are in registers
+            k_scales.append(token_scales(sk_s.at[slot, rows]))
+            if release_keys:       # codes and scales are in registers
               plgpu.barrier_arrive(kcons_bar.at[slot])
             if spec.shared:        # the same latents are the values
               vb_s.at[wg, rows][...] = a
@@ -571,8 +572,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
           for j in range(subs):
             rows = pl.ds(j * SUB, SUB)
             vb_s.at[wg, rows][...] = upcast(hv_s.at[slot, rows], s0 + j * SUB)
-            p_scales.append(plgpu.load(sv_s.at[slot, rows], (),
-                                       layout=row_layout).astype(jnp.float32))
+            p_scales.append(token_scales(sv_s.at[slot, rows]))
           plgpu.barrier_arrive(vcons_bar.at[slot])
       with jax.named_scope("p_store"):
         for j, prob in enumerate(probs):
@@ -789,8 +789,8 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
 
   Same arguments and result as `latent_rope_attention` (inv_freq given:
   keys with RoPE) or `absorb_attention` (inv_freq None); hk, hv are
-  [B, S, G·R] bf16/fp16 arrays, or (no RoPE, `fp8_latents`) `QuantLatent`s
-  of float8 codes with one scale per token and group. Returns [B, N, R_v]
+  [B, S, G·R] bf16/fp16 arrays, or (`fp8_latents`) `QuantLatent`s of
+  float8 codes with one scale per token and group. Returns [B, N, R_v]
   float32.
   """
   rope = inv_freq is not None

@@ -290,10 +290,15 @@ LOWER_CASES = [
 
 def _lower(spec, batch, s, rope, dtype=jnp.bfloat16, config=None):
   sd = jax.ShapeDtypeStruct
-  args = (sd((batch, spec.n_heads, spec.head_dim), dtype),
-          sd((batch, s, spec.groups * spec.k_rank), dtype),
-          None if spec.shared else sd((batch, s, spec.groups * spec.v_rank),
-                                      dtype),
+
+  def side(rank):     # float8: codes and one scale per token and group
+    if spec.bits == 8:
+      return QuantLatent(sd((batch, s, spec.groups * rank), jnp.float8_e4m3fn),
+                         sd((batch, s, spec.groups), dtype),
+                         sd((batch, s, 0), dtype))
+    return sd((batch, s, spec.groups * rank), dtype)
+  args = (sd((batch, spec.n_heads, spec.head_dim), dtype), side(spec.k_rank),
+          None if spec.shared else side(spec.v_rank),
           sd((spec.groups * spec.k_rank, spec.kv_per_group * spec.head_dim),
              dtype),
           sd((batch,), jnp.int32), sd((spec.head_dim // 2,), jnp.float32),
@@ -401,23 +406,7 @@ def test_fp8_kernel_lowers_for_sm90(case, block_s, rope):
           dict(block_s=block_s, stages=2) if block_s else {}))
   if mg.unsupported_reason(spec, jnp.bfloat16, s, rope, config):
     pytest.skip("does not fit")
-  sd = jax.ShapeDtypeStruct
-
-  def side():
-    return QuantLatent(sd((batch, s, g * r), jnp.float8_e4m3fn),
-                       sd((batch, s, g), jnp.bfloat16),
-                       sd((batch, s, 0), jnp.bfloat16))
-  args = (sd((batch, spec.n_heads, h), jnp.bfloat16), side(),
-          None if shared else side(), sd((g * r, j * h), jnp.bfloat16),
-          sd((batch,), jnp.int32), sd((h // 2,), jnp.float32),
-          sd((g * j * h,), jnp.bfloat16))
-
-  def f(q, hk, hv, k_up, lengths, inv, kb):
-    return mg.latent_attention(q, hk, hv, k_up, lengths, spec=spec,
-                               inv_freq=inv if rope else None,
-                               k_bias=kb if rope else None, config=config)
-  text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-  assert "mosaic_gpu" in text
+  assert "mosaic_gpu" in _lower(spec, batch, s, rope, config=config).as_text()
 
 
 def test_fp8_reasons():
