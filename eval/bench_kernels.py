@@ -401,7 +401,7 @@ def main(argv=None) -> int:
                   "for this many KV heads of a group (fastest row kept)")
   ap.add_argument("--fp8-latents", action="store_true",
                   help="float8 rows with one scale per token and latent "
-                  "group, read by the Mosaic GPU kernel's fp8 path (no RoPE)")
+                  "group, read by the Mosaic GPU kernel's fp8 path")
   ap.add_argument("--name", default="bench_kernels")
   ap.add_argument("--out", default=os.path.join("eval", "results"))
   args = ap.parse_args(argv)

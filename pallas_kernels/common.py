@@ -186,6 +186,10 @@ def value_latents(hk_v: Array, hv, spec: LatentSpec, dtype) -> Array:
   return v.reshape(batch, s, spec.groups, spec.v_rank).transpose(0, 2, 1, 3)
 
 
+# shared memory a CTA may opt in to on sm_90 (232,448 bytes); Ampere has
+# less (164 KB on the A100)
+SMEM_BYTES = 227 * 1024
+
 E4M3_CODE = jnp.float8_e4m3fn
 E4M3_MAX = 448.0
 

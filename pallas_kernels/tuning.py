@@ -8,7 +8,7 @@ twice, with each split still walking several tiles.
 
 from __future__ import annotations
 
-from pallas_kernels.common import KernelConfig, LatentSpec
+from pallas_kernels.common import SMEM_BYTES, KernelConfig, LatentSpec
 
 # Programs to launch: about two waves of an H100 (132 SMs).
 TARGET_PROGRAMS = 264
@@ -27,11 +27,6 @@ TABLE = {
     (False, False, False): (64, 4, 2),
     (False, False, True): (64, 4, 1),
 }
-
-
-# Hopper's opt-in shared memory per block; Ampere has less (164 KB on the
-# A100), where the smaller tiles this rule picks for large ranks fit too
-SMEM_BYTES = 227 * 1024
 
 
 def smem_estimate(spec: LatentSpec, block_s: int, stages: int,

@@ -58,13 +58,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.absorb_attention import absorbed_queries
-from pallas_kernels.common import (E4M3_CODE, Array, LatentSpec,
+from pallas_kernels.common import (E4M3_CODE, SMEM_BYTES, Array, LatentSpec,
                                    cache_sides, combine_splits, pow2_scale)
 
 _FLOOR = -1e30           # finite "minus infinity": masked rows never give NaN
 COMPUTE_WGS = 2          # compute warpgroups by default
 SUB = 64                 # rows per key sub-tile: the wgmma M
-SMEM_BYTES = 227 * 1024  # per CTA on sm_90 (232448 bytes)
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
