@@ -288,7 +288,8 @@ def _configs(backend, spec, batch, ctx, rope, tune, rope_modes=(),
     base = choose_config(spec, batch=batch, cache_len=ctx, rope=rope)
     return [base] + (_tune_grid(base) if tune else [])
   base = mosaic_gpu.choose_config(spec, batch=batch, cache_len=ctx, rope=rope)
-  base = dataclasses.replace(base, fp8_latents=fp8_latents)
+  # the fp8 path reads float8 caches only (16-bit rows keep their path)
+  base = dataclasses.replace(base, fp8_latents=fp8_latents and spec.bits == 8)
   if mosaic_gpu.unsupported_reason(spec, DTYPE, ctx, rope, base):
     return []
   out = [base]

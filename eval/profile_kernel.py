@@ -10,13 +10,22 @@ the profile buffer costs shared memory and a clock read per stage, so the
 kernel runs a little slower than unprofiled.
 
   python -m eval.profile_kernel [--context 4096] [--batch 8] [--groups 4 2 1]
+      [--shape smollm2-135m --shared] [--kv-heads-per-cta 3] [--splits 8]
+      [--breakdown]
+
+--breakdown also traces the whole jitted call (no in-kernel profiler) with
+jax.profiler and reports the device time of each GPU kernel it launches: the
+latent kernel next to the XLA work around it (query/B_k preparation, the
+split combine), which the benchmarks time together.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import glob
+import gzip
 import json
 import os
 import sys
@@ -27,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from eval.bench_decode import _pseudo_random
-from eval.bench_kernels import _latent_side, palu_spec
+from eval.bench_kernels import SHAPES, _cfg_str, _latent_side, palu_spec
+from eval.profile_decode import gpu_kernel_events
 from eval.report import markdown_table, write_results
 from pallas_kernels.latent_attention import mosaic_gpu as mg
 
@@ -63,10 +73,10 @@ def stage_cycles(trace: dict) -> dict[str, dict]:
   return out
 
 
-def profile_one(spec, *, batch: int, context: int, rope: bool,
-                stages: int | None, rope_mode: str | None = None) -> dict:
+def _inputs(spec, batch: int, context: int):
+  """Pseudo-random cache sides, B_k, queries, RoPE frequencies, lengths."""
   hk = _latent_side(spec, batch, context, 6)
-  hv = _latent_side(spec, batch, context, 7)
+  hv = None if spec.shared else _latent_side(spec, batch, context, 7)
   k_up = _pseudo_random(jnp.float32(8), shape=(
       spec.groups * spec.k_rank, spec.kv_per_group * spec.head_dim),
       dtype=jnp.bfloat16)
@@ -75,14 +85,58 @@ def profile_one(spec, *, batch: int, context: int, rope: bool,
   inv = jnp.asarray(1.0 / 10000 ** (np.arange(0, spec.head_dim, 2)
                                     / spec.head_dim), jnp.float32)
   lengths = jnp.full((batch,), context, jnp.int32)
+  return q, hk, hv, k_up, inv, lengths
+
+
+def _config(spec, *, batch: int, context: int, rope: bool, **overrides):
+  """choose_config's pick with the non-None overrides applied."""
   base = mg.choose_config(spec, batch=batch, cache_len=context, rope=rope)
+  return dataclasses.replace(
+      base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def breakdown(spec, *, batch: int, context: int, rope: bool,
+              steps: int = 8, **overrides) -> dict:
+  """Device µs per call of each GPU kernel the jitted latent_attention
+  launches (jax.profiler trace of `steps` calls), the latent kernel named
+  `palu_latent_*`; `other_us` sums the rest."""
+  q, hk, hv, k_up, inv, lengths = _inputs(spec, batch, context)
+  cfg = _config(spec, batch=batch, context=context, rope=rope, **overrides)
+  run = lambda: mg.latent_attention(q, hk, hv, k_up, lengths, spec=spec,
+                                    inv_freq=inv if rope else None,
+                                    config=cfg)
+  jax.block_until_ready(run())                       # compile outside
+  with tempfile.TemporaryDirectory() as tmp:
+    with jax.profiler.trace(tmp):
+      for _ in range(steps):
+        out = run()
+      jax.block_until_ready(out)
+    [path] = glob.glob(os.path.join(tmp, "**", "*.trace.json.gz"),
+                       recursive=True)
+    with gzip.open(path) as f:
+      events = gpu_kernel_events(json.load(f))
+  per = collections.defaultdict(float)
+  for e in events:
+    per[e["name"]] += float(e["dur"]) / steps
+  kernel = sum(v for k, v in per.items() if "palu_latent" in k)
+  top = sorted(per.items(), key=lambda kv: -kv[1])[:6]
+  return {"config": _cfg_str(cfg),
+          "kernel_us": kernel, "other_us": sum(per.values()) - kernel,
+          "launches": len(events) / steps,
+          "top": "; ".join(f"{k[:40]} {v:.1f}" for k, v in top)}
+
+
+def profile_one(spec, *, batch: int, context: int, rope: bool,
+                stages: int | None, rope_mode: str | None = None,
+                **overrides) -> dict:
+  q, hk, hv, k_up, inv, lengths = _inputs(spec, batch, context)
+  base = _config(spec, batch=batch, context=context, rope=rope,
+                 rope_mode=rope_mode, **overrides)
   tiles = context // base.block_s // base.splits + 1
   with tempfile.TemporaryDirectory() as tmp:
-    cfg = mg.MosaicConfig(block_s=base.block_s, stages=stages or base.stages,
-                          splits=base.splits,
-                          rope_mode=rope_mode or base.rope_mode,
-                          profile_space=len(COMPUTE_STAGES) * tiles + 16,
-                          profile_dir=tmp)
+    cfg = dataclasses.replace(
+        base, stages=stages or base.stages,
+        profile_space=len(COMPUTE_STAGES) * tiles + 16, profile_dir=tmp)
     out = mg.latent_attention(q, hk, hv, k_up, lengths, spec=spec,
                               inv_freq=inv if rope else None, config=cfg)
     jax.block_until_ready(out)
@@ -92,7 +146,7 @@ def profile_one(spec, *, batch: int, context: int, rope: bool,
       trace = json.load(f)
   cyc = stage_cycles(trace)
   row = {"stages": cfg.stages, "splits": cfg.splits,
-         "rope_mode": cfg.rope_mode}
+         "rope_mode": cfg.rope_mode, "heads": cfg.kv_heads_per_cta}
   comp = cyc["compute"]
   period = float(np.median(comp["period"])) if comp["period"] else None
   row["period_cyc"] = period
@@ -117,34 +171,51 @@ def main(argv=None) -> int:
   ap.add_argument("--rope-modes", nargs="+", default=[None],
                   choices=["rebuild", "fold"],
                   help="RoPE scoring modes to profile (default: the chosen)")
+  ap.add_argument("--shape", default="llama2-7b", choices=sorted(SHAPES))
+  ap.add_argument("--shared", action="store_true",
+                  help="one latent serves keys and values (SmolLM2)")
+  ap.add_argument("--kv-heads-per-cta", type=int, default=None)
+  ap.add_argument("--splits", type=int, default=None)
+  ap.add_argument("--breakdown", action="store_true",
+                  help="also report each GPU kernel's device time per call")
   ap.add_argument("--out", default=os.path.join("eval", "results"))
   ap.add_argument("--name", default="profile_kernel")
   args = ap.parse_args(argv)
   rows = []
   paths = [(g, True) for g in args.groups]
   if args.norope:
-    paths.append((4, False))
+    paths.append((args.groups[0], False))
+  n_heads, n_kv, head_dim = SHAPES[args.shape]
+  overrides = {"kv_heads_per_cta": args.kv_heads_per_cta,
+               "splits": args.splits}
   for group, rope in paths:
-    spec = palu_spec(32, 32, 128, 0.5, 16, group)
+    spec = palu_spec(n_heads, n_kv, head_dim, 0.5, 16, group, args.shared)
+    if not rope:
+      overrides["kv_heads_per_cta"] = None
     for batch in args.batches:
       for st, mode in [(st, mode) for st in args.stages
                        for mode in args.rope_modes]:
-        row = {"variant": f"palu50_{'rope' if rope else 'norope'}_g{group}",
-               "batch": batch, "context": args.context,
+        row = {"variant": f"palu50_{'rope' if rope else 'norope'}_g{group}"
+                          + ("_shared" if args.shared else ""),
+               "shape": args.shape, "batch": batch, "context": args.context,
                "device": jax.devices()[0].device_kind}
         try:
           row.update(profile_one(spec, batch=batch, context=args.context,
                                  rope=rope, stages=st or None,
-                                 rope_mode=mode))
+                                 rope_mode=mode, **overrides))
+          if args.breakdown:
+            row.update(breakdown(spec, batch=batch, context=args.context,
+                                 rope=rope, rope_mode=mode, **overrides))
         except Exception as e:  # a variant that does not fit is reported
           row["note"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
         rows.append(row)
         print({k: (round(v) if isinstance(v, float) else v)
                for k, v in row.items()}, flush=True)
-  cols = ["variant", "batch", "stages", "splits", "rope_mode", "period_cyc",
-          *COMPUTE_STAGES, "k_free", "v_free", "note"]
+  cols = ["variant", "shape", "batch", "stages", "splits", "heads",
+          "rope_mode", "period_cyc", *COMPUTE_STAGES, "k_free", "v_free",
+          "kernel_us", "other_us", "launches", "note"]
   md = ("# Mosaic GPU latent kernel: SM cycles per tile and stage\n\n"
-        "Llama-2-7B shape, 50 %, bf16, the in-kernel profiler "
+        f"{args.shape} shape, 50 %, bf16, the in-kernel profiler "
         f"(context {args.context}). Compute stages: mean cycles per tile "
         "of one compute warpgroup; period: cycles between its tile starts "
         "(two warpgroups alternate tiles, so a CTA finishes a tile every "
