@@ -56,13 +56,18 @@ BASELINES = ("full_xla", "full_dpa_xla", "full_cudnn", "full_pallas")
 
 def time_op(fn, *args, iters: int = 10, repeats: int = 3) -> float:
   """Seconds per call of fn(*args): `iters` calls chained inside one jitted
-  loop (each call's output perturbs the next query, so none is skipped),
-  best of `repeats`."""
+  function (each call's output perturbs the next query, so none is
+  skipped), best of `repeats`. The calls are unrolled, not a `fori_loop`:
+  on the GPU each iteration of an XLA while loop costs a round trip for its
+  predicate (~30 µs on the H200: SmolLM2's 53 µs latent kernel timed at 90
+  µs in a loop; eval/profile_kernel.py --breakdown), which made every
+  small kernel look slow and every speedup of a small shape look nearer to
+  1."""
   def chained(q, *rest):
-    def body(_, q):
+    for _ in range(iters):
       out = fn(q, *rest)
-      return q + (jnp.sum(out[..., :1]) * 0).astype(q.dtype)
-    return jax.lax.fori_loop(0, iters, body, q)
+      q = q + (jnp.sum(out[..., :1]) * 0).astype(q.dtype)
+    return q
   run = jax.jit(chained)
   jax.block_until_ready(run(*args))
   best = float("inf")

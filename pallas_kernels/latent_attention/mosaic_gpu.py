@@ -97,15 +97,16 @@ class MosaicConfig:
   # queries): the per-tile chain is paid once per `kv_heads_per_cta` heads.
   kv_heads_per_cta: int = 1
   # R_v not a multiple of 64 (30 % ranks, Fisher ranks in multiples of 16):
-  # p·h_v in overlapping 64-row pieces (`value_row_chunks`). Off until its
-  # compiled tests have run on the GPU: such shapes go to Triton.
-  value_pieces: bool = False
+  # p·h_v in overlapping 64-row pieces (`value_row_chunks`); compiled tests
+  # pass on the H200 (2026-12-03). False sends such shapes to Triton.
+  value_pieces: bool = True
   # float8 latent caches, one scale per token and latent group
   # (quant_group = the rank): with RoPE keys rebuilt by an fp8 wgmma with an
   # e4m3 B_k, without RoPE codes upcast to f16 in registers; the scale a
-  # row factor of the keys or scores and of P (NOTES.md, v12). Off until
-  # its compiled tests have run on the GPU: such caches go to Triton.
-  fp8_latents: bool = False
+  # row factor of the keys or scores and of P (NOTES.md, v12). Compiled
+  # tests pass on the H200 (2026-12-03) and it runs 6-10x faster than the
+  # Triton fp8 kernel there. False sends float8 caches to Triton.
+  fp8_latents: bool = True
   # Mosaic GPU's in-kernel profiler (eval/profile_kernel.py): the named
   # stages of each tile (`jax.named_scope` below) timed in SM cycles per
   # warpgroup, at most `profile_space` ranges each, written as a trace
@@ -172,8 +173,7 @@ def unsupported_reason(spec: LatentSpec, dtype, cache_len: int, rope: bool,
     return f"dtype {jnp.dtype(dtype).name} (Mosaic GPU path takes bf16/fp16)"
   if spec.bits == 8:
     if not config.fp8_latents:
-      return ("8-bit latents (MosaicConfig(fp8_latents=True) reads float8 "
-              "caches; not yet run on the GPU)")
+      return "8-bit latents with MosaicConfig(fp8_latents=False)"
     if rope and config.rope_mode != "rebuild":
       return "float8 latents with rope_mode 'fold' (rebuild only)"
     if spec.quant_group != spec.k_rank or (
@@ -188,9 +188,8 @@ def unsupported_reason(spec: LatentSpec, dtype, cache_len: int, rope: bool,
     return (f"v_rank {spec.v_rank} (needs a multiple of 16, at least 64: "
             "p·h_v takes 64-row pieces of it)")
   if spec.v_rank % SUB and not config.value_pieces:
-    return (f"v_rank {spec.v_rank} (not a multiple of 64; "
-            "MosaicConfig(value_pieces=True) takes it in 64-row pieces, not "
-            "yet run on the GPU)")
+    return (f"v_rank {spec.v_rank} (not a multiple of 64, with "
+            "MosaicConfig(value_pieces=False))")
   if spec.k_rank % 16:
     return f"k_rank {spec.k_rank} (needs a multiple of 16)"
   if rope and spec.head_dim % 32:
@@ -257,7 +256,7 @@ def smem_bytes(spec: LatentSpec, rope: bool, config: MosaicConfig) -> int:
 
 def choose_config(spec: LatentSpec, *, batch: int, cache_len: int, rope: bool,
                   n_sms: int = 132, compute_wgs: int = COMPUTE_WGS,
-                  kv_heads_per_cta: int = 1) -> MosaicConfig:
+                  kv_heads_per_cta: int | None = None) -> MosaicConfig:
   """Tiles of 128 rows where one ring slot per compute WG fits (a softmax
   update, its two cross-warp reductions and the hand-over between the
   compute WGs then serve twice the rows;
@@ -273,14 +272,29 @@ def choose_config(spec: LatentSpec, *, batch: int, cache_len: int, rope: bool,
   256 (35 µs; the earlier ≥ 4-tiles-per-WG rule picked 4: 51 µs), no RoPE
   at one tile per WG (G-LRD-4 32 splits 31 µs vs 42 µs at 8). SmolLM2
   (48 RoPE programs, B16 8K): 2 splits (one wave) beat 3–16 (87 vs 92–115
-  µs)."""
+  µs).
+
+  KV heads per CTA (RoPE; `kv_heads_per_cta` None: chosen): all of the
+  group's with a shared latent, where they fit — measured on SmolLM2's
+  shape (device time of the kernel, eval/results/profile_smollm2_h*.md: 53
+  µs with one head per CTA and 2 splits, 39 µs with 3 heads and 8 splits);
+  one otherwise (not measured faster elsewhere, nor run with float8
+  codes)."""
   # "fold" measured no faster than "rebuild" on the H200 (NOTES.md, v9)
   # and rounds q·B_k to 16 bits: rebuild is the default
   mode = "rebuild"
-  w, hc = compute_wgs, kv_heads_per_cta
-  fits = lambda bs, st: smem_bytes(spec, rope, MosaicConfig(
+  w = compute_wgs
+  fits = lambda bs, st, hc: smem_bytes(spec, rope, MosaicConfig(
       block_s=bs, stages=st, rope_mode=mode, compute_wgs=w,
       kv_heads_per_cta=hc)) <= SMEM_BYTES
+  hc = kv_heads_per_cta
+  if hc is None:
+    whole = spec.kv_per_group
+    # (16-bit latents: several heads with float8 codes have not run)
+    hc = (whole if rope and spec.shared and spec.bits == 16 and whole > 1
+          and fits(SUB, w, whole)
+          and query_cols(spec, rope) * whole <= 256 else 1)
+  fits = functools.partial(fits, hc=hc)
   bs = 2 * SUB if cache_len % (2 * SUB) == 0 and fits(2 * SUB, w) else SUB
   stages = 2 * w if fits(bs, 2 * w) else w
   programs = batch * spec.groups * (spec.kv_per_group // hc if rope else 1)

@@ -206,10 +206,9 @@ def test_unsupported_reasons_and_config():
                  k_rank=64, v_rank=64, bits=4), jnp.bfloat16, 64, True, cfg)
   odd = LatentSpec(groups=1, kv_per_group=1, q_per_kv=1, head_dim=64,
                    k_rank=96, v_rank=96)
-  assert "value_pieces=True" in mg.unsupported_reason(
-      odd, jnp.bfloat16, 64, True, cfg)
-  assert mg.unsupported_reason(odd, jnp.bfloat16, 64, True,
-                               mg.MosaicConfig(value_pieces=True)) is None
+  assert "value_pieces=False" in mg.unsupported_reason(
+      odd, jnp.bfloat16, 64, True, mg.MosaicConfig(value_pieces=False))
+  assert mg.unsupported_reason(odd, jnp.bfloat16, 64, True, cfg) is None
   assert "v_rank 48" in mg.unsupported_reason(
       LatentSpec(groups=1, kv_per_group=1, q_per_kv=1, head_dim=64,
                  k_rank=64, v_rank=48), jnp.bfloat16, 64, True, cfg)
@@ -411,10 +410,10 @@ def test_fp8_kernel_lowers_for_sm90(case, block_s, rope):
 
 def test_fp8_reasons():
   spec = _fp8_spec(8, 1, 1, 128, 64, False)
-  cfg = mg.MosaicConfig()
-  assert "fp8_latents=True" in mg.unsupported_reason(
-      spec, jnp.bfloat16, 1024, False, cfg)
-  on = mg.MosaicConfig(fp8_latents=True)
+  off = mg.MosaicConfig(fp8_latents=False)
+  assert "fp8_latents=False" in mg.unsupported_reason(
+      spec, jnp.bfloat16, 1024, False, off)
+  on = mg.MosaicConfig()        # on by default
   assert mg.unsupported_reason(spec, jnp.bfloat16, 1024, False, on) is None
   # with RoPE: keys rebuilt by an fp8 wgmma (e4m3 B_k); not in fold mode
   assert mg.unsupported_reason(spec, jnp.bfloat16, 1024, True, on) is None
