@@ -342,7 +342,7 @@ def _cfg_str(c) -> str:
             + (f" {c.rope_mode}" if c.rope_mode != "rebuild" else "")
             + (f" wgs={c.compute_wgs}" if c.compute_wgs != 2 else "")
             + (f" heads={c.kv_heads_per_cta}" if c.kv_heads_per_cta != 1
-               else "") + (" fp8" if c.fp8_latents else ""))
+               else ""))
   return f"bs={c.block_s} P={c.splits} w={c.num_warps} st={c.num_stages}"
 
 

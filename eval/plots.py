@@ -84,7 +84,8 @@ def plot_e2e(rows: list[dict], path: str, plt) -> None:
     ax.set_title(f"batch {batch}")
     ax.set_xlabel("context")
     ax.set_ylabel("decode tokens/s")
-    ax.legend(fontsize=7)
+    if lines:
+      ax.legend(fontsize=7)
   _save(fig, path)
   plt.close(fig)
 
@@ -189,7 +190,8 @@ def plot_results(json_path: str) -> str | None:
   png = os.path.splitext(json_path)[0] + ".png"
   if rows and "shape" in rows[0]:
     plot_kernels(rows, png, plt)
-  elif any("tokens_per_s" in r for r in rows):
+  elif rows and "context" in rows[0] and "batch" in rows[0]:
+    # bench_e2e (rows that did not fit have no tokens_per_s: empty panels)
     plot_e2e(rows, png, plt)
   else:
     raise ValueError(f"{json_path}: not a bench_kernels or bench_e2e result")

@@ -70,3 +70,18 @@ def test_gpu_events_busy_time_and_summary():
   assert s["matmul_ms_per_step"] == pytest.approx(0.01)
   assert s["other_ms_per_step"] == pytest.approx(0.0025)
   assert s["top"][0]["name"] == "gemm_fusion_dot_1"
+
+
+def test_e2e_plot_when_no_row_fits(tmp_path):
+  """A bench_e2e run whose rows all did not fit (B8 at 64K of the 7B shape
+  on one H200) still gets its JSON, table and an empty plot: the plot used
+  to raise and stop the run after its first row."""
+  import json
+  pytest.importorskip("matplotlib")
+  from eval.plots import plot_results
+  path = tmp_path / "e2e.json"
+  path.write_text(json.dumps({"rows": [
+      {"variant": "base", "batch": 8, "context": 65536,
+       "note": "does not fit"}]}))
+  png = plot_results(str(path))
+  assert png is not None and (tmp_path / "e2e.png").stat().st_size > 0
