@@ -58,11 +58,13 @@ def time_op(fn, *args, iters: int = 10, repeats: int = 3) -> float:
   """Seconds per call of fn(*args): `iters` calls chained inside one jitted
   function (each call's output perturbs the next query, so none is
   skipped), best of `repeats`. The calls are unrolled, not a `fori_loop`:
-  on the GPU each iteration of an XLA while loop costs a round trip for its
-  predicate (~30 µs on the H200: SmolLM2's 53 µs latent kernel timed at 90
-  µs in a loop; eval/profile_kernel.py --breakdown), which made every
-  small kernel look slow and every speedup of a small shape look nearer to
-  1."""
+  on the GPU each iteration of an XLA while loop adds a fixed cost (~25 µs
+  on the H200: cuDNN's dense call on SmolLM2's shape, B16 8K, took 75 µs in
+  the loop and 50 µs unrolled), which made small kernels look slow and
+  pulled the speedups of small shapes toward 1. Either way the work that
+  does not depend on the query (B_k regrouped per KV head, RoPE tables) is
+  done once for all calls (loop-invariant hoisting or CSE), as in a decode
+  loop."""
   def chained(q, *rest):
     for _ in range(iters):
       out = fn(q, *rest)
