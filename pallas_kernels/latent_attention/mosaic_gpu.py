@@ -107,6 +107,11 @@ class MosaicConfig:
   # tests pass on the H200 (2026-12-03) and it runs 6-10x faster than the
   # Triton fp8 kernel there. False sends float8 caches to Triton.
   fp8_latents: bool = True
+  # float8 keys without RoPE (own latent, not shared with the values):
+  # scores straight from the e4m3 codes by fp8 wgmmas, the absorbed query
+  # split into two e4m3 parts (`e4m3_hi_lo`), instead of upcasting every
+  # key tile to f16 on the compute chain. Off until measured on the GPU.
+  fp8_scores: bool = False
   # Mosaic GPU's in-kernel profiler (eval/profile_kernel.py): the named
   # stages of each tile (`jax.named_scope` below) timed in SM cycles per
   # warpgroup, at most `profile_space` ranges each, written as a trace
@@ -163,6 +168,12 @@ def value_row_chunks(v_rank: int) -> tuple[tuple[int, int], ...]:
 def heads_per_cta(rope: bool, config: MosaicConfig) -> int:
   """KV heads one CTA serves with RoPE (1 without: B_k is in the query)."""
   return config.kv_heads_per_cta if rope else 1
+
+
+def fp8_scores(spec: LatentSpec, rope: bool, config: MosaicConfig) -> bool:
+  """Whether the no-RoPE scores come straight from e4m3 key codes."""
+  return (config.fp8_scores and spec.bits == 8 and not rope
+          and not spec.shared)
 
 
 def unsupported_reason(spec: LatentSpec, dtype, cache_len: int, rope: bool,
@@ -336,6 +347,23 @@ def folded_scores(c, d, cos_i, sin_i, c0, z0):
   return (cos_i * e + sin_i * f).sum(axis=1)
 
 
+E4M3_MAX = 448.0
+
+
+def e4m3_hi_lo(x: Array) -> tuple[Array, Array]:
+  """x [..., R] f32 -> (codes [..., 2, R] float8_e4m3fn, scale [...] f32)
+  with x ≈ scale·(hi + lo): hi the e4m3 rounding of x/scale (|x/scale| ≤
+  448), lo that of the remainder. Two fp8 wgmmas into one accumulator then
+  give products with ~8 significant bits of x (bf16's), where one e4m3
+  rounding keeps 4. A row of zeros gets scale 1."""
+  amax = jnp.max(jnp.abs(x), axis=-1)
+  scale = jnp.where(amax > 0, amax / E4M3_MAX, 1.0).astype(jnp.float32)
+  y = x / scale[..., None]
+  hi = y.astype(jnp.float8_e4m3fn)
+  lo = (y - hi.astype(jnp.float32)).astype(jnp.float8_e4m3fn)
+  return jnp.stack([hi, lo], axis=-2), scale
+
+
 def softmax_step(m, l, blocks):
   """One online-softmax update over the rows of a tile's score blocks
   (a sequence of [rows, N] f32 arrays): running max m [N] and sum l [N] ->
@@ -366,6 +394,10 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
     (bk_g, q_g, vec_g, base_g, acc_o, m_o, l_o, b_s, q_s, vec_s, base_s,
      hk_s, hv_s, p_s, setup_bar, kprod_bar, vprod_bar,
      kcons_bar, vcons_bar, turn_bar) = rest
+  elif spec.bits == 8 and fp8_scores(spec, rope, config):
+    (qf_g, qs_g, sk_g, sv_g, acc_o, m_o, l_o, qf_s, qs_s, hk_s, hv_s, sk_s,
+     sv_s, vb_s, p_s, setup_bar, kprod_bar, vprod_bar, kcons_bar, vcons_bar,
+     turn_bar) = rest
   elif spec.bits == 8:
     (qf_g, sk_g, sv_g, acc_o, m_o, l_o, qf_s, hk_s, hv_s, sk_s, sv_s, vb_s,
      p_s, setup_bar, kprod_bar, vprod_bar, kcons_bar, vcons_bar,
@@ -380,6 +412,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
   # registers (no RoPE); the values go to the WG's f16 tile `vb_s` (masked
   # past the length) for p·h_v, so a key slot frees with its keys
   fp8 = spec.bits == 8
+  native = fp8_scores(spec, rope, config)
   bs, stages = config.block_s, config.stages
   subs = bs // SUB
   q_dtype = scores_dtype(config, dtype)
@@ -420,6 +453,8 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
     # thread, the rest to the compute WGs, in multiples of 8
     plgpu.set_max_registers(_compute_registers(n_wgs), action="increase")
     plgpu.barrier_wait(setup_bar.at[0])
+    if native:
+      q_scale = plgpu.load(qs_s, (), layout=col_layout)
     if rope:
       hh = spec.head_dim // 2
       # folded scores stay f32 from the accumulator to the row sum
@@ -539,6 +574,21 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
               per_head.append(sj * (spec.head_dim ** -0.5))
           s = (per_head[0] if hc == 1
                else jnp.concatenate(per_head, axis=1))   # [SUB, cols]
+        elif native:
+          with jax.named_scope("score"):
+            def score(ref):
+              # e4m3 codes [SUB, R] · (hi + lo) [R, nq]: both K-major
+              plgpu.wgmma(ref, hk_s.at[slot, rows], qf_s.at[0].T)
+              plgpu.wgmma(ref, hk_s.at[slot, rows], qf_s.at[1].T)
+              return ref[...]
+            s = pl.run_scoped(score, plgpu.ACC((SUB, nq), jnp.float32))
+            k_scales.append(token_scales(sk_s.at[slot, rows]))
+            if release_keys:
+              plgpu.barrier_arrive(kcons_bar.at[slot])
+            # the token's scale per row, the query part's per column (rows
+            # past the length may hold NaN codes: masked below)
+            s = (s * lax.broadcast_in_dim(k_scales[j], (SUB, nq), [0])
+                 * lax.broadcast_in_dim(q_scale, (SUB, nq), [1]))
         elif fp8:
           with jax.named_scope("upcast"):
             a = upcast(hk_s.at[slot, rows], s0 + j * SUB)
@@ -654,6 +704,8 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
       plgpu.copy_gmem_to_smem(vec_g.at[x], vec_s, setup_bar.at[0])
     else:
       plgpu.copy_gmem_to_smem(qf_g.at[b, x], qf_s, setup_bar.at[0])
+      if native:
+        plgpu.copy_gmem_to_smem(qs_g.at[b, x], qs_s, setup_bar.at[0])
 
     def load_keys(t):
       slot = lax.rem(t, stages)
@@ -869,6 +921,16 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
                plgpu.SMEM((hc, n_vec, hh), jnp.float32),
                plgpu.SMEM((config.stages, bs // SUB, 2, hh), jnp.float32)]
     n_setup = 1 + 2 * hc
+  elif fp8_scores(spec, rope, config):
+    # scores from the e4m3 codes: the query as two e4m3 parts + a scale
+    hilo, q_scale = e4m3_hi_lo(absorbed_queries(q, k_up, spec, nq,
+                                                jnp.float32))
+    operands = (jnp.swapaxes(hilo, 2, 3), q_scale, sk, sv)  # [B, G, 2, nq, R]
+    scratch = [plgpu.SMEM((2, nq, rk), jnp.float8_e4m3fn,
+                          transforms=_transforms(_swizzle(rk, 1), 1)),
+               plgpu.SMEM((nq,), jnp.float32)]
+    n_setup = 2
+    x_size = spec.groups
   else:
     # float8 codes are upcast to f16 (exact): the products run in f16
     operands = (absorbed_queries(q, k_up, spec, nq,

@@ -408,6 +408,46 @@ def test_fp8_kernel_lowers_for_sm90(case, block_s, rope):
   assert "mosaic_gpu" in _lower(spec, batch, s, rope, config=config).as_text()
 
 
+@pytest.mark.parametrize("block_s", [None, 64, 128])
+@pytest.mark.parametrize("case", [c for c in FP8_CASES if not c[5]],
+                         ids=lambda c: "-".join(map(str, c)))
+def test_fp8_scores_lower_for_sm90(case, block_s):
+  """Scores straight from the e4m3 key codes (`fp8_scores`, no RoPE): two
+  fp8 wgmmas against the query's e4m3 parts."""
+  g, j, qk, h, r, shared, batch, s = case
+  spec = _fp8_spec(g, j, qk, h, r, shared)
+  config = dataclasses.replace(mg.choose_config(
+      spec, batch=batch, cache_len=s, rope=False), fp8_scores=True, **(
+          dict(block_s=block_s, stages=2) if block_s else {}))
+  assert mg.fp8_scores(spec, False, config)
+  if mg.unsupported_reason(spec, jnp.bfloat16, s, False, config):
+    pytest.skip("does not fit")
+  text = _lower(spec, batch, s, False, config=config).as_text()
+  assert "mosaic_gpu" in text
+
+
+def test_e4m3_hi_lo_keeps_bf16_precision():
+  """hi + lo (two e4m3 roundings) against x: within bf16's half ulp
+  (2^-8 relative) wherever lo stays a normal e4m3 number, and within its
+  subnormal step (2^-10 of the scale unit) elsewhere; one e4m3 rounding
+  alone is 16x worse. Independent check: numpy float64 arithmetic."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((3, 5, 256)).astype(np.float32)
+  x[0, 0] *= 1e-3                               # rows of any magnitude
+  x[1, 1] = 0.0                                 # a zero row (padding)
+  codes, scale = mg.e4m3_hi_lo(jnp.asarray(x))
+  assert codes.shape == (3, 5, 2, 256) and codes.dtype == jnp.float8_e4m3fn
+  assert scale.shape == (3, 5) and float(scale[1, 1]) == 1.0
+  parts = np.asarray(codes.astype(jnp.float32), np.float64)
+  got = (parts[..., 0, :] + parts[..., 1, :]) * np.asarray(scale)[..., None]
+  err = np.abs(got - x)
+  unit = np.asarray(scale, np.float64)[..., None]
+  assert np.all(err <= np.maximum(2.0 ** -8 * np.abs(x), 2.0 ** -10 * unit))
+  assert not np.any(got[1, 1])
+  hi_only = parts[..., 0, :] * np.asarray(scale)[..., None]
+  assert np.max(np.abs(hi_only - x)) > 8 * np.max(err)
+
+
 def test_fp8_reasons():
   spec = _fp8_spec(8, 1, 1, 128, 64, False)
   off = mg.MosaicConfig(fp8_latents=False)
@@ -592,6 +632,28 @@ def test_compiled_fp8_kernel_matches_reference(case, rope):
       continue
     assert check(spec, batch=batch, cache_len=s, lengths=lengths,
                  dtype=jnp.bfloat16, rope=rope, bias=rope, config=c)
+
+
+@gpu
+@needs_hopper
+@pytest.mark.parametrize("case", [
+    (8, 1, 1, 128, 64, False, 2, 1024, [1000, 64]),     # M-LRD
+    (2, 4, 1, 128, 256, False, 2, 512, [512, 77]),      # G-LRD-4
+    (2, 2, 2, 128, 128, False, 3, 448, [448, 1, 200]),  # GQA 2
+], ids=lambda c: "-".join(map(str, c[:6])))
+def test_compiled_fp8_scores_match_reference(case):
+  """Scores straight from the e4m3 key codes (`fp8_scores`): the reference
+  dequantizes the same codes and keeps the query exact, so this also
+  bounds the query's hi + lo rounding."""
+  g, j, qk, h, r, shared, batch, s, lengths = case
+  spec = _fp8_spec(g, j, qk, h, r, shared)
+  cfg = dataclasses.replace(mg.choose_config(
+      spec, batch=batch, cache_len=s, rope=False), fp8_scores=True)
+  for c in (cfg, dataclasses.replace(cfg, block_s=64, stages=2, splits=3)):
+    if mg.unsupported_reason(spec, jnp.bfloat16, s, False, c):
+      continue
+    assert check(spec, batch=batch, cache_len=s, lengths=lengths,
+                 dtype=jnp.bfloat16, rope=False, bias=False, config=c)
 
 
 @gpu
