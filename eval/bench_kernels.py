@@ -305,9 +305,6 @@ def _configs(backend, spec, batch, ctx, rope, tune, rope_modes=(),
     if c not in out and mosaic_gpu.unsupported_reason(
         spec, DTYPE, ctx, rope, c) is None:
       out.append(c)
-  if base.fp8_latents and not rope and not spec.shared:
-    # also scores straight from the e4m3 key codes
-    add(dataclasses.replace(base, fp8_scores=True))
   for w in compute_wgs:
     add(mosaic_gpu.choose_config(spec, batch=batch, cache_len=ctx, rope=rope,
                                  compute_wgs=w))
@@ -412,8 +409,7 @@ def main(argv=None) -> int:
                   "for this many KV heads of a group (fastest row kept)")
   ap.add_argument("--fp8-latents", action="store_true",
                   help="float8 rows with one scale per token and latent "
-                  "group, read by the Mosaic GPU kernel's fp8 path (without "
-                  "RoPE also timed with scores from the e4m3 codes)")
+                  "group, read by the Mosaic GPU kernel's fp8 path")
   ap.add_argument("--name", default="bench_kernels")
   ap.add_argument("--out", default=os.path.join("eval", "results"))
   args = ap.parse_args(argv)
