@@ -618,42 +618,26 @@ def test_compiled_value_ranks_not_multiples_of_64(case, rope, mode):
     (1, 3, 3, 64, 192, True, 2, 320, [320, 1]),         # SmolLM2 shared
     (2, 2, 2, 128, 128, False, 3, 448, [448, 1, 200]),  # GQA 2
 ], ids=lambda c: "-".join(map(str, c[:6])))
-@pytest.mark.parametrize("rope", [True, False], ids=["rope", "norope"])
-def test_compiled_fp8_kernel_matches_reference(case, rope):
+@pytest.mark.parametrize("path", ["rope", "norope", "fp8_scores"])
+def test_compiled_fp8_kernel_matches_reference(case, path):
   """float8 caches written by the model's quantizer (make_inputs), the
   reference dequantizing the same codes (and, with RoPE, the same e4m3
-  B_k)."""
+  B_k). fp8_scores: scores straight from the e4m3 key codes against the
+  query's hi + lo e4m3 parts (the reference keeps the query exact, so this
+  also bounds that rounding)."""
   g, j, qk, h, r, shared, batch, s, lengths = case
+  rope = path == "rope"
+  if path == "fp8_scores" and shared:
+    pytest.skip("fp8_scores needs a key latent of its own")
   spec = _fp8_spec(g, j, qk, h, r, shared)
   cfg = dataclasses.replace(mg.choose_config(
-      spec, batch=batch, cache_len=s, rope=rope), fp8_latents=True)
+      spec, batch=batch, cache_len=s, rope=rope), fp8_latents=True,
+      fp8_scores=path == "fp8_scores")
   for c in (cfg, dataclasses.replace(cfg, block_s=64, stages=2, splits=3)):
     if mg.unsupported_reason(spec, jnp.bfloat16, s, rope, c):
       continue
     assert check(spec, batch=batch, cache_len=s, lengths=lengths,
                  dtype=jnp.bfloat16, rope=rope, bias=rope, config=c)
-
-
-@gpu
-@needs_hopper
-@pytest.mark.parametrize("case", [
-    (8, 1, 1, 128, 64, False, 2, 1024, [1000, 64]),     # M-LRD
-    (2, 4, 1, 128, 256, False, 2, 512, [512, 77]),      # G-LRD-4
-    (2, 2, 2, 128, 128, False, 3, 448, [448, 1, 200]),  # GQA 2
-], ids=lambda c: "-".join(map(str, c[:6])))
-def test_compiled_fp8_scores_match_reference(case):
-  """Scores straight from the e4m3 key codes (`fp8_scores`): the reference
-  dequantizes the same codes and keeps the query exact, so this also
-  bounds the query's hi + lo rounding."""
-  g, j, qk, h, r, shared, batch, s, lengths = case
-  spec = _fp8_spec(g, j, qk, h, r, shared)
-  cfg = dataclasses.replace(mg.choose_config(
-      spec, batch=batch, cache_len=s, rope=False), fp8_scores=True)
-  for c in (cfg, dataclasses.replace(cfg, block_s=64, stages=2, splits=3)):
-    if mg.unsupported_reason(spec, jnp.bfloat16, s, False, c):
-      continue
-    assert check(spec, batch=batch, cache_len=s, lengths=lengths,
-                 dtype=jnp.bfloat16, rope=False, bias=False, config=c)
 
 
 @gpu
