@@ -50,6 +50,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -113,6 +114,11 @@ class MosaicConfig:
   # key tile to f16 on the compute chain. Off: its compiled test fails on
   # the H200 for short sequences (NOTES.md, "fp8_scores"), cause not found.
   fp8_scores: bool = False
+  # fp8_scores: one f32 accumulator per swizzle-wide chunk of the latents
+  # (≤ 128) and per query part, summed in registers, instead of one for
+  # all: Hopper's fp8 wgmma accumulates with ~14 bits (DeepSeek-V3 promotes
+  # its fp8 GEMM partial sums to f32 every 128 elements for this reason).
+  fp8_promote: bool = True
   # Mosaic GPU's in-kernel profiler (eval/profile_kernel.py): the named
   # stages of each tile (`jax.named_scope` below) timed in SM cycles per
   # warpgroup, at most `profile_space` ranges each, written as a trace
@@ -414,6 +420,9 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
   # past the length) for p·h_v, so a key slot frees with its keys
   fp8 = spec.bits == 8
   native = fp8_scores(spec, rope, config)
+  if native:      # latents per score wgmma: one swizzle row (≤ 128)
+    k_step = (_swizzle(spec.k_rank, 1) if config.fp8_promote
+              else spec.k_rank)
   bs, stages = config.block_s, config.stages
   subs = bs // SUB
   q_dtype = scores_dtype(config, dtype)
@@ -577,12 +586,20 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
                else jnp.concatenate(per_head, axis=1))   # [SUB, cols]
         elif native:
           with jax.named_scope("score"):
-            def score(ref):
-              # e4m3 codes [SUB, R] · (hi + lo) [R, nq]: both K-major
-              plgpu.wgmma(ref, hk_s.at[slot, rows], qf_s.at[0].T)
-              plgpu.wgmma(ref, hk_s.at[slot, rows], qf_s.at[1].T)
-              return ref[...]
-            s = pl.run_scoped(score, plgpu.ACC((SUB, nq), jnp.float32))
+            # e4m3 codes [SUB, R] · (hi + lo) [R, nq]: both K-major; one
+            # accumulator per (part, chunk) with fp8_promote, else one
+            pieces = [(part, o) for part in range(2)
+                      for o in range(0, rk, k_step)]
+            accs = len(pieces) if config.fp8_promote else 1
+
+            def score(*refs):
+              for n, (part, o) in enumerate(pieces):
+                w = pl.ds(o, k_step)
+                plgpu.wgmma(refs[n % accs], hk_s.at[slot, rows, w],
+                            qf_s.at[part, :, w].T)
+              return functools.reduce(operator.add, [r[...] for r in refs])
+            s = pl.run_scoped(score, *[plgpu.ACC((SUB, nq), jnp.float32)]
+                              * accs)
             k_scales.append(token_scales(sk_s.at[slot, rows]))
             if release_keys:
               plgpu.barrier_arrive(kcons_bar.at[slot])

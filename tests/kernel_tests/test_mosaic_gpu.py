@@ -408,16 +408,19 @@ def test_fp8_kernel_lowers_for_sm90(case, block_s, rope):
   assert "mosaic_gpu" in _lower(spec, batch, s, rope, config=config).as_text()
 
 
+@pytest.mark.parametrize("promote", [True, False], ids=["promote", "one"])
 @pytest.mark.parametrize("block_s", [None, 64, 128])
 @pytest.mark.parametrize("case", [c for c in FP8_CASES if not c[5]],
                          ids=lambda c: "-".join(map(str, c)))
-def test_fp8_scores_lower_for_sm90(case, block_s):
-  """Scores straight from the e4m3 key codes (`fp8_scores`, no RoPE): two
-  fp8 wgmmas against the query's e4m3 parts."""
+def test_fp8_scores_lower_for_sm90(case, block_s, promote):
+  """Scores straight from the e4m3 key codes (`fp8_scores`, no RoPE): fp8
+  wgmmas against the query's e4m3 parts, into one accumulator per part and
+  latent chunk (promote) or one for all."""
   g, j, qk, h, r, shared, batch, s = case
   spec = _fp8_spec(g, j, qk, h, r, shared)
   config = dataclasses.replace(mg.choose_config(
-      spec, batch=batch, cache_len=s, rope=False), fp8_scores=True, **(
+      spec, batch=batch, cache_len=s, rope=False), fp8_scores=True,
+      fp8_promote=promote, **(
           dict(block_s=block_s, stages=2) if block_s else {}))
   assert mg.fp8_scores(spec, False, config)
   if mg.unsupported_reason(spec, jnp.bfloat16, s, False, config):
@@ -618,21 +621,25 @@ def test_compiled_value_ranks_not_multiples_of_64(case, rope, mode):
     (1, 3, 3, 64, 192, True, 2, 320, [320, 1]),         # SmolLM2 shared
     (2, 2, 2, 128, 128, False, 3, 448, [448, 1, 200]),  # GQA 2
 ], ids=lambda c: "-".join(map(str, c[:6])))
-@pytest.mark.parametrize("path", ["rope", "norope", "fp8_scores"])
+@pytest.mark.parametrize("path", ["rope", "norope", "fp8_scores",
+                                  "fp8_scores_one_acc"])
 def test_compiled_fp8_kernel_matches_reference(case, path):
   """float8 caches written by the model's quantizer (make_inputs), the
   reference dequantizing the same codes (and, with RoPE, the same e4m3
   B_k). fp8_scores: scores straight from the e4m3 key codes against the
   query's hi + lo e4m3 parts (the reference keeps the query exact, so this
-  also bounds that rounding)."""
+  also bounds that rounding); _one_acc: all of them into one accumulator
+  (failed for short sequences on the H200 on 2026-12-03; the default gives
+  each part and latent chunk its own)."""
   g, j, qk, h, r, shared, batch, s, lengths = case
   rope = path == "rope"
-  if path == "fp8_scores" and shared:
+  native = path.startswith("fp8_scores")
+  if native and shared:
     pytest.skip("fp8_scores needs a key latent of its own")
   spec = _fp8_spec(g, j, qk, h, r, shared)
   cfg = dataclasses.replace(mg.choose_config(
       spec, batch=batch, cache_len=s, rope=rope), fp8_latents=True,
-      fp8_scores=path == "fp8_scores")
+      fp8_scores=native, fp8_promote=path == "fp8_scores")
   for c in (cfg, dataclasses.replace(cfg, block_s=64, stages=2, splits=3)):
     if mg.unsupported_reason(spec, jnp.bfloat16, s, rope, c):
       continue
