@@ -40,15 +40,19 @@ def palu_config(cfg, ratio: float, bits: int, group: int = GROUP,
                 ) -> PaluConfig:
   """Uniform ranks keeping 1 - ratio of each group's key/value width;
   shared: one latent of twice the rank for keys and values (the default
-  compression of small models such as SmolLM2-135M); scale_per_token:
-  quantized latents with one scale per token and latent group (the
-  format the Mosaic GPU fp8 path reads) instead of one per 32 latents."""
+  compression of small models such as SmolLM2-135M). Scales as the
+  library's default (`cache_quant_group`): one per token and latent group
+  for float8 (the format the Mosaic GPU fp8 path reads), one per 32
+  latents for integer codes; scale_per_token: one per token and group for
+  integer codes too."""
   size = min(group, cfg.n_kv_heads)
   width = (2 if shared else 1) * size * cfg.head_dim
   rank = int(round((1 - ratio) * width / 16)) * 16
   ranks = ((rank,) * (cfg.n_kv_heads // size),) * cfg.n_layers
   return PaluConfig(group_size=size, k_ranks=ranks, v_ranks=ranks,
-                    kv_bits=bits, quant_group=rank if scale_per_token else 32,
+                    kv_bits=bits,
+                    quant_group=(rank if scale_per_token or bits == 8
+                                 else 32),
                     shared_kv=shared)
 
 
@@ -100,9 +104,9 @@ def main(argv=None) -> int:
   ap.add_argument("--contexts", nargs="+", type=int,
                   default=[4096, 16384, 65536])
   ap.add_argument("--scale-per-token", action="store_true",
-                  help="quantized variants: one scale per token and latent "
-                  "group (what MosaicConfig(fp8_latents=True) reads) instead "
-                  "of one per 32 latents")
+                  help="integer-code variants: one scale per token and "
+                  "latent group instead of one per 32 latents (float8 "
+                  "variants always have it, as the library's default)")
   ap.add_argument("--steps", type=int, default=32)
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--out", default=os.path.join("eval", "results"))

@@ -21,7 +21,7 @@ import time
 
 from eval.cli_types import (HelpFormatter, Parser, mesh_spec, nonneg_float,
                             nonneg_int, open_fraction, positive_float,
-                            positive_int, top_p)
+                            positive_int, quant_group, top_p)
 from palu_jax.errors import PaluError
 
 
@@ -397,8 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
   k.add_argument("--k-up-bits", type=int, choices=[16, 8], default=None,
                  help="8: key up-projection B_k in e4m3 codes with a power-"
                  "of-two scale per column (for fp8 key rebuilds) [16]")
-  k.add_argument("--quant-group", type=positive_int, default=None,
-                 help="latents per quantization group (per token) [32]")
+  k.add_argument("--quant-group", type=quant_group, default=None,
+                 help="latents per quantization group (per token), or "
+                 "'group': one scale per token and latent group (the "
+                 "float8 format the Mosaic GPU kernel reads) [group with "
+                 "--kv-bits 8, else 32]")
   k.add_argument("--calib-dataset", default="wikitext2-calib",
                  help="calibration corpus name or .txt/.jsonl path")
   k.add_argument("--calib-windows", type=positive_int, default=32,

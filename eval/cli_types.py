@@ -40,6 +40,21 @@ open_fraction = _checked(float, "a number in (0, 1)", lambda v: 0 < v < 1,
 top_p = _checked(float, "a number in (0, 1]", lambda v: 0 < v <= 1, "top_p")
 
 
+def quant_group(text: str) -> int:
+  """--quant-group N (latents per scale) or "group": one scale per token and
+  latent group (0 in the config)."""
+  if text.strip().lower() == "group":
+    return 0
+  try:
+    value = int(text)
+  except ValueError:
+    value = 0
+  if value < 1:
+    raise argparse.ArgumentTypeError(
+        f"must be an integer >= 1 or 'group', got {text!r}")
+  return value
+
+
 def mesh_spec(text: str) -> str:
   """--mesh data=D,model=M: axis names and sizes checked when parsed (the
   device count when the mesh is built)."""

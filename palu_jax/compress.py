@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from palu_jax.calibrate.statistics import (  # noqa: F401  (re-exported)
     CalibrationConfig, CalibrationStats, calibrate)
-from palu_jax.config import ModelConfig, PaluConfig, check_cache_bits
+from palu_jax.config import (ModelConfig, PaluConfig, cache_quant_group,
+                             check_cache_bits)
 from palu_jax.decompose import lrd, metrics, ranks
 from palu_jax.decompose.fold import palu_params
 from palu_jax.decompose.svd import Factorization, LowRank, factorize_many
@@ -62,8 +63,10 @@ class CompressionConfig:
     distances 0..rope_span-1 (None: the calibration window length).
   hadamard: fold a (block) Walsh-Hadamard rotation into every group's down
     and up projections: the model is unchanged, its latents lose outliers.
-  kv_bits, quant_group: latent cache precision (16, or 4/3/2-bit codes in
-    groups of quant_group latents per token).
+  kv_bits, quant_group: latent cache precision (16, float8 codes (8) or
+    4/3/2-bit codes, in groups of quant_group latents per token; 0: one
+    scale per token and latent group, what the Mosaic GPU kernel reads;
+    None: 0 for float8, 32 for integer codes — `cache_quant_group`).
   """
   ratio: float = 0.5
   mode: str = "jlrd"
@@ -77,13 +80,22 @@ class CompressionConfig:
   rope_span: int | None = 512
   hadamard: bool = False
   kv_bits: int = 16
-  quant_group: int = 32
+  quant_group: int | None = None
   k_up_bits: int = 16
 
   def __post_init__(self):
     check_field_types(self)
-    check_positive(self, ("group_size", "multiple", "quant_group",
-                          "rope_span"))
+    check_positive(self, ("group_size", "multiple", "rope_span"))
+    if self.quant_group is not None and self.quant_group < 0:
+      raise ConfigError("quant_group", f"must be >= 0 (0: one scale per "
+                        f"token and latent group), got {self.quant_group}")
+
+  def cache_quant_group(self) -> int:
+    """quant_group, or its default for kv_bits: one scale per token and
+    latent group for float8 (SmolLM2 at 50 %, 24 WikiText-2 windows, CPU:
+    23.5822 vs 23.5827 with groups of 32, in 5 % fewer bytes), 32 latents
+    for integer codes."""
+    return cache_quant_group(self.quant_group, self.kv_bits)
 
   def resolved(self, cfg: ModelConfig) -> "CompressionConfig":
     """No Palu default depends on the model (see `EigenConfig.resolved`)."""
@@ -121,9 +133,10 @@ class CompressionConfig:
       raise ConfigError("mode", f"{self.mode!r} is not one of "
                         f"{[m.value for m in lrd.Mode]}") from None
     size = lrd.resolve_group_size(mode, cfg.n_kv_heads, self.group_size)
-    if self.kv_bits < 16 and self.multiple % self.quant_group and \
-        self.quant_group % self.multiple:
-      raise ConfigError("quant_group", f"{self.quant_group} and the rank "
+    group = self.cache_quant_group()
+    if self.kv_bits < 16 and group and \
+        self.multiple % group and group % self.multiple:
+      raise ConfigError("quant_group", f"{group} and the rank "
                         f"multiple {self.multiple} must divide one another "
                         "(every latent width is a multiple of the latter)")
     if (size * cfg.head_dim) % self.multiple:
@@ -327,7 +340,7 @@ def compress_params(cfg: ModelConfig, base: Mapping[str, np.ndarray],
   params, palu = palu_params(base, cfg, size, parts["k"], parts["v"],
                              shared_kv=comp.shared_kv)
   palu = dataclasses.replace(palu, kv_bits=comp.kv_bits,
-                             quant_group=comp.quant_group)
+                             quant_group=comp.cache_quant_group())
   palu.validate(cfg)
   report = rank_report(cfg, palu, stats)
   report["compress_seconds"] = time.perf_counter() - start

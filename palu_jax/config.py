@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 from palu_jax.errors import ConfigError
@@ -89,6 +90,15 @@ def check_cache_bits(kv_bits: int, k_up_bits: int = 16) -> None:
     raise ConfigError("k_up_bits", f"must be 16 or 8, got {k_up_bits}")
 
 
+def cache_quant_group(quant_group: int | None, kv_bits: int) -> int:
+  """Latents per scale of a quantized cache: the given quant_group, or by
+  default one scale per token and latent group (0) for float8 codes and 32
+  for integer codes."""
+  if quant_group is not None:
+    return quant_group
+  return 0 if kv_bits == 8 else 32
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class PaluConfig:
   """Shape of a Palu-compressed attention: per layer, per KV-head group, the
@@ -105,8 +115,11 @@ class PaluConfig:
   # One latent per group serves keys and values (v_ranks == k_ranks); the
   # cache stores it once.
   shared_kv: bool = False
-  # Latent cache precision: 16 (model dtype) or 4/3/2-bit per-token codes in
-  # groups of `quant_group` latents, with 16-bit scale/offset per group.
+  # Latent cache precision: 16 (model dtype), 8 (float8 e4m3 codes) or
+  # 4/3/2-bit per-token codes, in groups of `quant_group` latents with a
+  # 16-bit scale (and offset) per group. quant_group 0: one scale per token
+  # and latent group (`layer_quant_group`), the float8 format the Mosaic GPU
+  # kernel reads.
   kv_bits: int = 16
   quant_group: int = 32
   scale_dtype: str = "bfloat16"
@@ -142,10 +155,19 @@ class PaluConfig:
           if not isinstance(r, int) or not 1 <= r <= full:
             raise ConfigError(f"{name}[{i}]", f"rank {r!r} is impossible for "
                               f"a group of width {full} (1..{full})")
-        if self.kv_bits < 16 and sum(layer) % self.quant_group:
+        if self.kv_bits < 16 and self.quant_group and \
+            sum(layer) % self.quant_group:
           raise ConfigError("quant_group", f"{self.quant_group} does not "
                             f"divide layer {i}'s {name[0]} latent width "
                             f"{sum(layer)}")
+
+  def layer_quant_group(self, layer: int) -> int:
+    """Latents per scale in `layer`'s cache: quant_group, or with
+    quant_group 0 its latent groups' rank (one scale per token and group;
+    the largest size dividing every key and value rank when they differ)."""
+    if self.quant_group:
+      return self.quant_group
+    return math.gcd(*self.k_ranks[layer], *self.v_ranks[layer])
 
   def kv_latents_per_token(self) -> int:
     """Σ over layers of key + value latent widths (cache entries per token)."""

@@ -17,12 +17,14 @@ def kv_bytes_per_token(cfg: ModelConfig, palu: PaluConfig | None,
   if palu.kv_bits == 16:
     return palu.kv_latents_per_token() * bytes_per_value
   from palu_jax.quantize import latent_codes
-  widths = [sum(r) for r in palu.k_ranks]
+  widths = [(sum(r), palu.layer_quant_group(i))
+            for i, r in enumerate(palu.k_ranks)]
   if not palu.shared_kv:
-    widths += [sum(r) for r in palu.v_ranks]
-  return sum(latent_codes.bytes_per_token(w, palu.kv_bits, palu.quant_group,
+    widths += [(sum(r), palu.layer_quant_group(i))
+               for i, r in enumerate(palu.v_ranks)]
+  return sum(latent_codes.bytes_per_token(w, palu.kv_bits, group,
                                           scale_bytes=bytes_per_value)
-             for w in widths)
+             for w, group in widths)
 
 
 def rank_report(cfg: ModelConfig, palu: PaluConfig,

@@ -23,7 +23,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from palu_jax.calibrate.statistics import CalibrationStats
-from palu_jax.config import ModelConfig, PaluConfig, check_cache_bits
+from palu_jax.config import (ModelConfig, PaluConfig, cache_quant_group,
+                             check_cache_bits)
 from palu_jax.decompose.fold import palu_params
 from palu_jax.decompose.ranks import target_total
 from palu_jax.decompose.svd import LowRank
@@ -62,12 +63,15 @@ class EigenConfig:
   error_windows: int = 8
   hadamard: bool = False
   kv_bits: int = 16
-  quant_group: int = 32
+  quant_group: int | None = None     # None: as CompressionConfig's
   k_up_bits: int = 16
 
   def __post_init__(self):
     check_field_types(self)
-    check_positive(self, ("multiple", "error_windows", "quant_group"))
+    check_positive(self, ("multiple", "error_windows"))
+    if self.quant_group is not None and self.quant_group < 0:
+      raise ConfigError("quant_group", f"must be >= 0 (0: one scale per "
+                        f"token and latent group), got {self.quant_group}")
 
   def resolved(self, cfg: ModelConfig) -> "EigenConfig":
     """This config with the defaults that depend on the model filled in."""
@@ -96,10 +100,12 @@ class EigenConfig:
       raise ConfigError("multiple", f"{self.multiple} does not divide "
                         f"head_dim={cfg.head_dim}")
     check_cache_bits(self.kv_bits, self.k_up_bits)
-    if self.kv_bits < 16 and (cfg.n_kv_heads * self.multiple) % self.quant_group:
+    group = cache_quant_group(self.quant_group, self.kv_bits)
+    if self.kv_bits < 16 and group and \
+        (cfg.n_kv_heads * self.multiple) % group:
       raise ConfigError("quant_group", f"a layer's latent width is "
                         f"{cfg.n_kv_heads}·rank with ranks in steps of "
-                        f"{self.multiple}; {self.quant_group} must divide "
+                        f"{self.multiple}; {group} must divide "
                         f"{cfg.n_kv_heads * self.multiple} (raise --rank-"
                         "multiple or lower --quant-group)")
 
@@ -195,7 +201,8 @@ def eigen_params(cfg: ModelConfig, base: Mapping[str, np.ndarray],
   parts = eigen_parts(cfg, base, bases, chosen, hadamard=econf.hadamard)
   params, palu = palu_params(base, cfg, 1, parts["k"], parts["v"])
   palu = dataclasses.replace(palu, kv_bits=econf.kv_bits,
-                             quant_group=econf.quant_group)
+                             quant_group=cache_quant_group(
+                                 econf.quant_group, econf.kv_bits))
   palu.validate(cfg)
   report = rank_report(cfg, palu, stats)
   report["eigen"] = {"eps": eps, "layers": [

@@ -136,18 +136,21 @@ def init_latent_cache(k_widths, v_widths, batch: int, max_len: int, dtype
 
 
 def init_quant_latent_cache(k_widths, v_widths, batch: int, max_len: int, *,
-                            bits: int, group: int, scale_dtype) -> Cache:
-  """An empty quantized Palu cache; widths [L] are Σ ranks per layer."""
+                            bits: int, group, scale_dtype) -> Cache:
+  """An empty quantized Palu cache; widths [L] are Σ ranks per layer, group
+  the latents per scale (one int, or one per layer)."""
   from palu_jax.quantize import latent_codes
-  def side(width):
+  groups = ([group] * len(k_widths) if isinstance(group, int)
+            else list(group))
+  def side(width, group):
     (cols, code_dtype), n_scale, n_offset = latent_codes.stored_shape(
         width, bits, group)
     return (jnp.zeros((batch, max_len, cols), code_dtype),
             jnp.zeros((batch, max_len, n_scale), scale_dtype),
             jnp.zeros((batch, max_len, n_offset), scale_dtype))
   layers = []
-  for rk, rv in zip(k_widths, v_widths):
-    (kc, ks, ko), (vc, vs, vo) = side(rk), side(rv)
+  for rk, rv, group in zip(k_widths, v_widths, groups, strict=True):
+    (kc, ks, ko), (vc, vs, vo) = side(rk, group), side(rv, group)
     layers.append(LayerQuantLatent(kc, ks, ko, vc, vs, vo, bits=bits,
                                    group=group, k_width=rk, v_width=rv))
   return Cache(layers=tuple(layers), lengths=jnp.zeros((batch,), jnp.int32))

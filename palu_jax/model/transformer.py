@@ -76,7 +76,7 @@ class Transformer(nnx.Module):
               latent=None if palu is None else
               (palu.group_size, palu.k_ranks[i], palu.v_ranks[i],
                palu.shared_kv,
-               (palu.kv_bits, palu.quant_group, palu.scale_dtype)))
+               (palu.kv_bits, palu.layer_quant_group(i), palu.scale_dtype)))
         for i in range(cfg.n_layers)])
     self.final_norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype=dtype)
     self.lm_head = (None if cfg.tie_embeddings else
@@ -109,7 +109,8 @@ class Transformer(nnx.Module):
       return init_quant_latent_cache(
           [sum(r) for r in p.k_ranks],
           [0 if p.shared_kv else sum(r) for r in p.v_ranks], batch, max_len,
-          bits=p.kv_bits, group=p.quant_group,
+          bits=p.kv_bits,
+          group=[p.layer_quant_group(i) for i in range(c.n_layers)],
           scale_dtype=jnp.dtype(p.scale_dtype))
     if p is not None:
       return init_latent_cache([sum(r) for r in p.k_ranks],

@@ -15,10 +15,12 @@ def test_variant_names_and_configs():
   with pytest.raises(SystemExit, match="palux"):
     variant_spec("palux")
   # Llama-2-7B, groups of 4 KV heads of 128 at 50 %: rank 256 per group
+  # float8: one scale per token and latent group, as the library's default
   p = palu_config(cfg, *variant_spec("palu50_fp8"))
   assert (p.group_size, p.k_ranks[0][0], p.kv_bits, p.quant_group) == (
-      4, 256, 8, 32)
-  p = palu_config(cfg, *variant_spec("palu50_fp8"), scale_per_token=True)
+      4, 256, 8, 256)
+  assert palu_config(cfg, *variant_spec("palu50_int4")).quant_group == 32
+  p = palu_config(cfg, *variant_spec("palu50_int4"), scale_per_token=True)
   assert p.quant_group == 256
   assert len(p.k_ranks) == cfg.n_layers
   assert len(p.k_ranks[0]) == cfg.n_kv_heads // 4

@@ -121,19 +121,24 @@ def test_compress_fp8_latents(tmp_path, stories_bin, capsys):
             "tinystories", "--calib-windows", "8", "--calib-seqlen", "128",
             "--no-calib-cache"]
   ppl = {}
-  for bits in ("8", "16"):
-    out = tmp_path / f"b{bits}"
+  for bits, group in (("8", "16"), ("8", "group"), ("16", "16")):
+    name = bits + ("g" if group == "group" else "")
+    out = tmp_path / f"b{name}"
     assert main(["compress", stories_bin, "--out", str(out), "--kv-bits",
-                 bits, "--quant-group", "16", *common]) == 0
+                 bits, "--quant-group", group, *common]) == 0
     printed = capsys.readouterr().out
-    if bits == "8":
+    if name == "8":
       assert "KV cache: 180 B/token" in printed
+    if name == "8g":    # one scale per token and latent group
+      with open(out / "palu_jax.json") as f:
+        assert json.load(f)["palu"]["quant_group"] == 0
     assert main(["ppl", str(out), "--dataset", "tinystories", "--seqlen",
                  "256", "--limit", "8"]) == 0
-    ppl[bits] = float(capsys.readouterr().out.strip().splitlines()[-1]
+    ppl[name] = float(capsys.readouterr().out.strip().splitlines()[-1]
                       .split()[1])
   assert ppl["8"] != ppl["16"]                      # rounding really applied
   assert abs(ppl["8"] / ppl["16"] - 1) < 0.01
+  assert abs(ppl["8g"] / ppl["16"] - 1) < 0.01
 
 
 def test_compress_fp8_key_up_projection(tmp_path, stories_bin, capsys):

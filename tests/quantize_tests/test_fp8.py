@@ -124,3 +124,43 @@ def test_scales_are_powers_of_two_so_products_are_exact():
   in_bf16 = fp8_quant.dequantize(codes, scale, group=32, dtype=jnp.bfloat16)
   np.testing.assert_array_equal(np.asarray(in_bf16, np.float32),
                                 np.asarray(in_f32))
+
+
+def test_one_scale_per_token_and_latent_group():
+  """quant_group 0: each layer's scales cover one latent group (its rank;
+  the gcd of the ranks when they differ), the cache holds one scale per
+  token and group, and the bytes are the arrays' bytes. The model's
+  kernel spec then has quant_group = the rank: the float8 format the Mosaic
+  GPU kernel reads (`unsupported_reason` accepts it)."""
+  from flax import nnx
+
+  from palu_jax.model.transformer import Transformer
+  from pallas_kernels.latent_attention import mosaic_gpu as mg
+  cfg = ModelConfig(vocab_size=97, dim=256, n_layers=2, n_heads=4,
+                    n_kv_heads=2, head_dim=64, hidden_dim=96)
+  palu = PaluConfig(group_size=1, k_ranks=((64, 64), (16, 24)),
+                    v_ranks=((64, 64), (16, 24)), kv_bits=8, quant_group=0)
+  palu.validate(cfg)
+  assert [palu.layer_quant_group(i) for i in range(2)] == [64, 8]
+  # layer 0: 2 groups of 64 (+ one scale each), layer 1: 40 latents in
+  # 5 groups of 8; keys and values
+  want = 2 * (128 + 2 * 2) + 2 * (40 + 5 * 2)
+  assert kv_bytes_per_token(cfg, palu) == want
+  model = Transformer(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0), palu=palu)
+  cache = model.init_cache(2, 8)
+  assert cache.nbytes() == 2 * cache.layers[0].k_codes.shape[1] * want
+  assert cache.layers[0].k_scale.shape[-1] == 2
+  assert cache.layers[1].k_scale.shape[-1] == 5
+  spec = model.layers[0].attn.kernel_spec()
+  assert spec.quant_group == spec.k_rank == 64
+  assert mg.unsupported_reason(spec, jnp.bfloat16, 1024, True,
+                               mg.MosaicConfig()) is None
+  assert model.layers[1].attn.kernel_spec() is None     # unequal ranks
+
+
+def test_negative_quant_group_is_refused():
+  from palu_jax.compress import CompressionConfig
+  from palu_jax.errors import ConfigError
+  with pytest.raises(ConfigError, match="quant_group"):
+    CompressionConfig(quant_group=-1)
+  assert CompressionConfig(kv_bits=8, quant_group=0).quant_group == 0

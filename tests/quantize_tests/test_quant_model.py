@@ -37,12 +37,15 @@ def test_16_bits_is_the_unquantized_model(tiny):
   np.testing.assert_array_equal(a(TOKENS)[0], b(TOKENS)[0])
 
 
-@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+@pytest.mark.parametrize("bits,group", [(8, 8), (8, 0), (4, 8), (3, 8),
+                                        (2, 8)])
 @pytest.mark.parametrize("shared", [True, False])
-def test_packed_decode_equals_fake_quant_forward(tiny, bits, shared):
+def test_packed_decode_equals_fake_quant_forward(tiny, bits, group, shared):
   """Prefill + decode through the packed cache give the logits of the
-  full forward with fake-quantized latents (same dequantized values)."""
-  model, report = _model(tiny, shared_kv=shared, hadamard=True, kv_bits=bits)
+  full forward with fake-quantized latents (same dequantized values);
+  group 0: one scale per token and latent group."""
+  model, report = _model(tiny, shared_kv=shared, hadamard=True, kv_bits=bits,
+                         quant_group=group)
   cache = model.init_cache(3, 16)
   assert cache.nbytes() == 3 * 16 * report["kv_bytes_per_token"]
   # Logits of this random model reach ~60, so f32 summation order alone
