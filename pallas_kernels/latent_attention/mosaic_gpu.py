@@ -105,7 +105,7 @@ class MosaicConfig:
   # (quant_group = the rank): with RoPE keys rebuilt by an fp8 wgmma with an
   # e4m3 B_k, without RoPE codes upcast to f16 in registers; the scale a
   # row factor of the keys or scores and of P (NOTES.md, v12). Compiled
-  # tests pass on the H200 (2026-12-03) and it runs 6-10x faster than the
+  # tests pass on the H200 (2026-12-03) and it runs 2.5-15x faster than the
   # Triton fp8 kernel there. False sends float8 caches to Triton.
   fp8_latents: bool = True
   # float8 keys without RoPE (own latent, not shared with the values):
@@ -360,9 +360,9 @@ E4M3_MAX = 448.0
 def e4m3_hi_lo(x: Array) -> tuple[Array, Array]:
   """x [..., R] f32 -> (codes [..., 2, R] float8_e4m3fn, scale [...] f32)
   with x ≈ scale·(hi + lo): hi the e4m3 rounding of x/scale (|x/scale| ≤
-  448), lo that of the remainder. Two fp8 wgmmas into one accumulator then
-  give products with ~8 significant bits of x (bf16's), where one e4m3
-  rounding keeps 4. A row of zeros gets scale 1."""
+  448), lo that of the remainder. An fp8 wgmma per part then gives
+  products with ~8 significant bits of x (bf16's), where one e4m3 rounding
+  keeps 4. A row of zeros gets scale 1."""
   amax = jnp.max(jnp.abs(x), axis=-1)
   scale = jnp.where(amax > 0, amax / E4M3_MAX, 1.0).astype(jnp.float32)
   y = x / scale[..., None]
