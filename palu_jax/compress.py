@@ -86,9 +86,7 @@ class CompressionConfig:
   def __post_init__(self):
     check_field_types(self)
     check_positive(self, ("group_size", "multiple", "rope_span"))
-    if self.quant_group is not None and self.quant_group < 0:
-      raise ConfigError("quant_group", f"must be >= 0 (0: one scale per "
-                        f"token and latent group), got {self.quant_group}")
+    self.cache_quant_group()
 
   def cache_quant_group(self) -> int:
     """quant_group, or its default for kv_bits: one scale per token and

@@ -93,10 +93,14 @@ def check_cache_bits(kv_bits: int, k_up_bits: int = 16) -> None:
 def cache_quant_group(quant_group: int | None, kv_bits: int) -> int:
   """Latents per scale of a quantized cache: the given quant_group, or by
   default one scale per token and latent group (0) for float8 codes and 32
-  for integer codes."""
-  if quant_group is not None:
-    return quant_group
-  return 0 if kv_bits == 8 else 32
+  for integer codes. Raises ConfigError for a negative quant_group (the
+  one check of every method's config)."""
+  if quant_group is None:
+    return 0 if kv_bits == 8 else 32
+  if quant_group < 0:
+    raise ConfigError("quant_group", f"must be >= 0 (0: one scale per "
+                      f"token and latent group), got {quant_group}")
+  return quant_group
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -133,6 +137,7 @@ class PaluConfig:
       raise ConfigError("group_size", f"{self.group_size} does not divide "
                         f"n_kv_heads={cfg.n_kv_heads}")
     check_cache_bits(self.kv_bits, self.k_up_bits)
+    cache_quant_group(self.quant_group, self.kv_bits)
     if self.scale_dtype not in ("bfloat16", "float16"):
       raise ConfigError("scale_dtype", f"{self.scale_dtype!r} is not "
                         "bfloat16 or float16")

@@ -59,8 +59,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.absorb_attention import absorbed_queries
-from pallas_kernels.common import (E4M3_CODE, SMEM_BYTES, Array, LatentSpec,
-                                   cache_sides, combine_splits, pow2_scale)
+from pallas_kernels.common import (E4M3_CODE, E4M3_MAX, SMEM_BYTES, Array,
+                                   LatentSpec, cache_sides, combine_splits,
+                                   pow2_scale)
 
 _FLOOR = -1e30           # finite "minus infinity": masked rows never give NaN
 COMPUTE_WGS = 2          # compute warpgroups by default
@@ -354,9 +355,6 @@ def folded_scores(c, d, cos_i, sin_i, c0, z0):
   return (cos_i * e + sin_i * f).sum(axis=1)
 
 
-E4M3_MAX = 448.0
-
-
 def e4m3_hi_lo(x: Array) -> tuple[Array, Array]:
   """x [..., R] f32 -> (codes [..., 2, R] float8_e4m3fn, scale [...] f32)
   with x ≈ scale·(hi + lo): hi the e4m3 rounding of x/scale (|x/scale| ≤
@@ -366,8 +364,8 @@ def e4m3_hi_lo(x: Array) -> tuple[Array, Array]:
   amax = jnp.max(jnp.abs(x), axis=-1)
   scale = jnp.where(amax > 0, amax / E4M3_MAX, 1.0).astype(jnp.float32)
   y = x / scale[..., None]
-  hi = y.astype(jnp.float8_e4m3fn)
-  lo = (y - hi.astype(jnp.float32)).astype(jnp.float8_e4m3fn)
+  hi = y.astype(E4M3_CODE)
+  lo = (y - hi.astype(jnp.float32)).astype(E4M3_CODE)
   return jnp.stack([hi, lo], axis=-2), scale
 
 
@@ -944,7 +942,7 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
     hilo, q_scale = e4m3_hi_lo(absorbed_queries(q, k_up, spec, nq,
                                                 jnp.float32))
     operands = (jnp.swapaxes(hilo, 2, 3), q_scale, sk, sv)  # [B, G, 2, nq, R]
-    scratch = [plgpu.SMEM((2, nq, rk), jnp.float8_e4m3fn,
+    scratch = [plgpu.SMEM((2, nq, rk), E4M3_CODE,
                           transforms=_transforms(_swizzle(rk, 1), 1)),
                plgpu.SMEM((nq,), jnp.float32)]
     n_setup = 2
@@ -960,7 +958,7 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
     n_setup = 1
     x_size = spec.groups
   if fp8:
-    code = jnp.float8_e4m3fn
+    code = E4M3_CODE
     ring_k = plgpu.SMEM((config.stages, bs, rk), code,
                         transforms=_transforms(_swizzle(rk, 1), 1))
     ring_v = plgpu.SMEM((config.stages, bs, rv), code,

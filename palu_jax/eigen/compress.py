@@ -69,9 +69,7 @@ class EigenConfig:
   def __post_init__(self):
     check_field_types(self)
     check_positive(self, ("multiple", "error_windows"))
-    if self.quant_group is not None and self.quant_group < 0:
-      raise ConfigError("quant_group", f"must be >= 0 (0: one scale per "
-                        f"token and latent group), got {self.quant_group}")
+    cache_quant_group(self.quant_group, self.kv_bits)
 
   def resolved(self, cfg: ModelConfig) -> "EigenConfig":
     """This config with the defaults that depend on the model filled in."""
