@@ -181,8 +181,8 @@ def run(shapes, batches, contexts, ratios, bits_list, *, tune: bool,
         save, groups=(GROUP,), backends=("mosaic_gpu", "triton"),
         shared: bool = False, rope_modes: tuple = (),
         compute_wgs: tuple = (), split_counts: tuple = (),
-        kv_heads_per_cta: tuple = (), fp8_latents: bool = False
-        ) -> list[dict]:
+        kv_heads_per_cta: tuple = (), fp8_latents: bool = False,
+        turns: bool = False) -> list[dict]:
   rows: list[dict] = []
   for shape_name in shapes:
     n_heads, n_kv, h = SHAPES[shape_name]
@@ -238,7 +238,7 @@ def run(shapes, batches, contexts, ratios, bits_list, *, tune: bool,
                     + ("_shared" if shared else ""))
             configs = _configs(backend, spec, batch, ctx, rope, tune,
                                rope_modes, compute_wgs, split_counts,
-                               kv_heads_per_cta, fp8_latents)
+                               kv_heads_per_cta, fp8_latents, turns)
             best = None
             for cfg in configs:
               fn = functools.partial(
@@ -283,14 +283,15 @@ def _palu_call(q, hk, hv, k_up, lengths, *, spec, inv, config, backend):
 
 def _configs(backend, spec, batch, ctx, rope, tune, rope_modes=(),
              compute_wgs=(), split_counts=(), kv_heads_per_cta=(),
-             fp8_latents=False) -> list:
+             fp8_latents=False, turns=False) -> list:
   """Launch configs to time for one backend (the chosen one first); none
   when the Mosaic GPU kernel cannot take the shape (Triton's row stands).
   `rope_modes`: also time the chosen Mosaic GPU config with each of these
   RoPE scoring modes ("rebuild", "fold"), and the chosen config for each
   count of compute warpgroups in `compute_wgs`, each split count in
   `split_counts` and (RoPE) each count of KV heads per CTA in
-  `kv_heads_per_cta` that divides the group's."""
+  `kv_heads_per_cta` that divides the group's; `turns`: also the chosen
+  config with the reductions taking turns on one scratch (v12)."""
   if backend == "triton":
     base = choose_config(spec, batch=batch, cache_len=ctx, rope=rope)
     return [base] + (_tune_grid(base) if tune else [])
@@ -316,13 +317,16 @@ def _configs(backend, spec, batch, ctx, rope, tune, rope_modes=(),
     if spec.kv_per_group % hc == 0:
       add(mosaic_gpu.choose_config(spec, batch=batch, cache_len=ctx,
                                    rope=rope, kv_heads_per_cta=hc))
+  if turns:
+    add(dataclasses.replace(base, private_reductions=False))
   if tune:
     for bs in (64, 128):
       for stages in (2, 4):
         for splits in sorted({max(1, base.splits // 2), base.splits,
                               base.splits * 2}):
-          add(mosaic_gpu.MosaicConfig(block_s=bs, stages=stages,
-                                      splits=splits))
+          # (the chosen KV heads per CTA and paths kept)
+          add(dataclasses.replace(base, block_s=bs, stages=stages,
+                                  splits=splits))
   return out
 
 
@@ -344,7 +348,8 @@ def _cfg_str(c) -> str:
             + (f" {c.rope_mode}" if c.rope_mode != "rebuild" else "")
             + (f" wgs={c.compute_wgs}" if c.compute_wgs != 2 else "")
             + (f" heads={c.kv_heads_per_cta}" if c.kv_heads_per_cta != 1
-               else "") + (" fp8_scores" if c.fp8_scores else ""))
+               else "") + (" fp8_scores" if c.fp8_scores else "")
+            + ("" if c.private_reductions else " turns"))
   return f"bs={c.block_s} P={c.splits} w={c.num_warps} st={c.num_stages}"
 
 
@@ -410,6 +415,9 @@ def main(argv=None) -> int:
   ap.add_argument("--fp8-latents", action="store_true",
                   help="float8 rows with one scale per token and latent "
                   "group, read by the Mosaic GPU kernel's fp8 path")
+  ap.add_argument("--turns", action="store_true",
+                  help="also time the Mosaic GPU kernel with its reductions "
+                  "taking turns on one scratch (v12; fastest row kept)")
   ap.add_argument("--name", default="bench_kernels")
   ap.add_argument("--out", default=os.path.join("eval", "results"))
   args = ap.parse_args(argv)
@@ -440,7 +448,7 @@ def main(argv=None) -> int:
       rope_modes=tuple(args.rope_modes), compute_wgs=tuple(args.compute_wgs),
       split_counts=tuple(args.splits),
       kv_heads_per_cta=tuple(args.kv_heads_per_cta),
-      fp8_latents=args.fp8_latents)
+      fp8_latents=args.fp8_latents, turns=args.turns)
   return 0
 
 

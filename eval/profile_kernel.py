@@ -11,7 +11,7 @@ kernel runs a little slower than unprofiled.
 
   python -m eval.profile_kernel [--context 4096] [--batch 8] [--groups 4 2 1]
       [--shape smollm2-135m --shared] [--kv-heads-per-cta 3] [--splits 8]
-      [--breakdown]
+      [--turns] [--breakdown]
 
 --breakdown also traces the whole jitted call (no in-kernel profiler) with
 jax.profiler and reports the device time of each GPU kernel it launches: the
@@ -146,7 +146,8 @@ def profile_one(spec, *, batch: int, context: int, rope: bool,
       trace = json.load(f)
   cyc = stage_cycles(trace)
   row = {"stages": cfg.stages, "splits": cfg.splits,
-         "rope_mode": cfg.rope_mode, "heads": cfg.kv_heads_per_cta}
+         "rope_mode": cfg.rope_mode, "heads": cfg.kv_heads_per_cta,
+         "reductions": "private" if cfg.private_reductions else "turns"}
   comp = cyc["compute"]
   period = float(np.median(comp["period"])) if comp["period"] else None
   row["period_cyc"] = period
@@ -176,6 +177,9 @@ def main(argv=None) -> int:
                   help="one latent serves keys and values (SmolLM2)")
   ap.add_argument("--kv-heads-per-cta", type=int, default=None)
   ap.add_argument("--splits", type=int, default=None)
+  ap.add_argument("--turns", action="store_true",
+                  help="reductions taking turns on one scratch (v12) "
+                  "instead of each WG's own (the default)")
   ap.add_argument("--breakdown", action="store_true",
                   help="also report each GPU kernel's device time per call")
   ap.add_argument("--out", default=os.path.join("eval", "results"))
@@ -187,7 +191,8 @@ def main(argv=None) -> int:
     paths.append((args.groups[0], False))
   n_heads, n_kv, head_dim = SHAPES[args.shape]
   overrides = {"kv_heads_per_cta": args.kv_heads_per_cta,
-               "splits": args.splits}
+               "splits": args.splits,
+               "private_reductions": False if args.turns else None}
   for group, rope in paths:
     spec = palu_spec(n_heads, n_kv, head_dim, 0.5, 16, group, args.shared)
     if not rope:
@@ -212,7 +217,7 @@ def main(argv=None) -> int:
         print({k: (round(v) if isinstance(v, float) else v)
                for k, v in row.items()}, flush=True)
   cols = ["variant", "shape", "batch", "stages", "splits", "heads",
-          "rope_mode", "period_cyc", *COMPUTE_STAGES, "k_free", "v_free",
+          "rope_mode", "reductions", "period_cyc", *COMPUTE_STAGES, "k_free", "v_free",
           "kernel_us", "other_us", "launches", "note"]
   md = ("# Mosaic GPU latent kernel: SM cycles per tile and stage\n\n"
         f"{args.shape} shape, 50 %, bf16, the in-kernel profiler "

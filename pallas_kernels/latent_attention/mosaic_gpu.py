@@ -120,6 +120,12 @@ class MosaicConfig:
   # all: Hopper's fp8 wgmma accumulates with ~14 bits (DeepSeek-V3 promotes
   # its fp8 GEMM partial sums to f32 every 128 elements for this reason).
   fp8_promote: bool = True
+  # v13: each compute WG reduces over its rows (the softmax max) through a
+  # shared-memory scratch of its own (Mosaic GPU's reduction, called inline),
+  # not through Pallas's one scratch per kernel: no turns between the WGs;
+  # and the softmax sum is kept as per-thread partials [rows, N] until the
+  # end (one cross-warp reduction per tile instead of two, NOTES.md v13).
+  private_reductions: bool = True
   # Mosaic GPU's in-kernel profiler (eval/profile_kernel.py): the named
   # stages of each tile (`jax.named_scope` below) timed in SM cycles per
   # warpgroup, at most `profile_space` ranges each, written as a trace
@@ -267,6 +273,8 @@ def smem_bytes(spec: LatentSpec, rope: bool, config: MosaicConfig) -> int:
   else:
     fixed += nq * spec.k_rank
   unused = 8 * 64 if spec.shared else 0    # the placeholder value ring
+  # each compute WG's reduction scratch (f32)
+  fixed += config.compute_wgs * reduction_scratch_elems(hc * nq) * 2
   # + Pallas's cross-warp reduction scratch (2 KB by default) and 1 KB for
   # barriers and alignment (SmolLM2's shared latent measured 2840 bytes
   # above the buffers alone: a config at the limit failed to compile)
@@ -369,24 +377,53 @@ def e4m3_hi_lo(x: Array) -> tuple[Array, Array]:
   return jnp.stack([hi, lo], axis=-2), scale
 
 
-def softmax_step(m, l, blocks):
+def softmax_step(m, l, blocks, *, column_max=lambda x: x.max(axis=0)):
   """One online-softmax update over the rows of a tile's score blocks
-  (a sequence of [rows, N] f32 arrays): running max m [N] and sum l [N] ->
+  (a sequence of [rows, N] f32 arrays): running max m [N] and sum l ->
   (m', l', rescale of the old accumulator [N], probabilities: one block
   per score block). The blocks are combined elementwise first, so a tile
-  costs one cross-warp max and one cross-warp sum however many it has."""
+  costs one cross-warp max (`column_max`) however many it has.
+
+  l is [N] (summed over the rows every tile: a second cross-warp
+  reduction) or [rows, N] (per-row partials, rescaled and added
+  elementwise; the caller sums its rows once, at the end)."""
   top = functools.reduce(jnp.maximum, blocks)
-  m_new = jnp.maximum(m, top.max(axis=0))
+  m_new = jnp.maximum(m, column_max(top))
   corr = jnp.exp(m - m_new)
   probs = tuple(jnp.exp(s - lax.broadcast_in_dim(m_new, s.shape, [1]))
                 for s in blocks)
   total = functools.reduce(jnp.add, probs)
+  if l.ndim == 2:
+    return (m_new, l * lax.broadcast_in_dim(corr, l.shape, [1]) + total,
+            corr, probs)
   return m_new, l * corr + total.sum(axis=0), corr, probs
+
+
+def reduction_scratch_elems(cols: int) -> int:
+  """f32 elements of one compute WG's reduction scratch for [64, cols]
+  reduced over its rows: 256 per 8 columns (4 warps x 32 lanes x 2), at
+  most 4 x 256 (wider arrays reduce in several rounds)."""
+  return 256 * min(cols // 8, 4)
+
+
+def _reduce_rows(x, scratch, op: str):
+  """[64, N] f32 in the wgmma layout -> [N]: `op` ("max" or "add") over the
+  rows, through `scratch` (this WG's own f32 buffer): the warp shuffles and
+  cross-warp step of Mosaic GPU's reduction, with its two warpgroup
+  barriers (named per WG), and nothing shared with another WG."""
+  @plgpu.inline_mgpu(
+      arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()),
+      return_type=plgpu.ShapeDtypeStruct((x.shape[1],), jnp.float32,
+                                         layout=plgpu.Layout.WGMMA.reduce(0)))
+  def reduce(_, array, ref):
+    return array.reduce(op, 0, scratch=ref)
+  return reduce(x, scratch)
 
 
 def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
             config: MosaicConfig, span: int, nq: int, dtype, has_bias: bool):
   fold = rope and config.rope_mode == "fold"
+  *rest, red_s = rest      # [compute WGs, elems] f32: private reductions
   if fold:
     (u_g, vec_g, base_g, acc_o, m_o, l_o, u_s, vec_s, base_s, hk_s, hv_s,
      p_s, setup_bar, kprod_bar, vprod_bar, kcons_bar, vcons_bar,
@@ -454,6 +491,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
     return plgpu.load(ref, (), layout=row_layout).astype(jnp.float32)
 
   n_wgs = config.compute_wgs
+  private = config.private_reductions
 
   @pl.when(wg < n_wgs)
   def _compute():
@@ -631,17 +669,23 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
         pos = s0 + j * SUB + plgpu.broadcasted_iota(
             jnp.int32, (SUB, cols), 0, layout=wgmma_layout)
         scores.append(jnp.where(pos < length, s, _FLOOR))
-      # Cross-warp reductions (max and sum over the rows) go through one
-      # shared scratch buffer of the kernel, so the WGs take turns in tile
-      # order: WG w waits for its turn (WG 0's first is free) and hands it
-      # to WG w + 1 (mod W) after.
-      with jax.named_scope("turn"):
-        @pl.when(jnp.logical_or(wg > 0, i > 0))
-        def _():
-          plgpu.barrier_wait(turn_bar.at[wg])
-      with jax.named_scope("softmax"):
-        m_new, l, corr, probs = softmax_step(m, l, scores)
-        plgpu.barrier_arrive(turn_bar.at[lax.rem(wg + 1, n_wgs)])
+      if private:
+        with jax.named_scope("softmax"):
+          m_new, l, corr, probs = softmax_step(
+              m, l, scores,
+              column_max=lambda x: _reduce_rows(x, red_s.at[wg], "max"))
+      else:
+        # Cross-warp reductions (max and sum over the rows) go through one
+        # shared scratch buffer of the kernel, so the WGs take turns in
+        # tile order: WG w waits for its turn (WG 0's first is free) and
+        # hands it to WG w + 1 (mod W) after.
+        with jax.named_scope("turn"):
+          @pl.when(jnp.logical_or(wg > 0, i > 0))
+          def _():
+            plgpu.barrier_wait(turn_bar.at[wg])
+        with jax.named_scope("softmax"):
+          m_new, l, corr, probs = softmax_step(m, l, scores)
+          plgpu.barrier_arrive(turn_bar.at[lax.rem(wg + 1, n_wgs)])
       p_scales = k_scales
       if fp8 and split_rings:
         with jax.named_scope("v_wait"):
@@ -695,9 +739,14 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
                                    wgmma_layout) for _, size in chunks)
     m0 = plgpu.layout_cast(jnp.full((cols,), _FLOOR, jnp.float32),
                            col_layout)
-    l0 = plgpu.layout_cast(jnp.zeros((cols,), jnp.float32), col_layout)
+    # private reductions: the sum as per-row partials, reduced at the end
+    l0 = (plgpu.layout_cast(jnp.zeros((SUB, cols), jnp.float32),
+                            wgmma_layout) if private else
+          plgpu.layout_cast(jnp.zeros((cols,), jnp.float32), col_layout))
     mine = (n_tiles - wg + n_wgs - 1) // n_wgs
     acc, m, l = lax.fori_loop(0, mine, tile, (acc0, m0, l0))
+    if private:
+      l = _reduce_rows(l, red_s.at[wg], "add")
     part = p * n_wgs + wg
     for a, (off, size) in zip(acc, chunks):
       # overlapping chunks hold the same values in their common rows
@@ -988,7 +1037,9 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
               ring_bars(num_arrivals=per_key_tile),
               ring_bars(num_arrivals=2 if fp8 else 1),
               ring_bars(num_arrivals=1), ring_bars(num_arrivals=1),
-              plgpu.Barrier(num_arrivals=1, num_barriers=config.compute_wgs)]
+              plgpu.Barrier(num_arrivals=1, num_barriers=config.compute_wgs),
+              plgpu.SMEM((config.compute_wgs, reduction_scratch_elems(cols)),
+                         jnp.float32)]
   parts = config.compute_wgs * splits
   shape = (batch, x_size, parts)
   out_type = [jax.ShapeDtypeStruct(shape + (rv, cols), jnp.float32),

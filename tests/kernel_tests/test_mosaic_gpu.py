@@ -116,12 +116,16 @@ def test_folded_scores_equal_scores_of_rotated_keys():
                                    atol=1e-5 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("deferred_sum", [False, True],
+                         ids=["sum_per_tile", "sum_deferred"])
 @pytest.mark.parametrize("blocks_per_tile", [1, 2])
 def test_online_softmax_steps_and_split_merge_equal_one_softmax(
-    blocks_per_tile):
+    blocks_per_tile, deferred_sum):
   """Tiles of 64 or 128 rows (one or two score blocks of 64) folded by
   `softmax_step` into two interleaved partials (the two compute WGs),
-  merged by `combine_splits`, equal softmax(s)·v."""
+  merged by `combine_splits`, equal softmax(s)·v (jax.nn.softmax). With
+  the deferred sum (private reductions) l is [64, N] per-row partials,
+  summed over its rows once at the end, as the kernel does."""
   rng = np.random.default_rng(1)
   s = jnp.asarray(rng.standard_normal((512, 8)) * 4, jnp.float32)  # [S, N]
   v = jnp.asarray(rng.standard_normal((512, 32)), jnp.float32)      # [S, R]
@@ -130,7 +134,7 @@ def test_online_softmax_steps_and_split_merge_equal_one_softmax(
   parts = []
   for wg in range(2):
     m = jnp.full((8,), -1e30, jnp.float32)
-    l = jnp.zeros((8,), jnp.float32)
+    l = jnp.zeros((64, 8) if deferred_sum else (8,), jnp.float32)
     acc = jnp.zeros((32, 8), jnp.float32)
     for t in range(wg, tiles, 2):
       starts = range(t * rows_per_tile, (t + 1) * rows_per_tile, 64)
@@ -140,6 +144,9 @@ def test_online_softmax_steps_and_split_merge_equal_one_softmax(
       acc = acc * corr[None, :]
       for r, p in zip(starts, probs):
         acc = acc + v[r:r + 64].T @ p
+    if deferred_sum:
+      assert l.shape == (64, 8)
+      l = l.sum(axis=0)
     parts.append((acc.T, m, l))
   acc, m, l = (jnp.stack(x) for x in zip(*parts))
   got = combine_splits(acc, m, l)                              # [N, R]
@@ -338,6 +345,25 @@ def test_kernel_lowers_for_sm90(case, rope, mode, block_s, wgs):
   assert "mosaic_gpu" in text
 
 
+@pytest.mark.parametrize("wgs", [2, 3])
+@pytest.mark.parametrize("rope,mode", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("case", LOWER_CASES[:6],
+                         ids=lambda c: "-".join(map(str, c)))
+def test_kernel_with_turns_lowers_for_sm90(case, rope, mode, wgs):
+  """`private_reductions=False`: the reductions through Pallas's one
+  scratch, the compute WGs taking turns (the v12 kernel)."""
+  g, j, qk, h, rk, rv, shared, batch, s = case
+  spec = LatentSpec(groups=g, kv_per_group=j, q_per_kv=qk, head_dim=h,
+                    k_rank=rk, v_rank=rv, shared=shared)
+  config = dataclasses.replace(
+      mg.choose_config(spec, batch=batch, cache_len=s, rope=rope,
+                       compute_wgs=wgs),
+      rope_mode=mode, private_reductions=False)
+  if mg.unsupported_reason(spec, jnp.bfloat16, s, rope, config):
+    pytest.skip("does not fit")
+  assert "mosaic_gpu" in _lower(spec, batch, s, rope, config=config).as_text()
+
+
 # (G, J, Q, H, R_k, R_v, shared, batch, S): groups of several KV heads
 SEVERAL_HEADS = [
     (1, 3, 3, 64, 192, 192, True, 16, 8192),    # SmolLM2-135M's default
@@ -532,6 +558,25 @@ def test_compiled_kernel_matches_reference(case, rope, mode, dtype):
 
 @gpu
 @needs_hopper
+@pytest.mark.parametrize("rope,mode", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("case", GPU_GRID,
+                         ids=lambda c: "-".join(map(str, c[:7])))
+def test_compiled_turns_on_one_reduction_scratch(case, rope, mode):
+  """`private_reductions=False` (v12 and before): both reductions per tile
+  through Pallas's one scratch, the compute WGs taking turns."""
+  g, j, qk, h, rk, rv, shared, batch, s, lengths = case
+  spec = LatentSpec(groups=g, kv_per_group=j, q_per_kv=qk, head_dim=h,
+                    k_rank=rk, v_rank=rv, shared=shared)
+  cfg = dataclasses.replace(mg.choose_config(
+      spec, batch=batch, cache_len=s, rope=rope), private_reductions=False)
+  if not check(spec, batch=batch, cache_len=s, lengths=lengths,
+               dtype=jnp.bfloat16, rope=rope, bias=rope, config=cfg,
+               mode=mode):
+    pytest.skip("does not fit shared memory")
+
+
+@gpu
+@needs_hopper
 @pytest.mark.parametrize("block_s,stages,splits,rotation", [
     (64, 2, 1, "float16"), (64, 4, 3, "float16"), (64, 2, 5, "float32"),
     (64, 4, 1, "float32"), (128, 2, 3, "float16"), (128, 2, 1, "float32")])
@@ -550,15 +595,19 @@ def test_compiled_kernel_ring_and_splits(block_s, stages, splits, rotation):
 @needs_hopper
 @pytest.mark.parametrize("case", [GPU_GRID[i] for i in (0, 3, 4, 5, 6)],
                          ids=lambda c: "-".join(map(str, c[:7])))
-def test_compiled_three_compute_warpgroups(case):
-  """Three compute WGs (turns on the reductions go round a ring of three,
-  ring slots a multiple of three, 160 registers each)."""
+@pytest.mark.parametrize("private", [True, False],
+                         ids=["private_reductions", "turns"])
+def test_compiled_three_compute_warpgroups(case, private):
+  """Three compute WGs (ring slots a multiple of three, 160 registers
+  each), reducing through their own scratch or taking turns on Pallas's
+  one scratch (a ring of three barriers)."""
   g, j, qk, h, rk, rv, shared, batch, s, lengths = case
   spec = LatentSpec(groups=g, kv_per_group=j, q_per_kv=qk, head_dim=h,
                     k_rank=rk, v_rank=rv, shared=shared)
   for rope in (True, False):
-    cfg = mg.choose_config(spec, batch=batch, cache_len=s, rope=rope,
-                           compute_wgs=3)
+    cfg = dataclasses.replace(mg.choose_config(
+        spec, batch=batch, cache_len=s, rope=rope, compute_wgs=3),
+        private_reductions=private)
     if mg.unsupported_reason(spec, jnp.bfloat16, s, rope, cfg):
       continue
     assert check(spec, batch=batch, cache_len=s, lengths=lengths,
