@@ -292,6 +292,8 @@ def _configs(backend, spec, batch, ctx, rope, tune, rope_modes=(),
   `split_counts` and (RoPE) each count of KV heads per CTA in
   `kv_heads_per_cta` that divides the group's; `turns`: also the chosen
   config with the reductions taking turns on one scratch (v12)."""
+  if backend == "xla":            # the jnp reference: nothing to launch
+    return [None]
   if backend == "triton":
     base = choose_config(spec, batch=batch, cache_len=ctx, rope=rope)
     return [base] + (_tune_grid(base) if tune else [])
@@ -343,6 +345,8 @@ def _tune_grid(base):
 
 
 def _cfg_str(c) -> str:
+  if c is None:
+    return ""
   if isinstance(c, mosaic_gpu.MosaicConfig):
     return (f"bs={c.block_s} P={c.splits} stages={c.stages}"
             + (f" {c.rope_mode}" if c.rope_mode != "rebuild" else "")
@@ -392,8 +396,9 @@ def main(argv=None) -> int:
                   help="KV heads per latent group (4: G-LRD, 1: M-LRD)")
   ap.add_argument("--bits", nargs="+", type=int, default=[16, 8, 4, 3, 2])
   ap.add_argument("--backends", nargs="+", default=["mosaic_gpu", "triton"],
-                  choices=["mosaic_gpu", "triton"],
-                  help="latent kernel backends to time side by side")
+                  choices=["mosaic_gpu", "triton", "xla"],
+                  help="latent backends to time side by side (xla: the "
+                  "jnp reference)")
   ap.add_argument("--shared", action="store_true",
                   help="one latent per group for keys and values (twice "
                   "the rank; variant suffix _shared)")
