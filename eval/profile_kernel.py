@@ -98,19 +98,25 @@ def _config(spec, *, batch: int, context: int, rope: bool, **overrides):
 def breakdown(spec, *, batch: int, context: int, rope: bool,
               steps: int = 8, **overrides) -> dict:
   """Device µs per call of each GPU kernel the jitted latent_attention
-  launches (jax.profiler trace of `steps` calls), the latent kernel named
-  `palu_latent_*`; `other_us` sums the rest."""
+  launches (jax.profiler trace of one jitted function making `steps`
+  chained calls, as `time_op` times them), the latent kernel named
+  `palu_latent_*`; `other_us` sums the rest; `span_us` is the GPU timeline
+  from the first kernel's start to the last one's end per call, so
+  span − (kernel + other) is time the GPU waited between launches."""
   q, hk, hv, k_up, inv, lengths = _inputs(spec, batch, context)
   cfg = _config(spec, batch=batch, context=context, rope=rope, **overrides)
-  run = lambda: mg.latent_attention(q, hk, hv, k_up, lengths, spec=spec,
-                                    inv_freq=inv if rope else None,
-                                    config=cfg)
-  jax.block_until_ready(run())                       # compile outside
+
+  @jax.jit
+  def chain(q):
+    for _ in range(steps):          # each call's query depends on the last
+      out = mg.latent_attention(q, hk, hv, k_up, lengths, spec=spec,
+                                inv_freq=inv if rope else None, config=cfg)
+      q = q + (out[:, :, :1] * 1e-30).astype(q.dtype)
+    return q
+  jax.block_until_ready(chain(q))                    # compile outside
   with tempfile.TemporaryDirectory() as tmp:
     with jax.profiler.trace(tmp):
-      for _ in range(steps):
-        out = run()
-      jax.block_until_ready(out)
+      jax.block_until_ready(chain(q))
     [path] = glob.glob(os.path.join(tmp, "**", "*.trace.json.gz"),
                        recursive=True)
     with gzip.open(path) as f:
@@ -120,9 +126,11 @@ def breakdown(spec, *, batch: int, context: int, rope: bool,
     per[e["name"]] += float(e["dur"]) / steps
   kernel = sum(v for k, v in per.items() if "palu_latent" in k)
   top = sorted(per.items(), key=lambda kv: -kv[1])[:6]
+  span = (max(float(e["ts"]) + float(e["dur"]) for e in events)
+          - min(float(e["ts"]) for e in events)) / steps
   return {"config": _cfg_str(cfg),
           "kernel_us": kernel, "other_us": sum(per.values()) - kernel,
-          "launches": len(events) / steps,
+          "span_us": span, "launches": len(events) / steps,
           "top": "; ".join(f"{k[:40]} {v:.1f}" for k, v in top)}
 
 
@@ -218,7 +226,7 @@ def main(argv=None) -> int:
                for k, v in row.items()}, flush=True)
   cols = ["variant", "shape", "batch", "stages", "splits", "heads",
           "rope_mode", "reductions", "period_cyc", *COMPUTE_STAGES, "k_free", "v_free",
-          "kernel_us", "other_us", "launches", "note"]
+          "kernel_us", "other_us", "span_us", "launches", "note"]
   md = ("# Mosaic GPU latent kernel: SM cycles per tile and stage\n\n"
         f"{args.shape} shape, 50 %, bf16, the in-kernel profiler "
         f"(context {args.context}). Compute stages: mean cycles per tile "
