@@ -113,7 +113,8 @@ class MosaicConfig:
   # scores straight from the e4m3 codes by fp8 wgmmas, the absorbed query
   # split into two e4m3 parts (`e4m3_hi_lo`), instead of upcasting every
   # key tile to f16 on the compute chain. Off: its compiled test fails on
-  # the H200 for short sequences (NOTES.md, "fp8_scores"), cause not found.
+  # the H200 for short sequences (NOTES.md, "fp8_scores"), with promoted
+  # accumulators and with one alike: not the accumulation precision.
   fp8_scores: bool = False
   # fp8_scores: one f32 accumulator per swizzle-wide chunk of the latents
   # (≤ 128) and per query part, summed in registers, instead of one for
