@@ -564,11 +564,18 @@ def test_compiled_kernel_matches_reference(case, rope, mode, dtype):
 def test_compiled_turns_on_one_reduction_scratch(case, rope, mode):
   """`private_reductions=False` (v12 and before): both reductions per tile
   through Pallas's one scratch, the compute WGs taking turns."""
+  check_grid_case(case, rope, mode, private_reductions=False)
+
+
+def check_grid_case(case, rope, mode, **changes):
+  """One bf16 case of a (G, J, Q, H, R_k, R_v, shared, batch, S, lengths)
+  grid with the chosen config and `changes` to it; skips a case the
+  shared memory cannot take."""
   g, j, qk, h, rk, rv, shared, batch, s, lengths = case
   spec = LatentSpec(groups=g, kv_per_group=j, q_per_kv=qk, head_dim=h,
                     k_rank=rk, v_rank=rv, shared=shared)
   cfg = dataclasses.replace(mg.choose_config(
-      spec, batch=batch, cache_len=s, rope=rope), private_reductions=False)
+      spec, batch=batch, cache_len=s, rope=rope), **changes)
   if not check(spec, batch=batch, cache_len=s, lengths=lengths,
                dtype=jnp.bfloat16, rope=rope, bias=rope, config=cfg,
                mode=mode):
@@ -651,15 +658,7 @@ def test_compiled_several_kv_heads_per_cta(case):
     (2, 1, 2, 64, 32, 80, False, 1, 128, [100]),           # R_v = 80
 ], ids=lambda c: "-".join(map(str, c[:7])))
 def test_compiled_value_ranks_not_multiples_of_64(case, rope, mode):
-  g, j, qk, h, rk, rv, shared, batch, s, lengths = case
-  spec = LatentSpec(groups=g, kv_per_group=j, q_per_kv=qk, head_dim=h,
-                    k_rank=rk, v_rank=rv, shared=shared)
-  config = dataclasses.replace(mg.choose_config(
-      spec, batch=batch, cache_len=s, rope=rope), value_pieces=True)
-  if not check(spec, batch=batch, cache_len=s, lengths=lengths,
-               dtype=jnp.bfloat16, rope=rope, bias=rope, config=config,
-               mode=mode):
-    pytest.skip("does not fit shared memory")
+  check_grid_case(case, rope, mode, value_pieces=True)
 
 
 @gpu
