@@ -286,10 +286,10 @@ def choose_config(spec: LatentSpec, *, batch: int, cache_len: int, rope: bool,
                   n_sms: int = 132, compute_wgs: int = COMPUTE_WGS,
                   kv_heads_per_cta: int | None = None) -> MosaicConfig:
   """Tiles of 128 rows where one ring slot per compute WG fits (a softmax
-  update, its two cross-warp reductions and the hand-over between the
-  compute WGs then serve twice the rows;
-  eval/results/profile_kernel_h200.md), else 64; two slots per WG where
-  they fit; splits so that the grid fills the GPU in one wave at most (one
+  update and its cross-warp reduction then serve twice the rows;
+  eval/results/profile_kernel_h200.md), else 64 — and 64 with several KV
+  heads per CTA where only 64-row tiles get two slots per WG; two slots
+  per WG where they fit; splits so that the grid fills the GPU in one wave at most (one
   CTA per SM: the ring takes its shared memory and the registers), each
   split still walking one tile per compute WG and, with RoPE, at least
   2·k_rank rows (its B_k slice is loaded once per CTA).
@@ -324,6 +324,14 @@ def choose_config(spec: LatentSpec, *, batch: int, cache_len: int, rope: bool,
           and query_cols(spec, rope) * whole <= 256 else 1)
   fits = functools.partial(fits, hc=hc)
   bs = 2 * SUB if cache_len % (2 * SUB) == 0 and fits(2 * SUB, w) else SUB
+  if (bs == 2 * SUB and hc > 1 and not fits(bs, 2 * w)
+      and fits(SUB, 2 * w)):
+    # several heads per CTA: each WG's tile chain is long, and with one
+    # 128-row slot per WG it waits for every tile's load (SmolLM2, B16 8K,
+    # 3 heads: 3.6K of 18K cycles per tile; 64-row tiles in two slots per
+    # WG 65.6 µs vs 72.5 µs per call, eval/results/
+    # bench_kernels_h200_smollm2_v13.md)
+    bs = SUB
   stages = 2 * w if fits(bs, 2 * w) else w
   programs = batch * spec.groups * (spec.kv_per_group // hc if rope else 1)
   tiles = max(1, cache_len // bs)
