@@ -54,24 +54,23 @@ DTYPE = jnp.bfloat16
 BASELINES = ("full_xla", "full_dpa_xla", "full_cudnn", "full_pallas")
 
 
-def time_op(fn, *args, iters: int = 10, repeats: int = 5) -> float:
-  """Seconds per call of fn(*args), the marginal cost of a call: `iters`
-  calls chained inside one jitted function (each call's output perturbs
-  the next query, so none is skipped), and the wall time of two runs of
-  that chain queued back to back minus that of one run (best of `repeats`
-  each), over `iters`. The second run is queued while the first one
-  computes, so the difference is one chain's GPU time without what a run
-  pays once: dispatching the executable and waiting for its end. That
-  fixed cost had been spread over the calls: on the H200 a Llama-3 M-LRD
-  call at B1 4K spans 18 µs of the GPU timeline in a chain, yet a 10-call
-  chain's wall time gave 59 µs per call. In a decode step the attention of
-  every layer shares that cost with the rest of the step;
-  `eval/bench_e2e.py` times whole steps.
-
-  The calls are unrolled, not a `fori_loop`: on the GPU each iteration of
-  an XLA while loop adds a fixed cost (~25 µs on the H200). Work that does
-  not depend on the query (B_k regrouped per KV head, RoPE tables) is done
-  once per chain (CSE), as in a decode loop."""
+def time_op(fn, *args, iters: int = 10, repeats: int = 3) -> float:
+  """Seconds per call of fn(*args): `iters` calls chained inside one jitted
+  function (each call's output perturbs the next query, so none is
+  skipped), best of `repeats`. The calls are unrolled, not a `fori_loop`:
+  on the GPU each iteration of an XLA while loop adds a fixed cost (~25 µs
+  on the H200: cuDNN's dense call on SmolLM2's shape, B16 8K, took 75 µs in
+  the loop and 50 µs unrolled), which made small kernels look slow and
+  pulled the speedups of small shapes toward 1. The chain's own fixed cost
+  (dispatch and the final sync, ~250-400 µs on the H200) is still spread
+  over its calls, so rows under ~100 µs read high (NOTES.md, "Timing small
+  shapes"; eval/profile_kernel.py --breakdown gives device times). Two
+  queued runs minus one gave impossible rates there (7.7 TB/s) and slower
+  ms-scale rows (clocks under sustained load) and were dropped. Either way
+  the work that
+  does not depend on the query (B_k regrouped per KV head, RoPE tables) is
+  done once for all calls (loop-invariant hoisting or CSE), as in a decode
+  loop."""
   def chained(q, *rest):
     for _ in range(iters):
       out = fn(q, *rest)
@@ -79,21 +78,12 @@ def time_op(fn, *args, iters: int = 10, repeats: int = 5) -> float:
     return q
   run = jax.jit(chained)
   jax.block_until_ready(run(*args))
-
-  def wall(runs):
-    best = float("inf")
-    for i in range(repeats):
-      t = time.perf_counter()
-      outs = [run(*args) for _ in range(runs)]
-      jax.block_until_ready(outs)
-      best = min(best, time.perf_counter() - t)
-      if i == 1 and best > 0.05:      # long chains vary little
-        break
-    return best
-  one, two = wall(1), wall(2)
-  if two <= one:          # noise larger than the calls: the plain average
-    return two / (2 * iters)
-  return (two - one) / iters
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(run(*args))
+    best = min(best, time.perf_counter() - t)
+  return best / iters
 
 
 def measure_matmul_tflops(n: int = 8192, repeats: int = 10) -> float:
