@@ -93,8 +93,20 @@ def f32(x: Array) -> Array:
 
 
 def rounded(x: Array, dtype) -> Array:
-  """x (f32) rounded to `dtype`, kept in f32."""
+  """x (f32) rounded to `dtype`, kept in f32. (On the GPU, XLA may drop the
+  rounding inside a larger computation: see `narrow_values`.)"""
   return x.astype(dtype).astype(jnp.float32)
+
+
+def narrow_values(x: Array, dtype) -> Array:
+  """x converted to `dtype` behind an optimization barrier: the values a
+  later conversion back reads are the narrow ones. XLA:GPU's
+  SimplifyFPConversions (run when excess precision is allowed, its
+  default) rewrites a chain of float conversions A -> B -> A into A, so
+  x.astype(e4m3).astype(f32) inside one jitted computation is x on the GPU
+  (the CPU keeps the rounding): the fp8 fake quantization and the query's
+  hi + lo split measured nothing there (NOTES.md, "fp8_scores, cause")."""
+  return jax.lax.optimization_barrier(x.astype(dtype))
 
 
 def next_pow2(n: int) -> int:

@@ -61,7 +61,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.absorb_attention import absorbed_queries
 from pallas_kernels.common import (E4M3_CODE, E4M3_MAX, SMEM_BYTES, Array,
                                    LatentSpec, cache_sides, combine_splits,
-                                   pow2_scale)
+                                   narrow_values, pow2_scale)
 
 _FLOOR = -1e30           # finite "minus infinity": masked rows never give NaN
 COMPUTE_WGS = 2          # compute warpgroups by default
@@ -381,7 +381,7 @@ def e4m3_hi_lo(x: Array) -> tuple[Array, Array]:
   amax = jnp.max(jnp.abs(x), axis=-1)
   scale = jnp.where(amax > 0, amax / E4M3_MAX, 1.0).astype(jnp.float32)
   y = x / scale[..., None]
-  hi = y.astype(E4M3_CODE)
+  hi = narrow_values(y, E4M3_CODE)     # (else lo = 0 on the GPU)
   lo = (y - hi.astype(jnp.float32)).astype(E4M3_CODE)
   return jnp.stack([hi, lo], axis=-2), scale
 
