@@ -65,12 +65,12 @@ def time_op(fn, *args, iters: int = 10, repeats: int = 3) -> float:
   (dispatch and the final sync, ~250-400 µs on the H200) is still spread
   over its calls, so rows under ~100 µs read high (NOTES.md, "Timing small
   shapes"; eval/profile_kernel.py --breakdown gives device times). Two
-  queued runs minus one gave impossible rates there (7.7 TB/s) and slower
-  ms-scale rows (clocks under sustained load) and were dropped. Either way
-  the work that
-  does not depend on the query (B_k regrouped per KV head, RoPE tables) is
-  done once for all calls (loop-invariant hoisting or CSE), as in a decode
-  loop."""
+  queued runs minus one was tried and dropped: it gave impossible rates
+  for small calls (7.7 TB/s) and ms-scale rows up to 27 % slower than
+  single runs (eval/results/bench_kernels_h200_v13_queued_*.md). Either
+  way the work that does not depend on the query (B_k regrouped per KV
+  head, RoPE tables) is done once for all calls (loop-invariant hoisting
+  or CSE), as in a decode loop."""
   def chained(q, *rest):
     for _ in range(iters):
       out = fn(q, *rest)
