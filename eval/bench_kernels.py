@@ -39,6 +39,7 @@ import numpy as np
 
 from eval.bench_decode import _pseudo_random, measure_bandwidth
 from eval.report import markdown_table, write_results
+from eval.trace_events import span_us, traced_gpu_events
 from eval.plots import plot_results
 from pallas_kernels.common import LatentSpec, QuantLatent, rank_unit
 from pallas_kernels.latent_attention import mosaic_gpu
@@ -71,12 +72,7 @@ def time_op(fn, *args, iters: int = 10, repeats: int = 3) -> float:
   way the work that does not depend on the query (B_k regrouped per KV
   head, RoPE tables) is done once for all calls (loop-invariant hoisting
   or CSE), as in a decode loop."""
-  def chained(q, *rest):
-    for _ in range(iters):
-      out = fn(q, *rest)
-      q = q + (jnp.sum(out[..., :1]) * 0).astype(q.dtype)
-    return q
-  run = jax.jit(chained)
+  run = _chain(fn, iters)
   jax.block_until_ready(run(*args))
   best = float("inf")
   for _ in range(repeats):
@@ -84,6 +80,32 @@ def time_op(fn, *args, iters: int = 10, repeats: int = 3) -> float:
     jax.block_until_ready(run(*args))
     best = min(best, time.perf_counter() - t)
   return best / iters
+
+
+def span_op(fn, *args, iters: int = 10) -> float:
+  """Seconds per call of fn(*args) on the GPU timeline: the same chain as
+  `time_op`, traced once by jax.profiler, from its first kernel's start to
+  its last one's end, over `iters`: the calls' device time and the gaps
+  between their launches, without what the chain pays once (dispatch, the
+  final sync). The sound timing of calls under ~100 µs; needs a GPU."""
+  run = _chain(fn, iters)
+  jax.block_until_ready(run(*args))
+  events = traced_gpu_events(lambda: run(*args))
+  if not events:
+    raise RuntimeError("span timing needs GPU kernel events in the trace "
+                       f"(backend {jax.default_backend()})")
+  return span_us(events) / 1e6 / iters
+
+
+def _chain(fn, iters: int):
+  """jit of `iters` calls of fn, each call's output perturbing the next
+  query, so none is skipped or merged."""
+  def chained(q, *rest):
+    for _ in range(iters):
+      out = fn(q, *rest)
+      q = q + (jnp.sum(out[..., :1]) * 0).astype(q.dtype)
+    return q
+  return jax.jit(chained)
 
 
 def measure_matmul_tflops(n: int = 8192, repeats: int = 10) -> float:
@@ -188,8 +210,9 @@ def run(shapes, batches, contexts, ratios, bits_list, *, tune: bool,
         shared: bool = False, rope_modes: tuple = (),
         compute_wgs: tuple = (), split_counts: tuple = (),
         kv_heads_per_cta: tuple = (), fp8_latents: bool = False,
-        turns: bool = False, baselines=("xla", "dpa_xla", "cudnn", "pallas")
-        ) -> list[dict]:
+        turns: bool = False, baselines=("xla", "dpa_xla", "cudnn", "pallas"),
+        timer=None) -> list[dict]:
+  timer = timer or time_op
   rows: list[dict] = []
   for shape_name in shapes:
     n_heads, n_kv, h = SHAPES[shape_name]
@@ -212,13 +235,13 @@ def run(shapes, batches, contexts, ratios, bits_list, *, tune: bool,
             ("full_cudnn", _full_dpa("cudnn"), (k, v))):
           if name[len("full_"):] in baselines:
             shape_rows.append(_measure(name, fn, q, args, lengths,
-                                       full_bytes, full_flops))
+                                       full_bytes, full_flops, timer))
         kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
         del k, v
         best_pallas = None
         for splits in (16, 64) if "pallas" in baselines else ():
           r = _measure("full_pallas", _full_pallas(splits), q, (kh, vh),
-                       lengths, full_bytes, full_flops)
+                       lengths, full_bytes, full_flops, timer)
           r["config"] = f"k_splits={splits}"
           if best_pallas is None or (r["us"] or 1e30) < (best_pallas["us"]
                                                         or 1e30):
@@ -254,7 +277,7 @@ def run(shapes, batches, contexts, ratios, bits_list, *, tune: bool,
                   _palu_call, spec=spec, inv=inv if rope else None,
                   config=cfg, backend=backend)
               r = _measure(name, fn, q, (hk, hv, k_up), lengths, nbytes,
-                           palu_flops(spec, batch, ctx, rope))
+                           palu_flops(spec, batch, ctx, rope), timer)
               r["config"] = _cfg_str(cfg)
               r["rank"] = spec.k_rank
               r["group"] = group
@@ -366,11 +389,11 @@ def _cfg_str(c) -> str:
   return f"bs={c.block_s} P={c.splits} w={c.num_warps} st={c.num_stages}"
 
 
-def _measure(name, fn, q, args, lengths, nbytes, flops) -> dict:
+def _measure(name, fn, q, args, lengths, nbytes, flops, timer=None) -> dict:
   row = {"variant": name, "bytes": int(nbytes), "us": None, "gbps": None,
          "tflops": None}
   try:
-    sec = time_op(lambda qq, *a: fn(qq, *a, lengths), q, *args)
+    sec = (timer or time_op)(lambda qq, *a: fn(qq, *a, lengths), q, *args)
   except Exception as e:  # a baseline that cannot run this shape
     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
     return row
@@ -437,6 +460,11 @@ def main(argv=None) -> int:
                   choices=["xla", "dpa_xla", "cudnn", "pallas"],
                   help="full-KV baselines to time (the fastest one is the "
                   "denominator of every speedup)")
+  ap.add_argument("--timing", default="wall", choices=["wall", "span"],
+                  help="wall: a chain of calls' wall time over its calls "
+                  "(includes the chain's dispatch and sync); span: its GPU "
+                  "timeline per call from a jax.profiler trace (small "
+                  "calls; needs a GPU)")
   ap.add_argument("--name", default="bench_kernels")
   ap.add_argument("--out", default=os.path.join("eval", "results"))
   args = ap.parse_args(argv)
@@ -445,7 +473,7 @@ def main(argv=None) -> int:
   meta = {"device": str(jax.devices()[0].device_kind),
           "jax": jax.__version__, "python": platform.python_version(),
           "hbm_read_gbps": bw / 1e9, "matmul_tflops": peak,
-          "group_size": GROUP, "dtype": "bfloat16"}
+          "group_size": GROUP, "dtype": "bfloat16", "timing": args.timing}
   print(meta, flush=True)
 
   def save(rows):
@@ -468,7 +496,8 @@ def main(argv=None) -> int:
       split_counts=tuple(args.splits),
       kv_heads_per_cta=tuple(args.kv_heads_per_cta),
       fp8_latents=args.fp8_latents, turns=args.turns,
-      baselines=tuple(args.baselines))
+      baselines=tuple(args.baselines),
+      timer=span_op if args.timing == "span" else time_op)
   return 0
 
 

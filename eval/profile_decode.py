@@ -32,6 +32,7 @@ from flax import nnx
 from eval.bench_decode import (SHAPES, _decode, _random_cache, cache_len)
 from eval.bench_e2e import build, palu_config, variant_spec
 from eval.report import markdown_table, write_results
+from eval.trace_events import busy_us, gpu_kernel_events
 from palu_jax.generate import DecodeState
 
 KINDS = (  # (kind, substrings of a kernel name), first match wins
@@ -48,38 +49,6 @@ def kernel_kind(name: str) -> str:
     if any(k in low for k in keys):
       return kind
   return "other"
-
-
-def gpu_kernel_events(trace: dict) -> list[dict]:
-  """The complete ("X") events on GPU stream threads of a Chrome trace."""
-  pname, tname = {}, {}
-  for e in trace.get("traceEvents", []):
-    if e.get("ph") == "M" and e.get("name") == "process_name":
-      pname[e["pid"]] = str(e.get("args", {}).get("name", ""))
-    if e.get("ph") == "M" and e.get("name") == "thread_name":
-      tname[(e["pid"], e["tid"])] = str(e.get("args", {}).get("name", ""))
-  out = []
-  for e in trace.get("traceEvents", []):
-    if e.get("ph") != "X" or "dur" not in e:
-      continue
-    p = pname.get(e.get("pid"), "")
-    t = tname.get((e.get("pid"), e.get("tid")), "")
-    if "GPU" in p.upper() and "stream" in t.lower():
-      out.append(e)
-  return out
-
-
-def busy_us(events: list[dict]) -> float:
-  """Length of the union of the events' [ts, ts + dur) intervals (µs)."""
-  spans = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"]))
-                 for e in events)
-  total, end = 0.0, float("-inf")
-  for a, b in spans:
-    if b <= end:
-      continue
-    total += b - max(a, end)
-    end = b
-  return total
 
 
 def summarize(events: list[dict], steps: int, wall_s: float) -> dict:

@@ -25,7 +25,6 @@ import argparse
 import collections
 import dataclasses
 import glob
-import gzip
 import json
 import os
 import sys
@@ -36,8 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from eval.bench_decode import _pseudo_random
-from eval.bench_kernels import SHAPES, _cfg_str, _latent_side, palu_spec
-from eval.profile_decode import gpu_kernel_events
+from eval.bench_kernels import (SHAPES, _cfg_str, _chain, _latent_side,
+                                palu_spec)
+from eval.trace_events import span_us, traced_gpu_events
 from eval.report import markdown_table, write_results
 from pallas_kernels.latent_attention import mosaic_gpu as mg
 
@@ -105,29 +105,17 @@ def breakdown(spec, *, batch: int, context: int, rope: bool,
   span − (kernel + other) is time the GPU waited between launches."""
   q, hk, hv, k_up, inv, lengths = _inputs(spec, batch, context)
   cfg = _config(spec, batch=batch, context=context, rope=rope, **overrides)
-
-  @jax.jit
-  def chain(q):
-    for _ in range(steps):          # each call's query depends on the last
-      out = mg.latent_attention(q, hk, hv, k_up, lengths, spec=spec,
-                                inv_freq=inv if rope else None, config=cfg)
-      q = q + (out[:, :, :1] * 1e-30).astype(q.dtype)
-    return q
-  jax.block_until_ready(chain(q))                    # compile outside
-  with tempfile.TemporaryDirectory() as tmp:
-    with jax.profiler.trace(tmp):
-      jax.block_until_ready(chain(q))
-    [path] = glob.glob(os.path.join(tmp, "**", "*.trace.json.gz"),
-                       recursive=True)
-    with gzip.open(path) as f:
-      events = gpu_kernel_events(json.load(f))
+  run = _chain(lambda qq: mg.latent_attention(
+      qq, hk, hv, k_up, lengths, spec=spec, inv_freq=inv if rope else None,
+      config=cfg), steps)
+  jax.block_until_ready(run(q))                      # compile outside
+  events = traced_gpu_events(lambda: run(q))
   per = collections.defaultdict(float)
   for e in events:
     per[e["name"]] += float(e["dur"]) / steps
   kernel = sum(v for k, v in per.items() if "palu_latent" in k)
   top = sorted(per.items(), key=lambda kv: -kv[1])[:6]
-  span = (max(float(e["ts"]) + float(e["dur"]) for e in events)
-          - min(float(e["ts"]) for e in events)) / steps
+  span = span_us(events) / steps
   return {"config": _cfg_str(cfg),
           "kernel_us": kernel, "other_us": sum(per.values()) - kernel,
           "span_us": span, "launches": len(events) / steps,

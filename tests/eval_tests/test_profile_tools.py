@@ -3,9 +3,9 @@ on hand-made traces (the GPU runs produce the real ones)."""
 
 import pytest
 
-from eval.profile_decode import (busy_us, gpu_kernel_events, kernel_kind,
-                                 summarize)
+from eval.profile_decode import kernel_kind, summarize
 from eval.profile_kernel import stage_cycles
+from eval.trace_events import busy_us, gpu_kernel_events, span_us
 
 
 def _range(name, begin, end, tid):
@@ -63,6 +63,7 @@ def test_gpu_events_busy_time_and_summary():
   events = gpu_kernel_events(_trace())
   assert len(events) == 3                     # the host event is left out
   assert busy_us(events) == pytest.approx(20.0)   # [0,15) ∪ [30,35)
+  assert span_us(events) == pytest.approx(35.0)   # first start to last end
   s = summarize(events, steps=2, wall_s=1e-4)
   assert s["wall_ms_per_step"] == pytest.approx(0.05)
   assert s["gpu_busy_ms_per_step"] == pytest.approx(0.01)
