@@ -213,7 +213,8 @@ def main(argv=None) -> int:
         print({k: (round(v) if isinstance(v, float) else v)
                for k, v in row.items()}, flush=True)
   cols = ["variant", "shape", "batch", "stages", "splits", "heads",
-          "rope_mode", "reductions", "period_cyc", *COMPUTE_STAGES, "k_free", "v_free",
+          "rope_mode", "reductions", "period_cyc", *COMPUTE_STAGES,
+          "k_free", "v_free",
           "kernel_us", "other_us", "span_us", "launches", "note"]
   md = ("# Mosaic GPU latent kernel: SM cycles per tile and stage\n\n"
         f"{args.shape} shape, 50 %, bf16, the in-kernel profiler "
