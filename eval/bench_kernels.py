@@ -211,7 +211,7 @@ def run(shapes, batches, contexts, ratios, bits_list, *, tune: bool,
         compute_wgs: tuple = (), split_counts: tuple = (),
         kv_heads_per_cta: tuple = (), fp8_latents: bool = False,
         turns: bool = False, baselines=("xla", "dpa_xla", "cudnn", "pallas"),
-        timer=None) -> list[dict]:
+        timer=None, also: tuple = ()) -> list[dict]:
   timer = timer or time_op
   rows: list[dict] = []
   for shape_name in shapes:
@@ -270,7 +270,7 @@ def run(shapes, batches, contexts, ratios, bits_list, *, tune: bool,
                     + ("_shared" if shared else ""))
             configs = _configs(backend, spec, batch, ctx, rope, tune,
                                rope_modes, compute_wgs, split_counts,
-                               kv_heads_per_cta, fp8_latents, turns)
+                               kv_heads_per_cta, fp8_latents, turns, also)
             best = None
             for cfg in configs:
               fn = functools.partial(
@@ -315,7 +315,7 @@ def _palu_call(q, hk, hv, k_up, lengths, *, spec, inv, config, backend):
 
 def _configs(backend, spec, batch, ctx, rope, tune, rope_modes=(),
              compute_wgs=(), split_counts=(), kv_heads_per_cta=(),
-             fp8_latents=False, turns=False) -> list:
+             fp8_latents=False, turns=False, also=()) -> list:
   """Launch configs to time for one backend (the chosen one first); none
   when the Mosaic GPU kernel cannot take the shape (Triton's row stands).
   `rope_modes`: also time the chosen Mosaic GPU config with each of these
@@ -323,7 +323,8 @@ def _configs(backend, spec, batch, ctx, rope, tune, rope_modes=(),
   count of compute warpgroups in `compute_wgs`, each split count in
   `split_counts` and (RoPE) each count of KV heads per CTA in
   `kv_heads_per_cta` that divides the group's; `turns`: also the chosen
-  config with the reductions taking turns on one scratch (v12)."""
+  config with the reductions taking turns on one scratch (v12); `also`:
+  the chosen config with each (field, value) of MosaicConfig replaced."""
   if backend == "xla":            # the jnp reference: nothing to launch
     return [None]
   if backend == "triton":
@@ -353,6 +354,8 @@ def _configs(backend, spec, batch, ctx, rope, tune, rope_modes=(),
                                    rope=rope, kv_heads_per_cta=hc))
   if turns:
     add(dataclasses.replace(base, private_reductions=False))
+  for field, value in also:
+    add(dataclasses.replace(base, **{field: value}))
   if tune:
     for bs in (64, 128):
       for stages in (2, 4):
@@ -362,6 +365,26 @@ def _configs(backend, spec, batch, ctx, rope, tune, rope_modes=(),
           add(dataclasses.replace(base, block_s=bs, stages=stages,
                                   splits=splits))
   return out
+
+
+def _config_field(text: str) -> tuple[str, object]:
+  """"FIELD=VALUE" -> (field, value) of a MosaicConfig field, the value
+  parsed as the field's default is typed (bool: true/false)."""
+  field, sep, value = text.partition("=")
+  fields = {f.name: f for f in dataclasses.fields(mosaic_gpu.MosaicConfig)}
+  if not sep or field not in fields:
+    raise argparse.ArgumentTypeError(
+        f"{text!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
+  kind = type(fields[field].default)
+  if kind is bool:
+    if value.lower() not in ("true", "false"):
+      raise argparse.ArgumentTypeError(f"{field}: true or false, not "
+                                       f"{value!r}")
+    return field, value.lower() == "true"
+  try:
+    return field, kind(value)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(f"{field}: {e}") from None
 
 
 def _tune_grid(base):
@@ -385,7 +408,9 @@ def _cfg_str(c) -> str:
             + (f" wgs={c.compute_wgs}" if c.compute_wgs != 2 else "")
             + (f" heads={c.kv_heads_per_cta}" if c.kv_heads_per_cta != 1
                else "") + (" fp8_scores" if c.fp8_scores else "")
-            + ("" if c.private_reductions else " turns"))
+            + ("" if c.private_reductions else " turns")
+            + ("" if c.fuse_heads or c.kv_heads_per_cta == 1
+               else " unfused"))
   return f"bs={c.block_s} P={c.splits} w={c.num_warps} st={c.num_stages}"
 
 
@@ -455,6 +480,11 @@ def main(argv=None) -> int:
   ap.add_argument("--turns", action="store_true",
                   help="also time the Mosaic GPU kernel with its reductions "
                   "taking turns on one scratch (v12; fastest row kept)")
+  ap.add_argument("--also", nargs="+", type=_config_field, default=[],
+                  metavar="FIELD=VALUE",
+                  help="also time the chosen Mosaic GPU config with this "
+                  "MosaicConfig field replaced, e.g. fuse_heads=false "
+                  "(fastest row kept; all logged)")
   ap.add_argument("--baselines", nargs="+",
                   default=["xla", "dpa_xla", "cudnn", "pallas"],
                   choices=["xla", "dpa_xla", "cudnn", "pallas"],
@@ -496,7 +526,7 @@ def main(argv=None) -> int:
       split_counts=tuple(args.splits),
       kv_heads_per_cta=tuple(args.kv_heads_per_cta),
       fp8_latents=args.fp8_latents, turns=args.turns,
-      baselines=tuple(args.baselines),
+      baselines=tuple(args.baselines), also=tuple(args.also),
       timer=span_op if args.timing == "span" else time_op)
   return 0
 

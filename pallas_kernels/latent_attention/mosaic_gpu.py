@@ -98,6 +98,14 @@ class MosaicConfig:
   # and one p·h_v product serve all their query heads (N = heads × padded
   # queries): the per-tile chain is paid once per `kv_heads_per_cta` heads.
   kv_heads_per_cta: int = 1
+  # kv_heads_per_cta > 1 (16-bit latents, heads × H ≤ 256): one rebuild
+  # wgmma for all the CTA's heads (N = heads × H: the h_k sub-tile read
+  # once, one wait instead of one per head) and one score wgmma against
+  # the queries laid out block-diagonally ([heads·nq, heads·H], zeros off
+  # the blocks), instead of a rebuild and a score wgmma per head
+  # (SmolLM2: 6 + 6 round trips of ~360-670 cycles per 128 rows, NOTES.md
+  # v14). False: per head.
+  fuse_heads: bool = True
   # R_v not a multiple of 64 (30 % ranks, Fisher ranks in multiples of 16):
   # p·h_v in overlapping 64-row pieces (`value_row_chunks`); compiled tests
   # pass on the H200 (2026-12-03). False sends such shapes to Triton.
@@ -186,6 +194,26 @@ def heads_per_cta(rope: bool, config: MosaicConfig) -> int:
   return config.kv_heads_per_cta if rope else 1
 
 
+def fused_heads(spec: LatentSpec, rope: bool, config: MosaicConfig) -> bool:
+  """Whether the CTA's KV heads share one rebuild and one score wgmma."""
+  hc = heads_per_cta(rope, config)
+  return (config.fuse_heads and rope and config.rope_mode == "rebuild"
+          and hc > 1 and spec.bits == 16 and hc * spec.head_dim <= 256)
+
+
+def block_diagonal_queries(qh: Array, heads: int) -> Array:
+  """Queries per KV head [B, X, heads, nq, H] -> [B, X, heads·nq,
+  heads·H]: head a's rows a·nq.. hold its queries in columns a·H.., zeros
+  elsewhere. Keys of all heads side by side [rows, heads·H] times its
+  transpose give every head's scores side by side [rows, heads·nq] in one
+  product."""
+  b, x, hc, nq, h = qh.shape
+  assert hc == heads, (hc, heads)
+  eye = jnp.eye(heads, dtype=qh.dtype)
+  bd = jnp.einsum("bxanh,ac->bxanch", qh, eye)
+  return bd.reshape(b, x, heads * nq, heads * h)
+
+
 def fp8_scores(spec: LatentSpec, rope: bool, config: MosaicConfig) -> bool:
   """Whether the no-RoPE scores come straight from e4m3 key codes."""
   return (config.fp8_scores and spec.bits == 8 and not rope
@@ -270,7 +298,9 @@ def smem_bytes(spec: LatentSpec, rope: bool, config: MosaicConfig) -> int:
     # B_k (e4m3 with fp8 latents), q, then the f32 rows: inv_freq, bias
     # halves (and B_k's column scales)
     b_units = spec.k_rank * hh if fp8 else 2 * spec.k_rank * hh
-    fixed += hc * (b_units + 2 * nq * hh + (5 if fp8 else 3) * hh * 2)
+    # q per head [nq, H], or block-diagonal [hc·nq, hc·H] when fused
+    q_units = 2 * nq * hh * (hc if fused_heads(spec, rope, config) else 1)
+    fixed += hc * (b_units + q_units + (5 if fp8 else 3) * hh * 2)
     fixed += config.stages * (bs // SUB) * 2 * hh * 2  # cos/sin rows (f32)
   else:
     fixed += nq * spec.k_rank
@@ -466,6 +496,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
   # past the length) for p·h_v, so a key slot frees with its keys
   fp8 = spec.bits == 8
   native = fp8_scores(spec, rope, config)
+  fused = fused_heads(spec, rope, config)
   if native:      # latents per score wgmma: one swizzle row (≤ 128)
     k_step = (_swizzle(spec.k_rank, 1) if config.fp8_promote
               else spec.k_rank)
@@ -550,15 +581,17 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
         # (float8: the values were copied out, the slot frees with the keys)
         release_keys = (split_rings or fp8) and j == subs - 1
 
-        def latent_product(operand, last, rows=rows, release=release_keys):
-          """h_k sub-tile [SUB, R_k] · operand [R_k, H] -> f32 [SUB, H] on
-          the tensor core (one wgmma, N = H: the h_k rows are read from
-          shared memory once); the sub-tile's last one frees the key
-          slot."""
+        def latent_product(operand, last, rows=rows, release=release_keys,
+                           width=None):
+          """h_k sub-tile [SUB, R_k] · operand [R_k, N] -> f32 [SUB, N] on
+          the tensor core (one wgmma, N = H, or hc·H with fused heads: the
+          h_k rows are read from shared memory once); the sub-tile's last
+          one frees the key slot."""
           def product(ref):
             plgpu.wgmma(ref, hk_s.at[slot, rows], operand)
             return ref[...]
-          out = pl.run_scoped(product, plgpu.ACC((SUB, 2 * hh), jnp.float32))
+          out = pl.run_scoped(product, plgpu.ACC((SUB, width or 2 * hh),
+                                                 jnp.float32))
           if release and last:
             plgpu.barrier_arrive(kcons_bar.at[slot])
           return out
@@ -597,12 +630,19 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
               if spec.shared:      # the same latents are the values
                 vb_s.at[wg, rows][...] = upcast(hk_s.at[slot, rows],
                                                 s0 + j * SUB)
+          if fused:    # every head's keys side by side [SUB, hc·H]
+            with jax.named_scope("rebuild"):
+              k_all = latent_product(b_s, True, width=hc * 2 * hh)
+          rotated = []
           for jj in range(hc):
             with jax.named_scope("rebuild"):
               # float8: e4m3 codes times e4m3 B_k (K-major, [H, R_k]) at
               # the fp8 tensor rate; the scales after the dot, in f32
-              k = latent_product(b_s.at[jj].T if fp8 else b_s.at[jj],
-                                 jj == hc - 1)
+              if fused:
+                k = k_all[:, jj * 2 * hh:(jj + 1) * 2 * hh]
+              else:
+                k = latent_product(b_s.at[jj].T if fp8 else b_s.at[jj],
+                                   jj == hc - 1)
               k1, k2 = k[:, :hh], k[:, hh:]
               if fp8:
                 row = lax.broadcast_in_dim(k_scales[j], (SUB, hh), [0])
@@ -620,17 +660,27 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
               if cos is None:       # of (s0 + i)·θ, once for all heads
                 cos, sin = angle_sum(cos_i, sin_i, c0, z0)
               r1, r2 = rotate_halves(k1, k2, cos, sin)
-              r = jnp.concatenate([r1.astype(q_dtype), r2.astype(q_dtype)],
-                                  axis=1)
+              rotated += [r1.astype(q_dtype), r2.astype(q_dtype)]
+            if fused:
+              continue
             with jax.named_scope("score"):
-              def score(ref, jj=jj):
+              def score(ref, jj=jj, r=jnp.concatenate(rotated[-2:], axis=1)):
                 plgpu.wgmma(ref, r, q_s.at[jj].T)
                 return ref[...]
               sj = pl.run_scoped(score, plgpu.ACC((SUB, nq), jnp.float32))
               # 1/√H in f32, as the model
               per_head.append(sj * (spec.head_dim ** -0.5))
-          s = (per_head[0] if hc == 1
-               else jnp.concatenate(per_head, axis=1))   # [SUB, cols]
+          if fused:
+            with jax.named_scope("score"):
+              # [SUB, hc·H] · block-diagonal queries [hc·nq, hc·H]ᵀ
+              def score(ref, r=jnp.concatenate(rotated, axis=1)):
+                plgpu.wgmma(ref, r, q_s.T)
+                return ref[...]
+              s = pl.run_scoped(score, plgpu.ACC((SUB, cols), jnp.float32))
+              s = s * (spec.head_dim ** -0.5)
+          else:
+            s = (per_head[0] if hc == 1
+                 else jnp.concatenate(per_head, axis=1))   # [SUB, cols]
         elif native:
           with jax.named_scope("score"):
             # e4m3 codes [SUB, R] · (hi + lo) [R, nq]: both K-major; one
@@ -772,6 +822,10 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
       for n in range(spec.q_per_kv):   # TMA: at most 5 strided dims
         plgpu.copy_gmem_to_smem(u_g.at[b, x, n], u_s.at[n], setup_bar.at[0])
       plgpu.copy_gmem_to_smem(vec_g.at[b, x], vec_s, setup_bar.at[0])
+    elif fused:                        # one B_k and one query block
+      plgpu.copy_gmem_to_smem(bk_g.at[x], b_s, setup_bar.at[0])
+      plgpu.copy_gmem_to_smem(q_g.at[b, x], q_s, setup_bar.at[0])
+      plgpu.copy_gmem_to_smem(vec_g.at[x], vec_s, setup_bar.at[0])
     elif rope:
       for jj in range(hc):             # TMA: at most 5 strided dims
         plgpu.copy_gmem_to_smem(bk_g.at[x, jj], b_s.at[jj], setup_bar.at[0])
@@ -981,22 +1035,29 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
       vecs = jnp.concatenate([vecs, col_scale.reshape(-1, 2, hh)], axis=1)
       n_vec = 5
     # each CTA's `hc` KV heads side by side (free reshapes)
-    operands = (bk.reshape((x_size, hc) + bk.shape[1:]),
-                qh.reshape(batch, x_size, hc, nq, 2 * hh),
-                vecs.reshape(x_size, hc, n_vec, hh), angles)
+    bk = bk.reshape((x_size, hc) + bk.shape[1:])
+    qh = qh.reshape(batch, x_size, hc, nq, 2 * hh)
+    q_smem = plgpu.SMEM((hc, nq, 2 * hh), scores_dtype(config, dtype),
+                        transforms=_transforms(_swizzle(2 * hh)))
+    if fused_heads(spec, rope, config):
+      # B_k [X, R_k, hc·H] (the heads' columns side by side, as one wgmma
+      # operand) and the block-diagonal queries [B, X, hc·nq, hc·H]
+      bk = jnp.swapaxes(bk, 1, 2).reshape(x_size, rk, hc * 2 * hh)
+      qh = block_diagonal_queries(qh, hc)
+      q_smem = plgpu.SMEM(qh.shape[2:], qh.dtype,
+                          transforms=_transforms(_swizzle(hc * 2 * hh)))
+    operands = (bk, qh, vecs.reshape(x_size, hc, n_vec, hh), angles)
     if fp8:
       operands += (sk, sv)
       b_smem = plgpu.SMEM((hc, 2 * hh, rk), bk.dtype,
                           transforms=_transforms(_swizzle(rk, 1), 1))
     else:
-      b_smem = plgpu.SMEM((hc, rk, 2 * hh), dtype,
+      b_smem = plgpu.SMEM(bk.shape[1:], dtype,
                           transforms=_transforms(k_swizzle))
-    scratch = [b_smem,
-               plgpu.SMEM((hc, nq, 2 * hh), scores_dtype(config, dtype),
-                          transforms=_transforms(_swizzle(2 * hh))),
+    scratch = [b_smem, q_smem,
                plgpu.SMEM((hc, n_vec, hh), jnp.float32),
                plgpu.SMEM((config.stages, bs // SUB, 2, hh), jnp.float32)]
-    n_setup = 1 + 2 * hc
+    n_setup = 3 if fused_heads(spec, rope, config) else 1 + 2 * hc
   elif fp8_scores(spec, rope, config):
     # scores from the e4m3 codes: the query as two e4m3 parts + a scale
     hilo, q_scale = e4m3_hi_lo(absorbed_queries(q, k_up, spec, nq,

@@ -86,3 +86,22 @@ def test_e2e_plot_when_no_row_fits(tmp_path):
        "note": "does not fit"}]}))
   png = plot_results(str(path))
   assert png is not None and (tmp_path / "e2e.png").stat().st_size > 0
+
+
+def test_bench_kernels_also_parses_config_fields():
+  """`bench_kernels --also FIELD=VALUE`: typed as the MosaicConfig field's
+  default; unknown fields and bad booleans are refused by name."""
+  import argparse
+
+  from eval.bench_kernels import _config_field
+  assert _config_field("fuse_heads=false") == ("fuse_heads", False)
+  assert _config_field("private_reductions=True") == (
+      "private_reductions", True)
+  assert _config_field("splits=4") == ("splits", 4)
+  assert _config_field("rope_mode=fold") == ("rope_mode", "fold")
+  with pytest.raises(argparse.ArgumentTypeError, match="nope"):
+    _config_field("nope=1")
+  with pytest.raises(argparse.ArgumentTypeError, match="fuse_heads"):
+    _config_field("fuse_heads=maybe")
+  with pytest.raises(argparse.ArgumentTypeError, match="splits"):
+    _config_field("splits=many")

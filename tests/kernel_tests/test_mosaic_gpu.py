@@ -396,9 +396,33 @@ def test_kernel_lowers_with_several_kv_heads_per_cta(case):
     for cfg in (config, dataclasses.replace(config, block_s=64, stages=2)):
       if mg.unsupported_reason(spec, jnp.bfloat16, s, True, cfg):
         continue
-      assert "mosaic_gpu" in _lower(spec, batch, s, True, config=cfg).as_text()
-      lowered += 1
+      # one rebuild and one score wgmma for all heads (heads × H ≤ 256),
+      # and one per head
+      for fuse in (True, False):
+        c = dataclasses.replace(cfg, fuse_heads=fuse)
+        assert mg.fused_heads(spec, True, c) == (fuse and hc * h <= 256)
+        assert "mosaic_gpu" in _lower(spec, batch, s, True,
+                                      config=c).as_text()
+        lowered += 1
   assert lowered                   # each case has a configuration that fits
+
+
+def test_block_diagonal_queries_score_every_head_in_one_product():
+  """Keys of 3 heads side by side times the block-diagonal queries'
+  transpose = each head's keys times its own queries (numpy, per head)."""
+  rng = np.random.default_rng(0)
+  b, x, hc, nq, h, rows = 2, 2, 3, 8, 64, 16
+  q = rng.standard_normal((b, x, hc, nq, h)).astype(np.float32)
+  keys = rng.standard_normal((rows, hc * h)).astype(np.float32)
+  bd = np.asarray(mg.block_diagonal_queries(jnp.asarray(q), hc))
+  assert bd.shape == (b, x, hc * nq, hc * h)
+  got = keys @ bd[1, 0].T                              # [rows, hc·nq]
+  for a in range(hc):
+    np.testing.assert_allclose(got[:, a * nq:(a + 1) * nq],
+                               keys[:, a * h:(a + 1) * h] @ q[1, 0, a].T,
+                               rtol=1e-5, atol=1e-5)
+  # off the blocks: exact zeros (a head never sees another head's keys)
+  assert np.count_nonzero(bd) == np.count_nonzero(q)
 
 
 # (G, J, Q, H, R, shared, batch, S): float8 caches, one scale per token
@@ -639,7 +663,8 @@ def test_compiled_several_kv_heads_per_cta(case):
   for hc in [d for d in range(2, j + 1) if j % d == 0]:
     cfg = mg.choose_config(spec, batch=batch, cache_len=s, rope=True,
                            kv_heads_per_cta=hc)
-    for c in (cfg, dataclasses.replace(cfg, splits=1)):
+    for c in (cfg, dataclasses.replace(cfg, splits=1),
+              dataclasses.replace(cfg, fuse_heads=False)):
       if mg.unsupported_reason(spec, jnp.bfloat16, s, True, c):
         continue
       assert check(spec, batch=batch, cache_len=s, lengths=lengths,
