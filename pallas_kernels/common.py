@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 
 Array = jax.Array
@@ -211,9 +212,17 @@ def pow2_scale(amax: Array, dtype) -> Array:
   value), within `dtype`'s normal range (1 where amax is 0): a scale under
   which no e4m3 code saturates and code·scale is exact."""
   info = jnp.finfo(dtype)
-  e = jnp.ceil(jnp.log2(jnp.maximum(amax, 1e-38) / E4M3_MAX))
+  f32 = jnp.float32
+  # exact in integer arithmetic: XLA:GPU's exp2 and log2 are approximate
+  # (an exp2 scale was 2^k·(1 - 2^-24) on the H200), and with its bf16
+  # rounding folded away the jitted fake quantization then differed from
+  # the stored codes by an ulp. amax = mant·2^exp, mant in [0.5, 1), and
+  # amax/448 <= 2^e  <=>  mant <= 0.875·2^(e + 9 - exp) (448 = 0.875·2^9).
+  mant, exp = jnp.frexp(jnp.minimum(jnp.asarray(amax, f32), jnp.finfo(f32).max))
+  e = exp - 9 + (mant > E4M3_MAX / 512).astype(exp.dtype)
   e = jnp.clip(e, info.minexp, info.maxexp - 1)
-  return jnp.where(amax > 0, jnp.exp2(e), 1.0).astype(dtype)
+  power = lax.bitcast_convert_type((e + 127).astype(jnp.int32) << 23, f32)
+  return jnp.where(amax > 0, power, 1.0).astype(dtype)
 
 
 def cache_sides(hk, hv, spec: LatentSpec) -> tuple[tuple, tuple]:

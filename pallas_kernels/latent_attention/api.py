@@ -5,8 +5,10 @@
   "triton":     the Pallas Triton kernel; in interpret mode off the GPU.
   "pallas":     an alias of "triton" (the name before Mosaic GPU existed).
   "xla":        the pure-jnp reference (same signature and result).
-  None:         Mosaic GPU on compute capability ≥ 9.0, Triton on other
-                GPUs, the reference elsewhere.
+  None:         Mosaic GPU on compute capability ≥ 9.0 (the reference
+                there for calls reading under `SMALL_CALL_BYTES` of 16-bit
+                latents, where it is faster), Triton on other GPUs, the
+                reference elsewhere.
 A shape, dtype or GPU a backend cannot take falls back to the next one
 (Mosaic GPU -> Triton -> reference) and logs why, once per reason.
 """
@@ -27,6 +29,16 @@ from pallas_kernels.tuning import choose_config
 log = logging.getLogger(__name__)
 
 IMPLEMENTATIONS = ("mosaic_gpu", "triton", "pallas", "xla", None)
+
+# implementation=None on Hopper: below this many bytes of 16-bit latents per
+# call the jnp reference beats the Mosaic GPU kernel, whose launch, split
+# combine and query-side GEMMs cost more than the read. Measured on the H200
+# by the GPU timeline per call (eval/results/bench_kernels_h200_b1_4k_span.md):
+# Llama-3-8B B1 4K (8.4 MB) reference 12.6-16.3 µs vs kernel 14.5-23.9 µs in
+# all four paths; Llama-2-7B B1 4K (33.5 MB) kernel 11.5-31.6 µs vs
+# reference 27.3-79.8 µs in all four; SmolLM2 B16 8K (50 MB) kernel 39 µs vs
+# 53 µs.
+SMALL_CALL_BYTES = 16 << 20
 
 
 def triton_unsupported_reason(spec: LatentSpec, q: Array, cache_len: int
@@ -90,8 +102,12 @@ def resolve(implementation: str | None, spec: LatentSpec, q: Array,
   if implementation is None:
     if jax.default_backend() != "gpu":
       return "xla"
-    implementation = "mosaic_gpu" if cc is not None and cc >= 9.0 else \
-        "triton"
+    hopper = cc is not None and cc >= 9.0
+    if hopper and spec.bits == 16 and (q.shape[0] * cache_len *
+                                       spec.latent_bytes_per_token()
+                                       < SMALL_CALL_BYTES):
+      return "xla"
+    implementation = "mosaic_gpu" if hopper else "triton"
   if implementation == "mosaic_gpu":
     if cc is None or cc < 9.0:
       reason = f"on {jax.default_backend()} (needs an sm_90+ GPU)"

@@ -272,6 +272,25 @@ def test_api_picks_and_falls_back_on_cpu(caplog):
     api.resolve("cuda", spec, q, 64, True)
 
 
+def test_api_picks_the_reference_for_small_calls_on_hopper(monkeypatch):
+  """On an sm_90 GPU (faked here) implementation=None takes the jnp
+  reference for calls reading under SMALL_CALL_BYTES of 16-bit latents
+  (measured faster there) and the Mosaic GPU kernel above; an explicit
+  "mosaic_gpu" is kept."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(api, "compute_capability", lambda: 9.0)
+  # Llama-3-8B, M-LRD 50 %: 8 KV heads, R_k = R_v = 64
+  spec = LatentSpec(groups=8, kv_per_group=1, q_per_kv=4, head_dim=128,
+                    k_rank=64, v_rank=64)
+  small = jnp.zeros((1, 32, 128), jnp.bfloat16)     # B1 4K: 8.4 MB
+  assert 4096 * spec.latent_bytes_per_token() < api.SMALL_CALL_BYTES
+  assert api.resolve(None, spec, small, 4096, True) == "xla"
+  assert api.resolve("mosaic_gpu", spec, small, 4096, True) == "mosaic_gpu"
+  big = jnp.zeros((8, 32, 128), jnp.bfloat16)       # B8 4K: 67 MB
+  assert api.resolve(None, spec, big, 4096, True) == "mosaic_gpu"
+  assert api.resolve(None, spec, small, 65536, False) == "mosaic_gpu"
+
+
 # ------------------------------------------------- CPU: lowering for sm_90
 
 LOWER_CASES = [

@@ -182,3 +182,30 @@ def test_fake_quantize_inside_a_jit_rounds_as_the_cache_does():
   want = 2.0 * np.asarray(fp8_quant.dequantize(stored, scale, group=32))
   np.testing.assert_array_equal(np.asarray(in_jit), want)
   assert np.any(np.asarray(in_jit) != 2.0 * np.asarray(x))
+
+
+def test_scale_is_the_smallest_exact_power_of_two_at_or_above_amax_over_448():
+  """`pow2_scale` against Python's exact arithmetic (math.frexp/ldexp on
+  doubles, independent of jnp's log2/exp2): an exact power of two (code ·
+  scale is exact), at or above amax/448, and the smallest such within the
+  dtype's exponent range; including amax exactly on a boundary (448·2^k),
+  where an approximate log2 picks twice the scale."""
+  import math
+  rng = np.random.default_rng(0)
+  amax = np.concatenate([rng.lognormal(0.0, 6.0, 4000),
+                         448.0 * 2.0 ** np.arange(-30, 30),
+                         448.0 * 2.0 ** np.arange(-30, 30) * (1 + 2 ** -20),
+                         [0.0]]).astype(np.float32)
+  # exponent range: the dtype's normals (finfo minexp .. maxexp - 1)
+  for dtype, lo, hi in ((jnp.float32, -126, 127), (jnp.bfloat16, -126, 127),
+                        (jnp.float16, -14, 15)):
+    got = np.asarray(fp8_quant.pow2_scale(jnp.asarray(amax), dtype),
+                     np.float64)
+    for a, s in zip(amax.astype(np.float64), got):
+      if a == 0:
+        assert s == 1.0
+        continue
+      e = lo
+      while e < hi and math.ldexp(1.0, e) * 448.0 < a:   # exact doubles
+        e += 1
+      assert s == math.ldexp(1.0, e), (dtype, a, s, e)
