@@ -71,6 +71,9 @@ def test_gpu_events_busy_time_and_summary():
   assert s["matmul_ms_per_step"] == pytest.approx(0.01)
   assert s["other_ms_per_step"] == pytest.approx(0.0025)
   assert s["top"][0]["name"] == "gemm_fusion_dot_1"
+  # the "other" kernels alone, largest first (the glue around the kernels)
+  assert [t["name"] for t in s["top_other"]] == [
+      e["name"] for e in events if kernel_kind(e["name"]) == "other"]
 
 
 def test_e2e_plot_when_no_row_fits(tmp_path):
