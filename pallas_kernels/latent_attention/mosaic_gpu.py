@@ -103,9 +103,11 @@ class MosaicConfig:
   # once, one wait instead of one per head) and one score wgmma against
   # the queries laid out block-diagonally ([heads·nq, heads·H], zeros off
   # the blocks), instead of a rebuild and a score wgmma per head
-  # (SmolLM2: 6 + 6 round trips of ~360-670 cycles per 128 rows, NOTES.md
-  # v14). False: per head.
-  fuse_heads: bool = True
+  # (SmolLM2: 6 + 6 round trips of ~360-670 cycles per 128 rows). Off:
+  # measured no faster on SmolLM2 (39.2 vs 39.3 µs per call) and 2× slower
+  # at N = 256 (G-LRD-2, 2 heads: 2,591 vs 1,286 µs, B8 64K: the [64, 256]
+  # f32 accumulator takes 128 registers a thread; NOTES.md v14).
+  fuse_heads: bool = False
   # R_v not a multiple of 64 (30 % ranks, Fisher ranks in multiples of 16):
   # p·h_v in overlapping 64-row pieces (`value_row_chunks`); compiled tests
   # pass on the H200 (2026-12-03). False sends such shapes to Triton.
@@ -120,11 +122,11 @@ class MosaicConfig:
   # float8 keys without RoPE (own latent, not shared with the values):
   # scores straight from the e4m3 codes by fp8 wgmmas, the absorbed query
   # split into two e4m3 parts (`e4m3_hi_lo`), instead of upcasting every
-  # key tile to f16 on the compute chain. Off: its compiled test failed on
-  # the H200 for short sequences because XLA:GPU folded the query's lo part
-  # away (NOTES.md, "fp8_scores, cause"); fixed (`narrow_values`), not yet
-  # rerun there.
-  fp8_scores: bool = False
+  # key tile to f16 on the compute chain. On: compiled tests pass on the
+  # H200 since the query's lo part is kept from XLA:GPU's folding
+  # (`narrow_values`), and Llama-2 B8 64K G-LRD-4 takes 570 µs vs 733 µs
+  # upcast, M-LRD 783 vs 925 µs (NOTES.md v14).
+  fp8_scores: bool = True
   # fp8_scores: one f32 accumulator per swizzle-wide chunk of the latents
   # (≤ 128) and per query part, summed in registers, instead of one for
   # all: Hopper's fp8 wgmma accumulates with ~14 bits (DeepSeek-V3 promotes
@@ -334,12 +336,15 @@ def choose_config(spec: LatentSpec, *, batch: int, cache_len: int, rope: bool,
   (48 RoPE programs, B16 8K): 2 splits (one wave) beat 3–16 (87 vs 92–115
   µs).
 
-  KV heads per CTA (RoPE; `kv_heads_per_cta` None: chosen): all of the
-  group's with a shared latent, where they fit — measured on SmolLM2's
-  shape (device time of the kernel, eval/results/profile_smollm2_h*.md: 53
-  µs with one head per CTA and 2 splits, 39 µs with 3 heads and 8 splits);
-  one otherwise (not measured faster elsewhere, nor run with float8
-  codes)."""
+  KV heads per CTA (RoPE, 16-bit latents; `kv_heads_per_cta` None:
+  chosen): all of the group's where they fit — with a shared latent in one
+  ring slot per WG (SmolLM2, device time of the kernel, eval/results/
+  profile_smollm2_h*.md: 53 µs with one head per CTA and 2 splits, 39 µs
+  with 3 heads and 8 splits), with their own value latent in two 64-row
+  slots per WG (G-LRD-2 on the Llama-2 shape, GPU timeline per call, NOTES.md
+  v14: B8 64K 1,286 vs 1,405 µs with one head, B1 182 vs 196 µs); one
+  otherwise (G-LRD-4's B_k slices do not fit twice; float8 codes with
+  several heads have not run)."""
   # "fold" measured no faster than "rebuild" on the H200 (NOTES.md, v9)
   # and rounds q·B_k to 16 bits: rebuild is the default
   mode = "rebuild"
@@ -351,8 +356,8 @@ def choose_config(spec: LatentSpec, *, batch: int, cache_len: int, rope: bool,
   if hc is None:
     whole = spec.kv_per_group
     # (16-bit latents: several heads with float8 codes have not run)
-    hc = (whole if rope and spec.shared and spec.bits == 16 and whole > 1
-          and fits(SUB, w, whole)
+    hc = (whole if rope and spec.bits == 16 and whole > 1
+          and fits(SUB, w if spec.shared else 2 * w, whole)
           and query_cols(spec, rope) * whole <= 256 else 1)
   fits = functools.partial(fits, hc=hc)
   bs = 2 * SUB if cache_len % (2 * SUB) == 0 and fits(2 * SUB, w) else SUB
