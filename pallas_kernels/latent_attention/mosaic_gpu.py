@@ -838,7 +838,12 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
                                 setup_bar.at[0])
       plgpu.copy_gmem_to_smem(vec_g.at[x], vec_s, setup_bar.at[0])
     else:
-      plgpu.copy_gmem_to_smem(qf_g.at[b, x], qf_s, setup_bar.at[0])
+      if native:     # one TMA per query part: [2, nq, R] tiled for 1-byte
+        for part in range(2):    # codes is 6 strided dims at nq = 16 (> 5)
+          plgpu.copy_gmem_to_smem(qf_g.at[b, x, part], qf_s.at[part],
+                                  setup_bar.at[0])
+      else:
+        plgpu.copy_gmem_to_smem(qf_g.at[b, x], qf_s, setup_bar.at[0])
       if native:
         plgpu.copy_gmem_to_smem(qs_g.at[b, x], qs_s, setup_bar.at[0])
 
@@ -1071,7 +1076,7 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
     scratch = [plgpu.SMEM((2, nq, rk), E4M3_CODE,
                           transforms=_transforms(_swizzle(rk, 1), 1)),
                plgpu.SMEM((nq,), jnp.float32)]
-    n_setup = 2
+    n_setup = 3                      # two query parts and their scales
     x_size = spec.groups
   else:
     # float8 codes are upcast to f16 (exact): the products run in f16

@@ -450,6 +450,9 @@ FP8_CASES = [
     (2, 4, 1, 128, 256, False, 1, 4096),     # G-LRD-4
     (1, 3, 3, 64, 192, True, 16, 8192),      # SmolLM2's shared latent
     (2, 2, 2, 128, 128, False, 2, 512),      # GQA 2
+    # Llama-3-8B G-LRD-4: 16 query heads per latent group; with fp8_scores
+    # its query parts [2, 16, R] were one TMA of 6 strided dims (refused)
+    (2, 4, 4, 128, 256, False, 1, 4096),
 ]
 
 
@@ -712,6 +715,7 @@ def test_compiled_value_ranks_not_multiples_of_64(case, rope, mode):
     (2, 4, 1, 128, 256, False, 2, 512, [512, 77]),      # G-LRD-4
     (1, 3, 3, 64, 192, True, 2, 320, [320, 1]),         # SmolLM2 shared
     (2, 2, 2, 128, 128, False, 3, 448, [448, 1, 200]),  # GQA 2
+    (2, 4, 4, 128, 256, False, 2, 256, [256, 90]),      # GQA 4, G-LRD-4
 ], ids=lambda c: "-".join(map(str, c[:6])))
 @pytest.mark.parametrize("path", ["rope", "norope", "fp8_scores",
                                   "fp8_scores_one_acc"])
