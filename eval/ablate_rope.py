@@ -117,7 +117,7 @@ def bench(shape, batch, ctx, group, bits, rope, mode, cfg=None, ratio=0.5):
     us = None; print("ERR", type(e).__name__, str(e)[:300])
   fl = bk.palu_flops(spec, batch, ctx, rope)
   rec(shape=shape, batch=batch, ctx=ctx, group=group, bits=bits, rope=rope, mode=mode,
-      us=us, tflops=(fl / us / 1e6 if us else None), cfg=bk._cfg_str(cfg))
+      us=us, tflops=(fl / us / 1e6 if us else None), cfg=bk._cfg_str(cfg, spec, rope))
   lra._RopeScores.__call__ = orig_call; _flash_decode.load_latent_pieces = orig_load
 
 def baseline(shape, batch, ctx):

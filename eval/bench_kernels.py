@@ -278,7 +278,7 @@ def run(shapes, batches, contexts, ratios, bits_list, *, tune: bool,
                   config=cfg, backend=backend)
               r = _measure(name, fn, q, (hk, hv, k_up), lengths, nbytes,
                            palu_flops(spec, batch, ctx, rope), timer)
-              r["config"] = _cfg_str(cfg)
+              r["config"] = _cfg_str(cfg, spec, rope)
               r["rank"] = spec.k_rank
               r["group"] = group
               r["backend"] = backend
@@ -399,18 +399,22 @@ def _tune_grid(base):
   return out
 
 
-def _cfg_str(c) -> str:
+def _cfg_str(c, spec=None, rope: bool = True) -> str:
+  """A launch config in a few words; Mosaic GPU options are named only
+  where they apply to the row's spec (fp8_scores: float8 keys without
+  RoPE; fused: several RoPE heads per CTA)."""
   if c is None:
     return ""
   if isinstance(c, mosaic_gpu.MosaicConfig):
+    applies = lambda f: spec is not None and f(spec, rope, c)
     return (f"bs={c.block_s} P={c.splits} stages={c.stages}"
             + (f" {c.rope_mode}" if c.rope_mode != "rebuild" else "")
             + (f" wgs={c.compute_wgs}" if c.compute_wgs != 2 else "")
             + (f" heads={c.kv_heads_per_cta}" if c.kv_heads_per_cta != 1
-               else "") + (" fp8_scores" if c.fp8_scores else "")
+               else "")
+            + (" fp8_scores" if applies(mosaic_gpu.fp8_scores) else "")
             + ("" if c.private_reductions else " turns")
-            + ("" if c.fuse_heads or c.kv_heads_per_cta == 1
-               else " unfused"))
+            + (" fused" if applies(mosaic_gpu.fused_heads) else ""))
   return f"bs={c.block_s} P={c.splits} w={c.num_warps} st={c.num_stages}"
 
 

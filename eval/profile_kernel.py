@@ -116,7 +116,7 @@ def breakdown(spec, *, batch: int, context: int, rope: bool,
   kernel = sum(v for k, v in per.items() if "palu_latent" in k)
   top = sorted(per.items(), key=lambda kv: -kv[1])[:6]
   span = span_us(events) / steps
-  return {"config": _cfg_str(cfg),
+  return {"config": _cfg_str(cfg, spec, rope),
           "kernel_us": kernel, "other_us": sum(per.values()) - kernel,
           "span_us": span, "launches": len(events) / steps,
           "top": "; ".join(f"{k[:40]} {v:.1f}" for k, v in top)}

@@ -108,3 +108,27 @@ def test_bench_kernels_also_parses_config_fields():
     _config_field("fuse_heads=maybe")
   with pytest.raises(argparse.ArgumentTypeError, match="splits"):
     _config_field("splits=many")
+
+
+def test_bench_kernels_config_labels_name_only_options_that_apply():
+  """fp8_scores is on by default but acts only on float8 keys without
+  RoPE; fused heads only with several RoPE heads per CTA: the row labels
+  say what ran, not what the config carries."""
+  from eval.bench_kernels import _cfg_str
+  from pallas_kernels.common import LatentSpec
+  from pallas_kernels.latent_attention.mosaic_gpu import MosaicConfig
+  bf16 = LatentSpec(groups=8, kv_per_group=1, q_per_kv=1, head_dim=128,
+                    k_rank=64, v_rank=64)
+  fp8 = LatentSpec(groups=8, kv_per_group=1, q_per_kv=1, head_dim=128,
+                   k_rank=64, v_rank=64, bits=8, quant_group=64)
+  c = MosaicConfig(block_s=128, stages=4, splits=2)
+  assert _cfg_str(c, bf16, False) == "bs=128 P=2 stages=4"
+  assert _cfg_str(c, fp8, True) == "bs=128 P=2 stages=4"
+  assert _cfg_str(c, fp8, False) == "bs=128 P=2 stages=4 fp8_scores"
+  shared = LatentSpec(groups=1, kv_per_group=3, q_per_kv=3, head_dim=64,
+                      k_rank=192, v_rank=192, shared=True)
+  heads = MosaicConfig(block_s=64, stages=4, splits=8, kv_heads_per_cta=3)
+  assert _cfg_str(heads, shared, True).endswith("heads=3")
+  assert _cfg_str(MosaicConfig(block_s=64, stages=4, splits=8,
+                               kv_heads_per_cta=3, fuse_heads=True),
+                  shared, True).endswith("heads=3 fused")
