@@ -203,14 +203,13 @@ def fused_heads(spec: LatentSpec, rope: bool, config: MosaicConfig) -> bool:
           and hc > 1 and spec.bits == 16 and hc * spec.head_dim <= 256)
 
 
-def block_diagonal_queries(qh: Array, heads: int) -> Array:
+def block_diagonal_queries(qh: Array) -> Array:
   """Queries per KV head [B, X, heads, nq, H] -> [B, X, heads·nq,
   heads·H]: head a's rows a·nq.. hold its queries in columns a·H.., zeros
   elsewhere. Keys of all heads side by side [rows, heads·H] times its
   transpose give every head's scores side by side [rows, heads·nq] in one
   product."""
-  b, x, hc, nq, h = qh.shape
-  assert hc == heads, (hc, heads)
+  b, x, heads, nq, h = qh.shape
   eye = jnp.eye(heads, dtype=qh.dtype)
   bd = jnp.einsum("bxanh,ac->bxanch", qh, eye)
   return bd.reshape(b, x, heads * nq, heads * h)
@@ -842,10 +841,9 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
         for part in range(2):    # codes is 6 strided dims at nq = 16 (> 5)
           plgpu.copy_gmem_to_smem(qf_g.at[b, x, part], qf_s.at[part],
                                   setup_bar.at[0])
+        plgpu.copy_gmem_to_smem(qs_g.at[b, x], qs_s, setup_bar.at[0])
       else:
         plgpu.copy_gmem_to_smem(qf_g.at[b, x], qf_s, setup_bar.at[0])
-      if native:
-        plgpu.copy_gmem_to_smem(qs_g.at[b, x], qs_s, setup_bar.at[0])
 
     def load_keys(t):
       slot = lax.rem(t, stages)
@@ -1049,11 +1047,12 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
     qh = qh.reshape(batch, x_size, hc, nq, 2 * hh)
     q_smem = plgpu.SMEM((hc, nq, 2 * hh), scores_dtype(config, dtype),
                         transforms=_transforms(_swizzle(2 * hh)))
-    if fused_heads(spec, rope, config):
+    fused = fused_heads(spec, rope, config)
+    if fused:
       # B_k [X, R_k, hc·H] (the heads' columns side by side, as one wgmma
       # operand) and the block-diagonal queries [B, X, hc·nq, hc·H]
       bk = jnp.swapaxes(bk, 1, 2).reshape(x_size, rk, hc * 2 * hh)
-      qh = block_diagonal_queries(qh, hc)
+      qh = block_diagonal_queries(qh)
       q_smem = plgpu.SMEM(qh.shape[2:], qh.dtype,
                           transforms=_transforms(_swizzle(hc * 2 * hh)))
     operands = (bk, qh, vecs.reshape(x_size, hc, n_vec, hh), angles)
@@ -1067,7 +1066,7 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
     scratch = [b_smem, q_smem,
                plgpu.SMEM((hc, n_vec, hh), jnp.float32),
                plgpu.SMEM((config.stages, bs // SUB, 2, hh), jnp.float32)]
-    n_setup = 3 if fused_heads(spec, rope, config) else 1 + 2 * hc
+    n_setup = 3 if fused else 1 + 2 * hc
   elif fp8_scores(spec, rope, config):
     # scores from the e4m3 codes: the query as two e4m3 parts + a scale
     hilo, q_scale = e4m3_hi_lo(absorbed_queries(q, k_up, spec, nq,
