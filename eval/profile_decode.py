@@ -75,7 +75,8 @@ def summarize(events: list[dict], steps: int, wall_s: float) -> dict:
 
 
 def profile_variant(name: str, cfg, *, batch: int, ctx: int, steps: int,
-                    keep_trace: str | None) -> dict:
+                    keep_trace: str | None, hlo_path: str | None = None
+                    ) -> dict:
   spec = variant_spec(name)
   palu = None if spec is None else palu_config(cfg, *spec)
   model = build(cfg, palu, jnp.bfloat16,
@@ -89,6 +90,10 @@ def profile_variant(name: str, cfg, *, batch: int, ctx: int, steps: int,
         tokens=jnp.zeros((batch, steps + 8), jnp.int32),
         last=jnp.arange(batch, dtype=jnp.int32) + 5, step=jnp.int32(0),
         done=jnp.zeros((batch,), bool), key=jax.random.key(0))
+  if hlo_path:   # the optimized HLO names the fusions the trace lists
+    text = _decode_hlo(graphdef, state, fresh(cache), steps=steps)
+    with open(hlo_path, "w") as f:
+      f.write(text)
   out = _decode(graphdef, state, fresh(cache), steps=steps)   # compile
   jax.block_until_ready(out)
   out = _decode(graphdef, state, fresh(out.cache), steps=steps)
@@ -109,6 +114,11 @@ def profile_variant(name: str, cfg, *, batch: int, ctx: int, steps: int,
   return summarize(events, steps, wall)
 
 
+def _decode_hlo(graphdef, state, init, *, steps: int) -> str:
+  """The optimized HLO text of `_decode`'s jitted loop for these inputs."""
+  return _decode.lower(graphdef, state, init, steps=steps).compile().as_text()
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--model", default="llama2-7b", choices=sorted(SHAPES))
@@ -120,6 +130,8 @@ def main(argv=None) -> int:
   ap.add_argument("--steps", type=int, default=16)
   ap.add_argument("--keep-traces", default=None,
                   help="folder to copy each raw trace.json.gz into")
+  ap.add_argument("--dump-hlo", default=None,
+                  help="folder to write each decode loop's optimized HLO to")
   ap.add_argument("--out", default=os.path.join("eval", "results"))
   ap.add_argument("--name", default="profile_decode")
   args = ap.parse_args(argv)
@@ -131,11 +143,16 @@ def main(argv=None) -> int:
       if args.keep_traces:
         os.makedirs(args.keep_traces, exist_ok=True)
         keep = os.path.join(args.keep_traces, f"{name}_{ctx}.trace.json.gz")
+      hlo = None
+      if args.dump_hlo:
+        os.makedirs(args.dump_hlo, exist_ok=True)
+        hlo = os.path.join(args.dump_hlo, f"{name}_{ctx}.hlo.txt")
       row = {"variant": name, "batch": args.batch, "context": ctx,
              "device": jax.devices()[0].device_kind,
              "xla_flags": os.environ.get("XLA_FLAGS", "")}
       row.update(profile_variant(name, cfg, batch=args.batch, ctx=ctx,
-                                 steps=args.steps, keep_trace=keep))
+                                 steps=args.steps, keep_trace=keep,
+                                 hlo_path=hlo))
       rows.append(row)
       print({k: (round(v, 3) if isinstance(v, float) else v)
              for k, v in row.items() if not k.startswith("top")},
