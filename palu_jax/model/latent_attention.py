@@ -107,6 +107,16 @@ class LatentAttention(nnx.Module):
     else:
       self.k_bias = self.o_bias = None
 
+  def _query_projection(self, x: Array) -> Array:
+    """x [B, T, D] -> q_proj(x) [B, T, N·H], through `project` like the
+    latents: with one row (batch-1 decode) the three projections then read
+    one zero-padded copy of x, which XLA:GPU writes in the norm's kernel
+    (nn.Linear's unpadded x took one more kernel per layer)."""
+    q = project(x, self.q_proj.kernel[...])
+    if self.q_proj.bias is not None:
+      q = q + self.q_proj.bias[...]
+    return q
+
   def latents(self, x: Array) -> tuple[Array, Array]:
     """x [B, T, D] -> (h_k [B, T, Rk], h_v [B, T, Rv]); h_v is empty [B, T, 0]
     with a shared latent (h_k serves both)."""
@@ -197,7 +207,7 @@ class LatentAttention(nnx.Module):
     """
     b, t, _ = x.shape
     c = self.cfg
-    q = rotated_queries(self.q_proj, x, c, cos, sin)
+    q = rotated_queries(self._query_projection, x, c, cos, sin)
     hk, hv = self.latents(x)
     if cache is not None:
       cache = cache.write(hk, hv, start)

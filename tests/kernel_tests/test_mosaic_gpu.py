@@ -154,6 +154,31 @@ def test_online_softmax_steps_and_split_merge_equal_one_softmax(
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("parts", [1, 3, 8, 16, 17, 40])
+def test_combine_splits_equals_softmax_over_all_parts(parts):
+  """Partials of one softmax over P splits of the keys (an empty split
+  included: m = -1e30, l = 0, acc = 0, as a split past the sequence end
+  leaves them), merged by `combine_splits` (unrolled up to
+  UNROLLED_COMBINE_PARTS, reductions above), equal softmax(s)·v computed
+  by jax.nn.softmax over all keys at once."""
+  rng = np.random.default_rng(parts)
+  rows = 24                                     # keys per split
+  s = rng.standard_normal((parts, rows, 4)) * 5                # [P, S, M]
+  v = rng.standard_normal((parts, rows, 6))                    # [P, S, R]
+  m = s.max(axis=1)                                            # [P, M]
+  e = np.exp(s - m[:, None])
+  l = e.sum(axis=1)
+  acc = np.einsum("psm,psr->pmr", e, v)
+  empty = parts // 2 if parts > 1 else None
+  if empty is not None:
+    m[empty], l[empty], acc[empty] = -1e30, 0.0, 0.0
+    s[empty] = -np.inf
+  got = combine_splits(*(jnp.asarray(x, jnp.float32) for x in (acc, m, l)))
+  probs = jax.nn.softmax(jnp.asarray(s.reshape(-1, 4)), axis=0)  # [P·S, M]
+  want = probs.T @ jnp.asarray(v.reshape(-1, 6))
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
 def test_value_row_chunks_cover_the_rank_in_64_row_pieces():
   """p·h_v accumulates R_v rows in wgmma pieces of 64: one piece when R_v
   is a multiple of 64; else the last piece ends at R_v and overlaps."""
