@@ -1,7 +1,8 @@
 """Which configuration for which goal: quality next to decode speed.
 
   python -m eval.config_table [--speed eval/results/bench_e2e_h200_configs.json]
-      [--quality eval/results/palu_smollm2.json eval/results/palu_smollm2_fp8.json]
+      [--quality eval/results/palu_smollm2.json eval/results/palu_smollm2_fp8.json
+       eval/results/palu_smollm2_fp8_full.json]
 
 Joins, per configuration (rank reduction × KV heads per latent × latent
 bits), the perplexity measured on SmolLM2-135M (`eval/palu_sweep.py`) with
@@ -112,7 +113,9 @@ def main(argv=None) -> int:
       "eval", "results", "bench_e2e_h200_configs.json"))
   ap.add_argument("--quality", nargs="+", default=[
       os.path.join("eval", "results", "palu_smollm2.json"),
-      os.path.join("eval", "results", "palu_smollm2_fp8.json")],
+      os.path.join("eval", "results", "palu_smollm2_fp8.json"),
+      # the fp8 rows rerun with the rounding barrier (later files win)
+      os.path.join("eval", "results", "palu_smollm2_fp8_full.json")],
       help="palu_sweep results; a later file's row wins over an earlier "
       "one's of the same name")
   ap.add_argument("--batch", type=int, default=1)

@@ -108,10 +108,15 @@ class LatentAttention(nnx.Module):
       self.k_bias = self.o_bias = None
 
   def _query_projection(self, x: Array) -> Array:
-    """x [B, T, D] -> q_proj(x) [B, T, N·H], through `project` like the
-    latents: with one row (batch-1 decode) the three projections then read
-    one zero-padded copy of x, which XLA:GPU writes in the norm's kernel
-    (nn.Linear's unpadded x took one more kernel per layer)."""
+    """x [B, T, D] -> q_proj(x) [B, T, N·H]. With one row (batch-1 decode)
+    through `project` like the latents: the three projections then read one
+    zero-padded copy of x, which XLA:GPU writes in the norm's kernel (the
+    unpadded x of nn.Linear took one more kernel per layer; Llama-2-7B B1
+    64K: 4 kernels fewer per layer with the unrolled split combine). With
+    more rows nn.Linear: there XLA merged the query and latent GEMMs into
+    one that ran slower (SmolLM2 B16 8K: 2.31 vs 2.17 ms per step)."""
+    if x.shape[0] * x.shape[1] != 1:
+      return self.q_proj(x)
     q = project(x, self.q_proj.kernel[...])
     if self.q_proj.bias is not None:
       q = q + self.q_proj.bias[...]
