@@ -6,9 +6,9 @@
   "pallas":     an alias of "triton" (the name before Mosaic GPU existed).
   "xla":        the pure-jnp reference (same signature and result).
   None:         Mosaic GPU on compute capability ≥ 9.0 (the reference
-                there for calls reading under `SMALL_CALL_BYTES` of 16-bit
-                latents, where it is faster), Triton on other GPUs, the
-                reference elsewhere.
+                there for RoPE calls reading under `SMALL_CALL_BYTES` of
+                16-bit latents, where it is faster), Triton on other GPUs,
+                the reference elsewhere.
 A shape, dtype or GPU a backend cannot take falls back to the next one
 (Mosaic GPU -> Triton -> reference) and logs why, once per reason.
 """
@@ -30,14 +30,17 @@ log = logging.getLogger(__name__)
 
 IMPLEMENTATIONS = ("mosaic_gpu", "triton", "pallas", "xla", None)
 
-# implementation=None on Hopper: below this many bytes of 16-bit latents per
-# call the jnp reference beats the Mosaic GPU kernel, whose launch, split
-# combine and query-side GEMMs cost more than the read. Measured on the H200
-# by the GPU timeline per call (eval/results/bench_kernels_h200_b1_4k_span.md):
-# Llama-3-8B B1 4K (8.4 MB) reference 12.6-16.3 µs vs kernel 14.5-23.9 µs in
-# all four paths; Llama-2-7B B1 4K (33.5 MB) kernel 11.5-31.6 µs vs
-# reference 27.3-79.8 µs in all four; SmolLM2 B16 8K (50 MB) kernel 39 µs vs
-# 53 µs.
+# implementation=None on Hopper, keys with RoPE: below this many bytes of
+# 16-bit latents per call the jnp reference beats the Mosaic GPU kernel,
+# whose launch, split combine and query-side work cost more than the read.
+# Measured on the H200 by the GPU timeline per call
+# (eval/results/bench_kernels_h200_b1_4k_span.md): Llama-3-8B B1 4K (8.4 MB)
+# RoPE reference 13.6-16.3 µs vs kernel 17.4-23.9 µs; Llama-2-7B B1 4K
+# (33.5 MB) kernel 11.5-31.6 µs vs reference 27.3-79.8 µs in all four paths;
+# SmolLM2 B16 8K (50 MB) kernel 39 µs vs 53 µs. Without RoPE the kernel wins
+# there too since the absorbed queries are one fusion
+# (bench_kernels_h200_absorbed_queries_mul_sum.md: Llama-3-8B B1 4K M-LRD
+# 11.5 vs 12.8 µs, G-LRD-4 13.3 vs 14.3 µs; cuDNN full KV 12.2 µs).
 SMALL_CALL_BYTES = 16 << 20
 
 
@@ -103,9 +106,9 @@ def resolve(implementation: str | None, spec: LatentSpec, q: Array,
     if jax.default_backend() != "gpu":
       return "xla"
     hopper = cc is not None and cc >= 9.0
-    if hopper and spec.bits == 16 and (q.shape[0] * cache_len *
-                                       spec.latent_bytes_per_token()
-                                       < SMALL_CALL_BYTES):
+    if hopper and rope and spec.bits == 16 and (
+        q.shape[0] * cache_len * spec.latent_bytes_per_token()
+        < SMALL_CALL_BYTES):
       return "xla"
     implementation = "mosaic_gpu" if hopper else "triton"
   if implementation == "mosaic_gpu":

@@ -216,11 +216,12 @@ def test_operands():
   np.testing.assert_array_equal(vecs[:, 0], np.broadcast_to(inv, (4, 8)))
   qf = absorbed_queries(q, k_up, spec, 8, jnp.float32)  # no-RoPE operand
   assert qf.shape == (2, 2, 8, 32)
-  # head (j, q) of group g: q · B_k[g, :, j]ᵀ / √H
-  b = np.asarray(k_up, np.float32).reshape(2, 32, 2, 16)
-  want = np.einsum("H,RH->R", qh[1, 1 * 2 + 1, 2], b[1, :, 1]) / 4
-  np.testing.assert_allclose(np.asarray(qf[1, 1, 1 * 3 + 2]), want,
-                             rtol=1e-5, atol=1e-5)
+  # head (j, q) of group g: q · B_k[g, :, j]ᵀ / √H (float64 numpy)
+  b = np.asarray(k_up, np.float64).reshape(2, 32, 2, 16)
+  want = np.einsum("BGJQH,GRJH->BGJQR",
+                   qh.astype(np.float64).reshape(2, 2, 2, 3, 16), b) / 4
+  np.testing.assert_allclose(np.asarray(qf[:, :, :6]),
+                             want.reshape(2, 2, 6, 32), rtol=1e-5, atol=1e-5)
   assert not np.any(np.asarray(qf[:, :, 6:]))
 
 
@@ -299,8 +300,9 @@ def test_api_picks_and_falls_back_on_cpu(caplog):
 
 def test_api_picks_the_reference_for_small_calls_on_hopper(monkeypatch):
   """On an sm_90 GPU (faked here) implementation=None takes the jnp
-  reference for calls reading under SMALL_CALL_BYTES of 16-bit latents
-  (measured faster there) and the Mosaic GPU kernel above; an explicit
+  reference for RoPE calls reading under SMALL_CALL_BYTES of 16-bit
+  latents (measured faster there) and the Mosaic GPU kernel above and
+  without RoPE (the kernel measured faster at any size); an explicit
   "mosaic_gpu" is kept."""
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(api, "compute_capability", lambda: 9.0)
@@ -314,6 +316,7 @@ def test_api_picks_the_reference_for_small_calls_on_hopper(monkeypatch):
   big = jnp.zeros((8, 32, 128), jnp.bfloat16)       # B8 4K: 67 MB
   assert api.resolve(None, spec, big, 4096, True) == "mosaic_gpu"
   assert api.resolve(None, spec, small, 65536, False) == "mosaic_gpu"
+  assert api.resolve(None, spec, small, 4096, False) == "mosaic_gpu"
 
 
 # ------------------------------------------------- CPU: lowering for sm_90
