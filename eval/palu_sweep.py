@@ -135,13 +135,6 @@ ROWS = dict([
       for r in (0.3, 0.5)
       for name, b, kb in (("bf16", 16, 16), ("fp8", 8, 16),
                           ("fp8-kup8", 8, 8))],
-    # the e4m3 B_k rounded to nearest (the rows above compensate the
-    # rounding error against the calibration latents)
-    *[_row(f"default-{int(r * 100)}-fp8-kup8-nearest", mode="jlrd", ratio=r,
-           alloc="uniform", whiten="attention", shared_kv=True, k_weight=2.0,
-           rope_span=512, calib="small", kv_bits=8, k_up_bits=8,
-           multiple=32, k_up_rounding="nearest")
-      for r in (0.3, 0.5)],
     # Group size as a speed knob (issue 17): the default decomposition at
     # 50 % per head grouping (G-LRD takes --group-size).
     *[_row(f"default-50-{m}", mode=m, ratio=0.5, alloc="uniform",
@@ -290,7 +283,6 @@ def main(argv=None) -> int:
       save()
       continue
     which = kw.pop("calib", "large")
-    rounding = kw.pop("k_up_rounding", "compensated")
     # Rows name what they change from Palu as published.
     comp = CompressionConfig.palu(**{"multiple": args.multiple,
                                      "group_size": args.group_size, **kw})
@@ -331,8 +323,7 @@ def main(argv=None) -> int:
       continue
     if comp.k_up_bits == 8:
       from palu_jax.pipeline import fp8_k_up
-      params, palu = fp8_k_up(cfg, params, palu, stats[which].grams
-                              if rounding == "compensated" else None)
+      params, palu = fp8_k_up(cfg, params, palu)
     seconds = time.perf_counter() - t
     t = time.perf_counter()
     if palu.kv_bits == 16:
@@ -346,7 +337,6 @@ def main(argv=None) -> int:
            "k_weight": comp.k_weight, "rope_span": span,
            "kv_bits": comp.kv_bits, "hadamard": comp.hadamard,
            "k_up_bits": comp.k_up_bits,
-           "k_up_rounding": rounding if comp.k_up_bits == 8 else None,
            "calib": f"{calibs[which].windows}x{calibs[which].seqlen}",
            "kv_bytes_per_token": report["kv_bytes_per_token"],
            "kept": report["kept_fraction"], "k_latents": report["k_latents"],

@@ -34,26 +34,14 @@ def method_for(comp) -> Method:
   raise ConfigError("comp", f"must be a {names}, got {type(comp).__name__}")
 
 
-def fp8_k_up(cfg, params, palu, grams=None):
+def fp8_k_up(cfg, params, palu):
   """Rounds every layer's B_k to e4m3 codes with a power-of-two scale per
-  latent group and column; marks the layout (k_up_bits=8). With the
-  calibration Gram matrices of the k/v inputs (`grams` [L, D, D]) the
-  rounding is error-compensated against the layer's latents (second moment
-  A_kᵀ·Σxᵀx·A_k per group; `fp8_quant.error_compensated_rows`), else to
-  nearest."""
+  latent group and column; marks the layout (k_up_bits=8)."""
   from palu_jax.quantize.fp8_quant import round_weight_columns
   params = dict(params)
   for i, ranks in enumerate(palu.k_ranks):
     key = f"layers.{i}.attn.k_up"
-    hessians = None
-    down = params.get(f"layers.{i}.attn.k_down")
-    if grams is not None and down is not None:
-      a = np.asarray(down, np.float64)                    # [D, R_k]
-      moment = a.T @ np.asarray(grams[i], np.float64) @ a
-      edges = np.cumsum([0, *ranks])
-      hessians = [moment[lo:hi, lo:hi] for lo, hi in zip(edges[:-1],
-                                                          edges[1:])]
-    params[key] = round_weight_columns(params[key], ranks, hessians).astype(
+    params[key] = round_weight_columns(params[key], ranks).astype(
         np.asarray(params[key]).dtype)
   return params, dataclasses.replace(palu, k_up_bits=8)
 
@@ -108,8 +96,7 @@ def compress_checkpoint(src: str, out_dir: str,
   del model
   params, palu = result.params, result.palu
   if comp.k_up_bits == 8:
-    params, palu = fp8_k_up(cfg, params, palu,
-                            None if stats is None else stats.grams)
+    params, palu = fp8_k_up(cfg, params, palu)
   report = result.report
   report["calibration_seconds"] = 0.0 if stats is None else stats.seconds
   provenance = {"kind": "palu", "palu": palu.to_dict(),

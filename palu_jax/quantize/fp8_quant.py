@@ -66,63 +66,23 @@ def _round_trip(x: Array, group: int, scale_dtype) -> Array:
   return dequantize(codes, scale, group=group, dtype=x.dtype)
 
 
-def round_weight_columns(w, row_blocks, hessians=None) -> "np.ndarray":
+def round_weight_columns(w, row_blocks) -> "np.ndarray":
   """B_k in e4m3 (issue 18): w [R, C] (numpy), each block of rows (one
   latent group's ranks) with one power-of-two scale per column. Returns the
   values code·scale in float32, exact in bf16, so the jnp path computes with
   exactly the weights an fp8 kernel would (codes, scales applied after the
-  dot).
-
-  hessians: None (round each value to nearest), or per block the latents'
-  second moment H = Σ hᵀh [r, r] (e.g. A_kᵀ·(Σ xᵀx)·A_k from the
-  calibration Gram matrices): then `error_compensated_rows` rounds the
-  block's rows in order, minimizing ‖h·(B − B̂)‖² rather than ‖B − B̂‖²."""
+  dot)."""
   import numpy as np
   w = np.asarray(w, np.float32)
   out = np.empty_like(w)
   start = 0
-  for k, rows in enumerate(row_blocks):
+  for rows in row_blocks:
     block = jnp.asarray(w[start:start + rows])
     scale = pow2_scale(jnp.max(jnp.abs(block), 0), jnp.float32)
-    if hessians is None:
-      codes = (block / scale).astype(CODE_DTYPE)
-      out[start:start + rows] = np.asarray(codes.astype(jnp.float32) * scale)
-    else:
-      out[start:start + rows] = error_compensated_rows(
-          np.asarray(block), np.asarray(scale), hessians[k])
+    codes = (block / scale).astype(CODE_DTYPE)
+    out[start:start + rows] = np.asarray(codes.astype(jnp.float32) * scale)
     start += rows
   if start != w.shape[0]:
     raise ConfigError("k_ranks", f"row blocks sum to {start}, the weight has "
                       f"{w.shape[0]} rows")
-  return out
-
-
-def error_compensated_rows(w, scale, hessian, damp: float = 0.01
-                           ) -> "np.ndarray":
-  """w [r, C] -> code·scale [r, C] (float32), rounded row by row with the
-  error fed forward to the rows not yet rounded, as GPTQ (Frantar et al.,
-  2023) does for the input dimension of a weight: row i's rounding error,
-  scaled by the Cholesky factor of H⁻¹, is subtracted from rows i+1..; this
-  minimizes ‖h·(B − B̂)‖² for latents h with second moment H [r, r]
-  (damped by `damp`·mean(diag H)). scale [C] is the fixed power-of-two
-  scale per column; codes saturate at ±448."""
-  import ml_dtypes
-  import numpy as np
-  r = w.shape[0]
-  h = np.asarray(hessian, np.float64)
-  if h.shape != (r, r) or not np.all(np.isfinite(h)):
-    raise ConfigError("hessian", f"needs a finite [{r}, {r}] matrix, got "
-                      f"shape {h.shape}")
-  h = h + damp * max(np.mean(np.diag(h)), 1e-12) * np.eye(r)
-  # upper factor U of H⁻¹ = UᵀU
-  upper = np.linalg.cholesky(np.linalg.inv(h)).T
-  rest = np.asarray(w, np.float64).copy()
-  scale = np.asarray(scale, np.float64)
-  out = np.empty((r, w.shape[1]), np.float32)
-  for i in range(r):
-    x = np.clip(rest[i] / scale, -E4M3_MAX, E4M3_MAX)
-    q = x.astype(ml_dtypes.float8_e4m3fn).astype(np.float64) * scale
-    out[i] = q
-    err = (rest[i] - q) / upper[i, i]
-    rest[i + 1:] -= np.outer(upper[i, i + 1:], err)
   return out
