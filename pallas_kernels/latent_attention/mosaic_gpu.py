@@ -132,6 +132,13 @@ class MosaicConfig:
   # all: Hopper's fp8 wgmma accumulates with ~14 bits (DeepSeek-V3 promotes
   # its fp8 GEMM partial sums to f32 every 128 elements for this reason).
   fp8_promote: bool = True
+  # packed 4-bit codes without RoPE (an offset and a scale per token and
+  # quant group): each compute WG turns a sub-tile of codes into 16-bit
+  # latents in registers (Mosaic GPU's int4 -> bf16 conversion, then
+  # c·scale + offset per quant group), scores them against the absorbed
+  # query and stages the values in its 16-bit tile for p·h_v (NOTES.md,
+  # v15). False sends 4-bit caches to Triton.
+  int4_latents: bool = True
   # v13: each compute WG reduces over its rows (the softmax max) through a
   # shared-memory scratch of its own (Mosaic GPU's reduction, called inline),
   # not through Pallas's one scratch per kernel: no turns between the WGs;
@@ -238,8 +245,24 @@ def unsupported_reason(spec: LatentSpec, dtype, cache_len: int, rope: bool,
               f"token and latent group: quant_group = the rank)")
     if spec.k_rank % 32 or spec.v_rank % 32:
       return "float8 ranks not multiples of 32 (the 1-byte swizzle)"
+  elif spec.bits == 4:
+    if rope:
+      return "4-bit latents with RoPE (Mosaic GPU reads 4-bit codes without RoPE)"
+    if not config.int4_latents:
+      return "4-bit latents with MosaicConfig(int4_latents=False)"
+    qg = spec.quant_group
+    if qg % 16 or spec.k_rank % qg or spec.v_rank % qg:
+      return (f"quant_group {qg} (needs a multiple of 16 dividing both "
+              "ranks)")
+    if spec.k_rank % 64 or spec.v_rank % 64:
+      return "4-bit ranks not multiples of 64 (a 32-byte swizzled code row)"
+    if any((r // qg) % 8 for r in (spec.k_rank, spec.v_rank)):
+      return (f"rank / quant_group not a multiple of 8 (a tile's scales "
+              f"and offsets are TMA rows of ≥ 16 bytes; ranks "
+              f"{spec.k_rank}/{spec.v_rank}, quant_group {qg})")
   elif spec.bits != 16:
-    return f"{spec.bits}-bit latents (Mosaic GPU path reads 16-bit latents)"
+    return (f"{spec.bits}-bit latents (Mosaic GPU path reads 16-bit, float8 "
+            "or, without RoPE, 4-bit latents)")
   if spec.v_rank % 16 or spec.v_rank < SUB:
     return (f"v_rank {spec.v_rank} (needs a multiple of 16, at least 64: "
             "p·h_v takes 64-row pieces of it)")
@@ -287,6 +310,11 @@ def smem_bytes(spec: LatentSpec, rope: bool, config: MosaicConfig) -> int:
   if fp8:   # 1-byte codes; 16-bit scales per token; each WG's f16 values
     ring = ring // 2 + 2 * bs
     extra = config.compute_wgs * bs * spec.v_rank
+  elif spec.bits == 4:   # packed codes; a scale and an offset per quant
+    # group; each WG's 16-bit values
+    sides = (spec.k_rank,) + (() if spec.shared else (spec.v_rank,))
+    ring = ring // 4 + 2 * bs * sum(r // spec.quant_group for r in sides)
+    extra = config.compute_wgs * bs * spec.v_rank
   else:
     extra = 0
   fixed = config.compute_wgs * hc * nq * bs              # Pᵀ per WG
@@ -306,6 +334,8 @@ def smem_bytes(spec: LatentSpec, rope: bool, config: MosaicConfig) -> int:
   else:
     fixed += nq * spec.k_rank
   unused = 8 * 64 if spec.shared else 0    # the placeholder value ring
+  if spec.shared and spec.bits == 4:       # and value scale rings (1 KB:
+    unused += 2 * 512                      # the 1024-byte alignment)
   # each compute WG's reduction scratch (f32)
   fixed += config.compute_wgs * reduction_scratch_elems(hc * nq) * 2
   # + Pallas's cross-warp reduction scratch (2 KB by default) and 1 KB for
@@ -489,6 +519,10 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
     (qf_g, sk_g, sv_g, acc_o, m_o, l_o, qf_s, hk_s, hv_s, sk_s, sv_s, vb_s,
      p_s, setup_bar, kprod_bar, vprod_bar, kcons_bar, vcons_bar,
      turn_bar) = rest
+  elif spec.bits == 4:
+    (qf_g, sk_g, zk_g, sv_g, zv_g, acc_o, m_o, l_o, qf_s, hk_s, hv_s, sk_s,
+     zk_s, sv_s, zv_s, vb_s, p_s, setup_bar, kprod_bar, vprod_bar, kcons_bar,
+     vcons_bar, turn_bar) = rest
   else:
     (qf_g, acc_o, m_o, l_o, qf_s, hk_s, hv_s, p_s, setup_bar, kprod_bar,
      vprod_bar, kcons_bar, vcons_bar, turn_bar) = rest
@@ -499,6 +533,16 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
   # registers (no RoPE); the values go to the WG's f16 tile `vb_s` (masked
   # past the length) for p·h_v, so a key slot frees with its keys
   fp8 = spec.bits == 8
+  # 4-bit codes: each ring is one buffer seen as bytes (the TMA's view) and
+  # as int4 codes (the compute WGs' view)
+  int4 = spec.bits == 4
+  hk_tma, hv_tma = hk_s, hv_s
+  if int4:                  # (a shared latent has no value ring)
+    hk_tma, hk_s = hk_s
+    if not spec.shared:
+      hv_tma, hv_s = hv_s
+  # values staged in the WG's 16-bit tile `vb_s` (float8, int4)
+  staged = fp8 or int4
   native = fp8_scores(spec, rope, config)
   fused = fused_heads(spec, rope, config)
   if native:      # latents per score wgmma: one swizzle row (≤ 128)
@@ -528,6 +572,32 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
     be anything, and 0·NaN is NaN on the tensor core)."""
     v = plgpu.load(ref, (), layout=plgpu.Layout.WGMMA_UPCAST_2X)
     v = plgpu.layout_cast(v.astype(jnp.float16), wgmma_layout)
+    row = rows_from + plgpu.broadcasted_iota(jnp.int32, v.shape, 0,
+                                             layout=wgmma_layout)
+    return jnp.where(row < length, v, jnp.zeros_like(v))
+
+  def dequant4(codes, scale, offset, rows_from, mask):
+    """4-bit codes [SUB, R] in shared memory (unsigned nibbles read as
+    int4) -> latents [SUB, R] in `dtype`, in the wgmma layout: c·scale +
+    offset per quant group of columns (scale, offset: [SUB, R/qg] refs);
+    with `mask`, rows at or past the length zeroed (their codes and scales
+    may be anything, and 0·NaN is NaN on the tensor core)."""
+    c = plgpu.load(codes, layout=plgpu.Layout.WGMMA_UPCAST_4X)
+    # int4 -> 16 bits by Mosaic GPU's register conversion (prmt/lop3, no
+    # conversion-pipe instruction); it reads the nibbles as signed, so
+    # codes 8..15 come out as -8..-1
+    c = plgpu.layout_cast(c, wgmma_layout).astype(dtype)
+    c = jnp.where(c < 0, c + 16, c)
+    qg = spec.quant_group
+
+    def per_row(ref, n):       # the n-th quant group's column, one per row
+      v = plgpu.load(ref.at[:, n], layout=row_layout, optimized=False)
+      return lax.broadcast_in_dim(v.astype(dtype), (SUB, qg), [0])
+    v = jnp.concatenate([
+        c[:, n * qg:(n + 1) * qg] * per_row(scale, n) + per_row(offset, n)
+        for n in range(c.shape[1] // qg)], axis=1)
+    if not mask:
+      return v
     row = rows_from + plgpu.broadcasted_iota(jnp.int32, v.shape, 0,
                                              layout=wgmma_layout)
     return jnp.where(row < length, v, jnp.zeros_like(v))
@@ -583,7 +653,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
         rows = pl.ds(j * SUB, SUB)
         # a key slot is free once the tile's last sub-tile has been read
         # (float8: the values were copied out, the slot frees with the keys)
-        release_keys = (split_rings or fp8) and j == subs - 1
+        release_keys = (split_rings or staged) and j == subs - 1
 
         def latent_product(operand, last, rows=rows, release=release_keys,
                            width=None):
@@ -708,6 +778,19 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
             # past the length may hold NaN codes: masked below)
             s = (s * lax.broadcast_in_dim(k_scales[j], (SUB, nq), [0])
                  * lax.broadcast_in_dim(q_scale, (SUB, nq), [1]))
+        elif int4:
+          with jax.named_scope("upcast"):
+            a = dequant4(hk_s.at[slot, rows], sk_s.at[slot, rows],
+                         zk_s.at[slot, rows], s0 + j * SUB, spec.shared)
+            if release_keys:       # codes and scales are in registers
+              plgpu.barrier_arrive(kcons_bar.at[slot])
+            if spec.shared:        # the same latents are the values
+              vb_s.at[wg, rows][...] = a
+          with jax.named_scope("score"):
+            def score(ref):
+              plgpu.wgmma(ref, a, qf_s.T)
+              return ref[...]
+            s = pl.run_scoped(score, plgpu.ACC((SUB, nq), jnp.float32))
         elif fp8:
           with jax.named_scope("upcast"):
             a = upcast(hk_s.at[slot, rows], s0 + j * SUB)
@@ -752,13 +835,18 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
           m_new, l, corr, probs = softmax_step(m, l, scores)
           plgpu.barrier_arrive(turn_bar.at[lax.rem(wg + 1, n_wgs)])
       p_scales = k_scales
-      if fp8 and split_rings:
+      if staged and split_rings:
         with jax.named_scope("v_wait"):
           plgpu.barrier_wait(vprod_bar.at[slot])
         with jax.named_scope("upcast"):
           p_scales = []
           for j in range(subs):
             rows = pl.ds(j * SUB, SUB)
+            if int4:
+              vb_s.at[wg, rows][...] = dequant4(
+                  hv_s.at[slot, rows], sv_s.at[slot, rows],
+                  zv_s.at[slot, rows], s0 + j * SUB, True)
+              continue
             vb_s.at[wg, rows][...] = upcast(hv_s.at[slot, rows], s0 + j * SUB)
             p_scales.append(token_scales(sv_s.at[slot, rows]))
           plgpu.barrier_arrive(vcons_bar.at[slot])
@@ -770,13 +858,13 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
         plgpu.commit_smem()                 # visible to the tensor core
         acc = tuple(a * lax.broadcast_in_dim(corr, a.shape, [1])
                     for a in acc)
-      values = vb_s.at[wg] if fp8 else (hk_s if spec.shared else hv_s).at[
+      values = vb_s.at[wg] if staged else (hk_s if spec.shared else hv_s).at[
           slot]
-      if split_rings and not fp8:
+      if split_rings and not staged:
         with jax.named_scope("v_wait"):
           plgpu.barrier_wait(vprod_bar.at[slot])
 
-      if not fp8:
+      if not staged:
         @pl.when(s0 + bs > length)
         def _():
           # rows past the length get probability 0, but 0·inf is NaN on the
@@ -795,7 +883,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
                                          pl.ds(off, size)].T,
                           p_s.at[wg, j].T)
         acc = pl.run_state(mix)(tuple(plgpu.ACC.init(a) for a in acc))
-        if not fp8:                   # (fp8: released after the upcasts)
+        if not staged:         # (staged: released after the upcasts)
           plgpu.barrier_arrive(
               (vcons_bar if split_rings else kcons_bar).at[slot])
       return acc, m_new, l
@@ -855,10 +943,15 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
       rows = pl.ds(start + t * bs, bs)
       # the group is a major index: TMA sources are never offset along
       # their minor (swizzled) dimension by a traced value
-      plgpu.copy_gmem_to_smem(hk_g.at[b, rows, g], hk_s.at[slot],
+      plgpu.copy_gmem_to_smem(hk_g.at[b, rows, g], hk_tma.at[slot],
                               kprod_bar.at[slot])
       if fp8:                        # scales [B, G, S]: one per token
         plgpu.copy_gmem_to_smem(sk_g.at[b, g, rows], sk_s.at[slot],
+                                kprod_bar.at[slot])
+      if int4:                       # [B, S, G, R/qg]: per quant group
+        plgpu.copy_gmem_to_smem(sk_g.at[b, rows, g], sk_s.at[slot],
+                                kprod_bar.at[slot])
+        plgpu.copy_gmem_to_smem(zk_g.at[b, rows, g], zk_s.at[slot],
                                 kprod_bar.at[slot])
       if rope:
         first = (p * span + t * bs) // SUB      # the tile's cos/sin rows
@@ -873,10 +966,15 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
       def _():
         plgpu.barrier_wait(vcons_bar.at[slot])
       rows = pl.ds(start + t * bs, bs)
-      plgpu.copy_gmem_to_smem(hv_g.at[b, rows, g], hv_s.at[slot],
+      plgpu.copy_gmem_to_smem(hv_g.at[b, rows, g], hv_tma.at[slot],
                               vprod_bar.at[slot])
       if fp8:
         plgpu.copy_gmem_to_smem(sv_g.at[b, g, rows], sv_s.at[slot],
+                                vprod_bar.at[slot])
+      if int4:
+        plgpu.copy_gmem_to_smem(sv_g.at[b, rows, g], sv_s.at[slot],
+                                vprod_bar.at[slot])
+        plgpu.copy_gmem_to_smem(zv_g.at[b, rows, g], zv_s.at[slot],
                                 vprod_bar.at[slot])
 
     # keys run one tile ahead of values: a key slot frees early (after the
@@ -1003,6 +1101,10 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
     hv, sv = v_side or (None, sk)
     # scales [B, S, G] -> [B, G, S]: a tile's scales are one TMA row
     sk, sv = jnp.swapaxes(sk, 1, 2), jnp.swapaxes(sv, 1, 2)
+  int4 = spec.bits == 4
+  if int4:
+    (hk, sk, zk), v_side = cache_sides(hk, hv, spec)
+    hv, sv, zv = v_side or (None, sk, zk)
   batch, s = hk.shape[:2]
   if config is None:
     config = choose_config(spec, batch=batch, cache_len=s, rope=rope)
@@ -1067,6 +1169,15 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
                plgpu.SMEM((hc, n_vec, hh), jnp.float32),
                plgpu.SMEM((config.stages, bs // SUB, 2, hh), jnp.float32)]
     n_setup = 3 if fused else 1 + 2 * hc
+  elif int4:
+    # packed codes [B, S, G·R/2] -> [B, S, G, R/2] as the rings' bytes; the
+    # scales and offsets [B, S, G·R/qg] -> [B, S, G, R/qg] (free reshapes)
+    operands = (absorbed_queries(q, k_up, spec, nq, dtype),) + tuple(
+        _group_major(a, spec.groups) for a in (sk, zk, sv, zv))
+    scratch = [plgpu.SMEM((nq, rk), dtype,
+                          transforms=_transforms(_swizzle(rk)))]
+    n_setup = 1
+    x_size = spec.groups
   elif fp8_scores(spec, rope, config):
     # scores from the e4m3 codes: the query as two e4m3 parts + a scale
     hilo, q_scale = e4m3_hi_lo(absorbed_queries(q, k_up, spec, nq,
@@ -1093,19 +1204,32 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
                         transforms=_transforms(_swizzle(rk, 1), 1))
     ring_v = plgpu.SMEM((config.stages, bs, rv), code,
                         transforms=_transforms(_swizzle(rv, 1), 1))
+  elif int4:
+    def codes_ring(r):
+      """One ring slot per stage [bs, R] of codes, as bytes and as int4
+      (the same swizzled rows: 8 rows of `sw` bytes per tile)."""
+      sw = _swizzle(r // 2, 1)
+      return plgpu.RefUnion(
+          plgpu.SMEM((config.stages, bs, r // 2), jnp.uint8,
+                     transforms=_transforms(sw, 1)),
+          plgpu.SMEM((config.stages, bs, r), jnp.int4,
+                     transforms=(plgpu.TilingTransform((8, 2 * sw)),
+                                 plgpu.SwizzleTransform(sw))))
+    ring_k, ring_v = codes_ring(rk), codes_ring(rv)
   else:
     ring_k = plgpu.SMEM((config.stages, bs, rk), dtype,
                         transforms=_transforms(k_swizzle))
     ring_v = plgpu.SMEM((config.stages, bs, rv), dtype,
                         transforms=_transforms(_swizzle(rv)))
   # p·h_v: A (h_v tile, transposed) and B (Pᵀ) share one swizzle
-  v_swizzle = k_swizzle if spec.shared and not fp8 else _swizzle(rv)
+  v_swizzle = (k_swizzle if spec.shared and not (fp8 or int4)
+               else _swizzle(rv))
   p_dtype = jnp.float16 if fp8 else dtype
   p_smem = plgpu.SMEM((config.compute_wgs, bs // SUB, cols, SUB), p_dtype,
                       transforms=_transforms(min(v_swizzle, _swizzle(SUB))))
   unused = plgpu.SMEM((1, 8, 64), dtype)  # no value ring: shared latent
   # + the tile's cos/sin row (RoPE) and its scales (float8)
-  per_key_tile = 1 + rope + fp8
+  per_key_tile = 1 + rope + fp8 + 2 * int4
   ring_bars = functools.partial(plgpu.Barrier, num_barriers=config.stages)
   scratch += [ring_k, unused if spec.shared else ring_v]
   if fp8:   # scale rings of keys and values, each WG's f16 value tile
@@ -1113,10 +1237,19 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
                 plgpu.SMEM((config.stages, bs), sv.dtype),
                 plgpu.SMEM((config.compute_wgs, bs, rv), jnp.float16,
                            transforms=_transforms(_swizzle(rv)))]
+  if int4:  # scale and offset rings of keys and values, each WG's values
+    groups_of = lambda r: (config.stages, bs, r // spec.quant_group)
+    v_groups = (1, 8, 8) if spec.shared else groups_of(rv)   # (unused)
+    scratch += [plgpu.SMEM(groups_of(rk), sk.dtype),
+                plgpu.SMEM(groups_of(rk), zk.dtype),
+                plgpu.SMEM(v_groups, sv.dtype),
+                plgpu.SMEM(v_groups, zv.dtype),
+                plgpu.SMEM((config.compute_wgs, bs, rv), dtype,
+                           transforms=_transforms(_swizzle(rv)))]
   scratch += [p_smem,
               plgpu.Barrier(num_arrivals=n_setup, num_barriers=1),
               ring_bars(num_arrivals=per_key_tile),
-              ring_bars(num_arrivals=2 if fp8 else 1),
+              ring_bars(num_arrivals=1 + fp8 + 2 * int4),
               ring_bars(num_arrivals=1), ring_bars(num_arrivals=1),
               plgpu.Barrier(num_arrivals=1, num_barriers=config.compute_wgs),
               plgpu.SMEM((config.compute_wgs, reduction_scratch_elems(cols)),
@@ -1129,9 +1262,16 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
   kernel = functools.partial(_kernel, spec=spec, rope=rope, config=config,
                              span=span, nq=nq, dtype=dtype,
                              has_bias=k_bias is not None)
-  profile = (plgpu.CompilerParams(profile_space=config.profile_space,
-                                  profile_dir=config.profile_dir)
-             if config.profile_space else None)
+  params = {}
+  if config.profile_space:
+    params.update(profile_space=config.profile_space,
+                  profile_dir=config.profile_dir)
+  if int4:
+    # the column loads of the scale tiles (strided) are refused by the
+    # warpgroup semantics' layout inference ("cannot apply swizzle to
+    # non-contiguous refs"); every layout here is given explicitly
+    params.update(lowering_semantics=plgpu.LoweringSemantics.Lane)
+  profile = plgpu.CompilerParams(**params) if params else None
   acc, m, l = plgpu.kernel(
       kernel, out_type=out_type, scratch_types=scratch,
       compiler_params=profile,

@@ -234,9 +234,12 @@ def test_unsupported_reasons_and_config():
   assert mg.unsupported_reason(spec, jnp.bfloat16, 65536, True, cfg) is None
   assert "dtype float32" in mg.unsupported_reason(spec, jnp.float32, 64,
                                                   True, cfg)
-  assert "4-bit" in mg.unsupported_reason(
+  assert "4-bit latents with RoPE" in mg.unsupported_reason(
       LatentSpec(groups=1, kv_per_group=1, q_per_kv=1, head_dim=64,
                  k_rank=64, v_rank=64, bits=4), jnp.bfloat16, 64, True, cfg)
+  assert "3-bit" in mg.unsupported_reason(
+      LatentSpec(groups=1, kv_per_group=1, q_per_kv=1, head_dim=64,
+                 k_rank=64, v_rank=64, bits=3), jnp.bfloat16, 64, False, cfg)
   odd = LatentSpec(groups=1, kv_per_group=1, q_per_kv=1, head_dim=64,
                    k_rank=96, v_rank=96)
   assert "value_pieces=False" in mg.unsupported_reason(
@@ -317,6 +320,11 @@ def test_api_picks_the_reference_for_small_calls_on_hopper(monkeypatch):
   assert api.resolve(None, spec, big, 4096, True) == "mosaic_gpu"
   assert api.resolve(None, spec, small, 65536, False) == "mosaic_gpu"
   assert api.resolve(None, spec, small, 4096, False) == "mosaic_gpu"
+  # 4-bit codes: the Mosaic GPU kernel without RoPE, Triton with RoPE
+  int4 = LatentSpec(groups=8, kv_per_group=4, q_per_kv=1, head_dim=128,
+                    k_rank=256, v_rank=256, bits=4, quant_group=32)
+  assert api.resolve(None, int4, big, 65536, False) == "mosaic_gpu"
+  assert api.resolve(None, int4, big, 65536, True) == "triton"
 
 
 # ------------------------------------------------- CPU: lowering for sm_90
@@ -349,6 +357,11 @@ def _lower(spec, batch, s, rope, dtype=jnp.bfloat16, config=None):
       return QuantLatent(sd((batch, s, spec.groups * rank), jnp.float8_e4m3fn),
                          sd((batch, s, spec.groups), dtype),
                          sd((batch, s, 0), dtype))
+    if spec.bits == 4:  # packed codes, a scale and offset per quant group
+      width = spec.groups * rank
+      per_group = sd((batch, s, width // spec.quant_group), dtype)
+      return QuantLatent(sd((batch, s, width // 2), jnp.uint8), per_group,
+                         per_group)
     return sd((batch, s, spec.groups * rank), dtype)
   args = (sd((batch, spec.n_heads, spec.head_dim), dtype), side(spec.k_rank),
           None if spec.shared else side(spec.v_rank),
@@ -549,6 +562,63 @@ def test_e4m3_hi_lo_keeps_bf16_precision():
   assert not np.any(got[1, 1])
   hi_only = parts[..., 0, :] * np.asarray(scale)[..., None]
   assert np.max(np.abs(hi_only - x)) > 8 * np.max(err)
+
+
+# (G, J, Q, H, R, shared, batch, S): 4-bit codes, quant groups of 32
+INT4_CASES = [
+    (8, 4, 1, 128, 256, False, 2, 4096),     # Llama-2-7B G-LRD-4, 50 %
+    (2, 4, 4, 128, 256, False, 1, 4096),     # Llama-3-8B G-LRD-4
+    (2, 2, 2, 64, 256, True, 2, 512),        # shared latent
+]
+
+
+def _int4_spec(g, j, qk, h, r, shared):
+  return LatentSpec(groups=g, kv_per_group=j, q_per_kv=qk, head_dim=h,
+                    k_rank=r, v_rank=r, shared=shared, bits=4, quant_group=32)
+
+
+@pytest.mark.parametrize("block_s", [None, 64, 128])
+@pytest.mark.parametrize("case", INT4_CASES,
+                         ids=lambda c: "-".join(map(str, c)))
+def test_int4_kernel_lowers_for_sm90(case, block_s):
+  """4-bit codes without RoPE: the rings read as int4 codes, converted to
+  16 bits in registers with a scale and offset per quant group; every
+  shape with its chosen tiles and each tile size that fits."""
+  g, j, qk, h, r, shared, batch, s = case
+  spec = _int4_spec(g, j, qk, h, r, shared)
+  config = mg.choose_config(spec, batch=batch, cache_len=s, rope=False)
+  if block_s:
+    config = dataclasses.replace(config, block_s=block_s, stages=2)
+  if mg.unsupported_reason(spec, jnp.bfloat16, s, False, config):
+    pytest.skip("does not fit")
+  assert "mosaic_gpu" in _lower(spec, batch, s, False,
+                                config=config).as_text()
+
+
+def test_int4_reasons():
+  spec = _int4_spec(8, 4, 1, 128, 256, False)
+  on = mg.MosaicConfig()        # on by default
+  assert mg.unsupported_reason(spec, jnp.bfloat16, 1024, False, on) is None
+  assert "int4_latents=False" in mg.unsupported_reason(
+      spec, jnp.bfloat16, 1024, False, mg.MosaicConfig(int4_latents=False))
+  assert "with RoPE" in mg.unsupported_reason(spec, jnp.bfloat16, 1024,
+                                              True, on)
+  # a tile's scales are a TMA row of R / quant_group 16-bit values: ≥ 16 B
+  small = dataclasses.replace(spec, k_rank=128, v_rank=128)
+  assert "multiple of 8" in mg.unsupported_reason(small, jnp.bfloat16, 1024,
+                                                  False, on)
+  assert "quant_group 24" in mg.unsupported_reason(
+      dataclasses.replace(spec, quant_group=24), jnp.bfloat16, 1024, False,
+      on)
+  assert "multiples of 64" in mg.unsupported_reason(
+      dataclasses.replace(spec, k_rank=288, v_rank=288, quant_group=16),
+      jnp.bfloat16, 1024, False, on)
+  # the chosen tiles fit the estimate (lowering checks the real allocation)
+  for case in INT4_CASES:
+    g, j, qk, h, r, shared, batch, s = case
+    sp = _int4_spec(g, j, qk, h, r, shared)
+    c = mg.choose_config(sp, batch=batch, cache_len=s, rope=False)
+    assert mg.smem_bytes(sp, False, c) <= mg.SMEM_BYTES
 
 
 def test_fp8_reasons():
@@ -771,6 +841,30 @@ def test_compiled_fp8_kernel_matches_reference(case, path):
       continue
     assert check(spec, batch=batch, cache_len=s, lengths=lengths,
                  dtype=jnp.bfloat16, rope=rope, bias=rope, config=c)
+
+
+@gpu
+@needs_hopper
+@pytest.mark.parametrize("case", [
+    (2, 4, 1, 128, 256, False, 2, 512, [512, 77]),      # G-LRD-4
+    (2, 4, 4, 128, 256, False, 3, 448, [448, 1, 200]),  # GQA 4
+    (8, 4, 1, 128, 256, False, 1, 4096, [4001]),        # Llama-2 G-LRD-4
+    (2, 2, 2, 64, 256, True, 2, 320, [320, 65]),        # shared latent
+], ids=lambda c: "-".join(map(str, c[:6])))
+def test_compiled_int4_kernel_matches_reference(case):
+  """4-bit caches written by the model's quantizer (make_inputs: codes,
+  scale and offset per group of 32), the reference dequantizing the same
+  codes; the chosen config and 64-row tiles with 3 splits."""
+  g, j, qk, h, r, shared, batch, s, lengths = case
+  spec = _int4_spec(g, j, qk, h, r, shared)
+  cfg = mg.choose_config(spec, batch=batch, cache_len=s, rope=False)
+  ran = 0
+  for c in (cfg, dataclasses.replace(cfg, block_s=64, stages=2, splits=3)):
+    if mg.unsupported_reason(spec, jnp.bfloat16, s, False, c):
+      continue
+    ran += check(spec, batch=batch, cache_len=s, lengths=lengths,
+                 dtype=jnp.bfloat16, rope=False, config=c)
+  assert ran
 
 
 @gpu
