@@ -211,7 +211,8 @@ def run(shapes, batches, contexts, ratios, bits_list, *, tune: bool,
         compute_wgs: tuple = (), split_counts: tuple = (),
         kv_heads_per_cta: tuple = (), fp8_latents: bool = False,
         turns: bool = False, baselines=("xla", "dpa_xla", "cudnn", "pallas"),
-        timer=None, also: tuple = ()) -> list[dict]:
+        timer=None, also: tuple = (), paths=("rope", "norope")
+        ) -> list[dict]:
   timer = timer or time_op
   rows: list[dict] = []
   for shape_name in shapes:
@@ -263,7 +264,8 @@ def run(shapes, batches, contexts, ratios, bits_list, *, tune: bool,
           inv = jnp.asarray(1.0 / 10000 ** (np.arange(0, h, 2) / h),
                             jnp.float32)
           nbytes = batch * ctx * spec.latent_bytes_per_token()
-          for rope, backend in itertools.product((True, False), backends):
+          ropes = [p == "rope" for p in ("rope", "norope") if p in paths]
+          for rope, backend in itertools.product(ropes, backends):
             name = (f"palu{round(ratio * 100)}_{'rope' if rope else 'norope'}"
                     + {16: "", 8: "_fp8"}.get(bits, f"_int{bits}")
                     + ("" if group == GROUP else f"_g{group}")
@@ -456,6 +458,10 @@ def main(argv=None) -> int:
   ap.add_argument("--groups", nargs="+", type=int, default=[GROUP],
                   help="KV heads per latent group (4: G-LRD, 1: M-LRD)")
   ap.add_argument("--bits", nargs="+", type=int, default=[16, 8, 4, 3, 2])
+  ap.add_argument("--paths", nargs="+", choices=["rope", "norope"],
+                  default=["rope", "norope"],
+                  help="latent paths to time: keys with RoPE (rebuilt "
+                       "from the latents) and without (B_k in the query)")
   ap.add_argument("--backends", nargs="+", default=["mosaic_gpu", "triton"],
                   choices=["mosaic_gpu", "triton", "xla"],
                   help="latent backends to time side by side (xla: the "
@@ -529,7 +535,7 @@ def main(argv=None) -> int:
       rope_modes=tuple(args.rope_modes), compute_wgs=tuple(args.compute_wgs),
       split_counts=tuple(args.splits),
       kv_heads_per_cta=tuple(args.kv_heads_per_cta),
-      fp8_latents=args.fp8_latents, turns=args.turns,
+      fp8_latents=args.fp8_latents, turns=args.turns, paths=args.paths,
       baselines=tuple(args.baselines), also=tuple(args.also),
       timer=span_op if args.timing == "span" else time_op)
   return 0
