@@ -41,8 +41,8 @@ from eval.trace_events import span_us, traced_gpu_events
 from eval.report import markdown_table, write_results
 from pallas_kernels.latent_attention import mosaic_gpu as mg
 
-COMPUTE_STAGES = ("k_wait", "rebuild", "rope", "score", "turn", "softmax",
-                  "p_store", "v_wait", "pv")
+COMPUTE_STAGES = ("k_wait", "rebuild", "rope", "upcast", "convert", "scale",
+                  "score", "turn", "softmax", "p_store", "v_wait", "pv")
 
 
 def stage_cycles(trace: dict) -> dict[str, dict]:
@@ -176,6 +176,9 @@ def main(argv=None) -> int:
   ap.add_argument("--turns", action="store_true",
                   help="reductions taking turns on one scratch (v12) "
                   "instead of each WG's own (the default)")
+  ap.add_argument("--bits", type=int, default=16, choices=[16, 8, 4],
+                  help="latent bits (8: one scale per token and group; 4: "
+                  "the no-RoPE path only, quant groups of 32)")
   ap.add_argument("--breakdown", action="store_true",
                   help="also report each GPU kernel's device time per call")
   ap.add_argument("--out", default=os.path.join("eval", "results"))
@@ -190,14 +193,19 @@ def main(argv=None) -> int:
                "splits": args.splits,
                "private_reductions": False if args.turns else None}
   for group, rope in paths:
-    spec = palu_spec(n_heads, n_kv, head_dim, 0.5, 16, group, args.shared)
+    spec = palu_spec(n_heads, n_kv, head_dim, 0.5, args.bits, group,
+                     args.shared)
+    if args.bits == 8:
+      spec = dataclasses.replace(spec, quant_group=spec.k_rank)
     if not rope:
       overrides["kv_heads_per_cta"] = None
     for batch in args.batches:
       for st, mode in [(st, mode) for st in args.stages
                        for mode in args.rope_modes]:
         row = {"variant": f"palu50_{'rope' if rope else 'norope'}_g{group}"
-                          + ("_shared" if args.shared else ""),
+                          + ("_shared" if args.shared else "")
+                          + {16: "", 8: "_fp8"}.get(args.bits,
+                                                   f"_int{args.bits}"),
                "shape": args.shape, "batch": batch, "context": args.context,
                "device": jax.devices()[0].device_kind}
         try:

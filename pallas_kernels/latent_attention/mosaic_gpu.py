@@ -582,20 +582,22 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
     offset per quant group of columns (scale, offset: [SUB, R/qg] refs);
     with `mask`, rows at or past the length zeroed (their codes and scales
     may be anything, and 0·NaN is NaN on the tensor core)."""
-    c = plgpu.load(codes, layout=plgpu.Layout.WGMMA_UPCAST_4X)
-    # int4 -> 16 bits by Mosaic GPU's register conversion (prmt/lop3, no
-    # conversion-pipe instruction); it reads the nibbles as signed, so
-    # codes 8..15 come out as -8..-1
-    c = plgpu.layout_cast(c, wgmma_layout).astype(dtype)
-    c = jnp.where(c < 0, c + 16, c)
+    with jax.named_scope("convert"):
+      c = plgpu.load(codes, layout=plgpu.Layout.WGMMA_UPCAST_4X)
+      # int4 -> 16 bits by Mosaic GPU's register conversion (prmt/lop3, no
+      # conversion-pipe instruction); it reads the nibbles as signed, so
+      # codes 8..15 come out as -8..-1
+      c = plgpu.layout_cast(c, wgmma_layout).astype(dtype)
+      c = jnp.where(c < 0, c + 16, c)
     qg = spec.quant_group
 
     def per_row(ref, n):       # the n-th quant group's column, one per row
       v = plgpu.load(ref.at[:, n], layout=row_layout, optimized=False)
       return lax.broadcast_in_dim(v.astype(dtype), (SUB, qg), [0])
-    v = jnp.concatenate([
-        c[:, n * qg:(n + 1) * qg] * per_row(scale, n) + per_row(offset, n)
-        for n in range(c.shape[1] // qg)], axis=1)
+    with jax.named_scope("scale"):
+      v = jnp.concatenate([
+          c[:, n * qg:(n + 1) * qg] * per_row(scale, n) + per_row(offset, n)
+          for n in range(c.shape[1] // qg)], axis=1)
     if not mask:
       return v
     row = rows_from + plgpu.broadcasted_iota(jnp.int32, v.shape, 0,
