@@ -173,6 +173,9 @@ def main(argv=None) -> int:
                   help="one latent serves keys and values (SmolLM2)")
   ap.add_argument("--kv-heads-per-cta", type=int, default=None)
   ap.add_argument("--splits", type=int, default=None)
+  ap.add_argument("--block-s", type=int, default=None, choices=[64, 128],
+                  help="rows per tile (default: the kernel's choice; the "
+                  "profiler's buffers take shared memory too)")
   ap.add_argument("--turns", action="store_true",
                   help="reductions taking turns on one scratch (v12) "
                   "instead of each WG's own (the default)")
@@ -185,12 +188,13 @@ def main(argv=None) -> int:
   ap.add_argument("--name", default="profile_kernel")
   args = ap.parse_args(argv)
   rows = []
-  paths = [(g, True) for g in args.groups]
+  # (4-bit codes: the kernel reads them without RoPE only)
+  paths = [(g, True) for g in args.groups] if args.bits != 4 else []
   if args.norope:
     paths.append((args.groups[0], False))
   n_heads, n_kv, head_dim = SHAPES[args.shape]
   overrides = {"kv_heads_per_cta": args.kv_heads_per_cta,
-               "splits": args.splits,
+               "splits": args.splits, "block_s": args.block_s,
                "private_reductions": False if args.turns else None}
   for group, rope in paths:
     spec = palu_spec(n_heads, n_kv, head_dim, 0.5, args.bits, group,

@@ -54,8 +54,12 @@ import operator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+from jax._src.lib.mlir import ir
+from jax._src.lib.mlir.dialects import arith as arith_dialect
 from jax.experimental import pallas as pl
+from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.absorb_attention import absorbed_queries
@@ -139,6 +143,14 @@ class MosaicConfig:
   # query and stages the values in its 16-bit tile for p·h_v (NOTES.md,
   # v15). False sends 4-bit caches to Triton.
   int4_latents: bool = True
+  # int4: the codes' top bits flipped on whole 32-bit registers (one XOR
+  # per 8 codes), so the signed conversion gives c - 8 and the offset
+  # takes the 8·scale, instead of a compare-add-select per element pair
+  int4_flip: bool = True
+  # int4: rows past the length zeroed once, in the WG's value tile of the
+  # sequence's last tile (as the 16-bit path does), instead of a select
+  # per element in every tile
+  int4_mask_last: bool = True
   # v13: each compute WG reduces over its rows (the softmax max) through a
   # shared-memory scratch of its own (Mosaic GPU's reduction, called inline),
   # not through Pallas's one scratch per kernel: no turns between the WGs;
@@ -481,6 +493,28 @@ def reduction_scratch_elems(cols: int) -> int:
   return 256 * min(cols // 8, 4)
 
 
+def _flip_code_top_bits(c):
+  """int4 codes [64, R] in the WGMMA_UPCAST_4X layout (8 codes per 32-bit
+  register) -> the same with each code's top bit flipped: unsigned codes
+  u read as int4 become u - 8. One XOR per register."""
+  layout = plgpu.Layout.WGMMA_UPCAST_4X
+
+  @plgpu.inline_mgpu(arg_types=(layout,), return_type=plgpu.ShapeDtypeStruct(
+      c.shape, jnp.int4, layout=layout))
+  def flip(_, array):
+    i32 = ir.IntegerType.get_signless(32)
+    top_bits = arith_dialect.constant(
+        i32, ir.IntegerAttr.get(i32, 0x88888888 - (1 << 32)))
+
+    def one(reg):
+      word = mgpu.utils.bitcast(reg, i32)
+      return mgpu.utils.bitcast(arith_dialect.xori(word, top_bits), reg.type)
+    regs = np.vectorize(one, otypes=[object])(array.registers)
+    return mgpu.FragmentedArray(_registers=regs, _layout=array.layout,
+                                _is_signed=True)
+  return flip(c)
+
+
 def _reduce_rows(x, scratch, op: str):
   """[64, N] f32 in the wgmma layout -> [N]: `op` ("max" or "add") over the
   rows, through `scratch` (this WG's own f32 buffer): the warp shuffles and
@@ -582,22 +616,32 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
     offset per quant group of columns (scale, offset: [SUB, R/qg] refs);
     with `mask`, rows at or past the length zeroed (their codes and scales
     may be anything, and 0·NaN is NaN on the tensor core)."""
+    flip = config.int4_flip
     with jax.named_scope("convert"):
       c = plgpu.load(codes, layout=plgpu.Layout.WGMMA_UPCAST_4X)
+      if flip:
+        c = _flip_code_top_bits(c)
       # int4 -> 16 bits by Mosaic GPU's register conversion (prmt/lop3, no
-      # conversion-pipe instruction); it reads the nibbles as signed, so
-      # codes 8..15 come out as -8..-1
+      # conversion-pipe instruction); it reads the nibbles as signed: codes
+      # 8..15 come out as -8..-1, or (flipped) every code as c - 8
       c = plgpu.layout_cast(c, wgmma_layout).astype(dtype)
-      c = jnp.where(c < 0, c + 16, c)
+      if not flip:
+        c = jnp.where(c < 0, c + 16, c)
     qg = spec.quant_group
 
     def per_row(ref, n):       # the n-th quant group's column, one per row
-      v = plgpu.load(ref.at[:, n], layout=row_layout, optimized=False)
-      return lax.broadcast_in_dim(v.astype(dtype), (SUB, qg), [0])
+      return plgpu.load(ref.at[:, n], layout=row_layout,
+                        optimized=False).astype(jnp.float32)
+
+    def scaled(n):
+      sc, off = per_row(scale, n), per_row(offset, n)
+      if flip:                 # c·s + z = (c - 8)·s + (z + 8·s)
+        off = off + 8 * sc
+      widen = lambda x: lax.broadcast_in_dim(x.astype(dtype), (SUB, qg), [0])
+      return c[:, n * qg:(n + 1) * qg] * widen(sc) + widen(off)
     with jax.named_scope("scale"):
-      v = jnp.concatenate([
-          c[:, n * qg:(n + 1) * qg] * per_row(scale, n) + per_row(offset, n)
-          for n in range(c.shape[1] // qg)], axis=1)
+      v = jnp.concatenate([scaled(n) for n in range(c.shape[1] // qg)],
+                          axis=1)
     if not mask:
       return v
     row = rows_from + plgpu.broadcasted_iota(jnp.int32, v.shape, 0,
@@ -783,7 +827,8 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
         elif int4:
           with jax.named_scope("upcast"):
             a = dequant4(hk_s.at[slot, rows], sk_s.at[slot, rows],
-                         zk_s.at[slot, rows], s0 + j * SUB, spec.shared)
+                         zk_s.at[slot, rows], s0 + j * SUB,
+                         spec.shared and not config.int4_mask_last)
             if release_keys:       # codes and scales are in registers
               plgpu.barrier_arrive(kcons_bar.at[slot])
             if spec.shared:        # the same latents are the values
@@ -847,7 +892,8 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
             if int4:
               vb_s.at[wg, rows][...] = dequant4(
                   hv_s.at[slot, rows], sv_s.at[slot, rows],
-                  zv_s.at[slot, rows], s0 + j * SUB, True)
+                  zv_s.at[slot, rows], s0 + j * SUB,
+                  not config.int4_mask_last)
               continue
             vb_s.at[wg, rows][...] = upcast(hv_s.at[slot, rows], s0 + j * SUB)
             p_scales.append(token_scales(sv_s.at[slot, rows]))
@@ -866,12 +912,13 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
         with jax.named_scope("v_wait"):
           plgpu.barrier_wait(vprod_bar.at[slot])
 
-      if not staged:
+      if not staged or (int4 and config.int4_mask_last):
         @pl.when(s0 + bs > length)
         def _():
           # rows past the length get probability 0, but 0·inf is NaN on the
           # tensor core: clear them in the sequence's last tile
-          v = values[...]
+          v = (plgpu.load(values, layout=wgmma_layout) if int4   # (lane
+               else values[...])                # semantics: layouts given)
           row = plgpu.broadcasted_iota(jnp.int32, v.shape, 0,
                                        layout=wgmma_layout)
           values[...] = jnp.where(s0 + row < length, v, jnp.zeros_like(v))

@@ -577,16 +577,24 @@ def _int4_spec(g, j, qk, h, r, shared):
                     k_rank=r, v_rank=r, shared=shared, bits=4, quant_group=32)
 
 
+# the int4 defaults, and each of their alternatives (a select per element
+# pair for the codes' sign, the value mask in every tile)
+INT4_VARIANTS = {"default": {}, "no_flip": dict(int4_flip=False),
+                 "mask_every_tile": dict(int4_mask_last=False)}
+
+
+@pytest.mark.parametrize("variant", INT4_VARIANTS)
 @pytest.mark.parametrize("block_s", [None, 64, 128])
 @pytest.mark.parametrize("case", INT4_CASES,
                          ids=lambda c: "-".join(map(str, c)))
-def test_int4_kernel_lowers_for_sm90(case, block_s):
+def test_int4_kernel_lowers_for_sm90(case, block_s, variant):
   """4-bit codes without RoPE: the rings read as int4 codes, converted to
   16 bits in registers with a scale and offset per quant group; every
   shape with its chosen tiles and each tile size that fits."""
   g, j, qk, h, r, shared, batch, s = case
   spec = _int4_spec(g, j, qk, h, r, shared)
-  config = mg.choose_config(spec, batch=batch, cache_len=s, rope=False)
+  config = dataclasses.replace(mg.choose_config(
+      spec, batch=batch, cache_len=s, rope=False), **INT4_VARIANTS[variant])
   if block_s:
     config = dataclasses.replace(config, block_s=block_s, stages=2)
   if mg.unsupported_reason(spec, jnp.bfloat16, s, False, config):
@@ -851,13 +859,15 @@ def test_compiled_fp8_kernel_matches_reference(case, path):
     (8, 4, 1, 128, 256, False, 1, 4096, [4001]),        # Llama-2 G-LRD-4
     (2, 2, 2, 64, 256, True, 2, 320, [320, 65]),        # shared latent
 ], ids=lambda c: "-".join(map(str, c[:6])))
-def test_compiled_int4_kernel_matches_reference(case):
+@pytest.mark.parametrize("variant", INT4_VARIANTS)
+def test_compiled_int4_kernel_matches_reference(case, variant):
   """4-bit caches written by the model's quantizer (make_inputs: codes,
   scale and offset per group of 32), the reference dequantizing the same
   codes; the chosen config and 64-row tiles with 3 splits."""
   g, j, qk, h, r, shared, batch, s, lengths = case
   spec = _int4_spec(g, j, qk, h, r, shared)
-  cfg = mg.choose_config(spec, batch=batch, cache_len=s, rope=False)
+  cfg = dataclasses.replace(mg.choose_config(
+      spec, batch=batch, cache_len=s, rope=False), **INT4_VARIANTS[variant])
   ran = 0
   for c in (cfg, dataclasses.replace(cfg, block_s=64, stages=2, splits=3)):
     if mg.unsupported_reason(spec, jnp.bfloat16, s, False, c):
