@@ -402,6 +402,12 @@ def choose_config(spec: LatentSpec, *, batch: int, cache_len: int, rope: bool,
           and query_cols(spec, rope) * whole <= 256 else 1)
   fits = functools.partial(fits, hc=hc)
   bs = 2 * SUB if cache_len % (2 * SUB) == 0 and fits(2 * SUB, w) else SUB
+  if spec.bits == 4 and not rope:
+    # 4-bit codes: the WG's dequantization chain is long, and 64-row tiles
+    # in more slots keep loads in flight (Llama-2-7B G-LRD-4 B8 64K: 693 µs
+    # with 64 rows vs 749 µs with 128, eval/results/
+    # bench_kernels_h200_int4.md)
+    bs = SUB
   if (bs == 2 * SUB and hc > 1 and not fits(bs, 2 * w)
       and fits(SUB, 2 * w)):
     # several heads per CTA: each WG's tile chain is long, and with one
