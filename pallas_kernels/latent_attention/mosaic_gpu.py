@@ -830,11 +830,15 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
             # past the length may hold NaN codes: masked below)
             s = (s * lax.broadcast_in_dim(k_scales[j], (SUB, nq), [0])
                  * lax.broadcast_in_dim(q_scale, (SUB, nq), [1]))
-        elif int4:
+        elif staged:     # float8 or int4 codes -> 16-bit keys in registers
           with jax.named_scope("upcast"):
-            a = dequant4(hk_s.at[slot, rows], sk_s.at[slot, rows],
-                         zk_s.at[slot, rows], s0 + j * SUB,
-                         spec.shared and not config.int4_mask_last)
+            if int4:
+              a = dequant4(hk_s.at[slot, rows], sk_s.at[slot, rows],
+                           zk_s.at[slot, rows], s0 + j * SUB,
+                           spec.shared and not config.int4_mask_last)
+            else:
+              a = upcast(hk_s.at[slot, rows], s0 + j * SUB)
+              k_scales.append(token_scales(sk_s.at[slot, rows]))
             if release_keys:       # codes and scales are in registers
               plgpu.barrier_arrive(kcons_bar.at[slot])
             if spec.shared:        # the same latents are the values
@@ -844,21 +848,8 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
               plgpu.wgmma(ref, a, qf_s.T)
               return ref[...]
             s = pl.run_scoped(score, plgpu.ACC((SUB, nq), jnp.float32))
-        elif fp8:
-          with jax.named_scope("upcast"):
-            a = upcast(hk_s.at[slot, rows], s0 + j * SUB)
-            k_scales.append(token_scales(sk_s.at[slot, rows]))
-            if release_keys:       # codes and scales are in registers
-              plgpu.barrier_arrive(kcons_bar.at[slot])
-            if spec.shared:        # the same latents are the values
-              vb_s.at[wg, rows][...] = a
-          with jax.named_scope("score"):
-            def score(ref):
-              plgpu.wgmma(ref, a, qf_s.T)
-              return ref[...]
-            s = pl.run_scoped(score, plgpu.ACC((SUB, nq), jnp.float32))
-            # one scale per token: a row factor of its scores
-            s = s * lax.broadcast_in_dim(k_scales[j], (SUB, nq), [0])
+            if fp8:    # one scale per token: a row factor of its scores
+              s = s * lax.broadcast_in_dim(k_scales[j], (SUB, nq), [0])
         else:
           with jax.named_scope("score"):
             def score(ref):
