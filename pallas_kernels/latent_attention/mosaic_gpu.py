@@ -151,6 +151,13 @@ class MosaicConfig:
   # sequence's last tile (as the 16-bit path does), instead of a select
   # per element in every tile
   int4_mask_last: bool = True
+  # int4 (quant groups in multiples of 32): codes converted in the layout
+  # they load in (8 per 32-bit register) and that layout's registers read
+  # as the wgmma layout's, which permutes the columns within each 32
+  # (`int4_column_order`); the query's and the output's columns are
+  # permuted to match, outside the kernel. Saves the relayout (warp
+  # shuffles) of every code tile.
+  int4_permuted: bool = True
   # v13: each compute WG reduces over its rows (the softmax max) through a
   # shared-memory scratch of its own (Mosaic GPU's reduction, called inline),
   # not through Pallas's one scratch per kernel: no turns between the WGs;
@@ -521,6 +528,44 @@ def _flip_code_top_bits(c):
   return flip(c)
 
 
+def int4_column_order(rank: int) -> np.ndarray:
+  """The column permutation π of `_upcast_registers_as_wgmma`: column c of
+  the array it returns holds column π(c) of the codes. Within each block
+  of 32 columns, c = 8j + 2q + e -> 8q + 2j + e (j, q < 4, e < 2): a thread
+  of the WGMMA_UPCAST_4X layout holds 8 consecutive columns 8q..8q+7 of
+  the block, the wgmma layout's holds pairs 8j + 2q, +1. An involution."""
+  c = np.arange(rank)
+  block, j, q, e = c // 32, c % 32 // 8, c % 8 // 2, c % 2
+  return 32 * block + 8 * q + 2 * j + e
+
+
+def _upcast_registers_as_wgmma(x):
+  """[64, N] 16-bit values in the WGMMA_UPCAST_4X layout -> the same
+  registers as a [64, N] array in the wgmma layout, no data moved: its
+  column c holds column int4_column_order(N)[c] of x (rows unchanged:
+  both layouts give a thread the same rows)."""
+  @plgpu.inline_mgpu(
+      arg_types=(plgpu.Layout.WGMMA_UPCAST_4X,),
+      return_type=plgpu.ShapeDtypeStruct(x.shape, x.dtype,
+                                         layout=plgpu.Layout.WGMMA))
+  def as_wgmma(_, array):
+    layout = mgpu.WGMMA_LAYOUT
+    regs = np.empty(layout.registers_shape(array.shape), dtype=object)
+    for idx, reg in np.ndenumerate(array.registers):
+      for j in range(4):       # 8 columns -> 4 pairs, pair j at tile 4k + j
+        regs[(idx[0], 4 * idx[1] + j, *idx[2:])] = mgpu.utils.vector_slice(
+            reg, slice(2 * j, 2 * j + 2))
+    return mgpu.FragmentedArray(_registers=regs, _layout=layout,
+                                _is_signed=None)
+  return as_wgmma(x)
+
+
+def permuted_int4(spec: LatentSpec, config: MosaicConfig) -> bool:
+  """Whether the int4 path reads its codes with permuted columns."""
+  return (config.int4_permuted and spec.bits == 4
+          and spec.quant_group % 32 == 0)
+
+
 def _reduce_rows(x, scratch, op: str):
   """[64, N] f32 in the wgmma layout -> [N]: `op` ("max" or "add") over the
   rows, through `scratch` (this WG's own f32 buffer): the warp shuffles and
@@ -623,6 +668,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
     with `mask`, rows at or past the length zeroed (their codes and scales
     may be anything, and 0·NaN is NaN on the tensor core)."""
     flip = config.int4_flip
+    permuted = permuted_int4(spec, config)
     with jax.named_scope("convert"):
       c = plgpu.load(codes, layout=plgpu.Layout.WGMMA_UPCAST_4X)
       if flip:
@@ -630,7 +676,10 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
       # int4 -> 16 bits by Mosaic GPU's register conversion (prmt/lop3, no
       # conversion-pipe instruction); it reads the nibbles as signed: codes
       # 8..15 come out as -8..-1, or (flipped) every code as c - 8
-      c = plgpu.layout_cast(c, wgmma_layout).astype(dtype)
+      if permuted:     # 8 codes per register converted where they are
+        c = _upcast_registers_as_wgmma(c.astype(dtype))
+      else:
+        c = plgpu.layout_cast(c, wgmma_layout).astype(dtype)
       if not flip:
         c = jnp.where(c < 0, c + 16, c)
     qg = spec.quant_group
@@ -1218,7 +1267,10 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
   elif int4:
     # packed codes [B, S, G·R/2] -> [B, S, G, R/2] as the rings' bytes; the
     # scales and offsets [B, S, G·R/qg] -> [B, S, G, R/qg] (free reshapes)
-    operands = (absorbed_queries(q, k_up, spec, nq, dtype),) + tuple(
+    qf = absorbed_queries(q, k_up, spec, nq, dtype)       # [B, G, nq, R_k]
+    if permuted_int4(spec, config):   # the keys' column order in registers
+      qf = qf[..., int4_column_order(rk)]
+    operands = (qf,) + tuple(
         _group_major(a, spec.groups) for a in (sk, zk, sv, zv))
     scratch = [plgpu.SMEM((nq, rk), dtype,
                           transforms=_transforms(_swizzle(rk)))]
@@ -1338,4 +1390,6 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
     heads = spec.heads_per_group
     acc, m, l = acc[..., :heads, :], m[..., :heads], l[..., :heads]
   out = combine_splits(acc, m, l)
+  if permuted_int4(spec, config):     # back from the values' column order
+    out = out[..., int4_column_order(rv)]
   return out.reshape(batch, spec.n_heads, rv)

@@ -580,7 +580,26 @@ def _int4_spec(g, j, qk, h, r, shared):
 # the int4 defaults, and each of their alternatives (a select per element
 # pair for the codes' sign, the value mask in every tile)
 INT4_VARIANTS = {"default": {}, "no_flip": dict(int4_flip=False),
-                 "mask_every_tile": dict(int4_mask_last=False)}
+                 "mask_every_tile": dict(int4_mask_last=False),
+                 "relayout": dict(int4_permuted=False)}
+
+
+def test_int4_column_order_matches_the_two_register_layouts():
+  """A thread of the WGMMA_UPCAST_4X layout holds, per register k, the 8
+  columns 32k + 8q..8q+7 (q = lane % 4); read as the wgmma layout, pair j
+  of that register is column tile 4k + j, i.e. the columns
+  8(4k + j) + 2q + e. int4_column_order must map each of those to the
+  column the register really holds, keep each block of 32 (a quant group
+  of 32) to itself, and undo itself."""
+  rank = 256
+  order = mg.int4_column_order(rank)
+  for q in range(4):
+    for k in range(rank // 32):
+      for v in range(8):
+        j, e = divmod(v, 2)
+        assert order[8 * (4 * k + j) + 2 * q + e] == 32 * k + 8 * q + v
+  np.testing.assert_array_equal(order[order], np.arange(rank))
+  np.testing.assert_array_equal(order // 32, np.arange(rank) // 32)
 
 
 @pytest.mark.parametrize("variant", INT4_VARIANTS)
