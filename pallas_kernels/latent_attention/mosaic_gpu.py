@@ -30,6 +30,10 @@ tensor-core work is spent on padding rows:
            (s0 + i)·θ in packed f16 registers  (`rotation_dtype`)
            Sᵀ = K_rot·qᵀ                       (wgmma, A from registers)
   no RoPE: Sᵀ = h_k·q'ᵀ                       (wgmma, q' = q·B_kᵀ/√H)
+Low-bit caches: float8 codes (a scale per token and group; with RoPE an
+fp8 rebuild, without it e4m3 scores or f16 upcasts), and, without RoPE,
+4-bit codes (`dequant4`: converted and scaled per quant group in
+registers); their values are staged in each compute WG's 16-bit tile.
 and per tile (one update for all its sub-tiles):
            m, l, P = online softmax over the bs rows (f32)
            Pᵀ → shared memory (bf16/fp16), acc += h_vᵀ·P  (wgmma, [R_v, N],
