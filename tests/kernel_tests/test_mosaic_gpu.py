@@ -898,6 +898,18 @@ def test_compiled_int4_kernel_matches_reference(case, variant):
 
 @gpu
 @needs_hopper
+def test_compiled_int4_kernel_float16():
+  """float16 queries and scales: int4 -> f16 has no prmt/lop3 path in
+  Mosaic GPU (the generic conversion runs instead); the result must still
+  match the reference."""
+  spec = _int4_spec(2, 4, 1, 128, 256, False)
+  cfg = mg.choose_config(spec, batch=2, cache_len=512, rope=False)
+  assert check(spec, batch=2, cache_len=512, lengths=[512, 77],
+               dtype=jnp.float16, rope=False, config=cfg)
+
+
+@gpu
+@needs_hopper
 @pytest.mark.parametrize("mode", ["rebuild", "fold"])
 def test_compiled_rows_past_the_length_do_not_matter(mode):
   spec = LatentSpec(groups=1, kv_per_group=2, q_per_kv=1, head_dim=128,
