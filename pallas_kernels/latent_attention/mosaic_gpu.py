@@ -1330,7 +1330,8 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
   p_smem = plgpu.SMEM((config.compute_wgs, bs // SUB, cols, SUB), p_dtype,
                       transforms=_transforms(min(v_swizzle, _swizzle(SUB))))
   unused = plgpu.SMEM((1, 8, 64), dtype)  # no value ring: shared latent
-  # + the tile's cos/sin row (RoPE) and its scales (float8)
+  # + the tile's cos/sin row (RoPE), its scales (float8) or its scales and
+  # offsets (int4)
   per_key_tile = 1 + rope + fp8 + 2 * int4
   ring_bars = functools.partial(plgpu.Barrier, num_barriers=config.stages)
   scratch += [ring_k, unused if spec.shared else ring_v]
@@ -1373,10 +1374,10 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
     # warpgroup semantics' layout inference ("cannot apply swizzle to
     # non-contiguous refs"); every layout here is given explicitly
     params.update(lowering_semantics=plgpu.LoweringSemantics.Lane)
-  profile = plgpu.CompilerParams(**params) if params else None
+  compiler_params = plgpu.CompilerParams(**params) if params else None
   acc, m, l = plgpu.kernel(
       kernel, out_type=out_type, scratch_types=scratch,
-      compiler_params=profile,
+      compiler_params=compiler_params,
       grid=(x_size, splits, batch), grid_names=("x", "p", "b"),
       num_threads=config.compute_wgs + 1, thread_name="wg",
       kernel_name="palu_latent_" + ("rope" if rope else "norope"),
