@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import functools
 import itertools
+import json
 import math
 import os
 import platform
@@ -108,9 +109,13 @@ def _chain(fn, iters: int):
   return jax.jit(chained)
 
 
-def measure_matmul_tflops(n: int = 8192, repeats: int = 10) -> float:
-  a = _pseudo_random(jnp.float32(1), shape=(n, n), dtype=DTYPE)
-  f = jax.jit(lambda x: x @ x)
+def measure_matmul_tflops(n: int = 8192, repeats: int = 10,
+                          dtype=DTYPE) -> float:
+  """TFLOP/s of an n×n×n matmul in `dtype` (f32 accumulation; float8
+  e4m3 gives the fp8 tensor rate, which the fp8 rows' rebuild runs at)."""
+  a = _pseudo_random(jnp.float32(1), shape=(n, n), dtype=jnp.float32)
+  a = (a * 4).astype(dtype)
+  f = jax.jit(lambda x: jnp.dot(x, x.T, preferred_element_type=jnp.float32))
   jax.block_until_ready(f(a))
   best = float("inf")
   for _ in range(repeats):
@@ -211,8 +216,12 @@ def run(shapes, batches, contexts, ratios, bits_list, *, tune: bool,
         compute_wgs: tuple = (), split_counts: tuple = (),
         kv_heads_per_cta: tuple = (), fp8_latents: bool = False,
         turns: bool = False, baselines=("xla", "dpa_xla", "cudnn", "pallas"),
-        timer=None, also: tuple = (), paths=("rope", "norope")
+        timer=None, also: tuple = (), paths=("rope", "norope"),
+        low_bit_groups: tuple | None = None, fallback: str | None = None
         ) -> list[dict]:
+  """Time every baseline and Palu variant; `low_bit_groups`: the group
+  sizes of bits < 16 (None: `groups`); `fallback`: a backend timed for a
+  variant only when none of `backends` takes its shape."""
   timer = timer or time_op
   rows: list[dict] = []
   for shape_name in shapes:
@@ -252,7 +261,8 @@ def run(shapes, batches, contexts, ratios, bits_list, *, tune: bool,
         del kh, vh
         for group, ratio, bits in itertools.product(groups, ratios,
                                                     bits_list):
-          if n_kv % group:
+          if n_kv % group or (bits < 16 and low_bit_groups is not None
+                              and group not in low_bit_groups):
             continue
           spec = palu_spec(n_heads, n_kv, h, ratio, bits, group, shared)
           if bits == 8 and fp8_latents:   # one scale per token and group
@@ -265,32 +275,22 @@ def run(shapes, batches, contexts, ratios, bits_list, *, tune: bool,
                             jnp.float32)
           nbytes = batch * ctx * spec.latent_bytes_per_token()
           ropes = [p == "rope" for p in ("rope", "norope") if p in paths]
-          for rope, backend in itertools.product(ropes, backends):
+          for rope in ropes:
             name = (f"palu{round(ratio * 100)}_{'rope' if rope else 'norope'}"
                     + {16: "", 8: "_fp8"}.get(bits, f"_int{bits}")
                     + ("" if group == GROUP else f"_g{group}")
                     + ("_shared" if shared else ""))
-            configs = _configs(backend, spec, batch, ctx, rope, tune,
-                               rope_modes, compute_wgs, split_counts,
-                               kv_heads_per_cta, fp8_latents, turns, also)
-            best = None
-            for cfg in configs:
-              fn = functools.partial(
-                  _palu_call, spec=spec, inv=inv if rope else None,
-                  config=cfg, backend=backend)
-              r = _measure(name, fn, q, (hk, hv, k_up), lengths, nbytes,
-                           palu_flops(spec, batch, ctx, rope), timer)
-              r["config"] = _cfg_str(cfg, spec, rope)
-              r["rank"] = spec.k_rank
-              r["group"] = group
-              r["backend"] = backend
-              if len(configs) > 1:      # every config timed, in the log
-                print(f"  {name} {backend} {r['config']}: {r['us']} us",
-                      flush=True)
-              if best is None or (r["us"] or 1e30) < (best["us"] or 1e30):
-                best = r
-            if best is not None:
-              shape_rows.append(best)
+            timed = []
+            for backend in backends + ((fallback,) if fallback else ()):
+              if backend == fallback and any(r is not None for r in timed):
+                break                  # a backend of the list took it
+              configs = _configs(backend, spec, batch, ctx, rope, tune,
+                                 rope_modes, compute_wgs, split_counts,
+                                 kv_heads_per_cta, fp8_latents, turns, also)
+              timed.append(_time_configs(
+                  name, backend, configs, spec, batch, ctx, rope, q,
+                  (hk, hv, k_up), lengths, nbytes, inv, group, timer))
+            shape_rows += [r for r in timed if r is not None]
           del hk, hv
         for r in shape_rows:
           r.update(shape=shape_name, batch=batch, kv_heads=n_kv, context=ctx)
@@ -307,6 +307,25 @@ def run(shapes, batches, contexts, ratios, bits_list, *, tune: bool,
                 f"  {r['tflops'] or 0:6.1f} TF  x{r['speedup'] or 0:.2f} "
                 f"{r.get('config', '')} {r.get('error', '')}", flush=True)
   return rows
+
+
+def _time_configs(name, backend, configs, spec, batch, ctx, rope, q, args,
+                  lengths, nbytes, inv, group, timer) -> dict | None:
+  """Each launch config of one variant and backend timed; the fastest
+  row (None when the backend has no config for the shape)."""
+  best = None
+  for cfg in configs:
+    fn = functools.partial(_palu_call, spec=spec, inv=inv if rope else None,
+                           config=cfg, backend=backend)
+    r = _measure(name, fn, q, args, lengths, nbytes,
+                 palu_flops(spec, batch, ctx, rope), timer)
+    r.update(config=_cfg_str(cfg, spec, rope), rank=spec.k_rank, group=group,
+             backend=backend)
+    if len(configs) > 1:      # every config timed, in the log
+      print(f"  {name} {backend} {r['config']}: {r['us']} us", flush=True)
+    if best is None or (r["us"] or 1e30) < (best["us"] or 1e30):
+      best = r
+  return best
 
 
 def _palu_call(q, hk, hv, k_up, lengths, *, spec, inv, config, backend):
@@ -432,20 +451,35 @@ def _measure(name, fn, q, args, lengths, nbytes, flops, timer=None) -> dict:
   return row
 
 
-def add_roofline(rows: list[dict], read_bps: float, peak_tflops: float
-                 ) -> None:
+def add_roofline(rows: list[dict], read_bps: float, peak_tflops: float,
+                 fp8_tflops: float | None = None) -> None:
   """roofline_frac = the larger of GB/s ÷ HBM bandwidth and TFLOP/s ÷ the
-  matmul peak. The HBM bandwidth is the larger of the streaming-sum
-  measurement and the best GB/s any full-KV baseline reached in the run
-  (cuDNN reads faster than the XLA sum)."""
+  matmul peak (the fp8 matmul rate for float8 rows that run fp8 wgmmas,
+  `fp8_tflops`, when measured). The HBM bandwidth is the larger of the
+  streaming-sum measurement and the best GB/s any full-KV baseline reached
+  in the run (cuDNN reads faster than the XLA sum)."""
   best = max([r["gbps"] * 1e9 for r in rows
               if r["variant"] in BASELINES and r["us"]] + [read_bps])
   for r in rows:
     if r["us"]:
-      hbm, tc = r["gbps"] * 1e9 / best, r["tflops"] / peak_tflops
+      peak = (fp8_tflops if fp8_tflops and "_fp8" in r["variant"]
+              and r.get("backend") == "mosaic_gpu" else peak_tflops)
+      hbm, tc = r["gbps"] * 1e9 / best, r["tflops"] / peak
       r["roofline_frac"] = max(hbm, tc)
       r["bound"] = "hbm" if hbm >= tc else "tensor"
       r["hbm_roof_gbps"] = best / 1e9
+
+
+def rows_of_other_shapes(path: str, shapes) -> list[dict]:
+  """The rows of a results file whose shape is not in `shapes` (none if
+  the file does not exist yet)."""
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    rows = json.load(f)
+  if not isinstance(rows, list):
+    raise ValueError(f"{path}: expected a list of rows")
+  return [r for r in rows if r.get("shape") not in shapes]
 
 
 def main(argv=None) -> int:
@@ -505,28 +539,46 @@ def main(argv=None) -> int:
                   "(includes the chain's dispatch and sync); span: its GPU "
                   "timeline per call from a jax.profiler trace (small "
                   "calls; needs a GPU)")
+  ap.add_argument("--low-bit-groups", nargs="+", type=int, default=None,
+                  help="group sizes for bits < 16 (default: --groups)")
+  ap.add_argument("--fallback", default=None, choices=["triton", "xla"],
+                  help="time this backend for a variant only where none "
+                  "of --backends takes the shape (e.g. int4 with RoPE)")
+  ap.add_argument("--append", action="store_true",
+                  help="keep the rows of other shapes already in the "
+                  "results file (one device call per shape; each call "
+                  "times its own baselines)")
   ap.add_argument("--name", default="bench_kernels")
   ap.add_argument("--out", default=os.path.join("eval", "results"))
   args = ap.parse_args(argv)
   bw = measure_bandwidth()["read"]
   peak = measure_matmul_tflops()
+  fp8_peak = (measure_matmul_tflops(dtype=jnp.float8_e4m3fn)
+              if 8 in args.bits and jax.default_backend() == "gpu" else None)
   meta = {"device": str(jax.devices()[0].device_kind),
           "jax": jax.__version__, "python": platform.python_version(),
           "hbm_read_gbps": bw / 1e9, "matmul_tflops": peak,
+          "matmul_fp8_tflops": fp8_peak,
           "group_size": GROUP, "dtype": "bfloat16", "timing": args.timing}
   print(meta, flush=True)
+  kept = (rows_of_other_shapes(os.path.join(args.out, args.name + ".json"),
+                               args.shapes) if args.append else [])
 
   def save(rows):
-    add_roofline(rows, bw, peak)
+    add_roofline(rows, bw, peak, fp8_peak)
     cols = ["shape", "batch", "context", "variant", "backend", "rank", "us",
             "gbps", "tflops", "roofline_frac", "bound", "speedup", "config"]
+    new = [{**meta, **r} for r in rows]
+    fp8 = f", fp8 {fp8_peak:.0f}" if fp8_peak else ""
     md = (f"# Decode attention kernels ({meta['device']})\n\n"
-          f"HBM read {bw / 1e9:.0f} GB/s and bf16 matmul {peak:.0f} TFLOP/s, "
-          f"measured in this run. Speedup is over the fastest full-KV "
-          f"baseline of the same shape, batch and context.\n\n"
-          + markdown_table(rows, cols))
-    jpath, _ = write_results(args.out, args.name,
-                             [{**meta, **r} for r in rows], md)
+          f"HBM read {bw / 1e9:.0f} GB/s and bf16 matmul {peak:.0f}{fp8} "
+          f"TFLOP/s, measured in this run"
+          + (" (rows of other shapes kept from an earlier call: "
+             "their own rates)" if kept else "")
+          + ". Speedup is over the fastest full-KV baseline of the same "
+          "shape, batch and context, timed in the same call.\n\n"
+          + markdown_table(kept + new, cols))
+    jpath, _ = write_results(args.out, args.name, kept + new, md)
     plot_results(jpath)          # a PNG next to it, with matplotlib
 
   run(args.shapes, args.batches, args.contexts, args.ratios, args.bits,
@@ -537,6 +589,8 @@ def main(argv=None) -> int:
       kv_heads_per_cta=tuple(args.kv_heads_per_cta),
       fp8_latents=args.fp8_latents, turns=args.turns, paths=args.paths,
       baselines=tuple(args.baselines), also=tuple(args.also),
+      low_bit_groups=(tuple(args.low_bit_groups) if args.low_bit_groups
+                      else None), fallback=args.fallback,
       timer=span_op if args.timing == "span" else time_op)
   return 0
 

@@ -62,6 +62,7 @@ import numpy as np
 from jax import lax
 from jax._src.lib.mlir import ir
 from jax._src.lib.mlir.dialects import arith as arith_dialect
+from jax._src.lib.mlir.dialects import llvm as llvm_dialect
 from jax.experimental import pallas as pl
 from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -162,6 +163,15 @@ class MosaicConfig:
   # permuted to match, outside the kernel. Saves the relayout (warp
   # shuffles) of every code tile.
   int4_permuted: bool = True
+  # int4 (with int4_permuted): the unsigned nibbles turned into 16-bit
+  # latents by an own register routine, two per step: a mask-or puts a
+  # pair under a magic exponent (1024 + c in f16, 128 + c in bf16), one
+  # packed subtract takes the magic away (exact), one packed fma applies
+  # the quant group's scale and offset, rounded once. Replaces the XOR,
+  # Mosaic GPU's signed conversion and the separate scale and offset
+  # passes (with their f32 -> 16-bit conversions of the offsets). Columns
+  # come out in `int4_fused_column_order`.
+  int4_fused: bool = True
   # v13: each compute WG reduces over its rows (the softmax max) through a
   # shared-memory scratch of its own (Mosaic GPU's reduction, called inline),
   # not through Pallas's one scratch per kernel: no turns between the WGs;
@@ -564,10 +574,107 @@ def _upcast_registers_as_wgmma(x):
   return as_wgmma(x)
 
 
+def int4_fused_column_order(rank: int) -> np.ndarray:
+  """The column permutation of `_dequant_int4_fused`: column c of the
+  array it returns holds column π(c) of the codes. Within each block of 32
+  columns, c = 8j + 2q + e -> 8q + j + 4e (j, q < 4, e < 2): a thread of
+  the WGMMA_UPCAST_4X layout holds the 8 consecutive columns 8q..8q+7 of
+  the block in one 32-bit register, and the routine's j-th pair is its
+  codes j and j + 4 (one shift and mask each), read as the wgmma layout's
+  pair 8j + 2q, +1. Not an involution: undo it with `np.argsort`."""
+  c = np.arange(rank)
+  block, j, q, e = c // 32, c % 32 // 8, c % 8 // 2, c % 2
+  return 32 * block + 8 * q + j + 4 * e
+
+
+def _dequant_int4_fused(codes, scales, offsets, dtype):
+  """Unsigned 4-bit codes [64, R] in the WGMMA_UPCAST_4X layout (8 per
+  32-bit register, read as int4: only the bits count) and, per quant
+  group n, its scale and offset [64] in the row layout, in `dtype` ->
+  c·scale + offset [64, R] in `dtype` (f16 or bf16), in the wgmma layout,
+  columns in `int4_fused_column_order(R)` order. Per pair of codes: a
+  mask-or under a magic exponent, a packed subtract (exact) and a packed
+  fma (one rounding)."""
+  rank = codes.shape[1]
+  qg = rank // len(scales)
+  if qg % 32:
+    raise ValueError(f"quant groups of {qg} latents: the fused int4 "
+                     "routine needs multiples of 32")
+  f16 = jnp.dtype(dtype) == jnp.float16
+  if not f16 and jnp.dtype(dtype) != jnp.bfloat16:
+    raise ValueError(f"int4 latents in {jnp.dtype(dtype).name}: f16 or bf16")
+  magic = 0x64006400 if f16 else 0x43004300     # 1024 + c or 128 + c
+  suffix = "f16x2" if f16 else "bf16x2"
+  row = plgpu.Layout.WGMMA.reduce(1)
+  n = len(scales)
+
+  @plgpu.inline_mgpu(
+      arg_types=(plgpu.Layout.WGMMA_UPCAST_4X,) + (row,) * (2 * n),
+      return_type=plgpu.ShapeDtypeStruct(codes.shape, dtype,
+                                         layout=plgpu.Layout.WGMMA))
+  def dequant(_, array, *rows):
+    i16 = ir.IntegerType.get_signless(16)
+    i32 = ir.IntegerType.get_signless(32)
+    const = lambda v: arith_dialect.constant(i32, ir.IntegerAttr.get(i32, v))
+    out_ty = ir.VectorType.get((2,), mlir_type(dtype))
+
+    def pair(reg):      # a 16-bit value [1] -> the same value twice, 32 bits
+      half = arith_dialect.extui(i32, mgpu.utils.bitcast(reg, i16))
+      return arith_dialect.ori(half, arith_dialect.shli(half, const(16)))
+    packed = [np.vectorize(pair, otypes=[object])(r.registers) for r in rows]
+    layout = mgpu.WGMMA_LAYOUT
+    regs = np.empty(layout.registers_shape(array.shape), dtype=object)
+    for idx, reg in np.ndenumerate(array.registers):
+      m, k, h = idx[0], idx[1], idx[4]   # row tile, block of 32, row half
+      group = 32 * k // qg
+      scale = packed[group][m, 0, h, 0, 0]
+      offset = packed[n + group][m, 0, h, 0, 0]
+      word = mgpu.utils.bitcast(reg, i32)
+      for j in range(4):                 # codes j and j + 4 of the 8
+        shifted = word if j == 0 else arith_dialect.shrui(word, const(4 * j))
+        out = llvm_dialect.inline_asm(
+            i32, [shifted, scale, offset],
+            f"""
+            {{
+            .reg .b32 t, m;
+            mov.b32 m, {magic:#x};
+            lop3.b32 t, $1, 0x000F000F, m, 0xea;
+            sub.{suffix} t, t, m;
+            fma.rn.{suffix} $0, t, $2, $3;
+            }}
+            """,
+            "=r,r,r,r")
+        regs[(m, 4 * k + j, *idx[2:])] = mgpu.utils.bitcast(out, out_ty)
+    return mgpu.FragmentedArray(_registers=regs, _layout=layout,
+                                _is_signed=None)
+  return dequant(codes, *scales, *offsets)
+
+
+def mlir_type(dtype) -> ir.Type:
+  """The MLIR type of a 16-bit float dtype (inside a lowering context)."""
+  return ir.F16Type.get() if jnp.dtype(dtype) == jnp.float16 else (
+      ir.BF16Type.get())
+
+
 def permuted_int4(spec: LatentSpec, config: MosaicConfig) -> bool:
   """Whether the int4 path reads its codes with permuted columns."""
   return (config.int4_permuted and spec.bits == 4
           and spec.quant_group % 32 == 0)
+
+
+def fused_int4(spec: LatentSpec, config: MosaicConfig) -> bool:
+  """Whether the int4 path dequantizes by `_dequant_int4_fused`."""
+  return permuted_int4(spec, config) and config.int4_fused
+
+
+def int4_order(spec: LatentSpec, config: MosaicConfig, rank: int
+               ) -> np.ndarray | None:
+  """The column order the int4 path's registers hold (None: natural)."""
+  if fused_int4(spec, config):
+    return int4_fused_column_order(rank)
+  if permuted_int4(spec, config):
+    return int4_column_order(rank)
+  return None
 
 
 def _reduce_rows(x, scratch, op: str):
@@ -671,36 +778,44 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
     offset per quant group of columns (scale, offset: [SUB, R/qg] refs);
     with `mask`, rows at or past the length zeroed (their codes and scales
     may be anything, and 0·NaN is NaN on the tensor core)."""
-    flip = config.int4_flip
-    permuted = permuted_int4(spec, config)
-    with jax.named_scope("convert"):
-      c = plgpu.load(codes, layout=plgpu.Layout.WGMMA_UPCAST_4X)
-      if flip:
-        c = _flip_code_top_bits(c)
-      # int4 -> 16 bits by Mosaic GPU's register conversion (prmt/lop3, no
-      # conversion-pipe instruction); it reads the nibbles as signed: codes
-      # 8..15 come out as -8..-1, or (flipped) every code as c - 8
-      if permuted:     # 8 codes per register converted where they are
-        c = _upcast_registers_as_wgmma(c.astype(dtype))
-      else:
-        c = plgpu.layout_cast(c, wgmma_layout).astype(dtype)
-      if not flip:
-        c = jnp.where(c < 0, c + 16, c)
     qg = spec.quant_group
+    groups = range(codes.shape[1] // qg)
 
-    def per_row(ref, n):       # the n-th quant group's column, one per row
+    def per_row(ref, n, dt=jnp.float32):  # quant group n's column, per row
       return plgpu.load(ref.at[:, n], layout=row_layout,
-                        optimized=False).astype(jnp.float32)
+                        optimized=False).astype(dt)
 
-    def scaled(n):
-      sc, off = per_row(scale, n), per_row(offset, n)
-      if flip:                 # c·s + z = (c - 8)·s + (z + 8·s)
-        off = off + 8 * sc
-      widen = lambda x: lax.broadcast_in_dim(x.astype(dtype), (SUB, qg), [0])
-      return c[:, n * qg:(n + 1) * qg] * widen(sc) + widen(off)
-    with jax.named_scope("scale"):
-      v = jnp.concatenate([scaled(n) for n in range(c.shape[1] // qg)],
-                          axis=1)
+    if fused_int4(spec, config):
+      with jax.named_scope("convert"):
+        v = _dequant_int4_fused(
+            plgpu.load(codes, layout=plgpu.Layout.WGMMA_UPCAST_4X),
+            [per_row(scale, n, dtype) for n in groups],
+            [per_row(offset, n, dtype) for n in groups], dtype)
+    else:
+      flip = config.int4_flip
+      with jax.named_scope("convert"):
+        c = plgpu.load(codes, layout=plgpu.Layout.WGMMA_UPCAST_4X)
+        if flip:
+          c = _flip_code_top_bits(c)
+        # int4 -> 16 bits by Mosaic GPU's register conversion (prmt/lop3, no
+        # conversion-pipe instruction); it reads the nibbles as signed:
+        # codes 8..15 come out as -8..-1, or (flipped) every code as c - 8
+        if permuted_int4(spec, config):  # 8 codes per register, in place
+          c = _upcast_registers_as_wgmma(c.astype(dtype))
+        else:
+          c = plgpu.layout_cast(c, wgmma_layout).astype(dtype)
+        if not flip:
+          c = jnp.where(c < 0, c + 16, c)
+
+      def scaled(n):
+        sc, off = per_row(scale, n), per_row(offset, n)
+        if flip:                 # c·s + z = (c - 8)·s + (z + 8·s)
+          off = off + 8 * sc
+        widen = lambda x: lax.broadcast_in_dim(x.astype(dtype), (SUB, qg),
+                                               [0])
+        return c[:, n * qg:(n + 1) * qg] * widen(sc) + widen(off)
+      with jax.named_scope("scale"):
+        v = jnp.concatenate([scaled(n) for n in groups], axis=1)
     if not mask:
       return v
     row = rows_from + plgpu.broadcasted_iota(jnp.int32, v.shape, 0,
@@ -1272,8 +1387,9 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
     # packed codes [B, S, G·R/2] -> [B, S, G, R/2] as the rings' bytes; the
     # scales and offsets [B, S, G·R/qg] -> [B, S, G, R/qg] (free reshapes)
     qf = absorbed_queries(q, k_up, spec, nq, dtype)       # [B, G, nq, R_k]
-    if permuted_int4(spec, config):   # the keys' column order in registers
-      qf = qf[..., int4_column_order(rk)]
+    order = int4_order(spec, config, rk)
+    if order is not None:             # the keys' column order in registers
+      qf = qf[..., order]
     operands = (qf,) + tuple(
         _group_major(a, spec.groups) for a in (sk, zk, sv, zv))
     scratch = [plgpu.SMEM((nq, rk), dtype,
@@ -1395,6 +1511,7 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
     heads = spec.heads_per_group
     acc, m, l = acc[..., :heads, :], m[..., :heads], l[..., :heads]
   out = combine_splits(acc, m, l)
-  if permuted_int4(spec, config):     # back from the values' column order
-    out = out[..., int4_column_order(rv)]
+  order = int4_order(spec, config, rv)
+  if order is not None:               # back from the values' column order
+    out = out[..., np.argsort(order)]
   return out.reshape(batch, spec.n_heads, rv)

@@ -132,3 +132,49 @@ def test_bench_kernels_config_labels_name_only_options_that_apply():
   assert _cfg_str(MosaicConfig(block_s=64, stages=4, splits=8,
                                kv_heads_per_cta=3, fuse_heads=True),
                   shared, True).endswith("heads=3 fused")
+
+
+def test_bench_kernels_falls_back_only_where_no_backend_takes_the_shape(
+    monkeypatch):
+  """`--fallback`: a variant gets the fallback backend's row only when the
+  listed backends have no config for it (here Mosaic GPU refuses int4
+  with RoPE); `--low-bit-groups`: bits < 16 only at those group sizes."""
+  from eval import bench_kernels as bk
+  calls = []
+
+  def configs(backend, spec, batch, ctx, rope, *rest):
+    calls.append((backend, spec.bits, spec.kv_per_group, rope))
+    if backend == "mosaic_gpu" and spec.bits == 4 and rope:
+      return []
+    return [None]
+  monkeypatch.setattr(bk, "_configs", configs)
+  monkeypatch.setattr(bk, "_measure", lambda name, *a, **k: {
+      "variant": name, "us": 1.0, "bytes": 1, "gbps": 1.0, "tflops": 1.0})
+  rows = bk.run(["llama3-8b"], [1], [256], [0.5], [16, 4], tune=False,
+                save=lambda rows: None, groups=(4, 1), low_bit_groups=(4,),
+                backends=("mosaic_gpu",), fallback="xla",
+                baselines=("xla",), timer=lambda *a: 1e-3)
+  got = {(r["variant"], r.get("backend")) for r in rows
+         if r["variant"].startswith("palu")}
+  assert got == {("palu50_rope", "mosaic_gpu"), ("palu50_norope", "mosaic_gpu"),
+                 ("palu50_rope_g1", "mosaic_gpu"),
+                 ("palu50_norope_g1", "mosaic_gpu"),
+                 ("palu50_rope_int4", "xla"),
+                 ("palu50_norope_int4", "mosaic_gpu")}
+  assert ("xla", 4, 4, False) not in calls          # Mosaic GPU took it
+  assert not [c for c in calls if c[1] == 4 and c[2] == 1]
+
+
+def test_bench_kernels_append_keeps_only_other_shapes(tmp_path):
+  import json
+
+  from eval.bench_kernels import rows_of_other_shapes
+  path = tmp_path / "b.json"
+  assert rows_of_other_shapes(str(path), ["llama2-7b"]) == []
+  path.write_text(json.dumps([{"shape": "llama2-7b", "us": 1},
+                              {"shape": "llama3-8b", "us": 2}]))
+  assert rows_of_other_shapes(str(path), ["llama2-7b"]) == [
+      {"shape": "llama3-8b", "us": 2}]
+  path.write_text("{}")
+  with pytest.raises(ValueError, match="b.json"):
+    rows_of_other_shapes(str(path), ["llama2-7b"])

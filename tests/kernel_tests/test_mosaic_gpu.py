@@ -577,9 +577,12 @@ def _int4_spec(g, j, qk, h, r, shared):
                     k_rank=r, v_rank=r, shared=shared, bits=4, quant_group=32)
 
 
-# the int4 defaults, and each of their alternatives (a select per element
-# pair for the codes' sign, the value mask in every tile)
-INT4_VARIANTS = {"default": {}, "no_flip": dict(int4_flip=False),
+# the int4 defaults (the fused routine), and each of their alternatives:
+# Mosaic GPU's conversion then separate scale and offset passes (with the
+# XOR of the top bits, or a select per element pair for the sign), the
+# value mask in every tile, a relayout instead of the permuted read
+INT4_VARIANTS = {"default": {}, "steps": dict(int4_fused=False),
+                 "steps_no_flip": dict(int4_fused=False, int4_flip=False),
                  "mask_every_tile": dict(int4_mask_last=False),
                  "relayout": dict(int4_permuted=False)}
 
@@ -600,6 +603,52 @@ def test_int4_column_order_matches_the_two_register_layouts():
         assert order[8 * (4 * k + j) + 2 * q + e] == 32 * k + 8 * q + v
   np.testing.assert_array_equal(order[order], np.arange(rank))
   np.testing.assert_array_equal(order // 32, np.arange(rank) // 32)
+
+
+def test_int4_fused_column_order_matches_the_routine():
+  """`_dequant_int4_fused` turns a thread's register k of the
+  WGMMA_UPCAST_4X layout (columns 32k + 8q..8q+7, code v in bits 4v..4v+3)
+  into pairs j = (codes j, j + 4), and pair j is the wgmma layout's
+  columns 8(4k + j) + 2q + e. The order must name those columns, keep
+  each block of 32 (a quant group of 32) whole, and be a permutation."""
+  rank = 256
+  order = mg.int4_fused_column_order(rank)
+  for q in range(4):
+    for k in range(rank // 32):
+      for j in range(4):
+        for e in range(2):
+          assert order[8 * (4 * k + j) + 2 * q + e] == 32 * k + 8 * q + j + 4 * e
+  np.testing.assert_array_equal(np.sort(order), np.arange(rank))
+  np.testing.assert_array_equal(order // 32, np.arange(rank) // 32)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_int4_fused_bit_trick_gives_the_codes(dtype):
+  """The routine's PTX per pair, emulated in numpy (an independent
+  reading of the same constants): (word >> 4j) & 0x000F000F | magic, read
+  as two 16-bit floats, minus magic, gives codes j and j + 4 of the word
+  exactly, for every code value; then ·scale + offset is one rounding of
+  the exact affine map (what the reference computes in f32)."""
+  magic = 0x64006400 if dtype == jnp.float16 else 0x43004300
+  rng = np.random.default_rng(0)
+  codes = rng.integers(0, 16, size=(4096, 8))
+  codes[:16] = np.arange(16)[:, None]              # every value in every slot
+  word = (codes << (4 * np.arange(8))).sum(axis=1).astype(np.uint32)
+  as_pair = lambda w: np.asarray(
+      w.astype(np.uint32).view(np.uint16).reshape(-1, 2)).view(
+          jnp.dtype(dtype)).astype(np.float32)
+  scale = rng.uniform(0.01, 0.2, size=4096).astype(jnp.dtype(dtype))
+  offset = rng.uniform(-1, 1, size=4096).astype(jnp.dtype(dtype))
+  for j in range(4):
+    t = as_pair(((word >> (4 * j)) & 0x000F000F) | magic) - as_pair(
+        np.full_like(word, magic))
+    np.testing.assert_array_equal(t, codes[:, [j, j + 4]])
+    exact = t * scale.astype(np.float32)[:, None] + offset.astype(
+        np.float32)[:, None]
+    got = exact.astype(jnp.dtype(dtype)).astype(np.float32)
+    ref = (codes[:, [j, j + 4]] * scale.astype(np.float32)[:, None]
+           + offset.astype(np.float32)[:, None]).astype(jnp.dtype(dtype))
+    np.testing.assert_array_equal(got, ref.astype(np.float32))
 
 
 @pytest.mark.parametrize("variant", INT4_VARIANTS)
@@ -899,13 +948,16 @@ def test_compiled_int4_kernel_matches_reference(case, variant):
 @gpu
 @needs_hopper
 def test_compiled_int4_kernel_float16():
-  """float16 queries and scales: int4 -> f16 has no prmt/lop3 path in
-  Mosaic GPU (the generic conversion runs instead); the result must still
-  match the reference."""
+  """float16 queries and scales: the fused routine with f16's magic
+  (1024 + c) and packed f16 arithmetic; without it (`int4_fused=False`)
+  Mosaic GPU's generic int4 -> f16 conversion. Both must match the
+  reference."""
   spec = _int4_spec(2, 4, 1, 128, 256, False)
   cfg = mg.choose_config(spec, batch=2, cache_len=512, rope=False)
-  assert check(spec, batch=2, cache_len=512, lengths=[512, 77],
-               dtype=jnp.float16, rope=False, config=cfg)
+  for fused in (True, False):
+    assert check(spec, batch=2, cache_len=512, lengths=[512, 77],
+                 dtype=jnp.float16, rope=False,
+                 config=dataclasses.replace(cfg, int4_fused=fused))
 
 
 @gpu
