@@ -435,6 +435,8 @@ def _cfg_str(c, spec=None, rope: bool = True) -> str:
                else "")
             + (" fp8_scores" if applies(mosaic_gpu.fp8_scores) else "")
             + ("" if c.private_reductions else " turns")
+            + (" int4_steps" if spec is not None and spec.bits == 4
+               and not mosaic_gpu.fused_int4(spec, c) else "")
             + (" fused" if applies(mosaic_gpu.fused_heads) else ""))
   return f"bs={c.block_s} P={c.splits} w={c.num_warps} st={c.num_stages}"
 
