@@ -172,6 +172,11 @@ class MosaicConfig:
   # passes (with their f32 -> 16-bit conversions of the offsets). Columns
   # come out in `int4_fused_column_order`.
   int4_fused: bool = True
+  # int4 with RoPE: the dequantized key sub-tile is the register A operand
+  # of the rebuild wgmma (B_k's rows permuted to the codes' column order
+  # in XLA), values staged as without RoPE. False sends these calls to
+  # Triton.
+  int4_rope: bool = True
   # v13: each compute WG reduces over its rows (the softmax max) through a
   # shared-memory scratch of its own (Mosaic GPU's reduction, called inline),
   # not through Pallas's one scratch per kernel: no turns between the WGs;
@@ -279,8 +284,10 @@ def unsupported_reason(spec: LatentSpec, dtype, cache_len: int, rope: bool,
     if spec.k_rank % 32 or spec.v_rank % 32:
       return "float8 ranks not multiples of 32 (the 1-byte swizzle)"
   elif spec.bits == 4:
-    if rope:
-      return "4-bit latents with RoPE (Mosaic GPU reads 4-bit codes without RoPE)"
+    if rope and not config.int4_rope:
+      return "4-bit latents with RoPE and MosaicConfig(int4_rope=False)"
+    if rope and config.rope_mode != "rebuild":
+      return "4-bit latents with rope_mode 'fold' (rebuild only)"
     if not config.int4_latents:
       return "4-bit latents with MosaicConfig(int4_latents=False)"
     qg = spec.quant_group
@@ -703,6 +710,10 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
     (bk_g, q_g, vec_g, base_g, sk_g, sv_g, acc_o, m_o, l_o, b_s, q_s, vec_s,
      base_s, hk_s, hv_s, sk_s, sv_s, vb_s, p_s, setup_bar, kprod_bar,
      vprod_bar, kcons_bar, vcons_bar, turn_bar) = rest
+  elif rope and spec.bits == 4:
+    (bk_g, q_g, vec_g, base_g, sk_g, zk_g, sv_g, zv_g, acc_o, m_o, l_o, b_s,
+     q_s, vec_s, base_s, hk_s, hv_s, sk_s, zk_s, sv_s, zv_s, vb_s, p_s,
+     setup_bar, kprod_bar, vprod_bar, kcons_bar, vcons_bar, turn_bar) = rest
   elif rope:
     (bk_g, q_g, vec_g, base_g, acc_o, m_o, l_o, b_s, q_s, vec_s, base_s,
      hk_s, hv_s, p_s, setup_bar, kprod_bar, vprod_bar,
@@ -875,14 +886,17 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
         # (float8: the values were copied out, the slot frees with the keys)
         release_keys = (split_rings or staged) and j == subs - 1
 
-        def latent_product(operand, last, rows=rows, release=release_keys,
-                           width=None):
+        def latent_product(operand, last, rows=rows,
+                           release=release_keys and not int4, width=None,
+                           a=None):
           """h_k sub-tile [SUB, R_k] · operand [R_k, N] -> f32 [SUB, N] on
           the tensor core (one wgmma, N = H, or hc·H with fused heads: the
-          h_k rows are read from shared memory once); the sub-tile's last
-          one frees the key slot."""
+          h_k rows are read from shared memory once, or, `a`, taken from
+          registers: int4 keys dequantized); the sub-tile's last one frees
+          the key slot (int4: freed once the codes are in registers)."""
           def product(ref):
-            plgpu.wgmma(ref, hk_s.at[slot, rows], operand)
+            plgpu.wgmma(ref, hk_s.at[slot, rows] if a is None else a,
+                        operand)
             return ref[...]
           out = pl.run_scoped(product, plgpu.ACC((SUB, width or 2 * hh),
                                                  jnp.float32))
@@ -918,6 +932,16 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
           z0 = col(base_s.at[slot, j, 1])
           cos = sin = None
           per_head = []
+          keys = None          # int4: the sub-tile's latents in registers
+          if int4:
+            with jax.named_scope("upcast"):
+              keys = dequant4(hk_s.at[slot, rows], sk_s.at[slot, rows],
+                              zk_s.at[slot, rows], s0 + j * SUB,
+                              spec.shared and not config.int4_mask_last)
+              if release_keys:     # codes, scales, offsets in registers
+                plgpu.barrier_arrive(kcons_bar.at[slot])
+              if spec.shared:      # the same latents are the values
+                vb_s.at[wg, rows][...] = keys
           if fp8:
             with jax.named_scope("upcast"):
               k_scales.append(token_scales(sk_s.at[slot, rows]))
@@ -926,7 +950,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
                                                 s0 + j * SUB)
           if fused:    # every head's keys side by side [SUB, hc·H]
             with jax.named_scope("rebuild"):
-              k_all = latent_product(b_s, True, width=hc * 2 * hh)
+              k_all = latent_product(b_s, True, width=hc * 2 * hh, a=keys)
           rotated = []
           for jj in range(hc):
             with jax.named_scope("rebuild"):
@@ -936,7 +960,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
                 k = k_all[:, jj * 2 * hh:(jj + 1) * 2 * hh]
               else:
                 k = latent_product(b_s.at[jj].T if fp8 else b_s.at[jj],
-                                   jj == hc - 1)
+                                   jj == hc - 1, a=keys)
               k1, k2 = k[:, :hh], k[:, hh:]
               if fp8:
                 row = lax.broadcast_in_dim(k_scales[j], (SUB, hh), [0])
@@ -1352,6 +1376,9 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
     k_swizzle = min(k_swizzle, _swizzle(2 * hh))
     bk, qh, vecs, angles = _rope_operands(q, k_up, k_bias, inv_freq, spec, nq,
                                           dtype, s, scores_dtype(config, dtype))
+    order = int4_order(spec, config, rk) if int4 else None
+    if order is not None:   # B_k's rows in the keys' column order
+      bk = bk[:, order, :]
     x_size = spec.groups * spec.kv_per_group // hc
     n_vec = 3
     if fp8:   # B_k as e4m3 codes, K-major, + its column scales (f32 rows)
@@ -1372,6 +1399,8 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
       q_smem = plgpu.SMEM(qh.shape[2:], qh.dtype,
                           transforms=_transforms(_swizzle(hc * 2 * hh)))
     operands = (bk, qh, vecs.reshape(x_size, hc, n_vec, hh), angles)
+    if int4:
+      operands += tuple(_group_major(a, spec.groups) for a in (sk, zk, sv, zv))
     if fp8:
       operands += (sk, sv)
       b_smem = plgpu.SMEM((hc, 2 * hh, rk), bk.dtype,

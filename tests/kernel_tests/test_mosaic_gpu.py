@@ -320,11 +320,14 @@ def test_api_picks_the_reference_for_small_calls_on_hopper(monkeypatch):
   assert api.resolve(None, spec, big, 4096, True) == "mosaic_gpu"
   assert api.resolve(None, spec, small, 65536, False) == "mosaic_gpu"
   assert api.resolve(None, spec, small, 4096, False) == "mosaic_gpu"
-  # 4-bit codes: the Mosaic GPU kernel without RoPE, Triton with RoPE
+  # 4-bit codes: the Mosaic GPU kernel on both paths; Triton with RoPE
+  # when the config turns that off
   int4 = LatentSpec(groups=8, kv_per_group=4, q_per_kv=1, head_dim=128,
                     k_rank=256, v_rank=256, bits=4, quant_group=32)
   assert api.resolve(None, int4, big, 65536, False) == "mosaic_gpu"
-  assert api.resolve(None, int4, big, 65536, True) == "triton"
+  assert api.resolve(None, int4, big, 65536, True) == "mosaic_gpu"
+  off = mg.MosaicConfig(int4_rope=False)
+  assert api.resolve(None, int4, big, 65536, True, off) == "triton"
 
 
 # ------------------------------------------------- CPU: lowering for sm_90
@@ -651,23 +654,26 @@ def test_int4_fused_bit_trick_gives_the_codes(dtype):
     np.testing.assert_array_equal(got, ref.astype(np.float32))
 
 
+@pytest.mark.parametrize("rope", [False, True], ids=["norope", "rope"])
 @pytest.mark.parametrize("variant", INT4_VARIANTS)
 @pytest.mark.parametrize("block_s", [None, 64, 128])
 @pytest.mark.parametrize("case", INT4_CASES,
                          ids=lambda c: "-".join(map(str, c)))
-def test_int4_kernel_lowers_for_sm90(case, block_s, variant):
-  """4-bit codes without RoPE: the rings read as int4 codes, converted to
-  16 bits in registers with a scale and offset per quant group; every
-  shape with its chosen tiles and each tile size that fits."""
+def test_int4_kernel_lowers_for_sm90(case, block_s, variant, rope):
+  """4-bit codes: the rings read as int4 codes, converted to 16 bits in
+  registers with a scale and offset per quant group, then scored against
+  the absorbed query (no RoPE) or multiplied by B_k from registers and
+  rotated (RoPE); every shape with its chosen tiles and each tile size
+  that fits."""
   g, j, qk, h, r, shared, batch, s = case
   spec = _int4_spec(g, j, qk, h, r, shared)
   config = dataclasses.replace(mg.choose_config(
-      spec, batch=batch, cache_len=s, rope=False), **INT4_VARIANTS[variant])
+      spec, batch=batch, cache_len=s, rope=rope), **INT4_VARIANTS[variant])
   if block_s:
     config = dataclasses.replace(config, block_s=block_s, stages=2)
-  if mg.unsupported_reason(spec, jnp.bfloat16, s, False, config):
+  if mg.unsupported_reason(spec, jnp.bfloat16, s, rope, config):
     pytest.skip("does not fit")
-  assert "mosaic_gpu" in _lower(spec, batch, s, False,
+  assert "mosaic_gpu" in _lower(spec, batch, s, rope,
                                 config=config).as_text()
 
 
@@ -677,8 +683,12 @@ def test_int4_reasons():
   assert mg.unsupported_reason(spec, jnp.bfloat16, 1024, False, on) is None
   assert "int4_latents=False" in mg.unsupported_reason(
       spec, jnp.bfloat16, 1024, False, mg.MosaicConfig(int4_latents=False))
-  assert "with RoPE" in mg.unsupported_reason(spec, jnp.bfloat16, 1024,
-                                              True, on)
+  # with RoPE: the keys rebuilt from registers (rebuild mode only)
+  assert mg.unsupported_reason(spec, jnp.bfloat16, 1024, True, on) is None
+  assert "fold" in mg.unsupported_reason(
+      spec, jnp.bfloat16, 1024, True, mg.MosaicConfig(rope_mode="fold"))
+  assert "int4_rope=False" in mg.unsupported_reason(
+      spec, jnp.bfloat16, 1024, True, mg.MosaicConfig(int4_rope=False))
   # a tile's scales are a TMA row of R / quant_group 16-bit values: ≥ 16 B
   small = dataclasses.replace(spec, k_rank=128, v_rank=128)
   assert "multiple of 8" in mg.unsupported_reason(small, jnp.bfloat16, 1024,
@@ -693,8 +703,9 @@ def test_int4_reasons():
   for case in INT4_CASES:
     g, j, qk, h, r, shared, batch, s = case
     sp = _int4_spec(g, j, qk, h, r, shared)
-    c = mg.choose_config(sp, batch=batch, cache_len=s, rope=False)
-    assert mg.smem_bytes(sp, False, c) <= mg.SMEM_BYTES
+    for rope in (False, True):
+      c = mg.choose_config(sp, batch=batch, cache_len=s, rope=rope)
+      assert mg.smem_bytes(sp, rope, c) <= mg.SMEM_BYTES
 
 
 def test_fp8_reasons():
@@ -942,6 +953,32 @@ def test_compiled_int4_kernel_matches_reference(case, variant):
       continue
     ran += check(spec, batch=batch, cache_len=s, lengths=lengths,
                  dtype=jnp.bfloat16, rope=False, config=c)
+  assert ran
+
+
+@gpu
+@needs_hopper
+@pytest.mark.parametrize("case", [
+    (2, 4, 1, 128, 256, False, 2, 512, [512, 77]),      # G-LRD-4
+    (2, 4, 4, 128, 256, False, 3, 448, [448, 1, 200]),  # GQA 4
+    (2, 2, 2, 64, 256, True, 2, 320, [320, 65]),        # shared latent
+], ids=lambda c: "-".join(map(str, c[:6])))
+@pytest.mark.parametrize("variant", ["default", "steps", "relayout"])
+def test_compiled_int4_rope_kernel_matches_reference(case, variant):
+  """4-bit caches with RoPE: the codes dequantized in registers (B_k's
+  rows permuted to their column order), keys rebuilt by a wgmma with A in
+  registers, rotated and scored; key bias on; against the reference on
+  the same codes; the chosen config and 64-row tiles with 3 splits."""
+  g, j, qk, h, r, shared, batch, s, lengths = case
+  spec = _int4_spec(g, j, qk, h, r, shared)
+  cfg = dataclasses.replace(mg.choose_config(
+      spec, batch=batch, cache_len=s, rope=True), **INT4_VARIANTS[variant])
+  ran = 0
+  for c in (cfg, dataclasses.replace(cfg, block_s=64, stages=2, splits=3)):
+    if mg.unsupported_reason(spec, jnp.bfloat16, s, True, c):
+      continue
+    ran += check(spec, batch=batch, cache_len=s, lengths=lengths,
+                 dtype=jnp.bfloat16, rope=True, bias=True, config=c)
   assert ran
 
 
