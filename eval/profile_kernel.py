@@ -181,15 +181,14 @@ def main(argv=None) -> int:
                   "instead of each WG's own (the default)")
   ap.add_argument("--bits", type=int, default=16, choices=[16, 8, 4],
                   help="latent bits (8: one scale per token and group; 4: "
-                  "the no-RoPE path only, quant groups of 32)")
+                  "quant groups of 32)")
   ap.add_argument("--breakdown", action="store_true",
                   help="also report each GPU kernel's device time per call")
   ap.add_argument("--out", default=os.path.join("eval", "results"))
   ap.add_argument("--name", default="profile_kernel")
   args = ap.parse_args(argv)
   rows = []
-  # (4-bit codes: the kernel reads them without RoPE only)
-  paths = [(g, True) for g in args.groups] if args.bits != 4 else []
+  paths = [(g, True) for g in args.groups]
   if args.norope:
     paths.append((args.groups[0], False))
   n_heads, n_kv, head_dim = SHAPES[args.shape]

@@ -177,6 +177,11 @@ class MosaicConfig:
   # in XLA), values staged as without RoPE. False sends these calls to
   # Triton.
   int4_rope: bool = True
+  # int4 with RoPE: the dequantized key sub-tile stored to the WG's value
+  # tile (free until the tile's values are dequantized) and read from
+  # there by the rebuild wgmma, instead of held in registers (64 per
+  # thread, next to the rebuild's 64 accumulator registers)
+  int4_keys_smem: bool = False
   # v13: each compute WG reduces over its rows (the softmax max) through a
   # shared-memory scratch of its own (Mosaic GPU's reduction, called inline),
   # not through Pallas's one scratch per kernel: no turns between the WGs;
@@ -288,6 +293,9 @@ def unsupported_reason(spec: LatentSpec, dtype, cache_len: int, rope: bool,
       return "4-bit latents with RoPE and MosaicConfig(int4_rope=False)"
     if rope and config.rope_mode != "rebuild":
       return "4-bit latents with rope_mode 'fold' (rebuild only)"
+    if rope and config.int4_keys_smem and spec.k_rank != spec.v_rank:
+      return (f"int4_keys_smem with k_rank {spec.k_rank} != v_rank "
+              f"{spec.v_rank} (the keys borrow the value tile)")
     if not config.int4_latents:
       return "4-bit latents with MosaicConfig(int4_latents=False)"
     qg = spec.quant_group
@@ -940,8 +948,12 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
                               spec.shared and not config.int4_mask_last)
               if release_keys:     # codes, scales, offsets in registers
                 plgpu.barrier_arrive(kcons_bar.at[slot])
-              if spec.shared:      # the same latents are the values
+              if spec.shared or config.int4_keys_smem:
+                # (shared: the same latents are the values)
                 vb_s.at[wg, rows][...] = keys
+              if config.int4_keys_smem:   # the rebuild's A from there
+                plgpu.commit_smem()
+                keys = vb_s.at[wg, rows]
           if fp8:
             with jax.named_scope("upcast"):
               k_scales.append(token_scales(sk_s.at[slot, rows]))
