@@ -588,7 +588,7 @@ INT4_VARIANTS = {"default": {}, "steps": dict(int4_fused=False),
                  "steps_no_flip": dict(int4_fused=False, int4_flip=False),
                  "mask_every_tile": dict(int4_mask_last=False),
                  "relayout": dict(int4_permuted=False),
-                 "keys_smem": dict(int4_keys_smem=True)}
+                 "keys_in_registers": dict(int4_keys_smem=False)}
 
 
 def test_int4_column_order_matches_the_two_register_layouts():
@@ -965,7 +965,7 @@ def test_compiled_int4_kernel_matches_reference(case, variant):
     (2, 2, 2, 64, 256, True, 2, 320, [320, 65]),        # shared latent
 ], ids=lambda c: "-".join(map(str, c[:6])))
 @pytest.mark.parametrize("variant", ["default", "steps", "relayout",
-                                     "keys_smem"])
+                                     "keys_in_registers"])
 def test_compiled_int4_rope_kernel_matches_reference(case, variant):
   """4-bit caches with RoPE: the codes dequantized in registers (B_k's
   rows permuted to their column order), keys rebuilt by a wgmma with A in
