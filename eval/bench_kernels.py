@@ -437,6 +437,8 @@ def _cfg_str(c, spec=None, rope: bool = True) -> str:
             + ("" if c.private_reductions else " turns")
             + (" int4_steps" if spec is not None and spec.bits == 4
                and not mosaic_gpu.fused_int4(spec, c) else "")
+            + (" keys_in_registers" if spec is not None and spec.bits == 4
+               and rope and not c.int4_keys_smem else "")
             + (" fused" if applies(mosaic_gpu.fused_heads) else ""))
   return f"bs={c.block_s} P={c.splits} w={c.num_warps} st={c.num_stages}"
 

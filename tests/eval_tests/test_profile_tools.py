@@ -132,6 +132,16 @@ def test_bench_kernels_config_labels_name_only_options_that_apply():
   assert _cfg_str(MosaicConfig(block_s=64, stages=4, splits=8,
                                kv_heads_per_cta=3, fuse_heads=True),
                   shared, True).endswith("heads=3 fused")
+  # int4: the step path (int4_fused off) and, with RoPE only, the keys
+  # held in registers are named; the defaults are not
+  int4 = LatentSpec(groups=8, kv_per_group=4, q_per_kv=1, head_dim=128,
+                    k_rank=256, v_rank=256, bits=4, quant_group=32)
+  assert _cfg_str(c, int4, True) == "bs=128 P=2 stages=4"
+  steps = MosaicConfig(block_s=64, stages=4, splits=1, int4_fused=False,
+                       int4_keys_smem=False)
+  assert _cfg_str(steps, int4, False) == "bs=64 P=1 stages=4 int4_steps"
+  assert _cfg_str(steps, int4, True) == (
+      "bs=64 P=1 stages=4 int4_steps keys_in_registers")
 
 
 def test_bench_kernels_falls_back_only_where_no_backend_takes_the_shape(
