@@ -944,17 +944,24 @@ def test_compiled_int4_kernel_matches_reference(case, variant):
   """4-bit caches written by the model's quantizer (make_inputs: codes,
   scale and offset per group of 32), the reference dequantizing the same
   codes; the chosen config and 64-row tiles with 3 splits."""
+  assert _check_int4_case(case, variant, rope=False)
+
+
+def _check_int4_case(case, variant, rope):
+  """The chosen config with the variant's changes and 64-row tiles with 3
+  splits, each the shape takes, against the reference (key bias with
+  RoPE); how many ran."""
   g, j, qk, h, r, shared, batch, s, lengths = case
   spec = _int4_spec(g, j, qk, h, r, shared)
   cfg = dataclasses.replace(mg.choose_config(
-      spec, batch=batch, cache_len=s, rope=False), **INT4_VARIANTS[variant])
+      spec, batch=batch, cache_len=s, rope=rope), **INT4_VARIANTS[variant])
   ran = 0
   for c in (cfg, dataclasses.replace(cfg, block_s=64, stages=2, splits=3)):
-    if mg.unsupported_reason(spec, jnp.bfloat16, s, False, c):
+    if mg.unsupported_reason(spec, jnp.bfloat16, s, rope, c):
       continue
     ran += check(spec, batch=batch, cache_len=s, lengths=lengths,
-                 dtype=jnp.bfloat16, rope=False, config=c)
-  assert ran
+                 dtype=jnp.bfloat16, rope=rope, bias=rope, config=c)
+  return ran
 
 
 @gpu
@@ -968,20 +975,10 @@ def test_compiled_int4_kernel_matches_reference(case, variant):
                                      "keys_in_registers"])
 def test_compiled_int4_rope_kernel_matches_reference(case, variant):
   """4-bit caches with RoPE: the codes dequantized in registers (B_k's
-  rows permuted to their column order), keys rebuilt by a wgmma with A in
-  registers, rotated and scored; key bias on; against the reference on
-  the same codes; the chosen config and 64-row tiles with 3 splits."""
-  g, j, qk, h, r, shared, batch, s, lengths = case
-  spec = _int4_spec(g, j, qk, h, r, shared)
-  cfg = dataclasses.replace(mg.choose_config(
-      spec, batch=batch, cache_len=s, rope=True), **INT4_VARIANTS[variant])
-  ran = 0
-  for c in (cfg, dataclasses.replace(cfg, block_s=64, stages=2, splits=3)):
-    if mg.unsupported_reason(spec, jnp.bfloat16, s, True, c):
-      continue
-    ran += check(spec, batch=batch, cache_len=s, lengths=lengths,
-                 dtype=jnp.bfloat16, rope=True, bias=True, config=c)
-  assert ran
+  rows permuted to their column order), the keys rebuilt by a wgmma from
+  the WG's tile (default) or from registers, rotated and scored; key bias
+  on; against the reference on the same codes."""
+  assert _check_int4_case(case, variant, rope=True)
 
 
 @gpu
