@@ -116,6 +116,15 @@ ROWS = dict([
            shared_kv=True, k_weight=2.0, rope_span=512, calib="small",
            kv_bits=b, hadamard=h, multiple=32)  # ranks fill whole quant groups
       for r in (0.3, 0.5) for b in (4, 3, 2) for h in (False, True)],
+    # int4 with one scale and offset per token and latent group
+    # (quant_group 0): what an fp8 key rebuild from int4 codes needs (one
+    # accumulator per rebuild; NOTES.md v17); the rows above use groups
+    # of 32 latents.
+    *[_row(f"default-50-int4{'-hadamard' if h else ''}-qtoken", mode="jlrd",
+           ratio=0.5, alloc="uniform", whiten="attention", shared_kv=True,
+           k_weight=2.0, rope_span=512, calib="small", kv_bits=4,
+           quant_group=0, hadamard=h, multiple=32)
+      for h in (False, True)],
     # Full-cache quantization baselines (dense model, simulated).
     *[_row(f"{m}-{b}", baseline=(m, b, 32, 128 if m == "kivi" else 0))
       for m, b in (("kivi", 4), ("kivi", 2), ("rtn", 4), ("rtn", 3),
@@ -222,8 +231,8 @@ def main(argv=None) -> int:
   def save():
     rows = sorted(done.values(), key=lambda r: order.get(r["name"], 1e9))
     cols = ["name", "mode", "alloc", "whiten", "ratio", "k_fraction",
-            "shared_kv", "k_weight", "rope_span", "kv_bits", "hadamard",
-            "calib",
+            "shared_kv", "k_weight", "rope_span", "kv_bits", "quant_group",
+            "hadamard", "calib",
             "kv_bytes_per_token", "kept", *[f"ppl_{d}" for d in corpora],
             *[f"delta_{d}" for d in corpora], "compress_s"]
     meta = {"model": args.model, "seqlen": args.seqlen, "limit": args.limit,
@@ -336,6 +345,8 @@ def main(argv=None) -> int:
            "k_fraction": comp.k_fraction, "shared_kv": comp.shared_kv,
            "k_weight": comp.k_weight, "rope_span": span,
            "kv_bits": comp.kv_bits, "hadamard": comp.hadamard,
+           "quant_group": (comp.cache_quant_group() if comp.kv_bits != 16
+                           else None),
            "k_up_bits": comp.k_up_bits,
            "calib": f"{calibs[which].windows}x{calibs[which].seqlen}",
            "kv_bytes_per_token": report["kv_bytes_per_token"],
