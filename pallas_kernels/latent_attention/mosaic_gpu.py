@@ -31,10 +31,11 @@ tensor-core work is spent on padding rows:
            Sᵀ = K_rot·qᵀ                       (wgmma, A from registers)
   no RoPE: Sᵀ = h_k·q'ᵀ                       (wgmma, q' = q·B_kᵀ/√H)
 Low-bit caches: float8 codes (a scale per token and group; with RoPE an
-fp8 rebuild, without it e4m3 scores or f16 upcasts), and, without RoPE,
-4-bit codes (`dequant4`: converted and scaled per quant group in
-registers); their values are staged in each compute WG's 16-bit tile.
-and per tile (one update for all its sub-tiles):
+fp8 rebuild, without it e4m3 scores or f16 upcasts), and 4-bit codes
+(`dequant4`: turned into 16-bit latents in registers with each quant
+group's scale and offset; with RoPE the keys are rebuilt from them);
+their values are staged in each compute WG's 16-bit tile.
+And per tile (one update for all its sub-tiles):
            m, l, P = online softmax over the bs rows (f32)
            Pᵀ → shared memory (bf16/fp16), acc += h_vᵀ·P  (wgmma, [R_v, N],
            K = bs)
@@ -172,10 +173,10 @@ class MosaicConfig:
   # passes (with their f32 -> 16-bit conversions of the offsets). Columns
   # come out in `int4_fused_column_order`.
   int4_fused: bool = True
-  # int4 with RoPE: the dequantized key sub-tile is the register A operand
-  # of the rebuild wgmma (B_k's rows permuted to the codes' column order
-  # in XLA), values staged as without RoPE. False sends these calls to
-  # Triton.
+  # int4 with RoPE: the dequantized key sub-tile is the A operand of the
+  # rebuild wgmma (from registers, or from the WG's tile with
+  # int4_keys_smem; B_k's rows permuted to the codes' column order in XLA),
+  # values staged as without RoPE. False sends these calls to Triton.
   int4_rope: bool = True
   # int4 with RoPE: the dequantized key sub-tile stored to the WG's value
   # tile (free until the tile's values are dequantized) and read from
