@@ -1357,6 +1357,8 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
   if int4:
     (hk, sk, zk), v_side = cache_sides(hk, hv, spec)
     hv, sv, zv = v_side or (None, sk, zk)
+    # scales and offsets [B, S, G·R/qg] -> [B, S, G, R/qg] (free reshapes)
+    sk, zk, sv, zv = (_group_major(a, spec.groups) for a in (sk, zk, sv, zv))
   batch, s = hk.shape[:2]
   if config is None:
     config = choose_config(spec, batch=batch, cache_len=s, rope=rope)
@@ -1414,7 +1416,7 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
                           transforms=_transforms(_swizzle(hc * 2 * hh)))
     operands = (bk, qh, vecs.reshape(x_size, hc, n_vec, hh), angles)
     if int4:
-      operands += tuple(_group_major(a, spec.groups) for a in (sk, zk, sv, zv))
+      operands += (sk, zk, sv, zv)
     if fp8:
       operands += (sk, sv)
       b_smem = plgpu.SMEM((hc, 2 * hh, rk), bk.dtype,
@@ -1427,14 +1429,12 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
                plgpu.SMEM((config.stages, bs // SUB, 2, hh), jnp.float32)]
     n_setup = 3 if fused else 1 + 2 * hc
   elif int4:
-    # packed codes [B, S, G·R/2] -> [B, S, G, R/2] as the rings' bytes; the
-    # scales and offsets [B, S, G·R/qg] -> [B, S, G, R/qg] (free reshapes)
+    # packed codes [B, S, G·R/2] -> [B, S, G, R/2] as the rings' bytes
     qf = absorbed_queries(q, k_up, spec, nq, dtype)       # [B, G, nq, R_k]
     order = int4_order(spec, config, rk)
     if order is not None:             # the keys' column order in registers
       qf = qf[..., order]
-    operands = (qf,) + tuple(
-        _group_major(a, spec.groups) for a in (sk, zk, sv, zv))
+    operands = (qf, sk, zk, sv, zv)
     scratch = [plgpu.SMEM((nq, rk), dtype,
                           transforms=_transforms(_swizzle(rk)))]
     n_setup = 1
