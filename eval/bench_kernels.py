@@ -282,15 +282,17 @@ def run(shapes, batches, contexts, ratios, bits_list, *, tune: bool,
                     + ("_shared" if shared else ""))
             timed = []
             for backend in backends + ((fallback,) if fallback else ()):
-              if backend == fallback and any(r is not None for r in timed):
+              if backend == fallback and timed:
                 break                  # a backend of the list took it
               configs = _configs(backend, spec, batch, ctx, rope, tune,
                                  rope_modes, compute_wgs, split_counts,
                                  kv_heads_per_cta, fp8_latents, turns, also)
-              timed.append(_time_configs(
-                  name, backend, configs, spec, batch, ctx, rope, q,
-                  (hk, hv, k_up), lengths, nbytes, inv, group, timer))
-            shape_rows += [r for r in timed if r is not None]
+              row = _time_configs(name, backend, configs, spec, batch, ctx,
+                                  rope, q, (hk, hv, k_up), lengths, nbytes,
+                                  inv, group, timer)
+              if row is not None:      # None: no config for the shape
+                timed.append(row)
+            shape_rows += timed
           del hk, hv
         for r in shape_rows:
           r.update(shape=shape_name, batch=batch, kv_heads=n_kv, context=ctx)
