@@ -210,6 +210,41 @@ def palu_flops(spec: LatentSpec, batch: int, ctx: int, rope: bool) -> float:
   return float(batch * ctx * per_pos)
 
 
+def _time_spec(shape_rows, spec, scales, batch, ctx, q, lengths, paths,
+               ratio, group, shared, backends, fallback, timer, options):
+  """Time one latent spec on each path and backend (the fallback only where
+  no backend of the list takes it); rows appended to shape_rows."""
+  (tune, rope_modes, compute_wgs, split_counts, kv_heads_per_cta,
+   fp8_latents, turns, also) = options
+  h, bits = spec.head_dim, spec.bits
+  hk = _latent_side(spec, batch, ctx, 6)
+  hv = None if shared else _latent_side(spec, batch, ctx, 7)
+  k_up = _pseudo_random(jnp.float32(8), shape=(
+      spec.groups * spec.k_rank, group * h), dtype=DTYPE)
+  inv = jnp.asarray(1.0 / 10000 ** (np.arange(0, h, 2) / h), jnp.float32)
+  nbytes = batch * ctx * spec.latent_bytes_per_token()
+  ropes = [p == "rope" for p in ("rope", "norope") if p in paths]
+  for rope in ropes:
+    name = (f"palu{round(ratio * 100)}_{'rope' if rope else 'norope'}"
+            + {16: "", 8: "_fp8"}.get(bits, f"_int{bits}")
+            + ("" if group == GROUP else f"_g{group}")
+            + ("_shared" if shared else "")
+            + ("_qtoken" if scales == "token" else ""))
+    timed = []
+    for backend in backends + ((fallback,) if fallback else ()):
+      if backend == fallback and timed:
+        break                          # a backend of the list took it
+      configs = _configs(backend, spec, batch, ctx, rope, tune, rope_modes,
+                         compute_wgs, split_counts, kv_heads_per_cta,
+                         fp8_latents, turns, also)
+      row = _time_configs(name, backend, configs, spec, batch, ctx, rope, q,
+                          (hk, hv, k_up), lengths, nbytes, inv, group, timer)
+      if row is not None:              # None: no config for the shape
+        timed.append(row)
+    shape_rows += timed
+  del hk, hv
+
+
 def run(shapes, batches, contexts, ratios, bits_list, *, tune: bool,
         save, groups=(GROUP,), backends=("mosaic_gpu", "triton"),
         shared: bool = False, rope_modes: tuple = (),
@@ -217,11 +252,14 @@ def run(shapes, batches, contexts, ratios, bits_list, *, tune: bool,
         kv_heads_per_cta: tuple = (), fp8_latents: bool = False,
         turns: bool = False, baselines=("xla", "dpa_xla", "cudnn", "pallas"),
         timer=None, also: tuple = (), paths=("rope", "norope"),
-        low_bit_groups: tuple | None = None, fallback: str | None = None
-        ) -> list[dict]:
+        low_bit_groups: tuple | None = None, fallback: str | None = None,
+        int_scales: tuple = ("group",)) -> list[dict]:
   """Time every baseline and Palu variant; `low_bit_groups`: the group
   sizes of bits < 16 (None: `groups`); `fallback`: a backend timed for a
-  variant only when none of `backends` takes its shape."""
+  variant only when none of `backends` takes its shape; `int_scales`:
+  integer codes with a scale per 32 latents ("group", the library's
+  default) and/or one per token and latent group ("token", rows named
+  `..._qtoken`)."""
   timer = timer or time_op
   rows: list[dict] = []
   for shape_name in shapes:
@@ -267,33 +305,13 @@ def run(shapes, batches, contexts, ratios, bits_list, *, tune: bool,
           spec = palu_spec(n_heads, n_kv, h, ratio, bits, group, shared)
           if bits == 8 and fp8_latents:   # one scale per token and group
             spec = dataclasses.replace(spec, quant_group=spec.k_rank)
-          hk = _latent_side(spec, batch, ctx, 6)
-          hv = None if shared else _latent_side(spec, batch, ctx, 7)
-          k_up = _pseudo_random(jnp.float32(8), shape=(
-              spec.groups * spec.k_rank, group * h), dtype=DTYPE)
-          inv = jnp.asarray(1.0 / 10000 ** (np.arange(0, h, 2) / h),
-                            jnp.float32)
-          nbytes = batch * ctx * spec.latent_bytes_per_token()
-          ropes = [p == "rope" for p in ("rope", "norope") if p in paths]
-          for rope in ropes:
-            name = (f"palu{round(ratio * 100)}_{'rope' if rope else 'norope'}"
-                    + {16: "", 8: "_fp8"}.get(bits, f"_int{bits}")
-                    + ("" if group == GROUP else f"_g{group}")
-                    + ("_shared" if shared else ""))
-            timed = []
-            for backend in backends + ((fallback,) if fallback else ()):
-              if backend == fallback and timed:
-                break                  # a backend of the list took it
-              configs = _configs(backend, spec, batch, ctx, rope, tune,
-                                 rope_modes, compute_wgs, split_counts,
-                                 kv_heads_per_cta, fp8_latents, turns, also)
-              row = _time_configs(name, backend, configs, spec, batch, ctx,
-                                  rope, q, (hk, hv, k_up), lengths, nbytes,
-                                  inv, group, timer)
-              if row is not None:      # None: no config for the shape
-                timed.append(row)
-            shape_rows += timed
-          del hk, hv
+          for scales in int_scales if bits < 8 else ("group",):
+            per_token = dataclasses.replace(spec, quant_group=spec.k_rank)
+            _time_spec(shape_rows, per_token if scales == "token" else spec,
+                       scales, batch, ctx, q, lengths, paths, ratio, group,
+                       shared, backends, fallback, timer,
+                       (tune, rope_modes, compute_wgs, split_counts,
+                        kv_heads_per_cta, fp8_latents, turns, also))
         for r in shape_rows:
           r.update(shape=shape_name, batch=batch, kv_heads=n_kv, context=ctx)
         base = [r["us"] for r in shape_rows
@@ -554,6 +572,11 @@ def main(argv=None) -> int:
                   help="keep the rows of other shapes already in the "
                   "results file (one device call per shape; each call "
                   "times its own baselines)")
+  ap.add_argument("--int-scales", nargs="+", default=["group"],
+                  choices=["group", "token"],
+                  help="integer codes: a scale and offset per 32 latents "
+                  "(group, the library's default) and/or one per token and "
+                  "latent group (token: rows named ..._qtoken)")
   ap.add_argument("--name", default="bench_kernels")
   ap.add_argument("--out", default=os.path.join("eval", "results"))
   args = ap.parse_args(argv)
@@ -597,6 +620,7 @@ def main(argv=None) -> int:
       baselines=tuple(args.baselines), also=tuple(args.also),
       low_bit_groups=(tuple(args.low_bit_groups) if args.low_bit_groups
                       else None), fallback=args.fallback,
+      int_scales=tuple(args.int_scales),
       timer=span_op if args.timing == "span" else time_op)
   return 0
 

@@ -33,7 +33,8 @@ tensor-core work is spent on padding rows:
 Low-bit caches: float8 codes (a scale per token and group; with RoPE an
 fp8 rebuild, without it e4m3 scores or f16 upcasts), and 4-bit codes
 (`dequant4`: turned into 16-bit latents in registers with each quant
-group's scale and offset; with RoPE the keys are rebuilt from them);
+group's scale and offset, or one per token with quant_group = the rank;
+with RoPE the keys are rebuilt from them);
 their values are staged in each compute WG's 16-bit tile.
 And per tile (one update for all its sub-tiles):
            m, l, P = online softmax over the bs rows (f32)
@@ -306,7 +307,8 @@ def unsupported_reason(spec: LatentSpec, dtype, cache_len: int, rope: bool,
               "ranks)")
     if spec.k_rank % 64 or spec.v_rank % 64:
       return "4-bit ranks not multiples of 64 (a 32-byte swizzled code row)"
-    if any((r // qg) % 8 for r in (spec.k_rank, spec.v_rank)):
+    if not int4_token_scales(spec) and any(
+        (r // qg) % 8 for r in (spec.k_rank, spec.v_rank)):
       return (f"rank / quant_group not a multiple of 8 (a tile's scales "
               f"and offsets are TMA rows of ≥ 16 bytes; ranks "
               f"{spec.k_rank}/{spec.v_rank}, quant_group {qg})")
@@ -679,6 +681,16 @@ def permuted_int4(spec: LatentSpec, config: MosaicConfig) -> bool:
           and spec.quant_group % 32 == 0)
 
 
+def int4_token_scales(spec: LatentSpec) -> bool:
+  """Whether a 4-bit cache has one scale and offset per token and latent
+  group (quant_group = the rank on every side): a tile's scales are then
+  one TMA row of [tile] values per side, token-major as float8's, and each
+  thread loads two per sub-tile (its rows) instead of one per row and
+  quant group."""
+  return (spec.bits == 4 and spec.quant_group == spec.k_rank
+          and (spec.shared or spec.v_rank == spec.quant_group))
+
+
 def fused_int4(spec: LatentSpec, config: MosaicConfig) -> bool:
   """Whether the int4 path dequantizes by `_dequant_int4_fused`."""
   return permuted_int4(spec, config) and config.int4_fused
@@ -782,6 +794,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
   wgmma_layout = plgpu.Layout.WGMMA
   col_layout = plgpu.Layout.WGMMA.reduce(0)    # one value per column
   row_layout = plgpu.Layout.WGMMA.reduce(1)    # one value per row
+  token_scaled = int4_token_scales(spec)      # int4: scales per token
 
   def upcast(ref, rows_from):
     """float8 codes [SUB, R] in shared memory -> f16 [SUB, R] (exact), in
@@ -796,13 +809,16 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
   def dequant4(codes, scale, offset, rows_from, mask):
     """4-bit codes [SUB, R] in shared memory (unsigned nibbles read as
     int4) -> latents [SUB, R] in `dtype`, in the wgmma layout: c·scale +
-    offset per quant group of columns (scale, offset: [SUB, R/qg] refs);
+    offset per quant group of columns (scale, offset: [SUB, R/qg] refs,
+    or [SUB] with one per token: `int4_token_scales`);
     with `mask`, rows at or past the length zeroed (their codes and scales
     may be anything, and 0·NaN is NaN on the tensor core)."""
     qg = spec.quant_group
     groups = range(codes.shape[1] // qg)
 
     def per_row(ref, n, dt=jnp.float32):  # quant group n's column, per row
+      if token_scaled:     # one per token: the ref is a contiguous [SUB] row
+        return plgpu.load(ref, (), layout=row_layout).astype(dt)
       return plgpu.load(ref.at[:, n], layout=row_layout,
                         optimized=False).astype(dt)
 
@@ -1200,10 +1216,11 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
       if fp8:                        # scales [B, G, S]: one per token
         plgpu.copy_gmem_to_smem(sk_g.at[b, g, rows], sk_s.at[slot],
                                 kprod_bar.at[slot])
-      if int4:                       # [B, S, G, R/qg]: per quant group
-        plgpu.copy_gmem_to_smem(sk_g.at[b, rows, g], sk_s.at[slot],
+      if int4:    # [B, S, G, R/qg] per quant group, or [B, G, S] per token
+        at = (b, g, rows) if token_scaled else (b, rows, g)
+        plgpu.copy_gmem_to_smem(sk_g.at[at], sk_s.at[slot],
                                 kprod_bar.at[slot])
-        plgpu.copy_gmem_to_smem(zk_g.at[b, rows, g], zk_s.at[slot],
+        plgpu.copy_gmem_to_smem(zk_g.at[at], zk_s.at[slot],
                                 kprod_bar.at[slot])
       if rope:
         first = (p * span + t * bs) // SUB      # the tile's cos/sin rows
@@ -1224,9 +1241,10 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
         plgpu.copy_gmem_to_smem(sv_g.at[b, g, rows], sv_s.at[slot],
                                 vprod_bar.at[slot])
       if int4:
-        plgpu.copy_gmem_to_smem(sv_g.at[b, rows, g], sv_s.at[slot],
+        at = (b, g, rows) if token_scaled else (b, rows, g)
+        plgpu.copy_gmem_to_smem(sv_g.at[at], sv_s.at[slot],
                                 vprod_bar.at[slot])
-        plgpu.copy_gmem_to_smem(zv_g.at[b, rows, g], zv_s.at[slot],
+        plgpu.copy_gmem_to_smem(zv_g.at[at], zv_s.at[slot],
                                 vprod_bar.at[slot])
 
     # keys run one tile ahead of values: a key slot frees early (after the
@@ -1357,8 +1375,11 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
   if int4:
     (hk, sk, zk), v_side = cache_sides(hk, hv, spec)
     hv, sv, zv = v_side or (None, sk, zk)
-    # scales and offsets [B, S, G·R/qg] -> [B, S, G, R/qg] (free reshapes)
-    sk, zk, sv, zv = (_group_major(a, spec.groups) for a in (sk, zk, sv, zv))
+    if int4_token_scales(spec):   # [B, S, G] -> [B, G, S]: one TMA row
+      sk, zk, sv, zv = (jnp.swapaxes(a, 1, 2) for a in (sk, zk, sv, zv))
+    else:   # [B, S, G·R/qg] -> [B, S, G, R/qg] (free reshapes)
+      sk, zk, sv, zv = (_group_major(a, spec.groups)
+                        for a in (sk, zk, sv, zv))
   batch, s = hk.shape[:2]
   if config is None:
     config = choose_config(spec, batch=batch, cache_len=s, rope=rope)
@@ -1500,7 +1521,8 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
                 plgpu.SMEM((config.compute_wgs, bs, rv), jnp.float16,
                            transforms=_transforms(_swizzle(rv)))]
   if int4:  # scale and offset rings of keys and values, each WG's values
-    groups_of = lambda r: (config.stages, bs, r // spec.quant_group)
+    groups_of = lambda r: (config.stages, bs) + (
+        () if int4_token_scales(spec) else (r // spec.quant_group,))
     v_groups = (1, 8, 8) if spec.shared else groups_of(rv)   # (unused)
     scratch += [plgpu.SMEM(groups_of(rk), sk.dtype),
                 plgpu.SMEM(groups_of(rk), zk.dtype),

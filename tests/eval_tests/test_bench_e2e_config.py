@@ -24,3 +24,23 @@ def test_variant_names_and_configs():
   assert p.quant_group == 256
   assert len(p.k_ranks) == cfg.n_layers
   assert len(p.k_ranks[0]) == cfg.n_kv_heads // 4
+
+
+def test_layers_override_runs_both_models_with_that_many(tmp_path):
+  """`--layers N`: the tiny shape decoded on the CPU with one layer instead
+  of two, for the dense and a Palu model alike; the rows and the table say
+  so."""
+  import json
+
+  from eval.bench_e2e import main
+  assert main(["--model", "tiny", "--variants", "base", "palu50",
+               "--batches", "1", "--contexts", "64", "--layers", "1",
+               "--steps", "2", "--repeats", "1", "--out", str(tmp_path),
+               "--name", "e2e"]) == 0
+  rows = json.loads((tmp_path / "e2e.json").read_text())["rows"]
+  assert [(r["variant"], r["layers"]) for r in rows] == [("base", 1),
+                                                          ("palu50", 1)]
+  assert all(r["tokens_per_s"] > 0 for r in rows)
+  assert "1 decoder layers" in (tmp_path / "e2e.md").read_text()
+  with pytest.raises(SystemExit, match="--layers 0"):
+    main(["--model", "tiny", "--layers", "0", "--out", str(tmp_path)])

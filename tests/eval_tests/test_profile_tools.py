@@ -175,6 +175,30 @@ def test_bench_kernels_falls_back_only_where_no_backend_takes_the_shape(
   assert not [c for c in calls if c[1] == 4 and c[2] == 1]
 
 
+def test_bench_kernels_int_scales_time_both_scale_layouts(monkeypatch):
+  """`--int-scales group token`: each integer-code variant is timed with a
+  scale per 32 latents and with one per token and latent group (rows
+  `..._qtoken`, whose spec has quant_group = the rank); 16-bit rows
+  once."""
+  from eval import bench_kernels as bk
+  seen = []
+
+  def configs(backend, spec, batch, ctx, rope, *rest):
+    seen.append((spec.bits, spec.quant_group, spec.k_rank))
+    return [None]
+  monkeypatch.setattr(bk, "_configs", configs)
+  monkeypatch.setattr(bk, "_measure", lambda name, *a, **k: {
+      "variant": name, "us": 1.0, "bytes": 1, "gbps": 1.0, "tflops": 1.0})
+  rows = bk.run(["llama3-8b"], [1], [256], [0.5], [16, 4], tune=False,
+                save=lambda rows: None, groups=(4,), paths=("norope",),
+                backends=("mosaic_gpu",), baselines=("xla",),
+                int_scales=("group", "token"), timer=lambda *a: 1e-3)
+  assert [r["variant"] for r in rows if r["variant"].startswith("palu")] == [
+      "palu50_norope", "palu50_norope_int4", "palu50_norope_int4_qtoken"]
+  rank = seen[0][2]
+  assert seen[1:] == [(4, 32, rank), (4, rank, rank)]
+
+
 def test_bench_kernels_append_keeps_only_other_shapes(tmp_path):
   import json
 

@@ -577,9 +577,11 @@ INT4_CASES = [
 ]
 
 
-def _int4_spec(g, j, qk, h, r, shared):
+def _int4_spec(g, j, qk, h, r, shared, quant_group=32):
+  """quant_group None: one scale and offset per token and latent group."""
   return LatentSpec(groups=g, kv_per_group=j, q_per_kv=qk, head_dim=h,
-                    k_rank=r, v_rank=r, shared=shared, bits=4, quant_group=32)
+                    k_rank=r, v_rank=r, shared=shared, bits=4,
+                    quant_group=quant_group or r)
 
 
 # the int4 defaults (the fused routine), and each of their alternatives:
@@ -680,6 +682,26 @@ def test_int4_kernel_lowers_for_sm90(case, block_s, variant, rope):
                                 config=config).as_text()
 
 
+@pytest.mark.parametrize("rope", [False, True], ids=["norope", "rope"])
+@pytest.mark.parametrize("variant", ["default", "steps"])
+@pytest.mark.parametrize("case", INT4_CASES + [
+    (8, 1, 1, 128, 64, False, 2, 4096),      # M-LRD: 64 latents a head
+], ids=lambda c: "-".join(map(str, c)))
+def test_int4_token_scales_lower_for_sm90(case, variant, rope):
+  """One scale and offset per token and latent group: token-major scale
+  rings (one TMA row per tile and side, as float8's) and per-row loads,
+  with the fused routine and with the separate steps."""
+  g, j, qk, h, r, shared, batch, s = case
+  spec = _int4_spec(g, j, qk, h, r, shared, quant_group=None)
+  assert mg.int4_token_scales(spec)
+  config = dataclasses.replace(mg.choose_config(
+      spec, batch=batch, cache_len=s, rope=rope), **INT4_VARIANTS[variant])
+  assert mg.unsupported_reason(spec, jnp.bfloat16, s, rope, config) is None
+  assert mg.smem_bytes(spec, rope, config) <= mg.SMEM_BYTES
+  assert "mosaic_gpu" in _lower(spec, batch, s, rope,
+                                config=config).as_text()
+
+
 def test_int4_reasons():
   spec = _int4_spec(8, 4, 1, 128, 256, False)
   on = mg.MosaicConfig()        # on by default
@@ -696,6 +718,12 @@ def test_int4_reasons():
   small = dataclasses.replace(spec, k_rank=128, v_rank=128)
   assert "multiple of 8" in mg.unsupported_reason(small, jnp.bfloat16, 1024,
                                                   False, on)
+  # ... unless there is one scale per token: a [tile] row, token-major
+  token = dataclasses.replace(small, quant_group=128)
+  assert mg.int4_token_scales(token)
+  assert mg.unsupported_reason(token, jnp.bfloat16, 1024, False, on) is None
+  assert not mg.int4_token_scales(dataclasses.replace(
+      spec, k_rank=128, v_rank=256, quant_group=128))
   assert "quant_group 24" in mg.unsupported_reason(
       dataclasses.replace(spec, quant_group=24), jnp.bfloat16, 1024, False,
       on)
@@ -949,12 +977,12 @@ def test_compiled_int4_kernel_matches_reference(case, variant):
   assert _check_int4_case(case, variant, rope=False)
 
 
-def _check_int4_case(case, variant, rope):
+def _check_int4_case(case, variant, rope, quant_group=32):
   """The chosen config with the variant's changes and 64-row tiles with 3
   splits, each the shape takes, against the reference (key bias with
   RoPE); how many ran."""
   g, j, qk, h, r, shared, batch, s, lengths = case
-  spec = _int4_spec(g, j, qk, h, r, shared)
+  spec = _int4_spec(g, j, qk, h, r, shared, quant_group)
   cfg = dataclasses.replace(mg.choose_config(
       spec, batch=batch, cache_len=s, rope=rope), **INT4_VARIANTS[variant])
   ran = 0
@@ -981,6 +1009,23 @@ def test_compiled_int4_rope_kernel_matches_reference(case, variant):
   the WG's tile (default) or from registers, rotated and scored; key bias
   on; against the reference on the same codes."""
   assert _check_int4_case(case, variant, rope=True)
+
+
+@gpu
+@needs_hopper
+@pytest.mark.parametrize("rope", [False, True], ids=["norope", "rope"])
+@pytest.mark.parametrize("case", [
+    (2, 4, 1, 128, 256, False, 2, 512, [512, 77]),      # G-LRD-4
+    (2, 4, 4, 128, 256, False, 3, 448, [448, 1, 200]),  # GQA 4
+    (4, 1, 1, 128, 64, False, 2, 320, [320, 65]),       # M-LRD
+    (2, 2, 2, 64, 256, True, 2, 320, [320, 65]),        # shared latent
+], ids=lambda c: "-".join(map(str, c[:6])))
+@pytest.mark.parametrize("variant", ["default", "steps"])
+def test_compiled_int4_token_scales_match_reference(case, variant, rope):
+  """4-bit caches with one scale and offset per token and latent group
+  (the quantizer's quant_group = the rank): token-major scale rows, the
+  reference dequantizing the same codes."""
+  assert _check_int4_case(case, variant, rope, quant_group=None)
 
 
 @gpu
