@@ -459,6 +459,7 @@ def _cfg_str(c, spec=None, rope: bool = True) -> str:
                and not mosaic_gpu.fused_int4(spec, c) else "")
             + (" keys_in_registers" if spec is not None and spec.bits == 4
                and rope and not c.int4_keys_smem else "")
+            + (" raw_keys" if applies(mosaic_gpu.raw_int4_keys) else "")
             + (" fused" if applies(mosaic_gpu.fused_heads) else ""))
   return f"bs={c.block_s} P={c.splits} w={c.num_warps} st={c.num_stages}"
 

@@ -181,7 +181,11 @@ def main(argv=None) -> int:
                   "instead of each WG's own (the default)")
   ap.add_argument("--bits", type=int, default=16, choices=[16, 8, 4],
                   help="latent bits (8: one scale per token and group; 4: "
-                  "quant groups of 32)")
+                  "quant groups of 32, or with --scale-per-token one per "
+                  "token and group)")
+  ap.add_argument("--scale-per-token", action="store_true",
+                  help="4-bit codes with one scale and offset per token and "
+                  "latent group (quant_group = the rank)")
   ap.add_argument("--breakdown", action="store_true",
                   help="also report each GPU kernel's device time per call")
   ap.add_argument("--out", default=os.path.join("eval", "results"))
@@ -198,7 +202,7 @@ def main(argv=None) -> int:
   for group, rope in paths:
     spec = palu_spec(n_heads, n_kv, head_dim, 0.5, args.bits, group,
                      args.shared)
-    if args.bits == 8:
+    if args.bits == 8 or args.scale_per_token:
       spec = dataclasses.replace(spec, quant_group=spec.k_rank)
     if not rope:
       overrides["kv_heads_per_cta"] = None
@@ -208,7 +212,8 @@ def main(argv=None) -> int:
         row = {"variant": f"palu50_{'rope' if rope else 'norope'}_g{group}"
                           + ("_shared" if args.shared else "")
                           + {16: "", 8: "_fp8"}.get(args.bits,
-                                                   f"_int{args.bits}"),
+                                                   f"_int{args.bits}")
+                          + ("_qtoken" if args.scale_per_token else ""),
                "shape": args.shape, "batch": batch, "context": args.context,
                "device": jax.devices()[0].device_kind}
         try:

@@ -185,6 +185,13 @@ class MosaicConfig:
   # thread, next to the rebuild's 64 accumulator registers). Llama-2 B8
   # 64K 4,469 vs 6,405 µs, Llama-3 B8 1,137 vs 1,343 µs (NOTES.md, v17).
   int4_keys_smem: bool = True
+  # int4 without RoPE, one scale and offset per token (int4_token_scales),
+  # own key latent: the keys are not dequantized. The mask-or alone gives
+  # M + c (M = 128 in bf16, 1024 in f16; exact), the score wgmma takes
+  # that, and per row s = scale·(q·(M + c)) + (offset - M·scale)·Σq, with
+  # Σq the absorbed query's column sums (f32 of the bf16 values the wgmma
+  # reads). One lop3 per code pair instead of lop3 + sub + fma.
+  int4_raw_keys: bool = True
   # v13: each compute WG reduces over its rows (the softmax max) through a
   # shared-memory scratch of its own (Mosaic GPU's reduction, called inline),
   # not through Pallas's one scratch per kernel: no turns between the WGs;
@@ -385,6 +392,8 @@ def smem_bytes(spec: LatentSpec, rope: bool, config: MosaicConfig) -> int:
     fixed += config.stages * (bs // SUB) * 2 * hh * 2  # cos/sin rows (f32)
   else:
     fixed += nq * spec.k_rank
+    if raw_int4_keys(spec, rope, config):
+      fixed += 2 * (nq + -nq % 32)              # Σq per column (f32)
   unused = 8 * 64 if spec.shared else 0    # the placeholder value ring
   if spec.shared and spec.bits == 4:       # and value scale rings (1 KB:
     unused += 2 * 512                      # the 1024-byte alignment)
@@ -613,9 +622,10 @@ def _dequant_int4_fused(codes, scales, offsets, dtype):
   c·scale + offset [64, R] in `dtype` (f16 or bf16), in the wgmma layout,
   columns in `int4_fused_column_order(R)` order. Per pair of codes: a
   mask-or under a magic exponent, a packed subtract (exact) and a packed
-  fma (one rounding)."""
+  fma (one rounding). No scales (empty lists): the mask-or alone, giving
+  INT4_MAGIC[dtype] + c (exact)."""
   rank = codes.shape[1]
-  qg = rank // len(scales)
+  qg = rank // max(1, len(scales))
   if qg % 32:
     raise ValueError(f"quant groups of {qg} latents: the fused int4 "
                      "routine needs multiples of 32")
@@ -624,6 +634,10 @@ def _dequant_int4_fused(codes, scales, offsets, dtype):
     raise ValueError(f"int4 latents in {jnp.dtype(dtype).name}: f16 or bf16")
   magic = 0x64006400 if f16 else 0x43004300     # 1024 + c or 128 + c
   suffix = "f16x2" if f16 else "bf16x2"
+  steps = (f"""
+            sub.{suffix} t, t, m;
+            fma.rn.{suffix} $0, t, $2, $3;""" if scales else """
+            mov.b32 $0, t;""")
   row = plgpu.Layout.WGMMA.reduce(1)
   n = len(scales)
 
@@ -646,27 +660,29 @@ def _dequant_int4_fused(codes, scales, offsets, dtype):
     for idx, reg in np.ndenumerate(array.registers):
       m, k, h = idx[0], idx[1], idx[4]   # row tile, block of 32, row half
       group = 32 * k // qg
-      scale = packed[group][m, 0, h, 0, 0]
-      offset = packed[n + group][m, 0, h, 0, 0]
       word = mgpu.utils.bitcast(reg, i32)
+      per_group = ([packed[group][m, 0, h, 0, 0],
+                    packed[n + group][m, 0, h, 0, 0]] if n else [])
       for j in range(4):                 # codes j and j + 4 of the 8
         shifted = word if j == 0 else arith_dialect.shrui(word, const(4 * j))
         out = llvm_dialect.inline_asm(
-            i32, [shifted, scale, offset],
+            i32, [shifted] + per_group,
             f"""
             {{
             .reg .b32 t, m;
             mov.b32 m, {magic:#x};
-            lop3.b32 t, $1, 0x000F000F, m, 0xea;
-            sub.{suffix} t, t, m;
-            fma.rn.{suffix} $0, t, $2, $3;
+            lop3.b32 t, $1, 0x000F000F, m, 0xea;{steps}
             }}
             """,
-            "=r,r,r,r")
+            "=r,r,r,r" if n else "=r,r")
         regs[(m, 4 * k + j, *idx[2:])] = mgpu.utils.bitcast(out, out_ty)
     return mgpu.FragmentedArray(_registers=regs, _layout=layout,
                                 _is_signed=None)
   return dequant(codes, *scales, *offsets)
+
+
+# the value the mask-or alone gives a code c: c + this, exact in the dtype
+INT4_MAGIC = {jnp.dtype(jnp.bfloat16): 128.0, jnp.dtype(jnp.float16): 1024.0}
 
 
 def mlir_type(dtype) -> ir.Type:
@@ -689,6 +705,14 @@ def int4_token_scales(spec: LatentSpec) -> bool:
   quant group."""
   return (spec.bits == 4 and spec.quant_group == spec.k_rank
           and (spec.shared or spec.v_rank == spec.quant_group))
+
+
+def raw_int4_keys(spec: LatentSpec, rope: bool, config: MosaicConfig
+                  ) -> bool:
+  """Whether the no-RoPE int4 path scores the keys' magic values (M + c)
+  and corrects per row (`MosaicConfig.int4_raw_keys`)."""
+  return (config.int4_raw_keys and not rope and not spec.shared
+          and int4_token_scales(spec) and fused_int4(spec, config))
 
 
 def fused_int4(spec: LatentSpec, config: MosaicConfig) -> bool:
@@ -748,6 +772,10 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
     (qf_g, sk_g, sv_g, acc_o, m_o, l_o, qf_s, hk_s, hv_s, sk_s, sv_s, vb_s,
      p_s, setup_bar, kprod_bar, vprod_bar, kcons_bar, vcons_bar,
      turn_bar) = rest
+  elif spec.bits == 4 and raw_int4_keys(spec, rope, config):
+    (qf_g, qs_g, sk_g, zk_g, sv_g, zv_g, acc_o, m_o, l_o, qf_s, qs_s, hk_s,
+     hv_s, sk_s, zk_s, sv_s, zv_s, vb_s, p_s, setup_bar, kprod_bar,
+     vprod_bar, kcons_bar, vcons_bar, turn_bar) = rest
   elif spec.bits == 4:
     (qf_g, sk_g, zk_g, sv_g, zv_g, acc_o, m_o, l_o, qf_s, hk_s, hv_s, sk_s,
      zk_s, sv_s, zv_s, vb_s, p_s, setup_bar, kprod_bar, vprod_bar, kcons_bar,
@@ -773,6 +801,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
   # values staged in the WG's 16-bit tile `vb_s` (float8, int4)
   staged = fp8 or int4
   native = fp8_scores(spec, rope, config)
+  raw = int4 and raw_int4_keys(spec, rope, config)
   fused = fused_heads(spec, rope, config)
   if native:      # latents per score wgmma: one swizzle row (≤ 128)
     k_step = (_swizzle(spec.k_rank, 1) if config.fp8_promote
@@ -874,6 +903,9 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
     plgpu.barrier_wait(setup_bar.at[0])
     if native:
       q_scale = plgpu.load(qs_s, (), layout=col_layout)
+    if raw:
+      q_sum = lax.broadcast_in_dim(plgpu.load(
+          qs_s.at[pl.ds(0, nq)], (), layout=col_layout), (SUB, nq), [1])
     if rope:
       hh = spec.head_dim // 2
       # folded scores stay f32 from the accumulator to the row sum
@@ -1054,7 +1086,15 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
                  * lax.broadcast_in_dim(q_scale, (SUB, nq), [1]))
         elif staged:     # float8 or int4 codes -> 16-bit keys in registers
           with jax.named_scope("upcast"):
-            if int4:
+            if raw:    # M + c (exact), the scale and offset per row, f32
+              a = _dequant_int4_fused(
+                  plgpu.load(hk_s.at[slot, rows],
+                             layout=plgpu.Layout.WGMMA_UPCAST_4X),
+                  [], [], dtype)
+              sc = token_scales(sk_s.at[slot, rows])
+              off = (token_scales(zk_s.at[slot, rows])
+                     - INT4_MAGIC[jnp.dtype(dtype)] * sc)
+            elif int4:
               a = dequant4(hk_s.at[slot, rows], sk_s.at[slot, rows],
                            zk_s.at[slot, rows], s0 + j * SUB,
                            spec.shared and not config.int4_mask_last)
@@ -1072,6 +1112,9 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
             s = pl.run_scoped(score, plgpu.ACC((SUB, nq), jnp.float32))
             if fp8:    # one scale per token: a row factor of its scores
               s = s * lax.broadcast_in_dim(k_scales[j], (SUB, nq), [0])
+            if raw:    # scale·(q·(M + c)) + (offset - M·scale)·Σq
+              row = lambda v: lax.broadcast_in_dim(v, (SUB, nq), [0])
+              s = s * row(sc) + row(off) * q_sum
         else:
           with jax.named_scope("score"):
             def score(ref):
@@ -1200,6 +1243,8 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
         plgpu.copy_gmem_to_smem(qs_g.at[b, x], qs_s, setup_bar.at[0])
       else:
         plgpu.copy_gmem_to_smem(qf_g.at[b, x], qf_s, setup_bar.at[0])
+        if raw:                          # the query's column sums
+          plgpu.copy_gmem_to_smem(qs_g.at[b, x], qs_s, setup_bar.at[0])
 
     def load_keys(t):
       slot = lax.rem(t, stages)
@@ -1459,6 +1504,13 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
     scratch = [plgpu.SMEM((nq, rk), dtype,
                           transforms=_transforms(_swizzle(rk)))]
     n_setup = 1
+    if raw_int4_keys(spec, rope, config):   # Σq per query column, f32
+      # padded to 32 values: a TMA copy moves a multiple of 128 bytes here
+      q_sum = jnp.sum(qf.astype(jnp.float32), axis=-1)       # [B, G, nq]
+      q_sum = jnp.pad(q_sum, ((0, 0), (0, 0), (0, -nq % 32)))
+      operands = (qf, q_sum) + operands[1:]
+      scratch.append(plgpu.SMEM(q_sum.shape[-1:], jnp.float32))
+      n_setup = 2
     x_size = spec.groups
   elif fp8_scores(spec, rope, config):
     # scores from the e4m3 codes: the query as two e4m3 parts + a scale

@@ -26,16 +26,20 @@ def test_variant_names_and_configs():
   assert len(p.k_ranks[0]) == cfg.n_kv_heads // 4
 
 
-def test_layers_override_runs_both_models_with_that_many(tmp_path):
+def test_layers_override_runs_both_models_with_that_many(tmp_path,
+                                                         monkeypatch):
   """`--layers N`: the tiny shape decoded on the CPU with one layer instead
   of two, for the dense and a Palu model alike; the rows and the table say
-  so."""
+  so (the bandwidth probe, a GPU number, is skipped)."""
   import json
 
+  from eval import bench_e2e
   from eval.bench_e2e import main
+  monkeypatch.setattr(bench_e2e, "measure_bandwidth",
+                      lambda: {"reference": 1e9})
   assert main(["--model", "tiny", "--variants", "base", "palu50",
                "--batches", "1", "--contexts", "64", "--layers", "1",
-               "--steps", "2", "--repeats", "1", "--out", str(tmp_path),
+               "--steps", "8", "--repeats", "1", "--out", str(tmp_path),
                "--name", "e2e"]) == 0
   rows = json.loads((tmp_path / "e2e.json").read_text())["rows"]
   assert [(r["variant"], r["layers"]) for r in rows] == [("base", 1),

@@ -1,6 +1,8 @@
 """The trace arithmetic of eval/profile_kernel.py and eval/profile_decode.py
 on hand-made traces (the GPU runs produce the real ones)."""
 
+import dataclasses
+
 import pytest
 
 from eval.profile_decode import kernel_kind, summarize
@@ -142,6 +144,13 @@ def test_bench_kernels_config_labels_name_only_options_that_apply():
   assert _cfg_str(steps, int4, False) == "bs=64 P=1 stages=4 int4_steps"
   assert _cfg_str(steps, int4, True) == (
       "bs=64 P=1 stages=4 int4_steps keys_in_registers")
+  # one scale per token, no RoPE: the keys' magic values scored
+  token = dataclasses.replace(int4, quant_group=int4.k_rank)
+  plain = MosaicConfig(block_s=64, stages=4, splits=1)
+  assert _cfg_str(plain, token, False) == "bs=64 P=1 stages=4 raw_keys"
+  assert _cfg_str(plain, token, True) == "bs=64 P=1 stages=4"
+  assert _cfg_str(dataclasses.replace(plain, int4_raw_keys=False), token,
+                  False) == "bs=64 P=1 stages=4"
 
 
 def test_bench_kernels_falls_back_only_where_no_backend_takes_the_shape(

@@ -682,8 +682,45 @@ def test_int4_kernel_lowers_for_sm90(case, block_s, variant, rope):
                                 config=config).as_text()
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_int4_raw_key_scores_keep_f32_precision(dtype):
+  """`int4_raw_keys`: the wgmma sums q·(M + c) in f32 (products of two
+  16-bit floats are exact), then scale·that + (offset - M·scale)·Σq. The
+  M·Σq part cancels; against the exact score q·(scale·c + offset) in
+  float64 (Llama-sized rank, cache-like scales) its error must stay well
+  under that of the dequantizing path, which rounds each key to the
+  16-bit dtype before the same f32 sum (measured: bf16 650x, f16 8x
+  smaller)."""
+  m = mg.INT4_MAGIC[jnp.dtype(dtype)]
+  rng = np.random.default_rng(1)
+  rank, rows = 256, 2048
+  q = rng.normal(size=(rank,)).astype(jnp.dtype(dtype)).astype(np.float64)
+  codes = rng.integers(0, 16, size=(rows, rank)).astype(np.float64)
+  scale = rng.uniform(0.005, 0.2, size=rows).astype(np.float32)
+  offset = (-8 * scale * rng.uniform(0.5, 1.5, size=rows)).astype(np.float32)
+  keys = codes * scale[:, None] + offset[:, None]
+  exact = keys @ q
+  f32_sum = lambda x: x.astype(np.float32).sum(axis=1, dtype=np.float32)
+  rounded = keys.astype(np.float32).astype(jnp.dtype(dtype)).astype(
+      np.float64)
+  dequantized = f32_sum(rounded * q)
+  raw = f32_sum((codes + m) * q)
+  q_sum = q.astype(np.float32).sum(dtype=np.float32)
+  got = raw * scale + (offset - np.float32(m) * scale) * q_sum
+  rms = lambda e: np.sqrt(np.mean(e ** 2))
+  assert rms(got - exact) * 4 < rms(dequantized - exact)
+  assert np.abs(got - exact).max() * 4 < np.abs(dequantized - exact).max()
+
+
+# one scale per token: the defaults (without RoPE the keys' magic values
+# scored and corrected per row), the keys dequantized as with groups, and
+# the separate steps
+TOKEN_VARIANTS = {"default": {}, "dequantized_keys": dict(int4_raw_keys=False),
+                  "steps": dict(int4_fused=False)}
+
+
 @pytest.mark.parametrize("rope", [False, True], ids=["norope", "rope"])
-@pytest.mark.parametrize("variant", ["default", "steps"])
+@pytest.mark.parametrize("variant", TOKEN_VARIANTS)
 @pytest.mark.parametrize("case", INT4_CASES + [
     (8, 1, 1, 128, 64, False, 2, 4096),      # M-LRD: 64 latents a head
 ], ids=lambda c: "-".join(map(str, c)))
@@ -695,7 +732,9 @@ def test_int4_token_scales_lower_for_sm90(case, variant, rope):
   spec = _int4_spec(g, j, qk, h, r, shared, quant_group=None)
   assert mg.int4_token_scales(spec)
   config = dataclasses.replace(mg.choose_config(
-      spec, batch=batch, cache_len=s, rope=rope), **INT4_VARIANTS[variant])
+      spec, batch=batch, cache_len=s, rope=rope), **TOKEN_VARIANTS[variant])
+  assert mg.raw_int4_keys(spec, rope, config) == (
+      variant == "default" and not rope and not shared)
   assert mg.unsupported_reason(spec, jnp.bfloat16, s, rope, config) is None
   assert mg.smem_bytes(spec, rope, config) <= mg.SMEM_BYTES
   assert "mosaic_gpu" in _lower(spec, batch, s, rope,
@@ -983,8 +1022,9 @@ def _check_int4_case(case, variant, rope, quant_group=32):
   RoPE); how many ran."""
   g, j, qk, h, r, shared, batch, s, lengths = case
   spec = _int4_spec(g, j, qk, h, r, shared, quant_group)
+  changes = {**INT4_VARIANTS, **TOKEN_VARIANTS}[variant]
   cfg = dataclasses.replace(mg.choose_config(
-      spec, batch=batch, cache_len=s, rope=rope), **INT4_VARIANTS[variant])
+      spec, batch=batch, cache_len=s, rope=rope), **changes)
   ran = 0
   for c in (cfg, dataclasses.replace(cfg, block_s=64, stages=2, splits=3)):
     if mg.unsupported_reason(spec, jnp.bfloat16, s, rope, c):
@@ -1020,7 +1060,7 @@ def test_compiled_int4_rope_kernel_matches_reference(case, variant):
     (4, 1, 1, 128, 64, False, 2, 320, [320, 65]),       # M-LRD
     (2, 2, 2, 64, 256, True, 2, 320, [320, 65]),        # shared latent
 ], ids=lambda c: "-".join(map(str, c[:6])))
-@pytest.mark.parametrize("variant", ["default", "steps"])
+@pytest.mark.parametrize("variant", TOKEN_VARIANTS)
 def test_compiled_int4_token_scales_match_reference(case, variant, rope):
   """4-bit caches with one scale and offset per token and latent group
   (the quantizer's quant_group = the rank): token-major scale rows, the
