@@ -192,6 +192,11 @@ class MosaicConfig:
   # Σq the absorbed query's column sums (f32 of the bf16 values the wgmma
   # reads). One lop3 per code pair instead of lop3 + sub + fma.
   int4_raw_keys: bool = True
+  # float8 and int4 without RoPE (own value latent): the tile's values are
+  # upcast or dequantized into the WG's 16-bit tile between the issue of
+  # its last score wgmma and the wait for it, so that work overlaps the
+  # tensor core instead of following the softmax.
+  values_during_scores: bool = True
   # v13: each compute WG reduces over its rows (the softmax max) through a
   # shared-memory scratch of its own (Mosaic GPU's reduction, called inline),
   # not through Pallas's one scratch per kernel: no turns between the WGs;
@@ -802,6 +807,9 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
   staged = fp8 or int4
   native = fp8_scores(spec, rope, config)
   raw = int4 and raw_int4_keys(spec, rope, config)
+  # without RoPE: a tile's values staged while its last score wgmma runs
+  early = (staged and not spec.shared and not rope
+           and config.values_during_scores)
   fused = fused_heads(spec, rope, config)
   if native:      # latents per score wgmma: one swizzle row (≤ 128)
     k_step = (_swizzle(spec.k_rank, 1) if config.fp8_promote
@@ -929,6 +937,22 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
       row_angle = rows * lax.broadcast_in_dim(inv, (SUB, hh), [1])
       cos_i, sin_i = (jnp.cos(row_angle).astype(rot),
                       jnp.sin(row_angle).astype(rot))
+
+    def stage_values(slot, s0):
+      """The tile's value codes -> 16-bit values in the WG's tile `vb_s`
+      (float8 upcast, int4 dequantized; rows past the length zeroed)."""
+      with jax.named_scope("v_wait"):
+        plgpu.barrier_wait(vprod_bar.at[slot])
+      with jax.named_scope("upcast"):
+        for j in range(subs):
+          rows = pl.ds(j * SUB, SUB)
+          if int4:
+            vb_s.at[wg, rows][...] = dequant4(
+                hv_s.at[slot, rows], sv_s.at[slot, rows],
+                zv_s.at[slot, rows], s0 + j * SUB, not config.int4_mask_last)
+          else:
+            vb_s.at[wg, rows][...] = upcast(hv_s.at[slot, rows],
+                                            s0 + j * SUB)
 
     def tile(i, carry):
       acc, m, l = carry
@@ -1069,11 +1093,13 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
                       for o in range(0, rk, k_step)]
             accs = len(pieces) if config.fp8_promote else 1
 
-            def score(*refs):
+            def score(*refs, last=j == subs - 1):
               for n, (part, o) in enumerate(pieces):
                 w = pl.ds(o, k_step)
                 plgpu.wgmma(refs[n % accs], hk_s.at[slot, rows, w],
                             qf_s.at[part, :, w].T)
+              if early and last:    # while the tensor core scores
+                stage_values(slot, s0)
               return functools.reduce(operator.add, [r[...] for r in refs])
             s = pl.run_scoped(score, *[plgpu.ACC((SUB, nq), jnp.float32)]
                               * accs)
@@ -1106,8 +1132,10 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
             if spec.shared:        # the same latents are the values
               vb_s.at[wg, rows][...] = a
           with jax.named_scope("score"):
-            def score(ref):
+            def score(ref, last=j == subs - 1):
               plgpu.wgmma(ref, a, qf_s.T)
+              if early and last:    # while the tensor core scores
+                stage_values(slot, s0)
               return ref[...]
             s = pl.run_scoped(score, plgpu.ACC((SUB, nq), jnp.float32))
             if fp8:    # one scale per token: a row factor of its scores
@@ -1145,21 +1173,13 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
           plgpu.barrier_arrive(turn_bar.at[lax.rem(wg + 1, n_wgs)])
       p_scales = k_scales
       if staged and split_rings:
-        with jax.named_scope("v_wait"):
-          plgpu.barrier_wait(vprod_bar.at[slot])
-        with jax.named_scope("upcast"):
-          p_scales = []
-          for j in range(subs):
-            rows = pl.ds(j * SUB, SUB)
-            if int4:
-              vb_s.at[wg, rows][...] = dequant4(
-                  hv_s.at[slot, rows], sv_s.at[slot, rows],
-                  zv_s.at[slot, rows], s0 + j * SUB,
-                  not config.int4_mask_last)
-              continue
-            vb_s.at[wg, rows][...] = upcast(hv_s.at[slot, rows], s0 + j * SUB)
-            p_scales.append(token_scales(sv_s.at[slot, rows]))
-          plgpu.barrier_arrive(vcons_bar.at[slot])
+        if not early:
+          stage_values(slot, s0)
+        # float8: the values' scales per token (loaded before the slot is
+        # handed back to the producer)
+        p_scales = [token_scales(sv_s.at[slot, pl.ds(j * SUB, SUB)])
+                    for j in range(subs)] if fp8 else []
+        plgpu.barrier_arrive(vcons_bar.at[slot])
       with jax.named_scope("p_store"):
         for j, prob in enumerate(probs):
           if fp8:     # the values' scale per token, folded into P
