@@ -460,9 +460,9 @@ def _cfg_str(c, spec=None, rope: bool = True) -> str:
             + (" keys_in_registers" if spec is not None and spec.bits == 4
                and rope and not c.int4_keys_smem else "")
             + (" raw_keys" if applies(mosaic_gpu.raw_int4_keys) else "")
-            + (" values_after_softmax" if spec is not None and spec.bits in (
+            + (" values_during_scores" if spec is not None and spec.bits in (
                 4, 8) and not rope and not spec.shared
-               and not c.values_during_scores else "")
+               and c.values_during_scores else "")
             + (" fused" if applies(mosaic_gpu.fused_heads) else ""))
   return f"bs={c.block_s} P={c.splits} w={c.num_warps} st={c.num_stages}"
 

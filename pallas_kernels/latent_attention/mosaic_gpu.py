@@ -192,11 +192,13 @@ class MosaicConfig:
   # Σq the absorbed query's column sums (f32 of the bf16 values the wgmma
   # reads). One lop3 per code pair instead of lop3 + sub + fma.
   int4_raw_keys: bool = True
-  # float8 and int4 without RoPE (own value latent): the tile's values are
+  # float8 and int4 without RoPE (own value latent): the tile's values
   # upcast or dequantized into the WG's 16-bit tile between the issue of
-  # its last score wgmma and the wait for it, so that work overlaps the
-  # tensor core instead of following the softmax.
-  values_during_scores: bool = True
+  # its last score wgmma and the wait for it (to overlap the tensor core)
+  # instead of after the softmax. Off: measured mixed, int4 mostly slower
+  # (Llama-2 B8 64K, one scale per token, 569 vs 497 µs; fp8 546 vs 575;
+  # NOTES.md, v19); compiled tests pass.
+  values_during_scores: bool = False
   # v13: each compute WG reduces over its rows (the softmax max) through a
   # shared-memory scratch of its own (Mosaic GPU's reduction, called inline),
   # not through Pallas's one scratch per kernel: no turns between the WGs;

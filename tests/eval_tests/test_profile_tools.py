@@ -151,10 +151,10 @@ def test_bench_kernels_config_labels_name_only_options_that_apply():
   assert _cfg_str(plain, token, True) == "bs=64 P=1 stages=4"
   assert _cfg_str(dataclasses.replace(plain, int4_raw_keys=False), token,
                   False) == "bs=64 P=1 stages=4"
-  late = dataclasses.replace(plain, values_during_scores=False)
-  assert _cfg_str(late, token, False) == (
-      "bs=64 P=1 stages=4 raw_keys values_after_softmax")
-  assert _cfg_str(late, token, True) == "bs=64 P=1 stages=4"
+  early = dataclasses.replace(plain, values_during_scores=True)
+  assert _cfg_str(early, token, False) == (
+      "bs=64 P=1 stages=4 raw_keys values_during_scores")
+  assert _cfg_str(early, token, True) == "bs=64 P=1 stages=4"
 
 
 def test_bench_kernels_falls_back_only_where_no_backend_takes_the_shape(

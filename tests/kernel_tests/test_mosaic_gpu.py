@@ -593,7 +593,7 @@ INT4_VARIANTS = {"default": {}, "steps": dict(int4_fused=False),
                  "mask_every_tile": dict(int4_mask_last=False),
                  "relayout": dict(int4_permuted=False),
                  "keys_in_registers": dict(int4_keys_smem=False),
-                 "values_after_softmax": dict(values_during_scores=False)}
+                 "values_during_scores": dict(values_during_scores=True)}
 
 
 def test_int4_column_order_matches_the_two_register_layouts():
@@ -977,7 +977,7 @@ def test_compiled_value_ranks_not_multiples_of_64(case, rope, mode):
 ], ids=lambda c: "-".join(map(str, c[:6])))
 @pytest.mark.parametrize("path", ["rope", "norope", "fp8_scores",
                                   "fp8_scores_one_acc",
-                                  "fp8_scores_values_after_softmax"])
+                                  "fp8_scores_values_during_scores"])
 def test_compiled_fp8_kernel_matches_reference(case, path):
   """float8 caches written by the model's quantizer (make_inputs), the
   reference dequantizing the same codes (and, with RoPE, the same e4m3
@@ -985,8 +985,8 @@ def test_compiled_fp8_kernel_matches_reference(case, path):
   query's hi + lo e4m3 parts (the reference keeps the query exact, so this
   also bounds that rounding); _one_acc: all of them into one accumulator
   (failed for short sequences on the H200 on 2026-12-03; the default gives
-  each part and latent chunk its own); _values_after_softmax: the values
-  upcast after the softmax, not during the score wgmma (the default)."""
+  each part and latent chunk its own); _values_during_scores: the values
+  upcast during the score wgmma, not after the softmax (the default)."""
   g, j, qk, h, r, shared, batch, s, lengths = case
   rope = path == "rope"
   native = path.startswith("fp8_scores")
@@ -996,7 +996,7 @@ def test_compiled_fp8_kernel_matches_reference(case, path):
   cfg = dataclasses.replace(mg.choose_config(
       spec, batch=batch, cache_len=s, rope=rope), fp8_latents=True,
       fp8_scores=native, fp8_promote=path != "fp8_scores_one_acc",
-      values_during_scores=not path.endswith("after_softmax"))
+      values_during_scores=path.endswith("during_scores"))
   for c in (cfg, dataclasses.replace(cfg, block_s=64, stages=2, splits=3)):
     if mg.unsupported_reason(spec, jnp.bfloat16, s, rope, c):
       continue
