@@ -199,6 +199,12 @@ class MosaicConfig:
   # (Llama-2 B8 64K, one scale per token, 569 vs 497 µs; fp8 546 vs 575;
   # NOTES.md, v19); compiled tests pass.
   values_during_scores: bool = False
+  # int4 without RoPE (own value latent): a converter warpgroup (a fourth
+  # one) dequantizes each tile's values into a ring of 16-bit tiles
+  # (`VALUE_RING_PER_WG` per compute WG) that the compute WGs' p·h_v reads,
+  # so the values' dequantization leaves their chain; registers: producer
+  # 24, compute and converter WGs 160 each.
+  int4_converter: bool = False
   # v13: each compute WG reduces over its rows (the softmax max) through a
   # shared-memory scratch of its own (Mosaic GPU's reduction, called inline),
   # not through Pallas's one scratch per kernel: no turns between the WGs;
@@ -214,12 +220,26 @@ class MosaicConfig:
 
 
 _PRODUCER_REGISTERS = {2: 40, 3: 24}
+# with a converter WG (int4_converter): producer, then compute and converter
+_CONVERTER_REGISTERS = (24, 160)
+VALUE_RING_PER_WG = 2          # 16-bit value tiles per compute WG
 
 
-def _compute_registers(n_wgs: int) -> int:
-  """Registers per compute thread: what the producer leaves of 64K."""
+def _compute_registers(n_wgs: int, converter: bool = False) -> int:
+  """Registers per compute thread: what the producer leaves of 64K (with
+  a converter WG, the converter's share too)."""
+  if converter:
+    return _CONVERTER_REGISTERS[1]
   free = 65536 // 128 - _PRODUCER_REGISTERS[n_wgs]
   return min(232, free // n_wgs // 8 * 8)
+
+
+def int4_converter(spec: LatentSpec, rope: bool, config: MosaicConfig
+                   ) -> bool:
+  """Whether a converter WG dequantizes the values (int4 without RoPE,
+  own value latent, 2 compute WGs; `MosaicConfig.int4_converter`)."""
+  return (config.int4_converter and spec.bits == 4 and not rope
+          and not spec.shared and config.compute_wgs == 2)
 
 
 def scores_dtype(config: MosaicConfig, dtype):
@@ -381,6 +401,8 @@ def smem_bytes(spec: LatentSpec, rope: bool, config: MosaicConfig) -> int:
     sides = (spec.k_rank,) + (() if spec.shared else (spec.v_rank,))
     ring = ring // 4 + 2 * bs * sum(r // spec.quant_group for r in sides)
     extra = config.compute_wgs * bs * spec.v_rank
+    if int4_converter(spec, rope, config):   # the 16-bit value ring
+      extra *= VALUE_RING_PER_WG
   else:
     extra = 0
   fixed = config.compute_wgs * hc * nq * bs              # Pᵀ per WG
@@ -754,6 +776,9 @@ def _reduce_rows(x, scratch, op: str):
 def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
             config: MosaicConfig, span: int, nq: int, dtype, has_bias: bool):
   fold = rope and config.rope_mode == "fold"
+  converter = int4_converter(spec, rope, config)
+  if converter:            # value ring slots: dequantized / free again
+    *rest, vready_bar, vfree_bar = rest
   *rest, red_s = rest      # [compute WGs, elems] f32: private reductions
   if fold:
     (u_g, vec_g, base_g, acc_o, m_o, l_o, u_s, vec_s, base_s, hk_s, hv_s,
@@ -811,7 +836,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
   raw = int4 and raw_int4_keys(spec, rope, config)
   # without RoPE: a tile's values staged while its last score wgmma runs
   early = (staged and not spec.shared and not rope
-           and config.values_during_scores)
+           and config.values_during_scores and not converter)
   fused = fused_heads(spec, rope, config)
   if native:      # latents per score wgmma: one swizzle row (≤ 128)
     k_step = (_swizzle(spec.k_rank, 1) if config.fp8_promote
@@ -909,7 +934,8 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
   def _compute():
     # the register file (64K) split: producer 40 (2 WGs) or 24 (3 WGs) per
     # thread, the rest to the compute WGs, in multiples of 8
-    plgpu.set_max_registers(_compute_registers(n_wgs), action="increase")
+    plgpu.set_max_registers(_compute_registers(n_wgs, converter),
+                            action="increase")
     plgpu.barrier_wait(setup_bar.at[0])
     if native:
       q_scale = plgpu.load(qs_s, (), layout=col_layout)
@@ -1174,7 +1200,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
           m_new, l, corr, probs = softmax_step(m, l, scores)
           plgpu.barrier_arrive(turn_bar.at[lax.rem(wg + 1, n_wgs)])
       p_scales = k_scales
-      if staged and split_rings:
+      if staged and split_rings and not converter:
         if not early:
           stage_values(slot, s0)
         # float8: the values' scales per token (loaded before the slot is
@@ -1192,11 +1218,16 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
                     for a in acc)
       values = vb_s.at[wg] if staged else (hk_s if spec.shared else hv_s).at[
           slot]
+      if converter:     # the tile's 16-bit values from the converter WG
+        ring = lax.rem(t, n_wgs * VALUE_RING_PER_WG)
+        values = vb_s.at[ring]
+        with jax.named_scope("v_wait"):
+          plgpu.barrier_wait(vready_bar.at[ring])
       if split_rings and not staged:
         with jax.named_scope("v_wait"):
           plgpu.barrier_wait(vprod_bar.at[slot])
 
-      if not staged or (int4 and config.int4_mask_last):
+      if not staged or (int4 and config.int4_mask_last and not converter):
         @pl.when(s0 + bs > length)
         def _():
           # rows past the length get probability 0, but 0·inf is NaN on the
@@ -1219,6 +1250,8 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
         if not staged:         # (staged: released after the upcasts)
           plgpu.barrier_arrive(
               (vcons_bar if split_rings else kcons_bar).at[slot])
+        if converter:          # the ring tile is the converter's again
+          plgpu.barrier_arrive(vfree_bar.at[ring])
       return acc, m_new, l
 
     acc0 = tuple(plgpu.layout_cast(jnp.zeros((size, cols), jnp.float32),
@@ -1240,9 +1273,37 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
     m_o[b, x, part] = m
     l_o[b, x, part] = l
 
+  if converter:
+    @pl.when(wg == n_wgs + 1)
+    def _convert():
+      # the tiles' value codes -> 16-bit values in the ring (rows past the
+      # length zeroed), in tile order; the compute WG of tile t reads ring
+      # slot t mod (W · VALUE_RING_PER_WG)
+      plgpu.set_max_registers(_CONVERTER_REGISTERS[1], action="increase")
+      slots = n_wgs * VALUE_RING_PER_WG
+
+      @pl.loop(0, n_tiles)
+      def _(t):
+        slot, ring = lax.rem(t, stages), lax.rem(t, slots)
+
+        @pl.when(t >= slots)
+        def _():
+          plgpu.barrier_wait(vfree_bar.at[ring])
+        plgpu.barrier_wait(vprod_bar.at[slot])
+        s0 = start + t * bs
+        for j in range(subs):
+          rows = pl.ds(j * SUB, SUB)
+          vb_s.at[ring, rows][...] = dequant4(
+              hv_s.at[slot, rows], sv_s.at[slot, rows], zv_s.at[slot, rows],
+              s0 + j * SUB, True)
+        plgpu.commit_smem()              # visible to the tensor core
+        plgpu.barrier_arrive(vcons_bar.at[slot])
+        plgpu.barrier_arrive(vready_bar.at[ring])
+
   @pl.when(wg == n_wgs)
   def _memory():
-    plgpu.set_max_registers(_PRODUCER_REGISTERS[n_wgs], action="decrease")
+    plgpu.set_max_registers(_CONVERTER_REGISTERS[0] if converter
+                            else _PRODUCER_REGISTERS[n_wgs], action="decrease")
     if fold:
       for n in range(spec.q_per_kv):   # TMA: at most 5 strided dims
         plgpu.copy_gmem_to_smem(u_g.at[b, x, n], u_s.at[n], setup_bar.at[0])
@@ -1450,6 +1511,7 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
   batch, s = hk.shape[:2]
   if config is None:
     config = choose_config(spec, batch=batch, cache_len=s, rope=rope)
+  converter = int4_converter(spec, rope, config)
   dtype = q.dtype
   nq = query_cols(spec, rope)
   hc = heads_per_cta(rope, config)
@@ -1602,7 +1664,9 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
                 plgpu.SMEM(groups_of(rk), zk.dtype),
                 plgpu.SMEM(v_groups, sv.dtype),
                 plgpu.SMEM(v_groups, zv.dtype),
-                plgpu.SMEM((config.compute_wgs, bs, rv), dtype,
+                # each WG's values, or with a converter WG the value ring
+                plgpu.SMEM((config.compute_wgs * (
+                    VALUE_RING_PER_WG if converter else 1), bs, rv), dtype,
                            transforms=_transforms(_swizzle(rv)))]
   scratch += [p_smem,
               plgpu.Barrier(num_arrivals=n_setup, num_barriers=1),
@@ -1612,6 +1676,9 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
               plgpu.Barrier(num_arrivals=1, num_barriers=config.compute_wgs),
               plgpu.SMEM((config.compute_wgs, reduction_scratch_elems(cols)),
                          jnp.float32)]
+  if converter:   # value ring slots: dequantized, and free again
+    slots = config.compute_wgs * VALUE_RING_PER_WG
+    scratch += [plgpu.Barrier(num_arrivals=1, num_barriers=slots)] * 2
   parts = config.compute_wgs * splits
   shape = (batch, x_size, parts)
   out_type = [jax.ShapeDtypeStruct(shape + (rv, cols), jnp.float32),
@@ -1634,7 +1701,7 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
       kernel, out_type=out_type, scratch_types=scratch,
       compiler_params=compiler_params,
       grid=(x_size, splits, batch), grid_names=("x", "p", "b"),
-      num_threads=config.compute_wgs + 1, thread_name="wg",
+      num_threads=config.compute_wgs + 1 + converter, thread_name="wg",
       kernel_name="palu_latent_" + ("rope" if rope else "norope"),
   )(lengths.astype(jnp.int32), _group_major(hk, spec.groups),
     _group_major(hv_in, spec.groups), *operands)

@@ -593,7 +593,8 @@ INT4_VARIANTS = {"default": {}, "steps": dict(int4_fused=False),
                  "mask_every_tile": dict(int4_mask_last=False),
                  "relayout": dict(int4_permuted=False),
                  "keys_in_registers": dict(int4_keys_smem=False),
-                 "values_during_scores": dict(values_during_scores=True)}
+                 "values_during_scores": dict(values_during_scores=True),
+                 "converter": dict(int4_converter=True)}
 
 
 def test_int4_column_order_matches_the_two_register_layouts():
@@ -717,7 +718,8 @@ def test_int4_raw_key_scores_keep_f32_precision(dtype):
 # scored and corrected per row), the keys dequantized as with groups, and
 # the separate steps
 TOKEN_VARIANTS = {"default": {}, "dequantized_keys": dict(int4_raw_keys=False),
-                  "steps": dict(int4_fused=False)}
+                  "steps": dict(int4_fused=False),
+                  "converter": dict(int4_converter=True)}
 
 
 @pytest.mark.parametrize("rope", [False, True], ids=["norope", "rope"])
@@ -735,7 +737,9 @@ def test_int4_token_scales_lower_for_sm90(case, variant, rope):
   config = dataclasses.replace(mg.choose_config(
       spec, batch=batch, cache_len=s, rope=rope), **TOKEN_VARIANTS[variant])
   assert mg.raw_int4_keys(spec, rope, config) == (
-      variant == "default" and not rope and not shared)
+      variant in ("default", "converter") and not rope and not shared)
+  assert mg.int4_converter(spec, rope, config) == (
+      variant == "converter" and not rope and not shared)
   assert mg.unsupported_reason(spec, jnp.bfloat16, s, rope, config) is None
   assert mg.smem_bytes(spec, rope, config) <= mg.SMEM_BYTES
   assert "mosaic_gpu" in _lower(spec, batch, s, rope,
