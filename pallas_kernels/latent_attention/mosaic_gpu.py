@@ -203,7 +203,8 @@ class MosaicConfig:
   # one) dequantizes each tile's values into a ring of 16-bit tiles
   # (`VALUE_RING_PER_WG` per compute WG) that the compute WGs' p·h_v reads,
   # so the values' dequantization leaves their chain; registers: producer
-  # 24, compute and converter WGs 160 each.
+  # 24, compute and converter WGs 160 each. Off: correct (compiled tests)
+  # but measured slower (Llama-2 B8 64K 567 vs 496 µs, NOTES.md v20).
   int4_converter: bool = False
   # v13: each compute WG reduces over its rows (the softmax max) through a
   # shared-memory scratch of its own (Mosaic GPU's reduction, called inline),
