@@ -35,29 +35,34 @@ import jax.numpy as jnp
 import numpy as np
 
 from eval.bench_decode import _pseudo_random
-from eval.bench_kernels import (SHAPES, _cfg_str, _chain, _latent_side,
-                                palu_spec)
+from eval.bench_kernels import (SHAPES, _cfg_str, _chain, _config_field,
+                                _latent_side, palu_spec)
 from eval.trace_events import span_us, traced_gpu_events
 from eval.report import markdown_table, write_results
 from pallas_kernels.latent_attention import mosaic_gpu as mg
 
 COMPUTE_STAGES = ("k_wait", "rebuild", "rope", "upcast", "convert", "scale",
                   "score", "turn", "softmax", "p_store", "v_wait", "pv")
+# the int4 converter WG's (`int4_converter`): ring slot free, value codes
+# in, their dequantization and store
+CONVERTER_STAGES = ("c_free", "c_wait", "c_convert")
 
 
 def stage_cycles(trace: dict) -> dict[str, dict]:
-  """Chrome-trace events of the profiler -> per role ("compute", "memory")
-  {stage: [cycles per occurrence]} and "period": cycles between successive
-  tile starts (`k_wait` begins) of one compute warpgroup. The profiler's
-  timestamps are SM clock cycles / 1e3 within one warpgroup's trace."""
+  """Chrome-trace events of the profiler -> per role ("compute", "memory",
+  "converter") {stage: [cycles per occurrence]} and "period": cycles
+  between successive tile starts (`k_wait` begins) of one compute
+  warpgroup. The profiler's timestamps are SM clock cycles / 1e3 within
+  one warpgroup's trace."""
   by_tid = collections.defaultdict(list)
   for ev in trace["traceEvents"]:
     by_tid[ev["tid"]].append(ev)
-  out = {"compute": collections.defaultdict(list),
-         "memory": collections.defaultdict(list)}
+  out = {role: collections.defaultdict(list)
+         for role in ("compute", "memory", "converter")}
   for events in by_tid.values():
     names = {e["name"] for e in events}
-    role = "compute" if "k_wait" in names else "memory"
+    role = ("compute" if "k_wait" in names else
+            "converter" if "c_convert" in names else "memory")
     open_at: dict[str, float] = {}
     starts = []
     for e in events:
@@ -153,6 +158,9 @@ def profile_one(spec, *, batch: int, context: int, rope: bool,
   for name in ("k_free", "v_free"):
     if cyc["memory"].get(name):
       row[name] = float(np.mean(cyc["memory"][name]))
+  for name in CONVERTER_STAGES:
+    if cyc["converter"].get(name):
+      row[name] = float(np.mean(cyc["converter"][name]))
   return row
 
 
@@ -186,6 +194,10 @@ def main(argv=None) -> int:
   ap.add_argument("--scale-per-token", action="store_true",
                   help="4-bit codes with one scale and offset per token and "
                   "latent group (quant_group = the rank)")
+  ap.add_argument("--set", nargs="+", type=_config_field, default=[],
+                  metavar="FIELD=VALUE",
+                  help="MosaicConfig fields over the chosen config, e.g. "
+                  "int4_converter=true")
   ap.add_argument("--breakdown", action="store_true",
                   help="also report each GPU kernel's device time per call")
   ap.add_argument("--out", default=os.path.join("eval", "results"))
@@ -198,7 +210,8 @@ def main(argv=None) -> int:
   n_heads, n_kv, head_dim = SHAPES[args.shape]
   overrides = {"kv_heads_per_cta": args.kv_heads_per_cta,
                "splits": args.splits, "block_s": args.block_s,
-               "private_reductions": False if args.turns else None}
+               "private_reductions": False if args.turns else None,
+               **dict(args.set)}
   for group, rope in paths:
     spec = palu_spec(n_heads, n_kv, head_dim, 0.5, args.bits, group,
                      args.shared)
@@ -230,7 +243,7 @@ def main(argv=None) -> int:
                for k, v in row.items()}, flush=True)
   cols = ["variant", "shape", "batch", "stages", "splits", "heads",
           "rope_mode", "reductions", "period_cyc", *COMPUTE_STAGES,
-          "k_free", "v_free",
+          "k_free", "v_free", *CONVERTER_STAGES,
           "kernel_us", "other_us", "span_us", "launches", "note"]
   md = ("# Mosaic GPU latent kernel: SM cycles per tile and stage\n\n"
         f"{args.shape} shape, 50 %, bf16, the in-kernel profiler "

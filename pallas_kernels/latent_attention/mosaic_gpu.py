@@ -1288,16 +1288,19 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
         slot, ring = lax.rem(t, stages), lax.rem(t, slots)
 
         @pl.when(t >= slots)
+        @jax.named_scope("c_free")
         def _():
           plgpu.barrier_wait(vfree_bar.at[ring])
-        plgpu.barrier_wait(vprod_bar.at[slot])
+        with jax.named_scope("c_wait"):
+          plgpu.barrier_wait(vprod_bar.at[slot])
         s0 = start + t * bs
-        for j in range(subs):
-          rows = pl.ds(j * SUB, SUB)
-          vb_s.at[ring, rows][...] = dequant4(
-              hv_s.at[slot, rows], sv_s.at[slot, rows], zv_s.at[slot, rows],
-              s0 + j * SUB, True)
-        plgpu.commit_smem()              # visible to the tensor core
+        with jax.named_scope("c_convert"):
+          for j in range(subs):
+            rows = pl.ds(j * SUB, SUB)
+            vb_s.at[ring, rows][...] = dequant4(
+                hv_s.at[slot, rows], sv_s.at[slot, rows],
+                zv_s.at[slot, rows], s0 + j * SUB, True)
+          plgpu.commit_smem()            # visible to the tensor core
         plgpu.barrier_arrive(vcons_bar.at[slot])
         plgpu.barrier_arrive(vready_bar.at[ring])
 

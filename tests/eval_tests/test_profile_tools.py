@@ -31,6 +31,22 @@ def test_stage_cycles_per_role_and_period():
   assert out["compute"]["period"] == pytest.approx([1000, 1000])
   assert out["memory"]["k_free"] == pytest.approx([50, 30])
   assert "k_free" not in out["compute"]
+  assert not out["converter"]
+
+
+def test_stage_cycles_names_the_converter_warpgroup():
+  """int4_converter's fourth warpgroup (stages c_free, c_wait, c_convert)
+  is its own role, not counted as the producer."""
+  events = _range("k_wait", 0, 100, tid=1)
+  events += _range("k_free", 0, 50, tid=3)
+  for t in range(3):
+    events += _range("c_wait", 500 * t, 500 * t + 20, tid=4)
+    events += _range("c_convert", 500 * t + 20, 500 * t + 420, tid=4)
+  out = stage_cycles({"traceEvents": events})
+  assert out["converter"]["c_convert"] == pytest.approx([400] * 3)
+  assert out["converter"]["c_wait"] == pytest.approx([20] * 3)
+  assert "c_convert" not in out["memory"]
+  assert out["memory"]["k_free"] == pytest.approx([50])
 
 
 def test_kernel_kinds():
