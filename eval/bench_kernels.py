@@ -211,11 +211,10 @@ def palu_flops(spec: LatentSpec, batch: int, ctx: int, rope: bool) -> float:
 
 
 def _time_spec(shape_rows, spec, scales, batch, ctx, q, lengths, paths,
-               ratio, group, shared, backends, fallback, timer, options):
+               ratio, group, shared, backends, fallback, timer, configs_for):
   """Time one latent spec on each path and backend (the fallback only where
-  no backend of the list takes it); rows appended to shape_rows."""
-  (tune, rope_modes, compute_wgs, split_counts, kv_heads_per_cta,
-   fp8_latents, turns, also) = options
+  no backend of the list takes it); rows appended to shape_rows.
+  configs_for(backend, spec, rope): the launch configs to time."""
   h, bits = spec.head_dim, spec.bits
   hk = _latent_side(spec, batch, ctx, 6)
   hv = None if shared else _latent_side(spec, batch, ctx, 7)
@@ -234,15 +233,12 @@ def _time_spec(shape_rows, spec, scales, batch, ctx, q, lengths, paths,
     for backend in backends + ((fallback,) if fallback else ()):
       if backend == fallback and timed:
         break                          # a backend of the list took it
-      configs = _configs(backend, spec, batch, ctx, rope, tune, rope_modes,
-                         compute_wgs, split_counts, kv_heads_per_cta,
-                         fp8_latents, turns, also)
+      configs = configs_for(backend, spec, rope)
       row = _time_configs(name, backend, configs, spec, batch, ctx, rope, q,
                           (hk, hv, k_up), lengths, nbytes, inv, group, timer)
       if row is not None:              # None: no config for the shape
         timed.append(row)
     shape_rows += timed
-  del hk, hv
 
 
 def run(shapes, batches, contexts, ratios, bits_list, *, tune: bool,
@@ -271,6 +267,11 @@ def run(shapes, batches, contexts, ratios, bits_list, *, tune: bool,
         q = _pseudo_random(jnp.float32(3), shape=(batch, n_heads, h),
                            dtype=DTYPE)
         full_bytes = 2 * batch * ctx * n_kv * h * 2
+
+        def configs_for(backend, spec, rope, batch=batch, ctx=ctx):
+          return _configs(backend, spec, batch, ctx, rope, tune, rope_modes,
+                          compute_wgs, split_counts, kv_heads_per_cta,
+                          fp8_latents, turns, also)
         full_flops = 4.0 * batch * ctx * n_heads * h
         # token-major cache for XLA / cuDNN, head-major for the Pallas op
         k = _pseudo_random(jnp.float32(4), shape=(batch, ctx, n_kv, h),
@@ -306,12 +307,11 @@ def run(shapes, batches, contexts, ratios, bits_list, *, tune: bool,
           if bits == 8 and fp8_latents:   # one scale per token and group
             spec = dataclasses.replace(spec, quant_group=spec.k_rank)
           for scales in int_scales if bits < 8 else ("group",):
-            per_token = dataclasses.replace(spec, quant_group=spec.k_rank)
-            _time_spec(shape_rows, per_token if scales == "token" else spec,
-                       scales, batch, ctx, q, lengths, paths, ratio, group,
-                       shared, backends, fallback, timer,
-                       (tune, rope_modes, compute_wgs, split_counts,
-                        kv_heads_per_cta, fp8_latents, turns, also))
+            timed_spec = (dataclasses.replace(spec, quant_group=spec.k_rank)
+                          if scales == "token" else spec)
+            _time_spec(shape_rows, timed_spec, scales, batch, ctx, q, lengths,
+                       paths, ratio, group, shared, backends, fallback, timer,
+                       configs_for)
         for r in shape_rows:
           r.update(shape=shape_name, batch=batch, kv_heads=n_kv, context=ctx)
         base = [r["us"] for r in shape_rows

@@ -176,12 +176,21 @@ def test_bench_kernels_config_labels_name_only_options_that_apply():
   assert _cfg_str(early, token, True) == "bs=64 P=1 stages=4"
 
 
+def _stub_bench(monkeypatch, configs):
+  """bench_kernels with `configs` as its launch configs and every
+  measurement a constant row: what `run` times, not how fast."""
+  from eval import bench_kernels as bk
+  monkeypatch.setattr(bk, "_configs", configs)
+  monkeypatch.setattr(bk, "_measure", lambda name, *a, **k: {
+      "variant": name, "us": 1.0, "bytes": 1, "gbps": 1.0, "tflops": 1.0})
+  return bk
+
+
 def test_bench_kernels_falls_back_only_where_no_backend_takes_the_shape(
     monkeypatch):
   """`--fallback`: a variant gets the fallback backend's row only when the
   listed backends have no config for it (here Mosaic GPU refuses int4
   with RoPE); `--low-bit-groups`: bits < 16 only at those group sizes."""
-  from eval import bench_kernels as bk
   calls = []
 
   def configs(backend, spec, batch, ctx, rope, *rest):
@@ -189,9 +198,7 @@ def test_bench_kernels_falls_back_only_where_no_backend_takes_the_shape(
     if backend == "mosaic_gpu" and spec.bits == 4 and rope:
       return []
     return [None]
-  monkeypatch.setattr(bk, "_configs", configs)
-  monkeypatch.setattr(bk, "_measure", lambda name, *a, **k: {
-      "variant": name, "us": 1.0, "bytes": 1, "gbps": 1.0, "tflops": 1.0})
+  bk = _stub_bench(monkeypatch, configs)
   rows = bk.run(["llama3-8b"], [1], [256], [0.5], [16, 4], tune=False,
                 save=lambda rows: None, groups=(4, 1), low_bit_groups=(4,),
                 backends=("mosaic_gpu",), fallback="xla",
@@ -211,24 +218,29 @@ def test_bench_kernels_int_scales_time_both_scale_layouts(monkeypatch):
   """`--int-scales group token`: each integer-code variant is timed with a
   scale per 32 latents and with one per token and latent group (rows
   `..._qtoken`, whose spec has quant_group = the rank); 16-bit rows
-  once."""
-  from eval import bench_kernels as bk
+  once; in either order of the list."""
   seen = []
 
   def configs(backend, spec, batch, ctx, rope, *rest):
     seen.append((spec.bits, spec.quant_group, spec.k_rank))
     return [None]
-  monkeypatch.setattr(bk, "_configs", configs)
-  monkeypatch.setattr(bk, "_measure", lambda name, *a, **k: {
-      "variant": name, "us": 1.0, "bytes": 1, "gbps": 1.0, "tflops": 1.0})
-  rows = bk.run(["llama3-8b"], [1], [256], [0.5], [16, 4], tune=False,
-                save=lambda rows: None, groups=(4,), paths=("norope",),
-                backends=("mosaic_gpu",), baselines=("xla",),
-                int_scales=("group", "token"), timer=lambda *a: 1e-3)
+  bk = _stub_bench(monkeypatch, configs)
+
+  def run(int_scales):
+    seen.clear()
+    return bk.run(["llama3-8b"], [1], [256], [0.5], [16, 4], tune=False,
+                  save=lambda rows: None, groups=(4,), paths=("norope",),
+                  backends=("mosaic_gpu",), baselines=("xla",),
+                  int_scales=int_scales, timer=lambda *a: 1e-3)
+  rows = run(("group", "token"))
   assert [r["variant"] for r in rows if r["variant"].startswith("palu")] == [
       "palu50_norope", "palu50_norope_int4", "palu50_norope_int4_qtoken"]
   rank = seen[0][2]
   assert seen[1:] == [(4, 32, rank), (4, rank, rank)]
+  rows = run(("token", "group"))
+  assert [r["variant"] for r in rows if r["variant"].startswith("palu")] == [
+      "palu50_norope", "palu50_norope_int4_qtoken", "palu50_norope_int4"]
+  assert seen[1:] == [(4, rank, rank), (4, 32, rank)]
 
 
 def test_bench_kernels_append_keeps_only_other_shapes(tmp_path):
