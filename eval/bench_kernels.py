@@ -461,9 +461,8 @@ def _cfg_str(c, spec=None, rope: bool = True) -> str:
                and rope and not c.int4_keys_smem else "")
             + (" raw_keys" if applies(mosaic_gpu.raw_int4_keys) else "")
             + (" converter" if applies(mosaic_gpu.int4_converter) else "")
-            + (" values_during_scores" if spec is not None and spec.bits in (
-                4, 8) and not rope and not spec.shared
-               and c.values_during_scores else "")
+            + (" values_during_scores"
+               if applies(mosaic_gpu.values_during_scores) else "")
             + (" fused" if applies(mosaic_gpu.fused_heads) else ""))
   return f"bs={c.block_s} P={c.splits} w={c.num_warps} st={c.num_stages}"
 

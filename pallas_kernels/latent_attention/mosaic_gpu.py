@@ -243,6 +243,15 @@ def int4_converter(spec: LatentSpec, rope: bool, config: MosaicConfig
           and not spec.shared and config.compute_wgs == 2)
 
 
+def values_during_scores(spec: LatentSpec, rope: bool, config: MosaicConfig
+                         ) -> bool:
+  """Whether a tile's values are staged while its last score wgmma runs
+  (`MosaicConfig.values_during_scores`: float8 and int4 without RoPE, own
+  value latent, no converter WG)."""
+  return (config.values_during_scores and spec.bits in (4, 8) and not rope
+          and not spec.shared and not int4_converter(spec, rope, config))
+
+
 def scores_dtype(config: MosaicConfig, dtype):
   """Operand type of the RoPE scores wgmma (rotated keys and q)."""
   return jnp.dtype(jnp.float16 if config.rotation_dtype == "float16" else
@@ -836,8 +845,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
   native = fp8_scores(spec, rope, config)
   raw = int4 and raw_int4_keys(spec, rope, config)
   # without RoPE: a tile's values staged while its last score wgmma runs
-  early = (staged and not spec.shared and not rope
-           and config.values_during_scores and not converter)
+  early = values_during_scores(spec, rope, config)
   fused = fused_heads(spec, rope, config)
   if native:      # latents per score wgmma: one swizzle row (≤ 128)
     k_step = (_swizzle(spec.k_rank, 1) if config.fp8_promote
@@ -924,6 +932,18 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
                                              layout=wgmma_layout)
     return jnp.where(row < length, v, jnp.zeros_like(v))
 
+  def values_to_tile(slot, s0, tile, mask):
+    """Value ring slot `slot`'s codes -> 16-bit values in `tile` [bs, R_v]:
+    float8 upcast (rows past the length zeroed), int4 dequantized (zeroed
+    with `mask`)."""
+    for j in range(subs):
+      rows = pl.ds(j * SUB, SUB)
+      if int4:
+        tile.at[rows][...] = dequant4(hv_s.at[slot, rows], sv_s.at[slot, rows],
+                                      zv_s.at[slot, rows], s0 + j * SUB, mask)
+      else:
+        tile.at[rows][...] = upcast(hv_s.at[slot, rows], s0 + j * SUB)
+
   def token_scales(ref):
     """A sub-tile's float8 scales [SUB] (one per token) as f32 rows."""
     return plgpu.load(ref, (), layout=row_layout).astype(jnp.float32)
@@ -973,15 +993,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
       with jax.named_scope("v_wait"):
         plgpu.barrier_wait(vprod_bar.at[slot])
       with jax.named_scope("upcast"):
-        for j in range(subs):
-          rows = pl.ds(j * SUB, SUB)
-          if int4:
-            vb_s.at[wg, rows][...] = dequant4(
-                hv_s.at[slot, rows], sv_s.at[slot, rows],
-                zv_s.at[slot, rows], s0 + j * SUB, not config.int4_mask_last)
-          else:
-            vb_s.at[wg, rows][...] = upcast(hv_s.at[slot, rows],
-                                            s0 + j * SUB)
+        values_to_tile(slot, s0, vb_s.at[wg], not config.int4_mask_last)
 
     def tile(i, carry):
       acc, m, l = carry
@@ -1295,11 +1307,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
           plgpu.barrier_wait(vprod_bar.at[slot])
         s0 = start + t * bs
         with jax.named_scope("c_convert"):
-          for j in range(subs):
-            rows = pl.ds(j * SUB, SUB)
-            vb_s.at[ring, rows][...] = dequant4(
-                hv_s.at[slot, rows], sv_s.at[slot, rows],
-                zv_s.at[slot, rows], s0 + j * SUB, True)
+          values_to_tile(slot, s0, vb_s.at[ring], True)
           plgpu.commit_smem()            # visible to the tensor core
         plgpu.barrier_arrive(vcons_bar.at[slot])
         plgpu.barrier_arrive(vready_bar.at[ring])
