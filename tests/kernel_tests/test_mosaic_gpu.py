@@ -20,8 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pallas_kernels.absorb_attention import absorbed_queries
-from pallas_kernels.common import (LatentSpec, QuantLatent, combine_splits,
-                                   merge_partials)
+from pallas_kernels.common import LatentSpec, QuantLatent, combine_splits
 from pallas_kernels.latent_attention import api, mosaic_gpu as mg
 from pallas_kernels.latent_attention.reference import reference_for
 from palu_jax.quantize import fp8_quant
@@ -178,28 +177,6 @@ def test_combine_splits_equals_softmax_over_all_parts(parts):
   probs = jax.nn.softmax(jnp.asarray(s.reshape(-1, 4)), axis=0)  # [P·S, M]
   want = probs.T @ jnp.asarray(v.reshape(-1, 6))
   np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
-
-
-def test_merge_partials_is_associative_with_the_identity():
-  """The variadic reduce of `combine_splits` may merge partials in any
-  order and pad with its identity (acc 0, m -inf, l 0): the merge must be
-  commutative and associative, and the identity merged with itself (both
-  maxima -inf) must stay the identity, not NaN."""
-  rng = np.random.default_rng(0)
-  parts = [tuple(jnp.asarray(x, jnp.float32) for x in
-                 (rng.standard_normal(5), rng.standard_normal(5) * 9,
-                  rng.random(5) + 0.5)) for _ in range(3)]
-  a, b, c = parts
-  close = lambda x, y: [np.testing.assert_allclose(u, v, rtol=1e-6)
-                        for u, v in zip(x, y)]
-  close(merge_partials(a, b), merge_partials(b, a))
-  close(merge_partials(merge_partials(a, b), c),
-        merge_partials(a, merge_partials(b, c)))
-  ident = (jnp.zeros(5), jnp.full(5, -jnp.inf), jnp.zeros(5))
-  close(merge_partials(ident, a), a)
-  twice = merge_partials(ident, ident)
-  assert np.all(np.isfinite(twice[0])) and np.all(twice[1] == -np.inf)
-  close((twice[0], twice[2]), (ident[0], ident[2]))
 
 
 def test_value_row_chunks_cover_the_rank_in_64_row_pieces():
@@ -919,9 +896,9 @@ def check_grid_case(case, rope, mode, **changes):
     (64, 2, 16, "float16")])
 def test_compiled_kernel_ring_and_splits(block_s, stages, splits, rotation):
   """Ring slots, split counts and rotation types against the reference.
-  16 splits of 64 rows leave 32 partials (two WGs each), merged by
-  `combine_splits`' variadic reduce, with empty splits past the shorter
-  sequence."""
+  16 splits of 64 rows leave 32 partials (two WGs each): merged by
+  `combine_splits`' reductions (not its unrolled form), with empty splits
+  past the shorter sequence."""
   spec = LatentSpec(groups=2, kv_per_group=2, q_per_kv=2, head_dim=128,
                     k_rank=128, v_rank=128)
   cfg = mg.MosaicConfig(block_s=block_s, stages=stages, splits=splits,
