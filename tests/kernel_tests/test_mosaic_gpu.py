@@ -154,12 +154,12 @@ def test_online_softmax_steps_and_split_merge_equal_one_softmax(
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("parts", [1, 3, 8, 16, 17, 40, 132])
+@pytest.mark.parametrize("parts", [1, 3, 8, 16, 17, 32, 33, 40, 132])
 def test_combine_splits_equals_softmax_over_all_parts(parts):
   """Partials of one softmax over P splits of the keys (an empty split
   included: m = -1e30, l = 0, acc = 0, as a split past the sequence end
   leaves them), merged by `combine_splits` (unrolled up to
-  UNROLLED_COMBINE_PARTS, reductions above), equal softmax(s)·v computed
+  UNROLLED_COMBINE_PARTS = 32, reductions above), equal softmax(s)·v computed
   by jax.nn.softmax over all keys at once."""
   rng = np.random.default_rng(parts)
   rows = 24                                     # keys per split
