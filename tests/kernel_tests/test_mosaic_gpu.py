@@ -896,9 +896,9 @@ def check_grid_case(case, rope, mode, **changes):
     (64, 2, 16, "float16")])
 def test_compiled_kernel_ring_and_splits(block_s, stages, splits, rotation):
   """Ring slots, split counts and rotation types against the reference.
-  16 splits of 64 rows leave 32 partials (two WGs each): merged by
-  `combine_splits`' reductions (not its unrolled form), with empty splits
-  past the shorter sequence."""
+  16 splits of 64 rows leave 32 partials (two WGs each), the most
+  `combine_splits` merges unrolled, with empty splits past the shorter
+  sequence."""
   spec = LatentSpec(groups=2, kv_per_group=2, q_per_kv=2, head_dim=128,
                     k_rank=128, v_rank=128)
   cfg = mg.MosaicConfig(block_s=block_s, stages=stages, splits=splits,
