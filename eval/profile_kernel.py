@@ -203,6 +203,9 @@ def main(argv=None) -> int:
   ap.add_argument("--out", default=os.path.join("eval", "results"))
   ap.add_argument("--name", default="profile_kernel")
   args = ap.parse_args(argv)
+  if args.scale_per_token and args.bits != 4:
+    ap.error(f"--scale-per-token is for --bits 4 (got --bits {args.bits}; "
+             "float8 always has one scale per token)")
   rows = []
   paths = [(g, True) for g in args.groups]
   if args.norope:

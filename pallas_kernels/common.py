@@ -401,7 +401,7 @@ def combine_splits(acc: Array, m: Array, l: Array) -> Array:
   """Merges split-K partials: acc [..., P, M, R] (unnormalized), m/l
   [..., P, M] (running max and sum) -> [..., M, R] f32.
 
-  With few partials (P ≤ UNROLLED_COMBINE_PARTS = 32) the merge is written as
+  With few partials (P ≤ UNROLLED_COMBINE_PARTS) the merge is written as
   elementwise ops over the P slices: XLA:GPU then emits it as one loop
   fusion, with whatever consumes it, instead of three kernels (the max and
   exp, the sum of weights, the weighted sum), two launches fewer per

@@ -128,6 +128,18 @@ def test_bench_kernels_also_parses_config_fields():
     _config_field("splits=many")
 
 
+def test_profile_kernel_refuses_scale_per_token_without_4_bits(capsys):
+  """`--scale-per-token` sets one int4 scale per token; with 16- or 8-bit
+  latents it would only rename the rows, so the command line refuses it,
+  naming the flag (argparse exits with status 2)."""
+  from eval.profile_kernel import main
+  for bits in ("16", "8"):
+    with pytest.raises(SystemExit) as exit_info:
+      main(["--bits", bits, "--scale-per-token"])
+    assert exit_info.value.code == 2
+    assert "--scale-per-token is for --bits 4" in capsys.readouterr().err
+
+
 def test_bench_kernels_config_labels_name_only_options_that_apply():
   """fp8_scores is on by default but acts only on float8 keys without
   RoPE; fused heads only with several RoPE heads per CTA: the row labels

@@ -159,7 +159,7 @@ def test_combine_splits_equals_softmax_over_all_parts(parts):
   """Partials of one softmax over P splits of the keys (an empty split
   included: m = -1e30, l = 0, acc = 0, as a split past the sequence end
   leaves them), merged by `combine_splits` (unrolled up to
-  UNROLLED_COMBINE_PARTS = 32, reductions above), equal softmax(s)·v computed
+  UNROLLED_COMBINE_PARTS, reductions above), equal softmax(s)·v computed
   by jax.nn.softmax over all keys at once."""
   rng = np.random.default_rng(parts)
   rows = 24                                     # keys per split
@@ -896,9 +896,8 @@ def check_grid_case(case, rope, mode, **changes):
     (64, 2, 16, "float16")])
 def test_compiled_kernel_ring_and_splits(block_s, stages, splits, rotation):
   """Ring slots, split counts and rotation types against the reference.
-  16 splits of 64 rows leave 32 partials (two WGs each), the most
-  `combine_splits` merges unrolled, with empty splits past the shorter
-  sequence."""
+  16 splits of 64 rows leave 32 partials (two WGs each) for
+  `combine_splits`, with empty splits past the shorter sequence."""
   spec = LatentSpec(groups=2, kv_per_group=2, q_per_kv=2, head_dim=128,
                     k_rank=128, v_rank=128)
   cfg = mg.MosaicConfig(block_s=block_s, stages=stages, splits=splits,
