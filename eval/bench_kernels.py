@@ -56,9 +56,10 @@ DTYPE = jnp.bfloat16
 BASELINES = ("full_xla", "full_dpa_xla", "full_cudnn", "full_pallas")
 
 
-def time_op(fn, *args, iters: int = 10, repeats: int = 3) -> float:
+def time_op(fn, *args, iters: int = 10, repeats: int = 3,
+            link: str | None = None) -> float:
   """Seconds per call of fn(*args): `iters` calls chained inside one jitted
-  function (each call's output perturbs the next query, so none is
+  function (each call's output feeds the next query, `_chain`, so none is
   skipped), best of `repeats`. The calls are unrolled, not a `fori_loop`:
   on the GPU each iteration of an XLA while loop adds a fixed cost (~25 µs
   on the H200: cuDNN's dense call on SmolLM2's shape, B16 8K, took 75 µs in
@@ -73,7 +74,7 @@ def time_op(fn, *args, iters: int = 10, repeats: int = 3) -> float:
   way the work that does not depend on the query (B_k regrouped per KV
   head, RoPE tables) is done once for all calls (loop-invariant hoisting
   or CSE), as in a decode loop."""
-  run = _chain(fn, iters)
+  run = _chain(fn, iters, link)
   jax.block_until_ready(run(*args))
   best = float("inf")
   for _ in range(repeats):
@@ -83,13 +84,13 @@ def time_op(fn, *args, iters: int = 10, repeats: int = 3) -> float:
   return best / iters
 
 
-def span_op(fn, *args, iters: int = 10) -> float:
+def span_op(fn, *args, iters: int = 10, link: str | None = None) -> float:
   """Seconds per call of fn(*args) on the GPU timeline: the same chain as
   `time_op`, traced once by jax.profiler, from its first kernel's start to
   its last one's end, over `iters`: the calls' device time and the gaps
   between their launches, without what the chain pays once (dispatch, the
   final sync). The sound timing of calls under ~100 µs; needs a GPU."""
-  run = _chain(fn, iters)
+  run = _chain(fn, iters, link)
   jax.block_until_ready(run(*args))
   events = traced_gpu_events(lambda: run(*args))
   if not events:
@@ -98,14 +99,35 @@ def span_op(fn, *args, iters: int = 10) -> float:
   return span_us(events) / 1e6 / iters
 
 
-def _chain(fn, iters: int):
-  """jit of `iters` calls of fn, each call's output perturbing the next
-  query, so none is skipped or merged."""
+# How one chained call's output reaches the next call's query. "barrier"
+# (the default): through `lax.optimization_barrier`, which launches nothing:
+# the next query is an opaque value, so no call is merged or skipped, and
+# the span holds the calls and nothing else. "perturb" (before 2026-12-04):
+# q + 0·Σout[..., :1], a reduce and an add per call (about 2.4 µs of the
+# H200's timeline plus their launch gaps) that no decode step pays,
+# charged to every row, the dense baselines included.
+CHAIN_LINKS = ("barrier", "perturb")
+CHAIN_LINK = "barrier"
+
+
+def _chain(fn, iters: int, link: str | None = None):
+  """jit of `iters` calls of fn, each call's output feeding the next
+  query (`CHAIN_LINK`), so none is skipped or merged."""
+  link = link or CHAIN_LINK
+  if link not in CHAIN_LINKS:
+    raise ValueError(f"chain link {link!r}: expected one of {CHAIN_LINKS}")
+
   def chained(q, *rest):
+    outs = []
     for _ in range(iters):
       out = fn(q, *rest)
-      q = q + (jnp.sum(out[..., :1]) * 0).astype(q.dtype)
-    return q
+      if link == "barrier":
+        # the outputs are returned, so no call is dead code
+        q, out = jax.lax.optimization_barrier((q, out))
+        outs.append(out)
+      else:
+        q = q + (jnp.sum(out[..., :1]) * 0).astype(q.dtype)
+    return q, outs
   return jax.jit(chained)
 
 
@@ -581,6 +603,10 @@ def main(argv=None) -> int:
                   help="integer codes: a scale and offset per 32 latents "
                   "(group, the library's default) and/or one per token and "
                   "latent group (token: rows named ..._qtoken)")
+  ap.add_argument("--chain-link", default=CHAIN_LINK, choices=CHAIN_LINKS,
+                  help="how a chained call's output feeds the next query: "
+                  "barrier (no kernel) or perturb (a reduce and an add per "
+                  "call: the timing before 2026-12-04)")
   ap.add_argument("--name", default="bench_kernels")
   ap.add_argument("--out", default=os.path.join("eval", "results"))
   args = ap.parse_args(argv)
@@ -592,7 +618,8 @@ def main(argv=None) -> int:
           "jax": jax.__version__, "python": platform.python_version(),
           "hbm_read_gbps": bw / 1e9, "matmul_tflops": peak,
           "matmul_fp8_tflops": fp8_peak,
-          "group_size": GROUP, "dtype": "bfloat16", "timing": args.timing}
+          "group_size": GROUP, "dtype": "bfloat16", "timing": args.timing,
+          "chain_link": args.chain_link}
   print(meta, flush=True)
   kept = (rows_of_other_shapes(os.path.join(args.out, args.name + ".json"),
                                args.shapes) if args.append else [])
@@ -625,7 +652,8 @@ def main(argv=None) -> int:
       low_bit_groups=(tuple(args.low_bit_groups) if args.low_bit_groups
                       else None), fallback=args.fallback,
       int_scales=tuple(args.int_scales),
-      timer=span_op if args.timing == "span" else time_op)
+      timer=functools.partial(span_op if args.timing == "span" else time_op,
+                              link=args.chain_link))
   return 0
 
 

@@ -268,3 +268,27 @@ def test_bench_kernels_append_keeps_only_other_shapes(tmp_path):
   path.write_text("{}")
   with pytest.raises(ValueError, match="b.json"):
     rows_of_other_shapes(str(path), ["llama2-7b"])
+
+
+@pytest.mark.parametrize("link", ["barrier", "perturb"])
+def test_bench_chain_keeps_every_call(link):
+  """A chain of n calls compiles to n distinct calls (none merged as a
+  common subexpression or dropped as dead code), with either link."""
+  import jax
+  import jax.numpy as jnp
+
+  from eval.bench_kernels import _chain
+  fn = lambda q, w: jnp.tanh(q @ w)
+  q, w = jnp.ones((4, 64)), jnp.full((64, 64), 0.01)
+  hlo = _chain(fn, 5, link).lower(q, w).compile().as_text()
+  assert hlo.count("tanh(") == 5
+  last_q, outs = _chain(fn, 5, link)(q, w)
+  assert last_q.shape == q.shape
+  # the barrier link returns the calls' outputs (what keeps them alive)
+  assert len(outs) == (5 if link == "barrier" else 0)
+
+
+def test_bench_chain_link_is_checked():
+  from eval.bench_kernels import _chain
+  with pytest.raises(ValueError, match="chain link 'add'"):
+    _chain(lambda q: q, 2, "add")
