@@ -397,9 +397,14 @@ def split_hi_lo(x: Array, dtype) -> tuple[Array, Array | None]:
 UNROLLED_COMBINE_PARTS = 32
 
 
-def combine_splits(acc: Array, m: Array, l: Array) -> Array:
+def combine_splits(acc: Array, m: Array, l: Array, *,
+                   rows_first: bool = False) -> Array:
   """Merges split-K partials: acc [..., P, M, R] (unnormalized), m/l
-  [..., P, M] (running max and sum) -> [..., M, R] f32.
+  [..., P, M] (running max and sum) -> [..., M, R] f32. rows_first: acc is
+  [..., P, R, M], as the Mosaic GPU kernel stores its accumulators; the
+  merge runs in that layout and transposes only the merged [..., R, M],
+  so XLA can emit the merge and the transpose as one fusion instead of
+  transposing all P partials first.
 
   With few partials (P ≤ UNROLLED_COMBINE_PARTS) the merge is written as
   elementwise ops over the P slices: XLA:GPU then emits it as one loop
@@ -407,11 +412,14 @@ def combine_splits(acc: Array, m: Array, l: Array) -> Array:
   exp, the sum of weights, the weighted sum), two launches fewer per
   decode layer."""
   parts = m.shape[-2]
+  # a weight per (partial, head) broadcast over the value rows
+  spread = (lambda w: w[..., None, :]) if rows_first else (
+      lambda w: w[..., None])
   if parts > UNROLLED_COMBINE_PARTS:
     top = jnp.max(m, axis=-2, keepdims=True)
     w = jnp.exp(m - top)                                   # [..., P, M]
     denom = jnp.sum(w * l, axis=-2)                        # [..., M]
-    out = jnp.sum(w[..., None] * acc, axis=-3)
+    out = jnp.sum(spread(w) * acc, axis=-3)
   else:
     ms = [m[..., p, :] for p in range(parts)]
     top = ms[0]
@@ -419,11 +427,12 @@ def combine_splits(acc: Array, m: Array, l: Array) -> Array:
       top = jnp.maximum(top, mp)
     ws = [jnp.exp(mp - top) for mp in ms]                 # [..., M] each
     denom = ws[0] * l[..., 0, :]
-    out = ws[0][..., None] * acc[..., 0, :, :]
+    out = spread(ws[0]) * acc[..., 0, :, :]
     for p in range(1, parts):
       denom = denom + ws[p] * l[..., p, :]
-      out = out + ws[p][..., None] * acc[..., p, :, :]
-  return out / jnp.where(denom > 0, denom, 1.0)[..., None]
+      out = out + spread(ws[p]) * acc[..., p, :, :]
+  out = out / spread(jnp.where(denom > 0, denom, 1.0))
+  return jnp.swapaxes(out, -1, -2) if rows_first else out
 
 
 def dot(a: Array, b: Array, trans_b: bool = False) -> Array:

@@ -1404,6 +1404,26 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
         load_values(n_tiles - 1)
 
 
+def merge_partials(acc: Array, m: Array, l: Array, *, spec: LatentSpec,
+                   rope: bool, hc: int, nq: int) -> Array:
+  """The kernel's partials as it stores them, acc [B, X, P, R_v, cols]
+  and m, l [B, X, P, cols], without their padding columns, merged ->
+  [B, X, heads, R_v] f32 (heads: the program's query heads, in order).
+  With RoPE the columns are nq per KV head of the CTA (q_per_kv real ones);
+  without, the group's heads first."""
+  if rope:
+    def real(a):
+      lead = a.shape[:-1]
+      a = a.reshape(lead + (hc, nq))[..., :spec.q_per_kv]
+      return a.reshape(lead + (hc * spec.q_per_kv,))
+    acc, m, l = real(acc), real(m), real(l)
+  else:
+    heads = spec.heads_per_group
+    acc, m, l = acc[..., :heads], m[..., :heads], l[..., :heads]
+  # merged in the stored layout, then one transpose of the merged values
+  return combine_splits(acc, m, l, rows_first=True)
+
+
 def _rope_operands(q: Array, k_up: Array, k_bias: Array | None,
                    inv_freq: Array, spec: LatentSpec, nq: int, dtype,
                    cache_len: int, q_dtype=None):
@@ -1717,18 +1737,7 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
       kernel_name="palu_latent_" + ("rope" if rope else "norope"),
   )(lengths.astype(jnp.int32), _group_major(hk, spec.groups),
     _group_major(hv_in, spec.groups), *operands)
-  acc = jnp.swapaxes(acc, -1, -2)                 # [B, X, parts, cols, R_v]
-  if rope:
-    # per KV head of the CTA its query heads, without the padding
-    def real(a):
-      lead, rest = a.shape[:3], a.shape[4:]
-      a = a.reshape(lead + (hc, nq) + rest)[:, :, :, :, :spec.q_per_kv]
-      return a.reshape(lead + (hc * spec.q_per_kv,) + rest)
-    acc, m, l = real(acc), real(m), real(l)
-  else:
-    heads = spec.heads_per_group
-    acc, m, l = acc[..., :heads, :], m[..., :heads], l[..., :heads]
-  out = combine_splits(acc, m, l)
+  out = merge_partials(acc, m, l, spec=spec, rope=rope, hc=hc, nq=nq)
   order = int4_order(spec, config, rv)
   if order is not None:               # back from the values' column order
     out = out[..., np.argsort(order)]

@@ -154,8 +154,10 @@ def test_online_softmax_steps_and_split_merge_equal_one_softmax(
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows_first", [False, True],
+                         ids=["heads_rows", "rows_heads"])
 @pytest.mark.parametrize("parts", [1, 3, 8, 16, 17, 32, 33, 40, 132])
-def test_combine_splits_equals_softmax_over_all_parts(parts):
+def test_combine_splits_equals_softmax_over_all_parts(parts, rows_first):
   """Partials of one softmax over P splits of the keys (an empty split
   included: m = -1e30, l = 0, acc = 0, as a split past the sequence end
   leaves them), merged by `combine_splits` (unrolled up to
@@ -173,10 +175,47 @@ def test_combine_splits_equals_softmax_over_all_parts(parts):
   if empty is not None:
     m[empty], l[empty], acc[empty] = -1e30, 0.0, 0.0
     s[empty] = -np.inf
-  got = combine_splits(*(jnp.asarray(x, jnp.float32) for x in (acc, m, l)))
+  if rows_first:                       # the kernel's layout [P, R, M]
+    acc = np.swapaxes(acc, 1, 2)
+  got = combine_splits(*(jnp.asarray(x, jnp.float32) for x in (acc, m, l)),
+                       rows_first=rows_first)
+  assert got.shape == (4, 6)
   probs = jax.nn.softmax(jnp.asarray(s.reshape(-1, 4)), axis=0)  # [P·S, M]
   want = probs.T @ jnp.asarray(v.reshape(-1, 6))
   np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("rope", [True, False], ids=["rope", "norope"])
+def test_merge_partials_drops_padding_columns_and_merges(rope):
+  """`merge_partials` on partials in the kernel's stored layout equals,
+  head by head, the merge of that head's partials written out here with
+  numpy (max, weights, weighted sums), the padding columns ignored (they
+  hold garbage: NaN here, so any use of them shows)."""
+  spec = LatentSpec(groups=2, kv_per_group=2, q_per_kv=3, head_dim=64,
+                    k_rank=64, v_rank=40)
+  hc, nq = (2, 8) if rope else (1, 8)
+  cols = hc * nq if rope else 8          # no RoPE: 6 heads of a group + pad
+  b, x, parts = 2, 2, 5
+  rng = np.random.default_rng(0)
+  acc = rng.standard_normal((b, x, parts, 40, cols)).astype(np.float32)
+  m = rng.standard_normal((b, x, parts, cols)).astype(np.float32) * 3
+  l = rng.uniform(0.5, 2, (b, x, parts, cols)).astype(np.float32)
+  if rope:
+    real = [h * nq + i for h in range(hc) for i in range(spec.q_per_kv)]
+  else:
+    real = list(range(spec.heads_per_group))
+  pad = [c for c in range(cols) if c not in real]
+  for a in (acc, m, l):
+    a[..., pad] = np.nan
+  got = np.asarray(mg.merge_partials(jnp.asarray(acc), jnp.asarray(m),
+                                     jnp.asarray(l), spec=spec, rope=rope,
+                                     hc=hc, nq=nq))
+  assert got.shape == (b, x, len(real), 40)
+  for k, c in enumerate(real):
+    mc, lc, ac = m[..., c], l[..., c], acc[..., c]        # [b, x, P], [.., R]
+    w = np.exp(mc - mc.max(axis=-1, keepdims=True))
+    want = (w[..., None] * ac).sum(axis=2) / (w * lc).sum(axis=-1)[..., None]
+    np.testing.assert_allclose(got[:, :, k], want, rtol=1e-5, atol=1e-6)
 
 
 def test_value_row_chunks_cover_the_rank_in_64_row_pieces():
