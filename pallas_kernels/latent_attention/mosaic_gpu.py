@@ -212,6 +212,16 @@ class MosaicConfig:
   # and the softmax sum is kept as per-thread partials [rows, N] until the
   # end (one cross-warp reduction per tile instead of two, NOTES.md v13).
   private_reductions: bool = True
+  # v24 (experimental, off until measured): the split partials merged in the
+  # kernel instead of in XLA. Every compute WG stores its partial as before
+  # and signals a semaphore of its (batch, program); the last WG of the
+  # program's last split (the last to be dispatched, so the others are
+  # resident or done: no deadlock) waits for the others' signals, merges
+  # all partials from global memory (L2) and stores the merged rows
+  # behind them, so XLA keeps one transpose and drops the merge's kernels
+  # (Llama-2 B1 64K no RoPE G-LRD-4: 6-9 µs of XLA merge, NOTES.md v24).
+  # At most MERGE_IN_KERNEL_PARTS partials: one WG reads them all.
+  merge_in_kernel: bool = False
   # Mosaic GPU's in-kernel profiler (eval/profile_kernel.py): the named
   # stages of each tile (`jax.named_scope` below) timed in SM cycles per
   # warpgroup, at most `profile_space` ranges each, written as a trace
@@ -219,6 +229,10 @@ class MosaicConfig:
   profile_space: int = 0
   profile_dir: str = ""
 
+
+# merge_in_kernel: the most split partials one WG merges (its reads of
+# [P, R_v, cols] f32 are the tail of the kernel's last CTA)
+MERGE_IN_KERNEL_PARTS = 32
 
 _PRODUCER_REGISTERS = {2: 40, 3: 24}
 # with a converter WG (int4_converter): producer, then compute and converter
@@ -784,7 +798,8 @@ def _reduce_rows(x, scratch, op: str):
 
 
 def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
-            config: MosaicConfig, span: int, nq: int, dtype, has_bias: bool):
+            config: MosaicConfig, span: int, nq: int, dtype, has_bias: bool,
+            splits: int, x_size: int):
   fold = rope and config.rope_mode == "fold"
   converter = int4_converter(spec, rope, config)
   if converter:            # value ring slots: dequantized / free again
@@ -950,6 +965,47 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
 
   n_wgs = config.compute_wgs
   private = config.private_reductions
+
+  def merge_parts(part):
+    """merge_in_kernel: the partials of program (b, x) merged by its last
+    WG into acc_o[b, x, parts] [R_v, cols] (normalized)."""
+    parts = n_wgs * splits
+    done = pl.get_global(plgpu.SemaphoreType.REGULAR(
+        (lengths_g.shape[0] * x_size,)))
+    slot = done.at[b * x_size + x]
+    last = part == parts - 1
+
+    @pl.when(jnp.logical_not(last))
+    def _():    # after this WG's stores (the signal releases them)
+      plgpu.semaphore_signal(slot, 1, memory_scope="gpu")
+
+    @pl.when(last)
+    def _():
+      plgpu.semaphore_wait(slot, parts - 1, decrement=False,
+                           memory_scope="gpu")
+      # (from global memory: Mosaic GPU's plain, not its smem-optimized,
+      # transfers)
+      load_cols = lambda ref: plgpu.load(ref, layout=col_layout,
+                                         optimized=False)
+      # two passes: every m first (loads in flight together), then weights
+      ms = [load_cols(m_o.at[b, x, q]) for q in range(parts)]
+      top = ms[0]
+      for mq in ms[1:]:
+        top = jnp.maximum(top, mq)
+      ws = [jnp.exp(mq - top) for mq in ms]
+      denom = ws[0] * load_cols(l_o.at[b, x, 0])
+      for q in range(1, parts):
+        denom = denom + ws[q] * load_cols(l_o.at[b, x, q])
+      inv = 1.0 / jnp.where(denom > 0, denom, 1.0)
+      for off, size in chunks:
+        spread = lambda w, size=size: lax.broadcast_in_dim(
+            w, (size, cols), [1])
+        out = None
+        for q in range(parts):
+          a = plgpu.load(acc_o.at[b, x, q, pl.ds(off, size)],
+                         layout=wgmma_layout, optimized=False)
+          out = spread(ws[q]) * a if out is None else out + spread(ws[q]) * a
+        acc_o[b, x, parts, pl.ds(off, size)] = out * spread(inv)
 
   @pl.when(wg < n_wgs)
   def _compute():
@@ -1285,6 +1341,9 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
       acc_o[b, x, part, pl.ds(off, size)] = a
     m_o[b, x, part] = m
     l_o[b, x, part] = l
+    if config.merge_in_kernel:
+      merge_parts(part)
+
 
   if converter:
     @pl.when(wg == n_wgs + 1)
@@ -1411,17 +1470,22 @@ def merge_partials(acc: Array, m: Array, l: Array, *, spec: LatentSpec,
   [B, X, heads, R_v] f32 (heads: the program's query heads, in order).
   With RoPE the columns are nq per KV head of the CTA (q_per_kv real ones);
   without, the group's heads first."""
-  if rope:
-    def real(a):
-      lead = a.shape[:-1]
-      a = a.reshape(lead + (hc, nq))[..., :spec.q_per_kv]
-      return a.reshape(lead + (hc * spec.q_per_kv,))
-    acc, m, l = real(acc), real(m), real(l)
-  else:
-    heads = spec.heads_per_group
-    acc, m, l = acc[..., :heads], m[..., :heads], l[..., :heads]
+  acc, m, l = (real_columns(a, spec=spec, rope=rope, hc=hc, nq=nq)
+               for a in (acc, m, l))
   # merged in the stored layout, then one transpose of the merged values
   return combine_splits(acc, m, l, rows_first=True)
+
+
+def real_columns(a: Array, *, spec: LatentSpec, rope: bool, hc: int,
+                 nq: int) -> Array:
+  """[..., cols] -> [..., heads]: the program's query heads of the
+  kernel's columns, without the padding (RoPE: nq columns per KV head of
+  the CTA, q_per_kv real; no RoPE: the group's heads first)."""
+  if not rope:
+    return a[..., :spec.heads_per_group]
+  lead = a.shape[:-1]
+  a = a.reshape(lead + (hc, nq))[..., :spec.q_per_kv]
+  return a.reshape(lead + (hc * spec.q_per_kv,))
 
 
 def _rope_operands(q: Array, k_up: Array, k_bias: Array | None,
@@ -1712,13 +1776,21 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
     slots = config.compute_wgs * VALUE_RING_PER_WG
     scratch += [plgpu.Barrier(num_arrivals=1, num_barriers=slots)] * 2
   parts = config.compute_wgs * splits
+  merged = config.merge_in_kernel
+  if merged and parts > MERGE_IN_KERNEL_PARTS:
+    raise ValueError(f"merge_in_kernel merges at most "
+                     f"{MERGE_IN_KERNEL_PARTS} partials; this config makes "
+                     f"{parts} ({splits} splits x {config.compute_wgs} WGs)")
   shape = (batch, x_size, parts)
-  out_type = [jax.ShapeDtypeStruct(shape + (rv, cols), jnp.float32),
+  # merge_in_kernel: the merged rows behind the partials (index `parts`)
+  out_type = [jax.ShapeDtypeStruct((batch, x_size, parts + merged, rv, cols),
+                                   jnp.float32),
               jax.ShapeDtypeStruct(shape + (cols,), jnp.float32),
               jax.ShapeDtypeStruct(shape + (cols,), jnp.float32)]
   kernel = functools.partial(_kernel, spec=spec, rope=rope, config=config,
                              span=span, nq=nq, dtype=dtype,
-                             has_bias=k_bias is not None)
+                             has_bias=k_bias is not None, splits=splits,
+                             x_size=x_size)
   params = {}
   if config.profile_space:
     params.update(profile_space=config.profile_space,
@@ -1737,7 +1809,11 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
       kernel_name="palu_latent_" + ("rope" if rope else "norope"),
   )(lengths.astype(jnp.int32), _group_major(hk, spec.groups),
     _group_major(hv_in, spec.groups), *operands)
-  out = merge_partials(acc, m, l, spec=spec, rope=rope, hc=hc, nq=nq)
+  if merged:     # [B, X, R_v, cols] -> [B, X, heads, R_v]
+    out = jnp.swapaxes(real_columns(acc[:, :, parts], spec=spec, rope=rope,
+                                    hc=hc, nq=nq), -1, -2)
+  else:
+    out = merge_partials(acc, m, l, spec=spec, rope=rope, hc=hc, nq=nq)
   order = int4_order(spec, config, rv)
   if order is not None:               # back from the values' column order
     out = out[..., np.argsort(order)]

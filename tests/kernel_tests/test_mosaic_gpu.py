@@ -841,6 +841,54 @@ def test_fp8_reasons():
 
 # ------------------------------------------ GPU: compiled kernel vs reference
 
+# merge_in_kernel: (spec, batch, S) with 16-bit, float8 and int4 latents
+MERGE_CASES = [
+    (LatentSpec(groups=8, kv_per_group=4, q_per_kv=1, head_dim=128,
+                k_rank=256, v_rank=256), 1, 4096),
+    (LatentSpec(groups=2, kv_per_group=4, q_per_kv=4, head_dim=128,
+                k_rank=256, v_rank=256), 1, 4096),
+    (LatentSpec(groups=32, kv_per_group=1, q_per_kv=1, head_dim=128,
+                k_rank=64, v_rank=64), 2, 1024),
+    (LatentSpec(groups=2, kv_per_group=2, q_per_kv=2, head_dim=64,
+                k_rank=128, v_rank=128, shared=True), 2, 1024),
+    (_fp8_spec(2, 4, 1, 128, 256, False), 1, 4096),
+    (_int4_spec(8, 4, 1, 128, 256, False), 2, 4096),
+]
+
+
+@pytest.mark.parametrize("rope", [True, False], ids=["rope", "norope"])
+@pytest.mark.parametrize("case", MERGE_CASES,
+                         ids=lambda c: f"{c[0].groups}-{c[0].kv_per_group}-"
+                         f"{c[0].q_per_kv}-{c[0].k_rank}-{c[0].bits}")
+def test_merge_in_kernel_lowers_for_sm90(case, rope):
+  """merge_in_kernel (v24): the program's last WG waits on a semaphore for
+  the other WGs' signals and merges the partials from global memory. The
+  kernel lowers for sm_90 on the 16-bit, float8 and int4 paths, with the
+  signal (a release add) and the wait (a polling load) in it; the
+  merged rows are one more slot of the accumulator output."""
+  spec, batch, s = case
+  config = dataclasses.replace(mg.choose_config(
+      spec, batch=batch, cache_len=s, rope=rope), merge_in_kernel=True)
+  parts = config.compute_wgs * config.splits
+  if parts > mg.MERGE_IN_KERNEL_PARTS:
+    config = dataclasses.replace(
+        config, splits=mg.MERGE_IN_KERNEL_PARTS // config.compute_wgs)
+  if mg.unsupported_reason(spec, jnp.bfloat16, s, rope, config):
+    pytest.skip("does not fit")
+  text = _lower(spec, batch, s, rope, config=config).as_text()
+  assert "red.release.gpu.global.add" in text
+  assert "ld.relaxed.gpu.global.b32" in text
+
+
+def test_merge_in_kernel_refuses_too_many_partials():
+  spec, batch, s = MERGE_CASES[0]
+  # 4096 rows in tiles of 64: 32 splits of 2 tiles, two WGs each
+  config = mg.MosaicConfig(block_s=64, stages=2, splits=32,
+                           merge_in_kernel=True)
+  with pytest.raises(ValueError, match="at most 32 partials.*makes 64"):
+    _lower(spec, batch, s, False, config=config)
+
+
 def check(spec, *, batch, cache_len, lengths, dtype, rope, bias=False,
           config=None, mode=None, seed=0):
   """Compiled kernel vs the reference; `mode` sets the RoPE scoring of the
@@ -945,6 +993,28 @@ def test_compiled_kernel_ring_and_splits(block_s, stages, splits, rotation):
     assert check(spec, batch=2, cache_len=1024, lengths=[1024, 333],
                  dtype=jnp.bfloat16, rope=rope, bias=True, config=cfg,
                  mode=mode)
+
+
+@gpu
+@needs_hopper
+@pytest.mark.parametrize("splits", [1, 5, 16])
+@pytest.mark.parametrize("case", [GPU_GRID[i] for i in (1, 2, 4, 6)],
+                         ids=lambda c: "-".join(map(str, c[:7])))
+def test_compiled_merge_in_kernel(case, splits):
+  """merge_in_kernel (v24) against the reference: the last WG of each
+  program merges 2, 10 or 32 partials, empty splits past the shorter
+  sequences included, on both paths."""
+  g, j, qk, h, rk, rv, shared, batch, s, lengths = case
+  spec = LatentSpec(groups=g, kv_per_group=j, q_per_kv=qk, head_dim=h,
+                    k_rank=rk, v_rank=rv, shared=shared)
+  for rope in (True, False):
+    cfg = dataclasses.replace(mg.choose_config(
+        spec, batch=batch, cache_len=s, rope=rope), splits=splits,
+        merge_in_kernel=True)
+    if mg.unsupported_reason(spec, jnp.bfloat16, s, rope, cfg):
+      continue
+    assert check(spec, batch=batch, cache_len=s, lengths=lengths,
+                 dtype=jnp.bfloat16, rope=rope, bias=True, config=cfg)
 
 
 @gpu
