@@ -332,6 +332,15 @@ def fp8_scores(spec: LatentSpec, rope: bool, config: MosaicConfig) -> bool:
           and not spec.shared)
 
 
+def split_spans(cache_len: int, config: MosaicConfig) -> tuple[int, int]:
+  """The sequence splits the kernel runs and the rows of each: spans of
+  ⌈tiles / config.splits⌉ whole tiles, so fewer splits than asked where
+  the tiles do not divide evenly."""
+  blocks = cache_len // config.block_s
+  per = -(-blocks // config.splits)
+  return -(-blocks // per), per * config.block_s
+
+
 def unsupported_reason(spec: LatentSpec, dtype, cache_len: int, rope: bool,
                        config: MosaicConfig) -> str | None:
   """Why this kernel cannot run a shape (None if it can)."""
@@ -408,6 +417,10 @@ def unsupported_reason(spec: LatentSpec, dtype, cache_len: int, rope: bool,
   if smem_bytes(spec, rope, config) > SMEM_BYTES:
     return (f"{smem_bytes(spec, rope, config)} bytes of shared memory "
             f"(limit {SMEM_BYTES})")
+  parts = config.compute_wgs * split_spans(cache_len, config)[0]
+  if config.merge_in_kernel and parts > MERGE_IN_KERNEL_PARTS:
+    return (f"merge_in_kernel with {parts} split partials (at most "
+            f"{MERGE_IN_KERNEL_PARTS}: one warpgroup reads them all)")
   return None
 
 
@@ -1613,10 +1626,7 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
   hc = heads_per_cta(rope, config)
   cols = hc * nq
   bs = config.block_s
-  blocks = s // bs
-  per = -(-blocks // config.splits)
-  splits = -(-blocks // per)
-  span = per * bs
+  splits, span = split_spans(s, config)
   rk, rv = spec.k_rank, spec.v_rank
   hv_in = hk if spec.shared else hv
   k_swizzle = _swizzle(rk)
@@ -1778,9 +1788,7 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
   parts = config.compute_wgs * splits
   merged = config.merge_in_kernel
   if merged and parts > MERGE_IN_KERNEL_PARTS:
-    raise ValueError(f"merge_in_kernel merges at most "
-                     f"{MERGE_IN_KERNEL_PARTS} partials; this config makes "
-                     f"{parts} ({splits} splits x {config.compute_wgs} WGs)")
+    raise ValueError(unsupported_reason(spec, dtype, s, rope, config))
   shape = (batch, x_size, parts)
   # merge_in_kernel: the merged rows behind the partials (index `parts`)
   out_type = [jax.ShapeDtypeStruct((batch, x_size, parts + merged, rv, cols),

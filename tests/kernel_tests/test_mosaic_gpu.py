@@ -885,7 +885,10 @@ def test_merge_in_kernel_refuses_too_many_partials():
   # 4096 rows in tiles of 64: 32 splits of 2 tiles, two WGs each
   config = mg.MosaicConfig(block_s=64, stages=2, splits=32,
                            merge_in_kernel=True)
-  with pytest.raises(ValueError, match="at most 32 partials.*makes 64"):
+  why = mg.unsupported_reason(spec, jnp.bfloat16, s, False, config)
+  assert why == ("merge_in_kernel with 64 split partials (at most 32: one "
+                 "warpgroup reads them all)")
+  with pytest.raises(ValueError, match="merge_in_kernel with 64 split"):
     _lower(spec, batch, s, False, config=config)
 
 
