@@ -204,6 +204,19 @@ def palu_spec(n_heads, n_kv, head_dim, ratio, bits, group=GROUP,
   return dataclasses.replace(spec, k_rank=rank, v_rank=rank)
 
 
+def variant_name(ratio: float, rope: bool, bits: int, group: int, *,
+                 shared: bool = False, per_token: bool = False) -> str:
+  """A row's variant, e.g. palu50_rope (G-LRD-4, 16 bits),
+  palu50_norope_int4_g2_qtoken: the bits unless 16, the group unless
+  GROUP, _shared for one latent of keys and values, _qtoken for one
+  integer scale per token and latent group."""
+  return (f"palu{round(ratio * 100)}_{'rope' if rope else 'norope'}"
+          + {16: "", 8: "_fp8"}.get(bits, f"_int{bits}")
+          + ("" if group == GROUP else f"_g{group}")
+          + ("_shared" if shared else "")
+          + ("_qtoken" if per_token else ""))
+
+
 def _latent_side(spec, batch, ctx, seed):
   width = spec.groups * spec.k_rank
   if spec.bits == 16:
@@ -246,11 +259,8 @@ def _time_spec(shape_rows, spec, scales, batch, ctx, q, lengths, paths,
   nbytes = batch * ctx * spec.latent_bytes_per_token()
   ropes = [p == "rope" for p in ("rope", "norope") if p in paths]
   for rope in ropes:
-    name = (f"palu{round(ratio * 100)}_{'rope' if rope else 'norope'}"
-            + {16: "", 8: "_fp8"}.get(bits, f"_int{bits}")
-            + ("" if group == GROUP else f"_g{group}")
-            + ("_shared" if shared else "")
-            + ("_qtoken" if scales == "token" else ""))
+    name = variant_name(ratio, rope, bits, group, shared=shared,
+                        per_token=scales == "token")
     timed = []
     for backend in backends + ((fallback,) if fallback else ()):
       if backend == fallback and timed:

@@ -36,7 +36,7 @@ import numpy as np
 
 from eval.bench_decode import _pseudo_random
 from eval.bench_kernels import (SHAPES, _cfg_str, _chain, _config_field,
-                                _latent_side, palu_spec)
+                                _latent_side, palu_spec, variant_name)
 from eval.trace_events import span_us, traced_gpu_events
 from eval.report import markdown_table, write_results
 from pallas_kernels.latent_attention import mosaic_gpu as mg
@@ -225,11 +225,9 @@ def main(argv=None) -> int:
     for batch in args.batches:
       for st, mode in [(st, mode) for st in args.stages
                        for mode in args.rope_modes]:
-        row = {"variant": f"palu50_{'rope' if rope else 'norope'}_g{group}"
-                          + ("_shared" if args.shared else "")
-                          + {16: "", 8: "_fp8"}.get(args.bits,
-                                                   f"_int{args.bits}")
-                          + ("_qtoken" if args.scale_per_token else ""),
+        row = {"variant": variant_name(0.5, rope, args.bits, group,
+                                       shared=args.shared,
+                                       per_token=args.scale_per_token),
                "shape": args.shape, "batch": batch, "context": args.context,
                "device": jax.devices()[0].device_kind}
         try:

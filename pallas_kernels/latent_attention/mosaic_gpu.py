@@ -871,7 +871,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
   # values staged in the WG's 16-bit tile `vb_s` (float8, int4)
   staged = fp8 or int4
   native = fp8_scores(spec, rope, config)
-  raw = int4 and raw_int4_keys(spec, rope, config)
+  raw = raw_int4_keys(spec, rope, config)
   # without RoPE: a tile's values staged while its last score wgmma runs
   early = values_during_scores(spec, rope, config)
   fused = fused_heads(spec, rope, config)

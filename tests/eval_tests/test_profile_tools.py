@@ -292,3 +292,17 @@ def test_bench_chain_link_is_checked():
   from eval.bench_kernels import _chain
   with pytest.raises(ValueError, match="chain link 'add'"):
     _chain(lambda q: q, 2, "add")
+
+
+def test_variant_names_are_the_issues_row_names():
+  """The rows issues 17 and 18 name (`palu50_rope`, `palu50_rope_g2`,
+  `palu50_norope_fp8`, ...), as bench_kernels and profile_kernel both
+  write them."""
+  from eval.bench_kernels import variant_name
+  assert variant_name(0.5, True, 16, 4) == "palu50_rope"
+  assert variant_name(0.5, True, 16, 2) == "palu50_rope_g2"
+  assert variant_name(0.5, False, 16, 1) == "palu50_norope_g1"
+  assert variant_name(0.5, True, 8, 4) == "palu50_rope_fp8"
+  assert variant_name(0.5, False, 4, 4) == "palu50_norope_int4"
+  assert variant_name(0.3, False, 4, 2, shared=True, per_token=True) == (
+      "palu30_norope_int4_g2_shared_qtoken")
