@@ -103,9 +103,10 @@ def span_op(fn, *args, iters: int = 10, link: str | None = None) -> float:
 # (the default): through `lax.optimization_barrier`, which launches nothing:
 # the next query is an opaque value, so no call is merged or skipped, and
 # the span holds the calls and nothing else. "perturb" (before 2026-12-04):
-# q + 0·Σout[..., :1], a reduce and an add per call (about 2.4 µs of the
-# H200's timeline plus their launch gaps) that no decode step pays,
-# charged to every row, the dense baselines included.
+# q + 0·Σout[..., :1], a reduce and an add per call that no decode step
+# pays. Measured on the H200 (NOTES.md, "Timing: the chain's link"): the
+# latent calls had fused it into their own glue, cuDNN's calls paid it
+# (2-5 % of a batch-1 call).
 CHAIN_LINKS = ("barrier", "perturb")
 CHAIN_LINK = "barrier"
 

@@ -402,9 +402,9 @@ def combine_splits(acc: Array, m: Array, l: Array, *,
   """Merges split-K partials: acc [..., P, M, R] (unnormalized), m/l
   [..., P, M] (running max and sum) -> [..., M, R] f32. rows_first: acc is
   [..., P, R, M], as the Mosaic GPU kernel stores its accumulators; the
-  merge runs in that layout and transposes only the merged [..., R, M],
-  so XLA can emit the merge and the transpose as one fusion instead of
-  transposing all P partials first.
+  merge runs in that layout and transposes only the merged [..., R, M]
+  (on the H200 XLA still emits the transpose as a kernel of its own: the
+  same time as transposing all P partials first, NOTES.md v23).
 
   With few partials (P ≤ UNROLLED_COMBINE_PARTS) the merge is written as
   elementwise ops over the P slices: XLA:GPU then emits it as one loop

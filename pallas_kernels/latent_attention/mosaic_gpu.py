@@ -1357,7 +1357,6 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
     if config.merge_in_kernel:
       merge_parts(part)
 
-
   if converter:
     @pl.when(wg == n_wgs + 1)
     def _convert():
