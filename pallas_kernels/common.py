@@ -397,6 +397,21 @@ def split_hi_lo(x: Array, dtype) -> tuple[Array, Array | None]:
 UNROLLED_COMBINE_PARTS = 32
 
 
+def split_weights(ms: list, ls: list) -> tuple[list, Array]:
+  """Per split-K partial its running max m_p and sum l_p (each [..., M])
+  -> the partials' weights exp(m_p − max_p m_p) and the merged sum
+  Σ_p w_p·l_p, in partial order. Written with elementwise ops only, so it
+  also runs inside a Mosaic GPU kernel on loaded arrays (`merge_in_kernel`)."""
+  top = ms[0]
+  for mp in ms[1:]:
+    top = jnp.maximum(top, mp)
+  ws = [jnp.exp(mp - top) for mp in ms]
+  denom = ws[0] * ls[0]
+  for wp, lp in zip(ws[1:], ls[1:]):
+    denom = denom + wp * lp
+  return ws, denom
+
+
 def combine_splits(acc: Array, m: Array, l: Array, *,
                    rows_first: bool = False) -> Array:
   """Merges split-K partials: acc [..., P, M, R] (unnormalized), m/l
@@ -421,15 +436,10 @@ def combine_splits(acc: Array, m: Array, l: Array, *,
     denom = jnp.sum(w * l, axis=-2)                        # [..., M]
     out = jnp.sum(spread(w) * acc, axis=-3)
   else:
-    ms = [m[..., p, :] for p in range(parts)]
-    top = ms[0]
-    for mp in ms[1:]:
-      top = jnp.maximum(top, mp)
-    ws = [jnp.exp(mp - top) for mp in ms]                 # [..., M] each
-    denom = ws[0] * l[..., 0, :]
+    ws, denom = split_weights([m[..., p, :] for p in range(parts)],
+                              [l[..., p, :] for p in range(parts)])
     out = spread(ws[0]) * acc[..., 0, :, :]
     for p in range(1, parts):
-      denom = denom + ws[p] * l[..., p, :]
       out = out + spread(ws[p]) * acc[..., p, :, :]
   out = out / spread(jnp.where(denom > 0, denom, 1.0))
   return jnp.swapaxes(out, -1, -2) if rows_first else out

@@ -72,7 +72,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.absorb_attention import absorbed_queries
 from pallas_kernels.common import (E4M3_CODE, E4M3_MAX, SMEM_BYTES, Array,
                                    LatentSpec, cache_sides, combine_splits,
-                                   narrow_values, pow2_scale)
+                                   narrow_values, pow2_scale, split_weights)
 
 _FLOOR = -1e30           # finite "minus infinity": masked rows never give NaN
 COMPUTE_WGS = 2          # compute warpgroups by default
@@ -417,7 +417,13 @@ def unsupported_reason(spec: LatentSpec, dtype, cache_len: int, rope: bool,
   if smem_bytes(spec, rope, config) > SMEM_BYTES:
     return (f"{smem_bytes(spec, rope, config)} bytes of shared memory "
             f"(limit {SMEM_BYTES})")
-  parts = config.compute_wgs * split_spans(cache_len, config)[0]
+  return merge_in_kernel_refused(config, split_spans(cache_len, config)[0])
+
+
+def merge_in_kernel_refused(config: MosaicConfig, splits: int) -> str | None:
+  """Why `merge_in_kernel` cannot take `splits` splits (None if it can or
+  is off)."""
+  parts = config.compute_wgs * splits
   if config.merge_in_kernel and parts > MERGE_IN_KERNEL_PARTS:
     return (f"merge_in_kernel with {parts} split partials (at most "
             f"{MERGE_IN_KERNEL_PARTS}: one warpgroup reads them all)")
@@ -1000,15 +1006,10 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
       # transfers)
       load_cols = lambda ref: plgpu.load(ref, layout=col_layout,
                                          optimized=False)
-      # two passes: every m first (loads in flight together), then weights
-      ms = [load_cols(m_o.at[b, x, q]) for q in range(parts)]
-      top = ms[0]
-      for mq in ms[1:]:
-        top = jnp.maximum(top, mq)
-      ws = [jnp.exp(mq - top) for mq in ms]
-      denom = ws[0] * load_cols(l_o.at[b, x, 0])
-      for q in range(1, parts):
-        denom = denom + ws[q] * load_cols(l_o.at[b, x, q])
+      # every m and l first (loads in flight together), then the weights
+      ws, denom = split_weights(
+          [load_cols(m_o.at[b, x, q]) for q in range(parts)],
+          [load_cols(l_o.at[b, x, q]) for q in range(parts)])
       inv = 1.0 / jnp.where(denom > 0, denom, 1.0)
       for off, size in chunks:
         spread = lambda w, size=size: lax.broadcast_in_dim(
@@ -1786,8 +1787,8 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
     scratch += [plgpu.Barrier(num_arrivals=1, num_barriers=slots)] * 2
   parts = config.compute_wgs * splits
   merged = config.merge_in_kernel
-  if merged and parts > MERGE_IN_KERNEL_PARTS:
-    raise ValueError(unsupported_reason(spec, dtype, s, rope, config))
+  if why := merge_in_kernel_refused(config, splits):
+    raise ValueError(why)
   shape = (batch, x_size, parts)
   # merge_in_kernel: the merged rows behind the partials (index `parts`)
   out_type = [jax.ShapeDtypeStruct((batch, x_size, parts + merged, rv, cols),
