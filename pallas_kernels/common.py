@@ -391,10 +391,23 @@ def split_hi_lo(x: Array, dtype) -> tuple[Array, Array | None]:
   return hi, (x - hi.astype(jnp.float32)).astype(dtype)
 
 
-# Up to this many split-K partials are merged by explicit slices (below).
-# Measured on the H200 (NOTES v22, Llama-3-8B batch 1): 32 partials merge
-# 2-4 µs faster unrolled than as reductions; 132 partials 7 µs slower.
-UNROLLED_COMBINE_PARTS = 32
+# Up to this many split-K partials are merged by explicit slices (below),
+# and up to UNROLLED_COMBINE_MAX_PARTS where all partials together hold at
+# most UNROLLED_COMBINE_ELEMENTS values. Measured on the H200, batch 1, span
+# (NOTES v22 and v25): 32 partials of 2K outputs (Llama-3-8B M-LRD) merge
+# 1.6-4 µs faster unrolled than as reductions, 32 partials of 8K outputs
+# (G-LRD-4) 1.3-5.3 µs slower, 132 partials 7 µs slower.
+UNROLLED_COMBINE_PARTS = 16
+UNROLLED_COMBINE_MAX_PARTS = 32
+UNROLLED_COMBINE_ELEMENTS = 1 << 17
+
+
+def unrolled_combine(parts: int, elements: int) -> bool:
+  """Whether `combine_splits` merges `parts` partials holding `elements`
+  values in all (acc's size) by explicit slices rather than reductions."""
+  return parts <= UNROLLED_COMBINE_PARTS or (
+      parts <= UNROLLED_COMBINE_MAX_PARTS
+      and elements <= UNROLLED_COMBINE_ELEMENTS)
 
 
 def split_weights(ms: list, ls: list) -> tuple[list, Array]:
@@ -421,7 +434,7 @@ def combine_splits(acc: Array, m: Array, l: Array, *,
   (on the H200 XLA still emits the transpose as a kernel of its own: the
   same time as transposing all P partials first, NOTES.md v23).
 
-  With few partials (P ≤ UNROLLED_COMBINE_PARTS) the merge is written as
+  With few partials (`unrolled_combine`) the merge is written as
   elementwise ops over the P slices: XLA:GPU then emits it as one loop
   fusion, with whatever consumes it, instead of three kernels (the max and
   exp, the sum of weights, the weighted sum), two launches fewer per
@@ -430,7 +443,7 @@ def combine_splits(acc: Array, m: Array, l: Array, *,
   # a weight per (partial, head) broadcast over the value rows
   spread = (lambda w: w[..., None, :]) if rows_first else (
       lambda w: w[..., None])
-  if parts > UNROLLED_COMBINE_PARTS:
+  if not unrolled_combine(parts, acc.size):
     top = jnp.max(m, axis=-2, keepdims=True)
     w = jnp.exp(m - top)                                   # [..., P, M]
     denom = jnp.sum(w * l, axis=-2)                        # [..., M]

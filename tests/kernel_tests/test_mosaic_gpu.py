@@ -20,7 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pallas_kernels.absorb_attention import absorbed_queries
-from pallas_kernels.common import LatentSpec, QuantLatent, combine_splits
+from pallas_kernels.common import (LatentSpec, QuantLatent, combine_splits,
+                                   unrolled_combine)
 from pallas_kernels.latent_attention import api, mosaic_gpu as mg
 from pallas_kernels.latent_attention.reference import reference_for
 from palu_jax.quantize import fp8_quant
@@ -154,19 +155,24 @@ def test_online_softmax_steps_and_split_merge_equal_one_softmax(
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("width", [6, 2048], ids=["narrow", "wide"])
 @pytest.mark.parametrize("rows_first", [False, True],
                          ids=["heads_rows", "rows_heads"])
 @pytest.mark.parametrize("parts", [1, 3, 8, 16, 17, 32, 33, 40, 132])
-def test_combine_splits_equals_softmax_over_all_parts(parts, rows_first):
+def test_combine_splits_equals_softmax_over_all_parts(parts, rows_first,
+                                                      width):
   """Partials of one softmax over P splits of the keys (an empty split
   included: m = -1e30, l = 0, acc = 0, as a split past the sequence end
-  leaves them), merged by `combine_splits` (unrolled up to
-  UNROLLED_COMBINE_PARTS, reductions above), equal softmax(s)·v computed
-  by jax.nn.softmax over all keys at once."""
+  leaves them), merged by `combine_splits`, equal softmax(s)·v computed
+  by jax.nn.softmax over all keys at once. Value widths of 6 and 2,048
+  take both merge forms at 17-32 partials (`unrolled_combine`: slices up
+  to 2^17 partial values, reductions above)."""
+  if parts in (17, 32):
+    assert unrolled_combine(parts, parts * 4 * width) == (width == 6)
   rng = np.random.default_rng(parts)
   rows = 24                                     # keys per split
   s = rng.standard_normal((parts, rows, 4)) * 5                # [P, S, M]
-  v = rng.standard_normal((parts, rows, 6))                    # [P, S, R]
+  v = rng.standard_normal((parts, rows, width))                # [P, S, R]
   m = s.max(axis=1)                                            # [P, M]
   e = np.exp(s - m[:, None])
   l = e.sum(axis=1)
@@ -179,9 +185,9 @@ def test_combine_splits_equals_softmax_over_all_parts(parts, rows_first):
     acc = np.swapaxes(acc, 1, 2)
   got = combine_splits(*(jnp.asarray(x, jnp.float32) for x in (acc, m, l)),
                        rows_first=rows_first)
-  assert got.shape == (4, 6)
+  assert got.shape == (4, width)
   probs = jax.nn.softmax(jnp.asarray(s.reshape(-1, 4)), axis=0)  # [P·S, M]
-  want = probs.T @ jnp.asarray(v.reshape(-1, 6))
+  want = probs.T @ jnp.asarray(v.reshape(-1, width))
   np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
