@@ -531,16 +531,18 @@ def add_roofline(rows: list[dict], read_bps: float, peak_tflops: float,
       r["hbm_roof_gbps"] = best / 1e9
 
 
-def rows_of_other_shapes(path: str, shapes) -> list[dict]:
-  """The rows of a results file whose shape is not in `shapes` (none if
-  the file does not exist yet)."""
+def rows_of_other_runs(path: str, shapes, batches) -> list[dict]:
+  """The rows of a results file that this run does not re-time: those
+  whose shape is not in `shapes` or whose batch is not in `batches` (none
+  if the file does not exist yet)."""
   if not os.path.exists(path):
     return []
   with open(path) as f:
     rows = json.load(f)
   if not isinstance(rows, list):
     raise ValueError(f"{path}: expected a list of rows")
-  return [r for r in rows if r.get("shape") not in shapes]
+  return [r for r in rows
+          if r.get("shape") not in shapes or r.get("batch") not in batches]
 
 
 def main(argv=None) -> int:
@@ -606,9 +608,9 @@ def main(argv=None) -> int:
                   help="time this backend for a variant only where none "
                   "of --backends takes the shape (e.g. int4 with RoPE)")
   ap.add_argument("--append", action="store_true",
-                  help="keep the rows of other shapes already in the "
-                  "results file (one device call per shape; each call "
-                  "times its own baselines)")
+                  help="keep the rows of other shapes or batches already "
+                  "in the results file (one device call per shape or "
+                  "batch; each call times its own baselines)")
   ap.add_argument("--int-scales", nargs="+", default=["group"],
                   choices=["group", "token"],
                   help="integer codes: a scale and offset per 32 latents "
@@ -632,8 +634,9 @@ def main(argv=None) -> int:
           "group_size": GROUP, "dtype": "bfloat16", "timing": args.timing,
           "chain_link": args.chain_link}
   print(meta, flush=True)
-  kept = (rows_of_other_shapes(os.path.join(args.out, args.name + ".json"),
-                               args.shapes) if args.append else [])
+  kept = (rows_of_other_runs(os.path.join(args.out, args.name + ".json"),
+                             args.shapes, args.batches)
+          if args.append else [])
 
   def save(rows):
     add_roofline(rows, bw, peak, fp8_peak)
@@ -644,7 +647,7 @@ def main(argv=None) -> int:
     md = (f"# Decode attention kernels ({meta['device']})\n\n"
           f"HBM read {bw / 1e9:.0f} GB/s and bf16 matmul {peak:.0f}{fp8} "
           f"TFLOP/s, measured in this run"
-          + (" (rows of other shapes kept from an earlier call: "
+          + (" (rows of other shapes or batches kept from an earlier call: "
              "their own rates)" if kept else "")
           + ". Speedup is over the fastest full-KV baseline of the same "
           "shape, batch and context, timed in the same call.\n\n"

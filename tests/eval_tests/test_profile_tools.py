@@ -255,19 +255,22 @@ def test_bench_kernels_int_scales_time_both_scale_layouts(monkeypatch):
   assert seen[1:] == [(4, rank, rank), (4, 32, rank)]
 
 
-def test_bench_kernels_append_keeps_only_other_shapes(tmp_path):
+def test_bench_kernels_append_keeps_only_rows_not_retimed(tmp_path):
   import json
 
-  from eval.bench_kernels import rows_of_other_shapes
+  from eval.bench_kernels import rows_of_other_runs
   path = tmp_path / "b.json"
-  assert rows_of_other_shapes(str(path), ["llama2-7b"]) == []
-  path.write_text(json.dumps([{"shape": "llama2-7b", "us": 1},
-                              {"shape": "llama3-8b", "us": 2}]))
-  assert rows_of_other_shapes(str(path), ["llama2-7b"]) == [
-      {"shape": "llama3-8b", "us": 2}]
+  assert rows_of_other_runs(str(path), ["llama2-7b"], [1]) == []
+  rows = [{"shape": "llama2-7b", "batch": 1, "us": 1},
+          {"shape": "llama2-7b", "batch": 8, "us": 2},
+          {"shape": "llama3-8b", "batch": 1, "us": 3}]
+  path.write_text(json.dumps(rows))
+  assert rows_of_other_runs(str(path), ["llama2-7b"], [1, 8]) == rows[2:]
+  assert rows_of_other_runs(str(path), ["llama2-7b", "llama3-8b"],
+                            [1]) == rows[1:2]
   path.write_text("{}")
   with pytest.raises(ValueError, match="b.json"):
-    rows_of_other_shapes(str(path), ["llama2-7b"])
+    rows_of_other_runs(str(path), ["llama2-7b"], [1])
 
 
 @pytest.mark.parametrize("link", ["barrier", "perturb"])
