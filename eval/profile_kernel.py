@@ -235,8 +235,10 @@ def main(argv=None) -> int:
                                  rope=rope, stages=st or None,
                                  rope_mode=mode, **overrides))
           if args.breakdown:
+            # the same stage count as the profiled config
             row.update(breakdown(spec, batch=batch, context=args.context,
-                                 rope=rope, rope_mode=mode, **overrides))
+                                 rope=rope, rope_mode=mode,
+                                 stages=st or None, **overrides))
         except Exception as e:  # a variant that does not fit is reported
           row["note"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
         rows.append(row)
