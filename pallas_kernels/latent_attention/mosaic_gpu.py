@@ -213,16 +213,16 @@ class MosaicConfig:
   # end (one cross-warp reduction per tile instead of two, NOTES.md v13).
   private_reductions: bool = True
   # v24 (off: measured slower or level, NOTES.md v24): the split partials
-  # merged in the kernel instead of in XLA. Every compute WG stores its partial as before
-  # and signals a semaphore of its (batch, program); the last WG of the
-  # program's last split (the last to be dispatched, so the others are
-  # resident or done: no deadlock) waits for the others' signals, merges
-  # all partials from global memory (L2) and stores the merged rows
-  # behind them, so XLA keeps one transpose and drops the merge's kernels
-  # (Llama-2 B1 64K no RoPE G-LRD-4: 13.0 → 5.3 µs of XLA work), but that
-  # WG's reads add 5-6 µs to the kernel's tail: span 135.2 → 133.4 µs there,
-  # Llama-3 M-LRD RoPE 50.7 → 53.8 µs. At most MERGE_IN_KERNEL_PARTS
-  # partials: one WG reads them all.
+  # merged in the kernel instead of in XLA. Every compute WG stores its
+  # partial as before and signals a semaphore of its (batch, program); the
+  # last WG of the program's last split (the last to be dispatched, so the
+  # others are resident or done: no deadlock) waits for the others'
+  # signals, merges all partials from global memory (L2) and stores the
+  # merged rows behind them, so XLA keeps one transpose and drops the
+  # merge's kernels (Llama-2 B1 64K no RoPE G-LRD-4: 13.0 → 5.3 µs of XLA
+  # work), but that WG's reads add 5-6 µs to the kernel's tail: span 135.2
+  # → 133.4 µs there, Llama-3 M-LRD RoPE 50.7 → 53.8 µs. At most
+  # MERGE_IN_KERNEL_PARTS partials: one WG reads them all.
   merge_in_kernel: bool = False
   # Mosaic GPU's in-kernel profiler (eval/profile_kernel.py): the named
   # stages of each tile (`jax.named_scope` below) timed in SM cycles per
