@@ -398,7 +398,8 @@ def _configs(backend, spec, batch, ctx, rope, tune, rope_modes=(),
   `split_counts` and (RoPE) each count of KV heads per CTA in
   `kv_heads_per_cta` that divides the group's; `turns`: also the chosen
   config with the reductions taking turns on one scratch (v12); `also`:
-  the chosen config with each (field, value) of MosaicConfig replaced."""
+  the chosen config with each group of (field, value) pairs of
+  MosaicConfig replaced."""
   if backend == "xla":            # the jnp reference: nothing to launch
     return [None]
   if backend == "triton":
@@ -428,8 +429,8 @@ def _configs(backend, spec, batch, ctx, rope, tune, rope_modes=(),
                                    rope=rope, kv_heads_per_cta=hc))
   if turns:
     add(dataclasses.replace(base, private_reductions=False))
-  for field, value in also:
-    add(dataclasses.replace(base, **{field: value}))
+  for fields in also:             # each: fields replaced together
+    add(dataclasses.replace(base, **dict(fields)))
   if tune:
     for bs in (64, 128):
       for stages in (2, 4):
@@ -459,6 +460,12 @@ def _config_field(text: str) -> tuple[str, object]:
     return field, kind(value)
   except ValueError as e:
     raise argparse.ArgumentTypeError(f"{field}: {e}") from None
+
+
+def _config_fields(text: str) -> tuple[tuple[str, object], ...]:
+  """"F1=V1,F2=V2" -> ((F1, V1), (F2, V2)): MosaicConfig fields replaced
+  together (one variant), each parsed as `_config_field`."""
+  return tuple(_config_field(part) for part in text.split(","))
 
 
 def _tune_grid(base):
@@ -587,11 +594,13 @@ def main(argv=None) -> int:
   ap.add_argument("--turns", action="store_true",
                   help="also time the Mosaic GPU kernel with its reductions "
                   "taking turns on one scratch (v12; fastest row kept)")
-  ap.add_argument("--also", nargs="+", type=_config_field, default=[],
-                  metavar="FIELD=VALUE",
-                  help="also time the chosen Mosaic GPU config with this "
-                  "MosaicConfig field replaced, e.g. fuse_heads=false "
-                  "(fastest row kept; all logged)")
+  ap.add_argument("--also", nargs="+", type=_config_fields, default=[],
+                  metavar="FIELD=VALUE[,FIELD=VALUE]",
+                  help="also time the chosen Mosaic GPU config with these "
+                  "MosaicConfig fields replaced, e.g. fuse_heads=false; "
+                  "comma-joined fields form one variant, e.g. "
+                  "int4_converter=true,int4_converters=2 (fastest row "
+                  "kept; all logged)")
   ap.add_argument("--baselines", nargs="+",
                   default=["xla", "dpa_xla", "cudnn", "pallas"],
                   choices=["xla", "dpa_xla", "cudnn", "pallas"],

@@ -204,8 +204,16 @@ class MosaicConfig:
   # (`VALUE_RING_PER_WG` per compute WG) that the compute WGs' p·h_v reads,
   # so the values' dequantization leaves their chain; registers: producer
   # 24, compute and converter WGs 160 each. Off: correct (compiled tests)
-  # but measured slower (Llama-2 B8 64K 567 vs 496 µs, NOTES.md v20).
+  # but measured slower (Llama-2 B8 64K 567 vs 496 µs, NOTES.md v20): one
+  # converter WG takes 1,943 cycles a tile where the CTA would finish one
+  # every ≈ 1,213 (profiled, NOTES.md "int4 converter, profiled").
   int4_converter: bool = False
+  # v26 (written 2026-12-04, not yet compiled on a GPU): with
+  # int4_converter, 2 converter WGs, converter c taking the tiles t ≡ c
+  # (mod 2), i.e. feeding compute WG c (each barrier then has one waiting
+  # WG, as the ring's phase tracking needs); registers per thread from
+  # _CONVERTER_REGISTERS[2].
+  int4_converters: int = 1
   # v13: each compute WG reduces over its rows (the softmax max) through a
   # shared-memory scratch of its own (Mosaic GPU's reduction, called inline),
   # not through Pallas's one scratch per kernel: no turns between the WGs;
@@ -237,16 +245,19 @@ class MosaicConfig:
 MERGE_IN_KERNEL_PARTS = 32
 
 _PRODUCER_REGISTERS = {2: 40, 3: 24}
-# with a converter WG (int4_converter): producer, then compute and converter
-_CONVERTER_REGISTERS = (24, 160)
+# with converter WGs (int4_converter), per converter count: producer,
+# compute and converter registers a thread (24 + 2·C + n·V ≤ 512; with 2
+# converters each count is above the launch's 65536 / 640 ≈ 102, so the
+# compute and converter WGs only ever increase theirs)
+_CONVERTER_REGISTERS = {1: (24, 160, 160), 2: (24, 136, 104)}
 VALUE_RING_PER_WG = 2          # 16-bit value tiles per compute WG
 
 
-def _compute_registers(n_wgs: int, converter: bool = False) -> int:
+def _compute_registers(n_wgs: int, converters: int = 0) -> int:
   """Registers per compute thread: what the producer leaves of 64K (with
-  a converter WG, the converter's share too)."""
-  if converter:
-    return _CONVERTER_REGISTERS[1]
+  converter WGs, the converters' share too)."""
+  if converters:
+    return _CONVERTER_REGISTERS[converters][1]
   free = 65536 // 128 - _PRODUCER_REGISTERS[n_wgs]
   return min(232, free // n_wgs // 8 * 8)
 
@@ -413,6 +424,8 @@ def unsupported_reason(spec: LatentSpec, dtype, cache_len: int, rope: bool,
     return f"rope_mode {config.rope_mode!r} (rebuild or fold)"
   if config.compute_wgs not in (2, 3):
     return f"compute_wgs {config.compute_wgs} (2 or 3)"
+  if config.int4_converters not in (1, 2):
+    return f"int4_converters {config.int4_converters} (1 or 2)"
   if config.stages % config.compute_wgs:
     return (f"stages {config.stages} (needs a multiple of compute_wgs="
             f"{config.compute_wgs}: each WG owns every W-th ring slot)")
@@ -823,6 +836,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
             splits: int, x_size: int):
   fold = rope and config.rope_mode == "fold"
   converter = int4_converter(spec, rope, config)
+  converters = config.int4_converters if converter else 0
   if converter:            # value ring slots: dequantized / free again
     *rest, vready_bar, vfree_bar = rest
   *rest, red_s = rest      # [compute WGs, elems] f32: private reductions
@@ -1027,7 +1041,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
   def _compute():
     # the register file (64K) split: producer 40 (2 WGs) or 24 (3 WGs) per
     # thread, the rest to the compute WGs, in multiples of 8
-    plgpu.set_max_registers(_compute_registers(n_wgs, converter),
+    plgpu.set_max_registers(_compute_registers(n_wgs, converters),
                             action="increase")
     plgpu.barrier_wait(setup_bar.at[0])
     if native:
@@ -1360,35 +1374,38 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
     if config.merge_in_kernel:
       merge_parts(part)
 
-  if converter:
-    @pl.when(wg == n_wgs + 1)
-    def _convert():
-      # the tiles' value codes -> 16-bit values in the ring (rows past the
-      # length zeroed), in tile order; the compute WG of tile t reads ring
-      # slot t mod (W · VALUE_RING_PER_WG)
-      plgpu.set_max_registers(_CONVERTER_REGISTERS[1], action="increase")
-      slots = n_wgs * VALUE_RING_PER_WG
+  def convert(first: int):
+    """A converter WG: the value codes of tiles first, first + n, ... (n
+    converter WGs) -> 16-bit values in the ring (rows past the length
+    zeroed); the compute WG of tile t reads ring slot t mod
+    (W · VALUE_RING_PER_WG)."""
+    plgpu.set_max_registers(_CONVERTER_REGISTERS[converters][2],
+                            action="increase")
+    slots = n_wgs * VALUE_RING_PER_WG
 
-      @pl.loop(0, n_tiles)
-      def _(t):
-        slot, ring = lax.rem(t, stages), lax.rem(t, slots)
+    @pl.loop(first, n_tiles, step=converters)
+    def _(t):
+      slot, ring = lax.rem(t, stages), lax.rem(t, slots)
 
-        @pl.when(t >= slots)
-        @jax.named_scope("c_free")
-        def _():
-          plgpu.barrier_wait(vfree_bar.at[ring])
-        with jax.named_scope("c_wait"):
-          plgpu.barrier_wait(vprod_bar.at[slot])
-        s0 = start + t * bs
-        with jax.named_scope("c_convert"):
-          values_to_tile(slot, s0, vb_s.at[ring], True)
-          plgpu.commit_smem()            # visible to the tensor core
-        plgpu.barrier_arrive(vcons_bar.at[slot])
-        plgpu.barrier_arrive(vready_bar.at[ring])
+      @pl.when(t >= slots)
+      @jax.named_scope("c_free")
+      def _():
+        plgpu.barrier_wait(vfree_bar.at[ring])
+      with jax.named_scope("c_wait"):
+        plgpu.barrier_wait(vprod_bar.at[slot])
+      s0 = start + t * bs
+      with jax.named_scope("c_convert"):
+        values_to_tile(slot, s0, vb_s.at[ring], True)
+        plgpu.commit_smem()            # visible to the tensor core
+      plgpu.barrier_arrive(vcons_bar.at[slot])
+      plgpu.barrier_arrive(vready_bar.at[ring])
+
+  for c in range(converters):      # WGs after the producer
+    pl.when(wg == n_wgs + 1 + c)(functools.partial(convert, c))
 
   @pl.when(wg == n_wgs)
   def _memory():
-    plgpu.set_max_registers(_CONVERTER_REGISTERS[0] if converter
+    plgpu.set_max_registers(_CONVERTER_REGISTERS[converters][0] if converter
                             else _PRODUCER_REGISTERS[n_wgs], action="decrease")
     if fold:
       for n in range(spec.q_per_kv):   # TMA: at most 5 strided dims
@@ -1815,7 +1832,9 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
       kernel, out_type=out_type, scratch_types=scratch,
       compiler_params=compiler_params,
       grid=(x_size, splits, batch), grid_names=("x", "p", "b"),
-      num_threads=config.compute_wgs + 1 + converter, thread_name="wg",
+      num_threads=(config.compute_wgs + 1
+                   + (config.int4_converters if converter else 0)),
+      thread_name="wg",
       kernel_name="palu_latent_" + ("rope" if rope else "norope"),
   )(lengths.astype(jnp.int32), _group_major(hk, spec.groups),
     _group_major(hv_in, spec.groups), *operands)

@@ -126,6 +126,13 @@ def test_bench_kernels_also_parses_config_fields():
     _config_field("fuse_heads=maybe")
   with pytest.raises(argparse.ArgumentTypeError, match="splits"):
     _config_field("splits=many")
+  # comma-joined: one variant with both fields replaced
+  from eval.bench_kernels import _config_fields
+  assert _config_fields("int4_converter=true,int4_converters=2") == (
+      ("int4_converter", True), ("int4_converters", 2))
+  assert _config_fields("splits=4") == (("splits", 4),)
+  with pytest.raises(argparse.ArgumentTypeError, match="nope"):
+    _config_fields("splits=4,nope=1")
 
 
 def test_profile_kernel_refuses_scale_per_token_without_4_bits(capsys):

@@ -639,7 +639,9 @@ INT4_VARIANTS = {"default": {}, "steps": dict(int4_fused=False),
                  "relayout": dict(int4_permuted=False),
                  "keys_in_registers": dict(int4_keys_smem=False),
                  "values_during_scores": dict(values_during_scores=True),
-                 "converter": dict(int4_converter=True)}
+                 "converter": dict(int4_converter=True),
+                 "two_converters": dict(int4_converter=True,
+                                        int4_converters=2)}
 
 
 def test_int4_column_order_matches_the_two_register_layouts():
@@ -764,7 +766,9 @@ def test_int4_raw_key_scores_keep_f32_precision(dtype):
 # the separate steps
 TOKEN_VARIANTS = {"default": {}, "dequantized_keys": dict(int4_raw_keys=False),
                   "steps": dict(int4_fused=False),
-                  "converter": dict(int4_converter=True)}
+                  "converter": dict(int4_converter=True),
+                  "two_converters": dict(int4_converter=True,
+                                         int4_converters=2)}
 
 
 @pytest.mark.parametrize("rope", [False, True], ids=["norope", "rope"])
@@ -781,14 +785,31 @@ def test_int4_token_scales_lower_for_sm90(case, variant, rope):
   assert mg.int4_token_scales(spec)
   config = dataclasses.replace(mg.choose_config(
       spec, batch=batch, cache_len=s, rope=rope), **TOKEN_VARIANTS[variant])
+  converters = variant in ("converter", "two_converters")
   assert mg.raw_int4_keys(spec, rope, config) == (
-      variant in ("default", "converter") and not rope and not shared)
+      (variant == "default" or converters) and not rope and not shared)
   assert mg.int4_converter(spec, rope, config) == (
-      variant == "converter" and not rope and not shared)
+      converters and not rope and not shared)
   assert mg.unsupported_reason(spec, jnp.bfloat16, s, rope, config) is None
   assert mg.smem_bytes(spec, rope, config) <= mg.SMEM_BYTES
   assert "mosaic_gpu" in _lower(spec, batch, s, rope,
                                 config=config).as_text()
+
+
+@pytest.mark.parametrize("converters", [1, 2])
+def test_converter_registers_fit_the_register_file(converters):
+  """The per-thread registers set by each WG (producer, 2 compute WGs,
+  the converters) fit the SM's 65,536 for 128-thread WGs, are multiples
+  of 8 (setmaxnreg), and the compute and converter WGs only increase
+  theirs from the launch's even share (setmaxnreg.inc below the current
+  count is undefined)."""
+  producer, compute, converter = mg._CONVERTER_REGISTERS[converters]
+  wgs = 2 + 1 + converters
+  assert 128 * (producer + 2 * compute + converters * converter) <= 65536
+  assert all(n % 8 == 0 for n in (producer, compute, converter))
+  launch = 65536 // (128 * wgs)
+  assert producer <= launch <= min(compute, converter)
+  assert mg._compute_registers(2, converters) == compute
 
 
 def test_int4_reasons():
@@ -819,6 +840,9 @@ def test_int4_reasons():
   assert "multiples of 64" in mg.unsupported_reason(
       dataclasses.replace(spec, k_rank=288, v_rank=288, quant_group=16),
       jnp.bfloat16, 1024, False, on)
+  assert "int4_converters 3 (1 or 2)" == mg.unsupported_reason(
+      spec, jnp.bfloat16, 1024, False,
+      mg.MosaicConfig(int4_converter=True, int4_converters=3))
   # the chosen tiles fit the estimate (lowering checks the real allocation)
   for case in INT4_CASES:
     g, j, qk, h, r, shared, batch, s = case
