@@ -44,8 +44,9 @@ from pallas_kernels.latent_attention import mosaic_gpu as mg
 COMPUTE_STAGES = ("k_wait", "rebuild", "rope", "upcast", "convert", "scale",
                   "score", "turn", "softmax", "p_store", "v_wait", "pv")
 # the int4 converter WG's (`int4_converter`): ring slot free, value codes
-# in, their dequantization and store
-CONVERTER_STAGES = ("c_free", "c_wait", "c_convert")
+# in, their dequantization and store (c_convert), of which the stores to
+# shared memory (c_store, nested)
+CONVERTER_STAGES = ("c_free", "c_wait", "c_convert", "c_store")
 
 
 def stage_cycles(trace: dict) -> dict[str, dict]:

@@ -53,6 +53,7 @@ partials per program are merged by `common.combine_splits` in XLA.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -982,17 +983,20 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
                                              layout=wgmma_layout)
     return jnp.where(row < length, v, jnp.zeros_like(v))
 
-  def values_to_tile(slot, s0, tile, mask):
+  def values_to_tile(slot, s0, tile, mask, store_scope=None):
     """Value ring slot `slot`'s codes -> 16-bit values in `tile` [bs, R_v]:
     float8 upcast (rows past the length zeroed), int4 dequantized (zeroed
-    with `mask`)."""
+    with `mask`). store_scope: a profiler stage name for the stores."""
     for j in range(subs):
       rows = pl.ds(j * SUB, SUB)
       if int4:
-        tile.at[rows][...] = dequant4(hv_s.at[slot, rows], sv_s.at[slot, rows],
-                                      zv_s.at[slot, rows], s0 + j * SUB, mask)
+        v = dequant4(hv_s.at[slot, rows], sv_s.at[slot, rows],
+                     zv_s.at[slot, rows], s0 + j * SUB, mask)
       else:
-        tile.at[rows][...] = upcast(hv_s.at[slot, rows], s0 + j * SUB)
+        v = upcast(hv_s.at[slot, rows], s0 + j * SUB)
+      with (jax.named_scope(store_scope) if store_scope
+            else contextlib.nullcontext()):
+        tile.at[rows][...] = v
 
   def token_scales(ref):
     """A sub-tile's float8 scales [SUB] (one per token) as f32 rows."""
@@ -1394,8 +1398,8 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
       with jax.named_scope("c_wait"):
         plgpu.barrier_wait(vprod_bar.at[slot])
       s0 = start + t * bs
-      with jax.named_scope("c_convert"):
-        values_to_tile(slot, s0, vb_s.at[ring], True)
+      with jax.named_scope("c_convert"):     # (c_store: its stores)
+        values_to_tile(slot, s0, vb_s.at[ring], True, store_scope="c_store")
         plgpu.commit_smem()            # visible to the tensor core
       plgpu.barrier_arrive(vcons_bar.at[slot])
       plgpu.barrier_arrive(vready_bar.at[ring])
