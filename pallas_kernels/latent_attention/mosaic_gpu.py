@@ -271,6 +271,12 @@ def int4_converter(spec: LatentSpec, rope: bool, config: MosaicConfig
           and not spec.shared and config.compute_wgs == 2)
 
 
+def converter_wgs(spec: LatentSpec, rope: bool, config: MosaicConfig
+                  ) -> int:
+  """How many converter WGs the kernel runs (0 without `int4_converter`)."""
+  return config.int4_converters if int4_converter(spec, rope, config) else 0
+
+
 def values_during_scores(spec: LatentSpec, rope: bool, config: MosaicConfig
                          ) -> bool:
   """Whether a tile's values are staged while its last score wgmma runs
@@ -836,8 +842,8 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
             config: MosaicConfig, span: int, nq: int, dtype, has_bias: bool,
             splits: int, x_size: int):
   fold = rope and config.rope_mode == "fold"
-  converter = int4_converter(spec, rope, config)
-  converters = config.int4_converters if converter else 0
+  converters = converter_wgs(spec, rope, config)
+  converter = converters > 0
   if converter:            # value ring slots: dequantized / free again
     *rest, vready_bar, vfree_bar = rest
   *rest, red_s = rest      # [compute WGs, elems] f32: private reductions
@@ -1836,8 +1842,7 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
       kernel, out_type=out_type, scratch_types=scratch,
       compiler_params=compiler_params,
       grid=(x_size, splits, batch), grid_names=("x", "p", "b"),
-      num_threads=(config.compute_wgs + 1
-                   + (config.int4_converters if converter else 0)),
+      num_threads=config.compute_wgs + 1 + converter_wgs(spec, rope, config),
       thread_name="wg",
       kernel_name="palu_latent_" + ("rope" if rope else "norope"),
   )(lengths.astype(jnp.int32), _group_major(hk, spec.groups),
