@@ -500,7 +500,8 @@ def _cfg_str(c, spec=None, rope: bool = True) -> str:
             + (" keys_in_registers" if spec is not None and spec.bits == 4
                and rope and not c.int4_keys_smem else "")
             + (" raw_keys" if applies(mosaic_gpu.raw_int4_keys) else "")
-            + (" converter" if applies(mosaic_gpu.int4_converter) else "")
+            + (f" converters={mosaic_gpu.converter_wgs(spec, rope, c)}"
+               if applies(mosaic_gpu.int4_converter) else "")
             + (" values_during_scores"
                if applies(mosaic_gpu.values_during_scores) else "")
             + (" fused" if applies(mosaic_gpu.fused_heads) else ""))

@@ -209,11 +209,12 @@ class MosaicConfig:
   # converter WG takes 1,943 cycles a tile where the CTA would finish one
   # every ≈ 1,213 (profiled, NOTES.md "int4 converter, profiled").
   int4_converter: bool = False
-  # v26 (written 2026-12-04, not yet compiled on a GPU): with
-  # int4_converter, 2 converter WGs, converter c taking the tiles t ≡ c
-  # (mod 2), i.e. feeding compute WG c (each barrier then has one waiting
-  # WG, as the ring's phase tracking needs); registers per thread from
-  # _CONVERTER_REGISTERS[2].
+  # v26: with int4_converter, 2 converter WGs, converter c taking the
+  # tiles t ≡ c (mod 2), i.e. feeding compute WG c (each barrier then has
+  # one waiting WG, as the ring's phase tracking needs); registers per
+  # thread from _CONVERTER_REGISTERS[2]. Correct (compiled tests) but
+  # slower: Llama-2 B8 128K 1,072 µs (1,015 at 24 / 128 / 96) against 959
+  # without converters (NOTES.md v26).
   int4_converters: int = 1
   # v13: each compute WG reduces over its rows (the softmax max) through a
   # shared-memory scratch of its own (Mosaic GPU's reduction, called inline),
@@ -247,11 +248,30 @@ MERGE_IN_KERNEL_PARTS = 32
 
 _PRODUCER_REGISTERS = {2: 40, 3: 24}
 # with converter WGs (int4_converter), per converter count: producer,
-# compute and converter registers a thread (24 + 2·C + n·V ≤ 512; with 2
-# converters each count is above the launch's 65536 / 640 ≈ 102, so the
-# compute and converter WGs only ever increase theirs)
-_CONVERTER_REGISTERS = {1: (24, 160, 160), 2: (24, 136, 104)}
+# compute and converter registers a thread. The WGs trade registers within
+# what the launch gave the CTA (`launch_registers` a thread): 4 WGs get 128
+# each (24 + 2·160 + 160 ≤ 512); 5 WGs only 96 (640 threads; 65536 / 640
+# rounded down to the allocation unit of 8), so 24 + 2·C + 2·V ≤ 480: the
+# tenth session's (24, 136, 104) asked for 504 and the increases waited
+# forever (the eleventh session's compiled tests hung there)
+_CONVERTER_REGISTERS = {1: (24, 160, 160), 2: (24, 136, 88)}
 VALUE_RING_PER_WG = 2          # 16-bit value tiles per compute WG
+
+
+def launch_registers(wgs: int) -> int:
+  """Registers a thread that a CTA of `wgs` 128-thread WGs launches with:
+  the 64K register file shared evenly, in the allocation unit of 8 (the
+  pool that `setmaxnreg` moves registers within)."""
+  return 65536 // (128 * wgs) // 8 * 8
+
+
+def _set_registers(n: int, wgs: int):
+  """setmaxnreg to `n` a thread from the launch's count (an increase or a
+  decrease: setmaxnreg.inc below the current count is undefined)."""
+  launch = launch_registers(wgs)
+  if n != launch:
+    plgpu.set_max_registers(n, action="increase" if n > launch
+                            else "decrease")
 
 
 def _compute_registers(n_wgs: int, converters: int = 0) -> int:
@@ -1009,6 +1029,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
     return plgpu.load(ref, (), layout=row_layout).astype(jnp.float32)
 
   n_wgs = config.compute_wgs
+  all_wgs = n_wgs + 1 + converters      # compute, producer, converters
   private = config.private_reductions
 
   def merge_parts(part):
@@ -1051,8 +1072,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
   def _compute():
     # the register file (64K) split: producer 40 (2 WGs) or 24 (3 WGs) per
     # thread, the rest to the compute WGs, in multiples of 8
-    plgpu.set_max_registers(_compute_registers(n_wgs, converters),
-                            action="increase")
+    _set_registers(_compute_registers(n_wgs, converters), all_wgs)
     plgpu.barrier_wait(setup_bar.at[0])
     if native:
       q_scale = plgpu.load(qs_s, (), layout=col_layout)
@@ -1389,8 +1409,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
     converter WGs) -> 16-bit values in the ring (rows past the length
     zeroed); the compute WG of tile t reads ring slot t mod
     (W · VALUE_RING_PER_WG)."""
-    plgpu.set_max_registers(_CONVERTER_REGISTERS[converters][2],
-                            action="increase")
+    _set_registers(_CONVERTER_REGISTERS[converters][2], all_wgs)
     slots = n_wgs * VALUE_RING_PER_WG
 
     @pl.loop(first, n_tiles, step=converters)
@@ -1415,8 +1434,8 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
 
   @pl.when(wg == n_wgs)
   def _memory():
-    plgpu.set_max_registers(_CONVERTER_REGISTERS[converters][0] if converter
-                            else _PRODUCER_REGISTERS[n_wgs], action="decrease")
+    _set_registers(_CONVERTER_REGISTERS[converters][0] if converter
+                   else _PRODUCER_REGISTERS[n_wgs], all_wgs)
     if fold:
       for n in range(spec.q_per_kv):   # TMA: at most 5 strided dims
         plgpu.copy_gmem_to_smem(u_g.at[b, x, n], u_s.at[n], setup_bar.at[0])

@@ -187,7 +187,11 @@ def test_bench_kernels_config_labels_name_only_options_that_apply():
   assert _cfg_str(dataclasses.replace(plain, int4_raw_keys=False), token,
                   False) == "bs=64 P=1 stages=4"
   conv = dataclasses.replace(plain, int4_converter=True)
-  assert _cfg_str(conv, token, False) == "bs=64 P=1 stages=4 raw_keys converter"
+  assert _cfg_str(conv, token, False) == (
+      "bs=64 P=1 stages=4 raw_keys converters=1")
+  two = dataclasses.replace(conv, int4_converters=2)
+  assert _cfg_str(two, token, False) == (
+      "bs=64 P=1 stages=4 raw_keys converters=2")
   assert _cfg_str(conv, token, True) == "bs=64 P=1 stages=4"
   early = dataclasses.replace(plain, values_during_scores=True)
   assert _cfg_str(early, token, False) == (

@@ -796,20 +796,28 @@ def test_int4_token_scales_lower_for_sm90(case, variant, rope):
                                 config=config).as_text()
 
 
-@pytest.mark.parametrize("converters", [1, 2])
-def test_converter_registers_fit_the_register_file(converters):
-  """The per-thread registers set by each WG (producer, 2 compute WGs,
-  the converters) fit the SM's 65,536 for 128-thread WGs, are multiples
-  of 8 (setmaxnreg), and the compute and converter WGs only increase
-  theirs from the launch's even share (setmaxnreg.inc below the current
-  count is undefined)."""
-  producer, compute, converter = mg._CONVERTER_REGISTERS[converters]
-  wgs = 2 + 1 + converters
-  assert 128 * (producer + 2 * compute + converters * converter) <= 65536
-  assert all(n % 8 == 0 for n in (producer, compute, converter))
-  launch = 65536 // (128 * wgs)
-  assert producer <= launch <= min(compute, converter)
-  assert mg._compute_registers(2, converters) == compute
+@pytest.mark.parametrize("compute_wgs,converters", [(2, 0), (3, 0), (2, 1),
+                                                     (2, 2)])
+def test_registers_fit_the_launch_pool(compute_wgs, converters):
+  """setmaxnreg only moves registers within what the CTA launched with: the
+  registers every WG sets (producer, compute WGs, converters) must fit
+  launch_registers · WGs, or an increase waits forever (v26's first
+  compiled run hung on 24 + 2·136 + 2·104 = 504 > 5 · 96). Each count is
+  a multiple of 8 (setmaxnreg) within [24, 256]."""
+  wgs = compute_wgs + 1 + converters
+  # 65536 registers / (threads) floored to the allocation unit of 8
+  launch = {3: 168, 4: 128, 5: 96}[wgs]
+  assert mg.launch_registers(wgs) == launch
+  compute = mg._compute_registers(compute_wgs, converters)
+  if converters:
+    producer, table_compute, converter = mg._CONVERTER_REGISTERS[converters]
+    assert table_compute == compute
+  else:
+    producer, converter = mg._PRODUCER_REGISTERS[compute_wgs], 0
+  counts = (producer, compute) + ((converter,) if converters else ())
+  assert producer + compute_wgs * compute + converters * converter <= (
+      launch * wgs)
+  assert all(n % 8 == 0 and 24 <= n <= 256 for n in counts)
 
 
 def test_int4_reasons():
