@@ -500,6 +500,7 @@ def _cfg_str(c, spec=None, rope: bool = True) -> str:
             + (" keys_in_registers" if spec is not None and spec.bits == 4
                and rope and not c.int4_keys_smem else "")
             + (" raw_keys" if applies(mosaic_gpu.raw_int4_keys) else "")
+            + (" raw_values" if applies(mosaic_gpu.raw_int4_values) else "")
             + (f" converters={mosaic_gpu.converter_wgs(spec, rope, c)}"
                if applies(mosaic_gpu.int4_converter) else "")
             + (" values_during_scores"

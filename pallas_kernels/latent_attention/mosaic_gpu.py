@@ -193,6 +193,17 @@ class MosaicConfig:
   # Σq the absorbed query's column sums (f32 of the bf16 values the wgmma
   # reads). One lop3 per code pair instead of lop3 + sub + fma.
   int4_raw_keys: bool = True
+  # v27 (with int4_raw_keys): the values not dequantized either. Their tile
+  # gets the centered codes c - 8 (mask-or and packed subtract of the
+  # magic + 8: exact and finite, so no mask past the length); each
+  # probability is scaled by its token's value scale before the 16-bit
+  # rounding (p·scale), and per query column e = Σ_t p·(offset + 8·scale)
+  # (f32) is added to the accumulator at the end. Takes the fma of every
+  # value code pair and the per-row scale and offset broadcasts off the
+  # compute WGs' chain. Centered, the rounding of p·scale weighs |c - 8|
+  # ≤ 8, and the error is below the dequantizing path's (CPU test);
+  # M + c (no subtract) would be 1.6× (bf16) to 7× (f16) above it.
+  int4_raw_values: bool = False
   # float8 and int4 without RoPE (own value latent): the tile's values
   # upcast or dequantized into the WG's 16-bit tile between the issue of
   # its last score wgmma and the wait for it (to overlap the tensor core)
@@ -729,7 +740,7 @@ def int4_fused_column_order(rank: int) -> np.ndarray:
   return 32 * block + 8 * q + j + 4 * e
 
 
-def _dequant_int4_fused(codes, scales, offsets, dtype):
+def _dequant_int4_fused(codes, scales, offsets, dtype, centered=False):
   """Unsigned 4-bit codes [64, R] in the WGMMA_UPCAST_4X layout (8 per
   32-bit register, read as int4: only the bits count) and, per quant
   group n, its scale and offset [64] in the row layout, in `dtype` ->
@@ -737,7 +748,8 @@ def _dequant_int4_fused(codes, scales, offsets, dtype):
   columns in `int4_fused_column_order(R)` order. Per pair of codes: a
   mask-or under a magic exponent, a packed subtract (exact) and a packed
   fma (one rounding). No scales (empty lists): the mask-or alone, giving
-  INT4_MAGIC[dtype] + c (exact)."""
+  INT4_MAGIC[dtype] + c (exact), or with `centered` and a packed subtract
+  of the magic + 8, c - 8 (exact)."""
   rank = codes.shape[1]
   qg = rank // max(1, len(scales))
   if qg % 32:
@@ -748,10 +760,17 @@ def _dequant_int4_fused(codes, scales, offsets, dtype):
     raise ValueError(f"int4 latents in {jnp.dtype(dtype).name}: f16 or bf16")
   magic = 0x64006400 if f16 else 0x43004300     # 1024 + c or 128 + c
   suffix = "f16x2" if f16 else "bf16x2"
-  steps = (f"""
+  if scales:
+    steps = f"""
             sub.{suffix} t, t, m;
-            fma.rn.{suffix} $0, t, $2, $3;""" if scales else """
-            mov.b32 $0, t;""")
+            fma.rn.{suffix} $0, t, $2, $3;"""
+  elif centered:     # the magic + 8: 1032 (f16) or 136 (bf16), twice
+    steps = f"""
+            mov.b32 m, {magic + 0x80008:#x};
+            sub.{suffix} $0, t, m;"""
+  else:
+    steps = """
+            mov.b32 $0, t;"""
   row = plgpu.Layout.WGMMA.reduce(1)
   n = len(scales)
 
@@ -827,6 +846,15 @@ def raw_int4_keys(spec: LatentSpec, rope: bool, config: MosaicConfig
   and corrects per row (`MosaicConfig.int4_raw_keys`)."""
   return (config.int4_raw_keys and not rope and not spec.shared
           and int4_token_scales(spec) and fused_int4(spec, config))
+
+
+def raw_int4_values(spec: LatentSpec, rope: bool, config: MosaicConfig
+                    ) -> bool:
+  """Whether the no-RoPE int4 path multiplies P by the values' magic
+  values (M + c) and corrects per column (`MosaicConfig.int4_raw_values`;
+  not with converter WGs, which write dequantized values)."""
+  return (config.int4_raw_values and raw_int4_keys(spec, rope, config)
+          and not int4_converter(spec, rope, config))
 
 
 def fused_int4(spec: LatentSpec, config: MosaicConfig) -> bool:
@@ -921,6 +949,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
   staged = fp8 or int4
   native = fp8_scores(spec, rope, config)
   raw = raw_int4_keys(spec, rope, config)
+  raw_v = raw_int4_values(spec, rope, config)   # (values likewise)
   # without RoPE: a tile's values staged while its last score wgmma runs
   early = values_during_scores(spec, rope, config)
   fused = fused_heads(spec, rope, config)
@@ -1015,7 +1044,12 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
     with `mask`). store_scope: a profiler stage name for the stores."""
     for j in range(subs):
       rows = pl.ds(j * SUB, SUB)
-      if int4:
+      if raw_v:     # c - 8; the scales and offsets go with P
+        v = _dequant_int4_fused(
+            plgpu.load(hv_s.at[slot, rows],
+                       layout=plgpu.Layout.WGMMA_UPCAST_4X), [], [], dtype,
+            centered=True)
+      elif int4:
         v = dequant4(hv_s.at[slot, rows], sv_s.at[slot, rows],
                      zv_s.at[slot, rows], s0 + j * SUB, mask)
       else:
@@ -1112,7 +1146,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
         values_to_tile(slot, s0, vb_s.at[wg], not config.int4_mask_last)
 
     def tile(i, carry):
-      acc, m, l = carry
+      acc, m, l, e = carry
       t = wg + n_wgs * i
       slot = lax.rem(t, stages)
       s0 = start + t * bs
@@ -1334,13 +1368,30 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
           stage_values(slot, s0)
         # float8: the values' scales per token (loaded before the slot is
         # handed back to the producer)
+        # (and with raw int4 values their offsets)
         p_scales = [token_scales(sv_s.at[slot, pl.ds(j * SUB, SUB)])
-                    for j in range(subs)] if fp8 else []
+                    for j in range(subs)] if fp8 or raw_v else []
+        p_offsets = [token_scales(zv_s.at[slot, pl.ds(j * SUB, SUB)])
+                     for j in range(subs)] if raw_v else []
         plgpu.barrier_arrive(vcons_bar.at[slot])
       with jax.named_scope("p_store"):
+        if raw_v:     # e rescaled as the accumulator
+          e = e * lax.broadcast_in_dim(corr, e.shape, [1])
         for j, prob in enumerate(probs):
+          row = lambda v, prob=prob: lax.broadcast_in_dim(v, prob.shape, [0])
+          if raw_v:   # r = p·scale, e += p·(offset + 8·scale) (rows past
+            # the length: scales may be anything, so selected away)
+            pos = s0 + j * SUB + plgpu.broadcasted_iota(
+                jnp.int32, prob.shape, 0, layout=wgmma_layout)
+            valid = pos < length
+            sc = row(p_scales[j])
+            e = e + jnp.where(valid, prob * (row(p_offsets[j]) + 8 * sc),
+                              0.0)
+            p_s.at[wg, j].T[...] = jnp.where(valid, prob * sc, 0.0).astype(
+                p_s.dtype)
+            continue
           if fp8:     # the values' scale per token, folded into P
-            prob = prob * lax.broadcast_in_dim(p_scales[j], prob.shape, [0])
+            prob = prob * row(p_scales[j])
           p_s.at[wg, j].T[...] = prob.astype(p_s.dtype)
         plgpu.commit_smem()                 # visible to the tensor core
         acc = tuple(a * lax.broadcast_in_dim(corr, a.shape, [1])
@@ -1356,7 +1407,8 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
         with jax.named_scope("v_wait"):
           plgpu.barrier_wait(vprod_bar.at[slot])
 
-      if not staged or (int4 and config.int4_mask_last and not converter):
+      if not staged or (int4 and config.int4_mask_last and not converter
+                        and not raw_v):
         @pl.when(s0 + bs > length)
         def _():
           # rows past the length get probability 0, but 0·inf is NaN on the
@@ -1381,7 +1433,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
               (vcons_bar if split_rings else kcons_bar).at[slot])
         if converter:          # the ring tile is the converter's again
           plgpu.barrier_arrive(vfree_bar.at[ring])
-      return acc, m_new, l
+      return acc, m_new, l, e
 
     acc0 = tuple(plgpu.layout_cast(jnp.zeros((size, cols), jnp.float32),
                                    wgmma_layout) for _, size in chunks)
@@ -1391,10 +1443,16 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
     l0 = (plgpu.layout_cast(jnp.zeros((SUB, cols), jnp.float32),
                             wgmma_layout) if private else
           plgpu.layout_cast(jnp.zeros((cols,), jnp.float32), col_layout))
+    # raw int4 values: Σ_t p·(offset + 8·scale) per row and column
+    e0 = (plgpu.layout_cast(jnp.zeros((SUB, cols), jnp.float32),
+                            wgmma_layout) if raw_v else None)
     mine = (n_tiles - wg + n_wgs - 1) // n_wgs
-    acc, m, l = lax.fori_loop(0, mine, tile, (acc0, m0, l0))
+    acc, m, l, e = lax.fori_loop(0, mine, tile, (acc0, m0, l0, e0))
     if private:
       l = _reduce_rows(l, red_s.at[wg], "add")
+    if raw_v:    # the same correction in every latent row of a column
+      e = _reduce_rows(e, red_s.at[wg], "add")
+      acc = tuple(a + lax.broadcast_in_dim(e, a.shape, [1]) for a in acc)
     part = p * n_wgs + wg
     for a, (off, size) in zip(acc, chunks):
       # overlapping chunks hold the same values in their common rows

@@ -189,6 +189,8 @@ def test_bench_kernels_config_labels_name_only_options_that_apply():
   conv = dataclasses.replace(plain, int4_converter=True)
   assert _cfg_str(conv, token, False) == (
       "bs=64 P=1 stages=4 raw_keys converters=1")
+  assert _cfg_str(dataclasses.replace(plain, int4_raw_values=True), token,
+                  False) == "bs=64 P=1 stages=4 raw_keys raw_values"
   two = dataclasses.replace(conv, int4_converters=2)
   assert _cfg_str(two, token, False) == (
       "bs=64 P=1 stages=4 raw_keys converters=2")
