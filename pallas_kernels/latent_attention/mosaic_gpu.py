@@ -203,7 +203,7 @@ class MosaicConfig:
   # compute WGs' chain. Centered, the rounding of p·scale weighs |c - 8|
   # ≤ 8, and the error is below the dequantizing path's (CPU test);
   # M + c (no subtract) would be 1.6× (bf16) to 7× (f16) above it.
-  int4_raw_values: bool = False
+  int4_raw_values: bool = True
   # float8 and int4 without RoPE (own value latent): the tile's values
   # upcast or dequantized into the WG's 16-bit tile between the issue of
   # its last score wgmma and the wait for it (to overlap the tensor core)
@@ -576,11 +576,14 @@ def choose_config(spec: LatentSpec, *, batch: int, cache_len: int, rope: bool,
           and query_cols(spec, rope) * whole <= 256 else 1)
   fits = functools.partial(fits, hc=hc)
   bs = 2 * SUB if cache_len % (2 * SUB) == 0 and fits(2 * SUB, w) else SUB
-  if spec.bits == 4 and not rope:
+  if (spec.bits == 4 and not rope
+      and not raw_int4_values(spec, rope, MosaicConfig())):
     # 4-bit codes: the WG's dequantization chain is long, and 64-row tiles
     # in more slots keep loads in flight (Llama-2-7B G-LRD-4 B8 64K: 693 µs
     # with 64 rows vs 749 µs with 128, eval/results/
-    # bench_kernels_h200_int4.md)
+    # bench_kernels_h200_int4.md). With the values not dequantized
+    # (int4_raw_values) 128-row tiles in 2 slots win instead: Llama-2 B8
+    # 128K 813 vs 963 µs, B1 64K 64.8 vs 72.8 µs (NOTES.md v27)
     bs = SUB
   if (bs == 2 * SUB and hc > 1 and not fits(bs, 2 * w)
       and fits(SUB, 2 * w)):

@@ -182,22 +182,23 @@ def test_bench_kernels_config_labels_name_only_options_that_apply():
   # one scale per token, no RoPE: the keys' magic values scored
   token = dataclasses.replace(int4, quant_group=int4.k_rank)
   plain = MosaicConfig(block_s=64, stages=4, splits=1)
-  assert _cfg_str(plain, token, False) == "bs=64 P=1 stages=4 raw_keys"
+  assert _cfg_str(plain, token, False) == (
+      "bs=64 P=1 stages=4 raw_keys raw_values")
   assert _cfg_str(plain, token, True) == "bs=64 P=1 stages=4"
   assert _cfg_str(dataclasses.replace(plain, int4_raw_keys=False), token,
                   False) == "bs=64 P=1 stages=4"
   conv = dataclasses.replace(plain, int4_converter=True)
   assert _cfg_str(conv, token, False) == (
       "bs=64 P=1 stages=4 raw_keys converters=1")
-  assert _cfg_str(dataclasses.replace(plain, int4_raw_values=True), token,
-                  False) == "bs=64 P=1 stages=4 raw_keys raw_values"
+  assert _cfg_str(dataclasses.replace(plain, int4_raw_values=False), token,
+                  False) == "bs=64 P=1 stages=4 raw_keys"
   two = dataclasses.replace(conv, int4_converters=2)
   assert _cfg_str(two, token, False) == (
       "bs=64 P=1 stages=4 raw_keys converters=2")
   assert _cfg_str(conv, token, True) == "bs=64 P=1 stages=4"
   early = dataclasses.replace(plain, values_during_scores=True)
   assert _cfg_str(early, token, False) == (
-      "bs=64 P=1 stages=4 raw_keys values_during_scores")
+      "bs=64 P=1 stages=4 raw_keys raw_values values_during_scores")
   assert _cfg_str(early, token, True) == "bs=64 P=1 stages=4"
 
 
