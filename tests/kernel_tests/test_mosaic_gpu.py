@@ -761,6 +761,21 @@ def test_int4_raw_key_scores_keep_f32_precision(dtype):
   assert np.abs(got - exact).max() * 4 < np.abs(dequantized - exact).max()
 
 
+@pytest.mark.parametrize("block_s", [64, 128])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_int4_raw_values_lower_for_sm90(dtype, block_s):
+  """int4_raw_values in both 16-bit types (bf16 and f16 magic constants)
+  and both tile sizes lowers to a Mosaic GPU kernel for sm_90."""
+  spec = _int4_spec(8, 4, 1, 128, 256, False, quant_group=None)
+  config = dataclasses.replace(
+      mg.choose_config(spec, batch=2, cache_len=4096, rope=False),
+      block_s=block_s, stages=2)
+  assert mg.raw_int4_values(spec, False, config)
+  assert mg.unsupported_reason(spec, dtype, 4096, False, config) is None
+  assert "mosaic_gpu" in _lower(spec, 2, 4096, False, dtype=dtype,
+                                config=config).as_text()
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_int4_raw_values_beat_the_dequantizing_path(dtype):
   """`int4_raw_values` (v27): P·V as (p·scale rounded to 16 bits)·(c - 8)
@@ -1281,6 +1296,25 @@ def test_compiled_int4_kernel_float16():
     assert check(spec, batch=2, cache_len=512, lengths=[512, 77],
                  dtype=jnp.float16, rope=False,
                  config=dataclasses.replace(cfg, int4_fused=fused))
+
+
+@gpu
+@needs_hopper
+@pytest.mark.parametrize("raw_values", [True, False])
+def test_compiled_int4_token_scales_float16(raw_values):
+  """float16 with one scale per token, no RoPE: the keys' magic 1024 + c
+  and, with int4_raw_values, the values' centered codes (1024 + c minus
+  the packed 1032: c - 8) with p·scale rounded to f16; 128-row tiles
+  (the choice with raw values) and 64-row tiles with 3 splits, ragged
+  lengths. Must match the reference."""
+  spec = _int4_spec(2, 4, 1, 128, 256, False, quant_group=None)
+  cfg = dataclasses.replace(
+      mg.choose_config(spec, batch=2, cache_len=512, rope=False),
+      int4_raw_values=raw_values)
+  assert mg.raw_int4_values(spec, False, cfg) == raw_values
+  for c in (cfg, dataclasses.replace(cfg, block_s=64, stages=2, splits=3)):
+    assert check(spec, batch=2, cache_len=512, lengths=[512, 77],
+                 dtype=jnp.float16, rope=False, config=c)
 
 
 @gpu
