@@ -853,9 +853,10 @@ def raw_int4_keys(spec: LatentSpec, rope: bool, config: MosaicConfig
 
 def raw_int4_values(spec: LatentSpec, rope: bool, config: MosaicConfig
                     ) -> bool:
-  """Whether the no-RoPE int4 path multiplies P by the values' magic
-  values (M + c) and corrects per column (`MosaicConfig.int4_raw_values`;
-  not with converter WGs, which write dequantized values)."""
+  """Whether the no-RoPE int4 path multiplies P (scaled per token) by the
+  values' centered codes c - 8 and corrects per column
+  (`MosaicConfig.int4_raw_values`; not with converter WGs, which write
+  dequantized values)."""
   return (config.int4_raw_values and raw_int4_keys(spec, rope, config)
           and not int4_converter(spec, rope, config))
 
