@@ -286,11 +286,12 @@ def _set_registers(n: int, wgs: int):
 
 
 def _compute_registers(n_wgs: int, converters: int = 0) -> int:
-  """Registers per compute thread: what the producer leaves of 64K (with
-  converter WGs, the converters' share too)."""
+  """Registers per compute thread: what the producer leaves of the
+  launch's pool (`launch_registers` · WGs), in multiples of 8 (with
+  converter WGs, from their table)."""
   if converters:
     return _CONVERTER_REGISTERS[converters][1]
-  free = 65536 // 128 - _PRODUCER_REGISTERS[n_wgs]
+  free = launch_registers(n_wgs + 1) * (n_wgs + 1) - _PRODUCER_REGISTERS[n_wgs]
   return min(232, free // n_wgs // 8 * 8)
 
 
@@ -1108,7 +1109,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
 
   @pl.when(wg < n_wgs)
   def _compute():
-    # the register file (64K) split: producer 40 (2 WGs) or 24 (3 WGs) per
+    # the launch's registers split: producer 40 (2 WGs) or 24 (3 WGs) per
     # thread, the rest to the compute WGs, in multiples of 8
     _set_registers(_compute_registers(n_wgs, converters), all_wgs)
     plgpu.barrier_wait(setup_bar.at[0])
