@@ -1231,7 +1231,8 @@ def test_compiled_int4_kernel_matches_reference(case, variant):
   assert _check_int4_case(case, variant, rope=False)
 
 
-def _check_int4_case(case, variant, rope, quant_group=32):
+def _check_int4_case(case, variant, rope, quant_group=32,
+                     dtype=jnp.bfloat16):
   """The chosen config with the variant's changes and 64-row tiles with 3
   splits, each the shape takes, against the reference (key bias with
   RoPE); how many ran."""
@@ -1242,10 +1243,10 @@ def _check_int4_case(case, variant, rope, quant_group=32):
       spec, batch=batch, cache_len=s, rope=rope), **changes)
   ran = 0
   for c in (cfg, dataclasses.replace(cfg, block_s=64, stages=2, splits=3)):
-    if mg.unsupported_reason(spec, jnp.bfloat16, s, rope, c):
+    if mg.unsupported_reason(spec, dtype, s, rope, c):
       continue
     ran += check(spec, batch=batch, cache_len=s, lengths=lengths,
-                 dtype=jnp.bfloat16, rope=rope, bias=rope, config=c)
+                 dtype=dtype, rope=rope, bias=rope, config=c)
   return ran
 
 
@@ -1300,21 +1301,16 @@ def test_compiled_int4_kernel_float16():
 
 @gpu
 @needs_hopper
-@pytest.mark.parametrize("raw_values", [True, False])
-def test_compiled_int4_token_scales_float16(raw_values):
+@pytest.mark.parametrize("variant", ["default", "dequantized_values"])
+def test_compiled_int4_token_scales_float16(variant):
   """float16 with one scale per token, no RoPE: the keys' magic 1024 + c
-  and, with int4_raw_values, the values' centered codes (1024 + c minus
-  the packed 1032: c - 8) with p·scale rounded to f16; 128-row tiles
-  (the choice with raw values) and 64-row tiles with 3 splits, ragged
-  lengths. Must match the reference."""
-  spec = _int4_spec(2, 4, 1, 128, 256, False, quant_group=None)
-  cfg = dataclasses.replace(
-      mg.choose_config(spec, batch=2, cache_len=512, rope=False),
-      int4_raw_values=raw_values)
-  assert mg.raw_int4_values(spec, False, cfg) == raw_values
-  for c in (cfg, dataclasses.replace(cfg, block_s=64, stages=2, splits=3)):
-    assert check(spec, batch=2, cache_len=512, lengths=[512, 77],
-                 dtype=jnp.float16, rope=False, config=c)
+  and, by default (int4_raw_values), the values' centered codes (1024 + c
+  minus the packed 1032: c - 8) with p·scale rounded to f16; 128-row
+  tiles (the choice with raw values) and 64-row tiles with 3 splits,
+  ragged lengths. Both must run and match the reference."""
+  case = (2, 4, 1, 128, 256, False, 2, 512, [512, 77])
+  assert _check_int4_case(case, variant, False, quant_group=None,
+                          dtype=jnp.float16) == 2
 
 
 @gpu
