@@ -1157,7 +1157,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
       s0 = start + t * bs
       with jax.named_scope("k_wait"):
         plgpu.barrier_wait(kprod_bar.at[slot])
-      scores, k_scales = [], []
+      scores, k_scales, valid_rows = [], [], []
       for j in range(subs):
         rows = pl.ds(j * SUB, SUB)
         # a key slot is free once the tile's last sub-tile has been read
@@ -1349,7 +1349,8 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
               plgpu.barrier_arrive(kcons_bar.at[slot])
         pos = s0 + j * SUB + plgpu.broadcasted_iota(
             jnp.int32, (SUB, cols), 0, layout=wgmma_layout)
-        scores.append(jnp.where(pos < length, s, _FLOOR))
+        valid_rows.append(pos < length)       # (raw int4 values: P's too)
+        scores.append(jnp.where(valid_rows[-1], s, _FLOOR))
       if private:
         with jax.named_scope("softmax"):
           m_new, l, corr, probs = softmax_step(
@@ -1386,9 +1387,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
           row = lambda v, prob=prob: lax.broadcast_in_dim(v, prob.shape, [0])
           if raw_v:   # r = p·scale, e += p·(offset + 8·scale) (rows past
             # the length: scales may be anything, so selected away)
-            pos = s0 + j * SUB + plgpu.broadcasted_iota(
-                jnp.int32, prob.shape, 0, layout=wgmma_layout)
-            valid = pos < length
+            valid = valid_rows[j]
             sc = row(p_scales[j])
             e = e + jnp.where(valid, prob * (row(p_offsets[j]) + 8 * sc),
                               0.0)
