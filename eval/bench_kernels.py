@@ -501,6 +501,8 @@ def _cfg_str(c, spec=None, rope: bool = True) -> str:
                and rope and not c.int4_keys_smem else "")
             + (" raw_keys" if applies(mosaic_gpu.raw_int4_keys) else "")
             + (" raw_values" if applies(mosaic_gpu.raw_int4_values) else "")
+            + (" scores_together"
+               if applies(mosaic_gpu.int4_scores_together) else "")
             + (f" converters={mosaic_gpu.converter_wgs(spec, rope, c)}"
                if applies(mosaic_gpu.int4_converter) else "")
             + (" values_during_scores"

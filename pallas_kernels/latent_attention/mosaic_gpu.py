@@ -204,6 +204,12 @@ class MosaicConfig:
   # ≤ 8, and the error is below the dequantizing path's (CPU test);
   # M + c (no subtract) would be 1.6× (bf16) to 7× (f16) above it.
   int4_raw_values: bool = True
+  # v28 (with int4_raw_keys, tiles of several 64-row sub-tiles): every
+  # sub-tile's score wgmma is issued before the first one is waited on, so
+  # the next sub-tile's codes are loaded and converted while the previous
+  # one's wgmma runs, and the tile waits for the tensor core once instead
+  # of once per sub-tile (the chain is latency-bound, NOTES.md v27).
+  int4_scores_together: bool = True
   # float8 and int4 without RoPE (own value latent): the tile's values
   # upcast or dequantized into the WG's 16-bit tile between the issue of
   # its last score wgmma and the wait for it (to overlap the tensor core)
@@ -862,6 +868,15 @@ def raw_int4_values(spec: LatentSpec, rope: bool, config: MosaicConfig
           and not int4_converter(spec, rope, config))
 
 
+def int4_scores_together(spec: LatentSpec, rope: bool, config: MosaicConfig
+                         ) -> bool:
+  """Whether a tile's raw int4 score wgmmas are all issued before the
+  first is waited on (`MosaicConfig.int4_scores_together`; tiles of more
+  than one sub-tile)."""
+  return (config.int4_scores_together and config.block_s > SUB
+          and raw_int4_keys(spec, rope, config))
+
+
 def fused_int4(spec: LatentSpec, config: MosaicConfig) -> bool:
   """Whether the int4 path dequantizes by `_dequant_int4_fused`."""
   return permuted_int4(spec, config) and config.int4_fused
@@ -955,6 +970,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
   native = fp8_scores(spec, rope, config)
   raw = raw_int4_keys(spec, rope, config)
   raw_v = raw_int4_values(spec, rope, config)   # (values likewise)
+  together = int4_scores_together(spec, rope, config)
   # without RoPE: a tile's values staged while its last score wgmma runs
   early = values_during_scores(spec, rope, config)
   fused = fused_heads(spec, rope, config)
@@ -1158,6 +1174,19 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
       with jax.named_scope("k_wait"):
         plgpu.barrier_wait(kprod_bar.at[slot])
       scores, k_scales, valid_rows = [], [], []
+      if together:          # raw int4 keys: [SUB, nq] scores per sub-tile
+        with jax.named_scope("score"):
+          def score_all(*refs):
+            for j, ref in enumerate(refs):
+              codes = plgpu.load(hk_s.at[slot, pl.ds(j * SUB, SUB)],
+                                 layout=plgpu.Layout.WGMMA_UPCAST_4X)
+              plgpu.wgmma(ref, _dequant_int4_fused(codes, [], [], dtype),
+                          qf_s.T)
+            if early:           # while the tensor core scores
+              stage_values(slot, s0)
+            return tuple(r[...] for r in refs)
+          raw_scores = pl.run_scoped(
+              score_all, *[plgpu.ACC((SUB, nq), jnp.float32)] * subs)
       for j in range(subs):
         rows = pl.ds(j * SUB, SUB)
         # a key slot is free once the tile's last sub-tile has been read
@@ -1306,6 +1335,17 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
             # past the length may hold NaN codes: masked below)
             s = (s * lax.broadcast_in_dim(k_scales[j], (SUB, nq), [0])
                  * lax.broadcast_in_dim(q_scale, (SUB, nq), [1]))
+        elif together:
+          # scale·(q·(M + c)) + (offset - M·scale)·Σq per row, from the
+          # scores score_all issued
+          with jax.named_scope("scale"):
+            sc = token_scales(sk_s.at[slot, rows])
+            off = (token_scales(zk_s.at[slot, rows])
+                   - INT4_MAGIC[jnp.dtype(dtype)] * sc)
+            if release_keys:       # the codes were read by score_all
+              plgpu.barrier_arrive(kcons_bar.at[slot])
+            row = lambda v: lax.broadcast_in_dim(v, (SUB, nq), [0])
+            s = raw_scores[j] * row(sc) + row(off) * q_sum
         elif staged:     # float8 or int4 codes -> 16-bit keys in registers
           with jax.named_scope("upcast"):
             if raw:    # M + c (exact), the scale and offset per row, f32
