@@ -207,9 +207,10 @@ class MosaicConfig:
   # v28 (with int4_raw_keys, tiles of several 64-row sub-tiles): every
   # sub-tile's score wgmma is issued before the first one is waited on, so
   # the next sub-tile's codes are loaded and converted while the previous
-  # one's wgmma runs, and the tile waits for the tensor core once instead
-  # of once per sub-tile (the chain is latency-bound, NOTES.md v27).
-  int4_scores_together: bool = True
+  # one's wgmma runs. Off: correct (compiled tests) but slower, ptxas
+  # spills with both sub-tiles' operands live (Llama-2 B8 128K 1,049 vs
+  # 814 µs, Llama-3 419 vs 293; NOTES.md v28).
+  int4_scores_together: bool = False
   # float8 and int4 without RoPE (own value latent): the tile's values
   # upcast or dequantized into the WG's 16-bit tile between the issue of
   # its last score wgmma and the wait for it (to overlap the tensor core)

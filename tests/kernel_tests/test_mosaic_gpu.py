@@ -771,8 +771,6 @@ def test_int4_raw_values_lower_for_sm90(dtype, block_s):
       mg.choose_config(spec, batch=2, cache_len=4096, rope=False),
       block_s=block_s, stages=2)
   assert mg.raw_int4_values(spec, False, config)
-  # (128-row tiles: both sub-tiles' score wgmmas issued before one wait)
-  assert mg.int4_scores_together(spec, False, config) == (block_s == 128)
   assert mg.unsupported_reason(spec, dtype, 4096, False, config) is None
   assert "mosaic_gpu" in _lower(spec, 2, 4096, False, dtype=dtype,
                                 config=config).as_text()
@@ -819,7 +817,7 @@ TOKEN_VARIANTS = {"default": {}, "dequantized_keys": dict(int4_raw_keys=False),
                   "two_converters": dict(int4_converter=True,
                                          int4_converters=2),
                   "dequantized_values": dict(int4_raw_values=False),
-                  "scores_apart": dict(int4_scores_together=False)}
+                  "scores_together": dict(int4_scores_together=True)}
 
 
 @pytest.mark.parametrize("rope", [False, True], ids=["norope", "rope"])
@@ -839,14 +837,14 @@ def test_int4_token_scales_lower_for_sm90(case, variant, rope):
   converters = variant in ("converter", "two_converters")
   if converters:   # their value ring fits beside 64-row tiles only
     config = dataclasses.replace(config, block_s=mg.SUB, stages=4)
-  raw_keys = variant in ("default", "dequantized_values", "scores_apart")
+  raw_keys = variant in ("default", "dequantized_values", "scores_together")
   assert mg.raw_int4_keys(spec, rope, config) == (
       (raw_keys or converters) and not rope and not shared)
   assert mg.raw_int4_values(spec, rope, config) == (
-      variant in ("default", "scores_apart") and not rope and not shared)
+      variant in ("default", "scores_together") and not rope and not shared)
   assert mg.int4_scores_together(spec, rope, config) == (
-      variant in ("default", "dequantized_values") and not rope
-      and not shared and config.block_s > mg.SUB)
+      variant == "scores_together" and not rope and not shared
+      and config.block_s > mg.SUB)
   assert mg.int4_converter(spec, rope, config) == (
       converters and not rope and not shared)
   assert mg.unsupported_reason(spec, jnp.bfloat16, s, rope, config) is None
