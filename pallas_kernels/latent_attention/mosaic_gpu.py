@@ -89,7 +89,7 @@ class MosaicConfig:
   block_s: int = 64
   stages: int = 2
   splits: int = 1
-  # compute warpgroups taking turns on tiles: 2 (232 registers each) or 3
+  # compute warpgroups taking turns on tiles: 2 (240 registers each) or 3
   # (160 each): more warps to hide each other's stalls (NOTES.md, v10)
   compute_wgs: int = COMPUTE_WGS
   # RoPE keys rotated in packed float16 (keys rounded once, to f16, right
@@ -264,7 +264,12 @@ class MosaicConfig:
 # [P, R_v, cols] f32 are the tail of the kernel's last CTA)
 MERGE_IN_KERNEL_PARTS = 32
 
-_PRODUCER_REGISTERS = {2: 40, 3: 24}
+# the producer WG's registers a thread, per compute WG count. With two
+# compute WGs it had 40 (as JAX's attention_mgpu), leaving them 232, and
+# ptxas spilled in their code (Llama-3 B8 int4 per token 312 bytes, G-LRD-2
+# RoPE 76): 24 leaves them 240 (24 + 2·240 = 3·168, the launch pool),
+# fewer spills and up to 2 % faster (NOTES.md, "Registers")
+_PRODUCER_REGISTERS = {2: 24, 3: 24}
 # with converter WGs (int4_converter), per converter count: producer,
 # compute and converter registers a thread. The WGs trade registers within
 # what the launch gave the CTA (`launch_registers` a thread): 4 WGs get 128
@@ -299,7 +304,7 @@ def _compute_registers(n_wgs: int, converters: int = 0) -> int:
   if converters:
     return _CONVERTER_REGISTERS[converters][1]
   free = launch_registers(n_wgs + 1) * (n_wgs + 1) - _PRODUCER_REGISTERS[n_wgs]
-  return min(232, free // n_wgs // 8 * 8)
+  return min(240, free // n_wgs // 8 * 8)
 
 
 def int4_converter(spec: LatentSpec, rope: bool, config: MosaicConfig
@@ -1126,8 +1131,8 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
 
   @pl.when(wg < n_wgs)
   def _compute():
-    # the launch's registers split: producer 40 (2 WGs) or 24 (3 WGs) per
-    # thread, the rest to the compute WGs, in multiples of 8
+    # the launch's registers split: producer 24 per thread, the rest to
+    # the compute WGs (240 with 2 WGs, 160 with 3), in multiples of 8
     _set_registers(_compute_registers(n_wgs, converters), all_wgs)
     plgpu.barrier_wait(setup_bar.at[0])
     if native:

@@ -329,7 +329,9 @@ def test_unsupported_reasons_and_config():
                            compute_wgs=3)
   assert three.compute_wgs == 3 and three.stages % 3 == 0
   assert mg.unsupported_reason(mlrd, jnp.bfloat16, 65536, True, three) is None
-  assert mg._compute_registers(2) == 232 and mg._compute_registers(3) == 160
+  # (2 WGs: 24 + 2·240 = 3·168 since the twelfth session; 232 with a
+  # producer of 40 before, where ptxas spilled)
+  assert mg._compute_registers(2) == 240 and mg._compute_registers(3) == 160
   big = mg.MosaicConfig(block_s=64, stages=6)
   assert "shared memory" in mg.unsupported_reason(spec, jnp.bfloat16, 4096,
                                                   True, big)
