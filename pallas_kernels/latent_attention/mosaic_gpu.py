@@ -1141,6 +1141,25 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
     if raw:
       q_sum = lax.broadcast_in_dim(plgpu.load(
           qs_s.at[pl.ds(0, nq)], (), layout=col_layout), (SUB, nq), [1])
+
+    def raw_key_codes(slot, rows):
+      """Raw int4 keys: a sub-tile's codes as M + c [SUB, R_k] (exact)."""
+      return _dequant_int4_fused(
+          plgpu.load(hk_s.at[slot, rows], layout=plgpu.Layout.WGMMA_UPCAST_4X),
+          [], [], dtype)
+
+    def raw_key_rows(slot, rows):
+      """Raw int4 keys: a sub-tile's scale and offset - M·scale per row,
+      f32 [SUB] (loaded before its key slot is released)."""
+      sc = token_scales(sk_s.at[slot, rows])
+      return sc, token_scales(zk_s.at[slot, rows]) - INT4_MAGIC[
+          jnp.dtype(dtype)] * sc
+
+    def raw_key_scores(s, sc, off):
+      """scale·(q·(M + c)) + (offset - M·scale)·Σq: the scores [SUB, nq]
+      of the dequantized keys from those of M + c."""
+      row = lambda v: lax.broadcast_in_dim(v, (SUB, nq), [0])
+      return s * row(sc) + row(off) * q_sum
     if rope:
       hh = spec.head_dim // 2
       # folded scores stay f32 from the accumulator to the row sum
@@ -1185,9 +1204,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
         with jax.named_scope("score"):
           def score_all(*refs):
             for j, ref in enumerate(refs):
-              codes = plgpu.load(hk_s.at[slot, pl.ds(j * SUB, SUB)],
-                                 layout=plgpu.Layout.WGMMA_UPCAST_4X)
-              plgpu.wgmma(ref, _dequant_int4_fused(codes, [], [], dtype),
+              plgpu.wgmma(ref, raw_key_codes(slot, pl.ds(j * SUB, SUB)),
                           qf_s.T)
             if early:           # while the tensor core scores
               stage_values(slot, s0)
@@ -1342,27 +1359,17 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
             # past the length may hold NaN codes: masked below)
             s = (s * lax.broadcast_in_dim(k_scales[j], (SUB, nq), [0])
                  * lax.broadcast_in_dim(q_scale, (SUB, nq), [1]))
-        elif together:
-          # scale·(q·(M + c)) + (offset - M·scale)·Σq per row, from the
-          # scores score_all issued
+        elif together:     # the scores score_all issued, corrected
           with jax.named_scope("scale"):
-            sc = token_scales(sk_s.at[slot, rows])
-            off = (token_scales(zk_s.at[slot, rows])
-                   - INT4_MAGIC[jnp.dtype(dtype)] * sc)
+            sc, off = raw_key_rows(slot, rows)
             if release_keys:       # the codes were read by score_all
               plgpu.barrier_arrive(kcons_bar.at[slot])
-            row = lambda v: lax.broadcast_in_dim(v, (SUB, nq), [0])
-            s = raw_scores[j] * row(sc) + row(off) * q_sum
+            s = raw_key_scores(raw_scores[j], sc, off)
         elif staged:     # float8 or int4 codes -> 16-bit keys in registers
           with jax.named_scope("upcast"):
             if raw:    # M + c (exact), the scale and offset per row, f32
-              a = _dequant_int4_fused(
-                  plgpu.load(hk_s.at[slot, rows],
-                             layout=plgpu.Layout.WGMMA_UPCAST_4X),
-                  [], [], dtype)
-              sc = token_scales(sk_s.at[slot, rows])
-              off = (token_scales(zk_s.at[slot, rows])
-                     - INT4_MAGIC[jnp.dtype(dtype)] * sc)
+              a = raw_key_codes(slot, rows)
+              sc, off = raw_key_rows(slot, rows)
             elif int4:
               a = dequant4(hk_s.at[slot, rows], sk_s.at[slot, rows],
                            zk_s.at[slot, rows], s0 + j * SUB,
@@ -1383,9 +1390,8 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
             s = pl.run_scoped(score, plgpu.ACC((SUB, nq), jnp.float32))
             if fp8:    # one scale per token: a row factor of its scores
               s = s * lax.broadcast_in_dim(k_scales[j], (SUB, nq), [0])
-            if raw:    # scale·(q·(M + c)) + (offset - M·scale)·Σq
-              row = lambda v: lax.broadcast_in_dim(v, (SUB, nq), [0])
-              s = s * row(sc) + row(off) * q_sum
+            if raw:
+              s = raw_key_scores(s, sc, off)
         else:
           with jax.named_scope("score"):
             def score(ref):
