@@ -252,6 +252,14 @@ class MosaicConfig:
   # → 133.4 µs there, Llama-3 M-LRD RoPE 50.7 → 53.8 µs. At most
   # MERGE_IN_KERNEL_PARTS partials: one WG reads them all.
   merge_in_kernel: bool = False
+  # v29: the compute WGs of a CTA merge their partials before they leave
+  # it (the last WG stores its partial and arrives on a barrier; the one
+  # before it loads that partial back from L2, merges it with its own in
+  # registers and stores over it; down to WG 0), so a split stores one
+  # partial instead of one per WG and XLA merges half as many (at batch 1
+  # the merge is most of the call's glue: Llama-3 64K no RoPE G-LRD-4 132
+  # partials, Llama-2 32; NOTES.md v29).
+  merge_wgs: bool = True
   # Mosaic GPU's in-kernel profiler (eval/profile_kernel.py): the named
   # stages of each tile (`jax.named_scope` below) timed in SM cycles per
   # warpgroup, at most `profile_space` ranges each, written as a trace
@@ -487,10 +495,16 @@ def unsupported_reason(spec: LatentSpec, dtype, cache_len: int, rope: bool,
   return merge_in_kernel_refused(config, split_spans(cache_len, config)[0])
 
 
+def stored_parts(config: MosaicConfig, splits: int) -> int:
+  """Split partials the kernel stores per program: one per split with
+  `merge_wgs`, else one per split and compute WG."""
+  return splits if config.merge_wgs else config.compute_wgs * splits
+
+
 def merge_in_kernel_refused(config: MosaicConfig, splits: int) -> str | None:
   """Why `merge_in_kernel` cannot take `splits` splits (None if it can or
   is off)."""
-  parts = config.compute_wgs * splits
+  parts = stored_parts(config, splits)
   if config.merge_in_kernel and parts > MERGE_IN_KERNEL_PARTS:
     return (f"merge_in_kernel with {parts} split partials (at most "
             f"{MERGE_IN_KERNEL_PARTS}: one warpgroup reads them all)")
@@ -919,6 +933,8 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
   fold = rope and config.rope_mode == "fold"
   converters = converter_wgs(spec, rope, config)
   converter = converters > 0
+  if config.merge_wgs:     # WG w + 1's partial stored for WG w
+    *rest, merge_bar = rest
   if converter:            # value ring slots: dequantized / free again
     *rest, vready_bar, vfree_bar = rest
   *rest, red_s = rest      # [compute WGs, elems] f32: private reductions
@@ -1097,7 +1113,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
   def merge_parts(part):
     """merge_in_kernel: the partials of program (b, x) merged by its last
     WG into acc_o[b, x, parts] [R_v, cols] (normalized)."""
-    parts = n_wgs * splits
+    parts = stored_parts(config, splits)
     done = pl.get_global(plgpu.SemaphoreType.REGULAR(
         (lengths_g.shape[0] * x_size,)))
     slot = done.at[b * x_size + x]
@@ -1510,14 +1526,57 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
     if raw_v:    # the same correction in every latent row of a column
       e = _reduce_rows(e, red_s.at[wg], "add")
       acc = tuple(a + lax.broadcast_in_dim(e, a.shape, [1]) for a in acc)
-    part = p * n_wgs + wg
-    for a, (off, size) in zip(acc, chunks):
-      # overlapping chunks hold the same values in their common rows
-      acc_o[b, x, part, pl.ds(off, size)] = a
-    m_o[b, x, part] = m
-    l_o[b, x, part] = l
-    if config.merge_in_kernel:
-      merge_parts(part)
+    if config.merge_wgs:
+      part = p
+      # WGs hand the split's partial down: n-1 stores it, each WG below
+      # merges it with its own and stores over it, WG 0 last
+      @pl.when(wg < n_wgs - 1)
+      def _():
+        plgpu.barrier_wait(merge_bar.at[wg + 1])
+    else:
+      part = p * n_wgs + wg
+
+    def stored():
+      """Reads `part` back as stored, acc chunks, m and l, in this WG's
+      register layouts (from L2: plain transfers)."""
+      at = lambda ref, *idx: plgpu.load(ref.at[(b, x, part) + idx],
+                                        layout=layout, optimized=False)
+      layout = wgmma_layout
+      prev_acc = tuple(at(acc_o, pl.ds(off, size)) for off, size in chunks)
+      layout = col_layout
+      return prev_acc, at(m_o), at(l_o)
+
+    def store(acc, m, l):
+      for a, (off, size) in zip(acc, chunks):
+        # overlapping chunks hold the same values in their common rows
+        acc_o[b, x, part, pl.ds(off, size)] = a
+      m_o[b, x, part] = m
+      l_o[b, x, part] = l
+
+    if config.merge_wgs:
+      @pl.when(wg == n_wgs - 1)
+      def _():
+        store(acc, m, l)
+
+      @pl.when(wg < n_wgs - 1)
+      def _():
+        prev_acc, prev_m, prev_l = stored()
+        (w_own, w_prev), l_both = split_weights([m, prev_m], [l, prev_l])
+        spread = lambda w, a: lax.broadcast_in_dim(w, a.shape, [1])
+        store(tuple(spread(w_own, a) * a + spread(w_prev, c) * c
+                    for a, c in zip(acc, prev_acc)),
+              jnp.maximum(m, prev_m), l_both)
+
+      @pl.when(wg > 0)
+      def _():   # (every thread's stores are released by its arrival)
+        plgpu.barrier_arrive(merge_bar.at[wg])
+
+      if config.merge_in_kernel:
+        pl.when(wg == 0)(lambda: merge_parts(part))
+    else:
+      store(acc, m, l)
+      if config.merge_in_kernel:
+        merge_parts(part)
 
   def convert(first: int):
     """A converter WG: the value codes of tiles first, first + n, ... (n
@@ -1948,7 +2007,10 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
   if converter:   # value ring slots: dequantized, and free again
     slots = config.compute_wgs * VALUE_RING_PER_WG
     scratch += [plgpu.Barrier(num_arrivals=1, num_barriers=slots)] * 2
-  parts = config.compute_wgs * splits
+  if config.merge_wgs:   # WG w's partial stored (w ≥ 1; index 0 unused)
+    scratch.append(plgpu.Barrier(num_arrivals=1,
+                                 num_barriers=config.compute_wgs))
+  parts = stored_parts(config, splits)
   merged = config.merge_in_kernel
   if why := merge_in_kernel_refused(config, splits):
     raise ValueError(why)

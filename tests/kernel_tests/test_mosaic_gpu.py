@@ -966,10 +966,10 @@ def test_merge_in_kernel_lowers_for_sm90(case, rope):
   spec, batch, s = case
   config = dataclasses.replace(mg.choose_config(
       spec, batch=batch, cache_len=s, rope=rope), merge_in_kernel=True)
-  parts = config.compute_wgs * config.splits
+  parts = mg.stored_parts(config, config.splits)
   if parts > mg.MERGE_IN_KERNEL_PARTS:
     config = dataclasses.replace(
-        config, splits=mg.MERGE_IN_KERNEL_PARTS // config.compute_wgs)
+        config, splits=config.splits * mg.MERGE_IN_KERNEL_PARTS // parts)
   if mg.unsupported_reason(spec, jnp.bfloat16, s, rope, config):
     pytest.skip("does not fit")
   text = _lower(spec, batch, s, rope, config=config).as_text()
@@ -977,11 +977,36 @@ def test_merge_in_kernel_lowers_for_sm90(case, rope):
   assert "ld.relaxed.gpu.global.b32" in text
 
 
+@pytest.mark.parametrize("wgs", [2, 3])
+@pytest.mark.parametrize("merge_wgs", [True, False])
+def test_kernel_stores_one_partial_per_split_when_wgs_merge(merge_wgs, wgs):
+  """merge_wgs (v29): the compute WGs of a CTA merge their partials in the
+  kernel, so its outputs hold one partial per split ([B, X, P, R_v, cols]
+  and [B, X, P, cols]); without it one per split and compute WG. Read
+  from the result types of the lowered kernel call."""
+  spec, batch, s = MERGE_CASES[0]
+  config = dataclasses.replace(mg.choose_config(
+      spec, batch=batch, cache_len=s, rope=False, compute_wgs=wgs),
+      merge_wgs=merge_wgs)
+  if mg.unsupported_reason(spec, jnp.bfloat16, s, False, config):
+    pytest.skip("does not fit")
+  text = _lower(spec, batch, s, False, config=config).as_text()
+  call = next(line for line in text.splitlines()
+              if "custom_call" in line and "mosaic" in line)
+  parts = config.splits * (1 if merge_wgs else wgs)
+  assert mg.stored_parts(config, config.splits) == parts
+  x = spec.groups
+  cols = mg.query_cols(spec, False)
+  assert (f"-> (tensor<{batch}x{x}x{parts}x{spec.v_rank}x{cols}xf32>, "
+          f"tensor<{batch}x{x}x{parts}x{cols}xf32>") in call
+
+
 def test_merge_in_kernel_refuses_too_many_partials():
   spec, batch, s = MERGE_CASES[0]
-  # 4096 rows in tiles of 64: 32 splits of 2 tiles, two WGs each
+  # 4096 rows in tiles of 64: 32 splits of 2 tiles, two WGs each, their
+  # partials stored apart (merge_wgs off)
   config = mg.MosaicConfig(block_s=64, stages=2, splits=32,
-                           merge_in_kernel=True)
+                           merge_in_kernel=True, merge_wgs=False)
   why = mg.unsupported_reason(spec, jnp.bfloat16, s, False, config)
   assert why == ("merge_in_kernel with 64 split partials (at most 32: one "
                  "warpgroup reads them all)")
@@ -1111,6 +1136,29 @@ def test_compiled_merge_in_kernel(case, splits):
     cfg = dataclasses.replace(mg.choose_config(
         spec, batch=batch, cache_len=s, rope=rope), splits=splits,
         merge_in_kernel=True)
+    if mg.unsupported_reason(spec, jnp.bfloat16, s, rope, cfg):
+      continue
+    assert check(spec, batch=batch, cache_len=s, lengths=lengths,
+                 dtype=jnp.bfloat16, rope=rope, bias=True, config=cfg)
+
+
+@gpu
+@needs_hopper
+@pytest.mark.parametrize("wgs", [2, 3])
+@pytest.mark.parametrize("case", [GPU_GRID[i] for i in (1, 2, 4, 6)],
+                         ids=lambda c: "-".join(map(str, c[:7])))
+def test_compiled_partials_per_wg(case, wgs):
+  """merge_wgs off (v29's switch): every compute WG stores its own
+  partial and XLA merges them all, with 2 and 3 compute WGs, 5 splits
+  (empty ones past the shorter sequences), both paths. (The default, WGs
+  merged in the kernel, runs in every other compiled test.)"""
+  g, j, qk, h, rk, rv, shared, batch, s, lengths = case
+  spec = LatentSpec(groups=g, kv_per_group=j, q_per_kv=qk, head_dim=h,
+                    k_rank=rk, v_rank=rv, shared=shared)
+  for rope in (True, False):
+    cfg = dataclasses.replace(mg.choose_config(
+        spec, batch=batch, cache_len=s, rope=rope, compute_wgs=wgs),
+        splits=5, merge_wgs=False)
     if mg.unsupported_reason(spec, jnp.bfloat16, s, rope, cfg):
       continue
     assert check(spec, batch=batch, cache_len=s, lengths=lengths,
