@@ -256,10 +256,12 @@ class MosaicConfig:
   # it (the last WG stores its partial and arrives on a barrier; the one
   # before it loads that partial back from L2, merges it with its own in
   # registers and stores over it; down to WG 0), so a split stores one
-  # partial instead of one per WG and XLA merges half as many (at batch 1
-  # the merge is most of the call's glue: Llama-3 64K no RoPE G-LRD-4 132
-  # partials, Llama-2 32; NOTES.md v29).
-  merge_wgs: bool = True
+  # partial instead of one per WG and XLA merges half as many. It lengthens
+  # every CTA's tail, so it pays only where a split is long: choose_config
+  # turns it on up to MERGE_WGS_SPLITS splits (Llama-2 B1 64K G-LRD-2 RoPE,
+  # 8 splits, 177 vs 184 µs; Llama-3 G-LRD-2 RoPE, 33 splits, 68 vs 63 µs;
+  # NOTES.md v29).
+  merge_wgs: bool = False
   # Mosaic GPU's in-kernel profiler (eval/profile_kernel.py): the named
   # stages of each tile (`jax.named_scope` below) timed in SM cycles per
   # warpgroup, at most `profile_space` ranges each, written as a trace
@@ -267,6 +269,9 @@ class MosaicConfig:
   profile_space: int = 0
   profile_dir: str = ""
 
+
+# merge_wgs: on (choose_config) up to this many splits (NOTES.md v29)
+MERGE_WGS_SPLITS = 8
 
 # merge_in_kernel: the most split partials one WG merges (its reads of
 # [P, R_v, cols] f32 are the tail of the kernel's last CTA)
@@ -587,7 +592,11 @@ def choose_config(spec: LatentSpec, *, batch: int, cache_len: int, rope: bool,
   slots per WG (G-LRD-2 on the Llama-2 shape, GPU timeline per call, NOTES.md
   v14: B8 64K 1,286 vs 1,405 µs with one head, B1 182 vs 196 µs); one
   otherwise (G-LRD-4's B_k slices do not fit twice; float8 codes with
-  several heads have not run)."""
+  several heads have not run).
+
+  The compute WGs merge their partials in the kernel (`merge_wgs`) up to
+  MERGE_WGS_SPLITS splits; a caller who replaces `splits` keeps the
+  choice made for the chosen count."""
   # "fold" measured no faster than "rebuild" on the H200 (NOTES.md, v9)
   # and rounds q·B_k to 16 bits: rebuild is the default
   mode = "rebuild"
@@ -630,7 +639,8 @@ def choose_config(spec: LatentSpec, *, batch: int, cache_len: int, rope: bool,
   min_rows = max(w * bs, 2 * spec.k_rank if rope else 0)
   splits = max(1, min(want, tiles * bs // min_rows))
   return MosaicConfig(block_s=bs, stages=stages, splits=splits,
-                      rope_mode=mode, compute_wgs=w, kv_heads_per_cta=hc)
+                      rope_mode=mode, compute_wgs=w, kv_heads_per_cta=hc,
+                      merge_wgs=splits <= MERGE_WGS_SPLITS)
 
 
 # ------------------------------------------------ plain math the kernel uses

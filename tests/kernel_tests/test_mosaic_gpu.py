@@ -1001,6 +1001,18 @@ def test_kernel_stores_one_partial_per_split_when_wgs_merge(merge_wgs, wgs):
           f"tensor<{batch}x{x}x{parts}x{cols}xf32>") in call
 
 
+@pytest.mark.parametrize("batch,s", [(1, 65536), (8, 65536), (1, 4096)])
+@pytest.mark.parametrize("rope", [True, False], ids=["rope", "norope"])
+def test_choose_config_merges_wgs_up_to_eight_splits(batch, s, rope):
+  """choose_config turns merge_wgs on exactly where it picks at most
+  MERGE_WGS_SPLITS splits (measured: it pays on long splits only)."""
+  spec = LatentSpec(groups=2, kv_per_group=4, q_per_kv=4, head_dim=128,
+                    k_rank=256, v_rank=256)      # Llama-3-8B, G-LRD-4
+  config = mg.choose_config(spec, batch=batch, cache_len=s, rope=rope)
+  assert config.merge_wgs == (config.splits <= mg.MERGE_WGS_SPLITS)
+  assert mg.MERGE_WGS_SPLITS == 8
+
+
 def test_merge_in_kernel_refuses_too_many_partials():
   spec, batch, s = MERGE_CASES[0]
   # 4096 rows in tiles of 64: 32 splits of 2 tiles, two WGs each, their
