@@ -1548,13 +1548,13 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
 
     def stored():
       """Reads `part` back as stored, acc chunks, m and l, in this WG's
-      register layouts (from L2: plain transfers)."""
-      at = lambda ref, *idx: plgpu.load(ref.at[(b, x, part) + idx],
-                                        layout=layout, optimized=False)
-      layout = wgmma_layout
-      prev_acc = tuple(at(acc_o, pl.ds(off, size)) for off, size in chunks)
-      layout = col_layout
-      return prev_acc, at(m_o), at(l_o)
+      register layouts (from L1/L2: plain transfers)."""
+      load = lambda ref, layout: plgpu.load(ref, layout=layout,
+                                            optimized=False)
+      prev_acc = tuple(load(acc_o.at[b, x, part, pl.ds(off, size)],
+                            wgmma_layout) for off, size in chunks)
+      return (prev_acc, load(m_o.at[b, x, part], col_layout),
+              load(l_o.at[b, x, part], col_layout))
 
     def store(acc, m, l):
       for a, (off, size) in zip(acc, chunks):
@@ -1578,7 +1578,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
               jnp.maximum(m, prev_m), l_both)
 
       @pl.when(wg > 0)
-      def _():   # (every thread's stores are released by its arrival)
+      def _():   # (the arrival releases this WG's stores to the waiter)
         plgpu.barrier_arrive(merge_bar.at[wg])
 
       if config.merge_in_kernel:
