@@ -1009,8 +1009,7 @@ def test_choose_config_merges_wgs_up_to_eight_splits(batch, s, rope):
   spec = LatentSpec(groups=2, kv_per_group=4, q_per_kv=4, head_dim=128,
                     k_rank=256, v_rank=256)      # Llama-3-8B, G-LRD-4
   config = mg.choose_config(spec, batch=batch, cache_len=s, rope=rope)
-  assert config.merge_wgs == (config.splits <= mg.MERGE_WGS_SPLITS)
-  assert mg.MERGE_WGS_SPLITS == 8
+  assert config.merge_wgs == (config.splits <= 8)
 
 
 def test_merge_in_kernel_refuses_too_many_partials():
@@ -1156,21 +1155,24 @@ def test_compiled_merge_in_kernel(case, splits):
 
 @gpu
 @needs_hopper
+@pytest.mark.parametrize("merge_wgs", [False, True],
+                         ids=["per_wg", "merged"])
 @pytest.mark.parametrize("wgs", [2, 3])
 @pytest.mark.parametrize("case", [GPU_GRID[i] for i in (1, 2, 4, 6)],
                          ids=lambda c: "-".join(map(str, c[:7])))
-def test_compiled_partials_per_wg(case, wgs):
-  """merge_wgs off (v29's switch): every compute WG stores its own
-  partial and XLA merges them all, with 2 and 3 compute WGs, 5 splits
-  (empty ones past the shorter sequences), both paths. (The default, WGs
-  merged in the kernel, runs in every other compiled test.)"""
+def test_compiled_partials_per_wg(case, wgs, merge_wgs):
+  """v29's switch forced both ways at 5 splits (empty ones past the
+  shorter sequences), 2 and 3 compute WGs, both paths: every compute WG
+  stores its own partial and XLA merges them all, or the WGs hand their
+  partials down to WG 0 in the kernel. (The other compiled tests run
+  what choose_config picks: merged up to 8 splits.)"""
   g, j, qk, h, rk, rv, shared, batch, s, lengths = case
   spec = LatentSpec(groups=g, kv_per_group=j, q_per_kv=qk, head_dim=h,
                     k_rank=rk, v_rank=rv, shared=shared)
   for rope in (True, False):
     cfg = dataclasses.replace(mg.choose_config(
         spec, batch=batch, cache_len=s, rope=rope, compute_wgs=wgs),
-        splits=5, merge_wgs=False)
+        splits=5, merge_wgs=merge_wgs)
     if mg.unsupported_reason(spec, jnp.bfloat16, s, rope, cfg):
       continue
     assert check(spec, batch=batch, cache_len=s, lengths=lengths,
