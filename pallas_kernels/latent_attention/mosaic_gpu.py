@@ -1120,6 +1120,14 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
   all_wgs = n_wgs + 1 + converters      # compute, producer, converters
   private = config.private_reductions
 
+  def load_stored(ref, part, layout, *rows):
+    """Split partial `part` of program (b, x) as stored in `ref` (acc_o,
+    m_o or l_o; `rows`: a slice of acc's latent rows), loaded in `layout`
+    from global memory (L1/L2: Mosaic GPU's plain, not its smem-optimized,
+    transfers)."""
+    return plgpu.load(ref.at[(b, x, part) + rows], layout=layout,
+                      optimized=False)
+
   def merge_parts(part):
     """merge_in_kernel: the partials of program (b, x) merged by its last
     WG into acc_o[b, x, parts] [R_v, cols] (normalized)."""
@@ -1137,22 +1145,17 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
     def _():
       plgpu.semaphore_wait(slot, parts - 1, decrement=False,
                            memory_scope="gpu")
-      # (from global memory: Mosaic GPU's plain, not its smem-optimized,
-      # transfers)
-      load_cols = lambda ref: plgpu.load(ref, layout=col_layout,
-                                         optimized=False)
       # every m and l first (loads in flight together), then the weights
       ws, denom = split_weights(
-          [load_cols(m_o.at[b, x, q]) for q in range(parts)],
-          [load_cols(l_o.at[b, x, q]) for q in range(parts)])
+          [load_stored(m_o, q, col_layout) for q in range(parts)],
+          [load_stored(l_o, q, col_layout) for q in range(parts)])
       inv = 1.0 / jnp.where(denom > 0, denom, 1.0)
       for off, size in chunks:
         spread = lambda w, size=size: lax.broadcast_in_dim(
             w, (size, cols), [1])
         out = None
         for q in range(parts):
-          a = plgpu.load(acc_o.at[b, x, q, pl.ds(off, size)],
-                         layout=wgmma_layout, optimized=False)
+          a = load_stored(acc_o, q, wgmma_layout, pl.ds(off, size))
           out = spread(ws[q]) * a if out is None else out + spread(ws[q]) * a
         acc_o[b, x, parts, pl.ds(off, size)] = out * spread(inv)
 
@@ -1536,45 +1539,39 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
     if raw_v:    # the same correction in every latent row of a column
       e = _reduce_rows(e, red_s.at[wg], "add")
       acc = tuple(a + lax.broadcast_in_dim(e, a.shape, [1]) for a in acc)
-    if config.merge_wgs:
-      part = p
-      # WGs hand the split's partial down: n-1 stores it, each WG below
-      # merges it with its own and stores over it, WG 0 last
-      @pl.when(wg < n_wgs - 1)
-      def _():
-        plgpu.barrier_wait(merge_bar.at[wg + 1])
-    else:
-      part = p * n_wgs + wg
-
-    def stored():
-      """Reads `part` back as stored, acc chunks, m and l, in this WG's
-      register layouts (from L1/L2: plain transfers)."""
-      load = lambda ref, layout: plgpu.load(ref, layout=layout,
-                                            optimized=False)
-      prev_acc = tuple(load(acc_o.at[b, x, part, pl.ds(off, size)],
-                            wgmma_layout) for off, size in chunks)
-      return (prev_acc, load(m_o.at[b, x, part], col_layout),
-              load(l_o.at[b, x, part], col_layout))
-
-    def store(acc, m, l):
+    def store(part, acc, m, l):
       for a, (off, size) in zip(acc, chunks):
         # overlapping chunks hold the same values in their common rows
         acc_o[b, x, part, pl.ds(off, size)] = a
       m_o[b, x, part] = m
       l_o[b, x, part] = l
 
-    if config.merge_wgs:
+    if not config.merge_wgs:     # one partial per split and WG
+      part = p * n_wgs + wg
+      store(part, acc, m, l)
+      if config.merge_in_kernel:
+        merge_parts(part)
+    else:
+      # the WGs hand the split's partial down: WG n-1 stores it, each WG
+      # below waits for it, merges it with its own and stores over it
+      @pl.when(wg < n_wgs - 1)
+      def _():
+        plgpu.barrier_wait(merge_bar.at[wg + 1])
+
       @pl.when(wg == n_wgs - 1)
       def _():
-        store(acc, m, l)
+        store(p, acc, m, l)
 
       @pl.when(wg < n_wgs - 1)
       def _():
-        prev_acc, prev_m, prev_l = stored()
+        prev_acc = tuple(load_stored(acc_o, p, wgmma_layout, pl.ds(off, size))
+                         for off, size in chunks)
+        prev_m = load_stored(m_o, p, col_layout)
+        prev_l = load_stored(l_o, p, col_layout)
         (w_own, w_prev), l_both = split_weights([m, prev_m], [l, prev_l])
         spread = lambda w, a: lax.broadcast_in_dim(w, a.shape, [1])
-        store(tuple(spread(w_own, a) * a + spread(w_prev, c) * c
-                    for a, c in zip(acc, prev_acc)),
+        store(p, tuple(spread(w_own, a) * a + spread(w_prev, c) * c
+                       for a, c in zip(acc, prev_acc)),
               jnp.maximum(m, prev_m), l_both)
 
       @pl.when(wg > 0)
@@ -1582,11 +1579,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
         plgpu.barrier_arrive(merge_bar.at[wg])
 
       if config.merge_in_kernel:
-        pl.when(wg == 0)(lambda: merge_parts(part))
-    else:
-      store(acc, m, l)
-      if config.merge_in_kernel:
-        merge_parts(part)
+        pl.when(wg == 0)(lambda: merge_parts(p))
 
   def convert(first: int):
     """A converter WG: the value codes of tiles first, first + n, ... (n
