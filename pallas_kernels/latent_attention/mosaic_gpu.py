@@ -262,6 +262,16 @@ class MosaicConfig:
   # 8 splits, 177 vs 184 µs; Llama-3 G-LRD-2 RoPE, 33 splits, 68 vs 63 µs;
   # NOTES.md v29).
   merge_wgs: bool = False
+  # v30, RoPE keys rebuilt from 16-bit or float8 latents (not fused):
+  # each compute WG issues tile i's first rebuild wgmma (sub-tile 0, the
+  # CTA's first KV head) and runs tile i - 1's softmax, values, P store and
+  # p·h_v while the tensor core rebuilds, instead of waiting for the
+  # rebuild first (a software pipeline of depth one; both operands of the
+  # rebuild are in shared memory, so nothing in registers is read while it
+  # is in flight). A tile's key slot is then free only after the previous
+  # tile's tail, so with one slot per WG the next tile's load has less
+  # time to land (NOTES.md v30).
+  rebuild_early: bool = False
   # Mosaic GPU's in-kernel profiler (eval/profile_kernel.py): the named
   # stages of each tile (`jax.named_scope` below) timed in SM cycles per
   # warpgroup, at most `profile_space` ranges each, written as a trace
@@ -404,6 +414,14 @@ def block_diagonal_queries(qh: Array) -> Array:
   return bd.reshape(b, x, heads * nq, heads * h)
 
 
+def rebuild_early(spec: LatentSpec, rope: bool, config: MosaicConfig
+                  ) -> bool:
+  """v30 (`MosaicConfig.rebuild_early`) on this path: RoPE keys rebuilt
+  from 16-bit or float8 latents, heads not fused."""
+  return (config.rebuild_early and rope and config.rope_mode == "rebuild"
+          and spec.bits != 4 and not fused_heads(spec, rope, config))
+
+
 def fp8_scores(spec: LatentSpec, rope: bool, config: MosaicConfig) -> bool:
   """Whether the no-RoPE scores come straight from e4m3 key codes."""
   return (config.fp8_scores and spec.bits == 8 and not rope
@@ -494,6 +512,12 @@ def unsupported_reason(spec: LatentSpec, dtype, cache_len: int, rope: bool,
   if config.stages % config.compute_wgs:
     return (f"stages {config.stages} (needs a multiple of compute_wgs="
             f"{config.compute_wgs}: each WG owns every W-th ring slot)")
+  if (rebuild_early(spec, rope, config) and spec.shared
+      and config.stages < 2 * config.compute_wgs):
+    # a shared latent's slot holds tile i - 1's values until its tail,
+    # which now runs after tile i's key wait
+    return (f"rebuild_early with a shared latent and stages "
+            f"{config.stages} (needs two ring slots per compute WG)")
   if smem_bytes(spec, rope, config) > SMEM_BYTES:
     return (f"{smem_bytes(spec, rope, config)} bytes of shared memory "
             f"(limit {SMEM_BYTES})")
@@ -1221,13 +1245,21 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
       with jax.named_scope("upcast"):
         values_to_tile(slot, s0, vb_s.at[wg], not config.int4_mask_last)
 
-    def tile(i, carry):
-      acc, m, l, e = carry
+    def tile_at(i):
+      """WG-local tile i -> (its tile index t, ring slot, first row)."""
       t = wg + n_wgs * i
-      slot = lax.rem(t, stages)
-      s0 = start + t * bs
-      with jax.named_scope("k_wait"):
-        plgpu.barrier_wait(kprod_bar.at[slot])
+      return t, lax.rem(t, stages), start + t * bs
+
+    def head(i, first=None):
+      """Tile i up to its scores: keys rebuilt (RoPE) or read, scored,
+      masked past the length -> (scores [SUB, cols] per sub-tile, their
+      row masks, the keys' float8 scales per sub-tile). `first`
+      (rebuild_early): the rebuild product of sub-tile 0, head 0, issued
+      and waited for by the caller after its key slot's wait."""
+      t, slot, s0 = tile_at(i)
+      if first is None:
+        with jax.named_scope("k_wait"):
+          plgpu.barrier_wait(kprod_bar.at[slot])
       scores, k_scales, valid_rows = [], [], []
       if together:          # raw int4 keys: [SUB, nq] scores per sub-tile
         with jax.named_scope("score"):
@@ -1322,6 +1354,10 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
               # the fp8 tensor rate; the scales after the dot, in f32
               if fused:
                 k = k_all[:, jj * 2 * hh:(jj + 1) * 2 * hh]
+              elif first is not None and j == 0 and jj == 0:
+                k = first     # (released here, as latent_product would)
+                if release_keys and not int4 and jj == hc - 1:
+                  plgpu.barrier_arrive(kcons_bar.at[slot])
               else:
                 k = latent_product(b_s.at[jj].T if fp8 else b_s.at[jj],
                                    jj == hc - 1, a=keys)
@@ -1433,6 +1469,14 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
             jnp.int32, (SUB, cols), 0, layout=wgmma_layout)
         valid_rows.append(pos < length)       # (raw int4 values: P's too)
         scores.append(jnp.where(valid_rows[-1], s, _FLOOR))
+      return scores, valid_rows, k_scales, (t, slot, s0)
+
+    def tail(i, carry, scores, valid_rows, k_scales, where=None):
+      """Tile i from its scores on: the softmax update, the values (staged
+      for float8 and int4), P stored, p·h_v -> the new carry. where: tile
+      i's (t, slot, first row) if the caller has them."""
+      acc, m, l, e = carry
+      t, slot, s0 = where or tile_at(i)
       if private:
         with jax.named_scope("softmax"):
           m_new, l, corr, probs = softmax_step(
@@ -1521,6 +1565,9 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
           plgpu.barrier_arrive(vfree_bar.at[ring])
       return acc, m_new, l, e
 
+    def tile(i, carry):
+      return tail(i, carry, *head(i))
+
     acc0 = tuple(plgpu.layout_cast(jnp.zeros((size, cols), jnp.float32),
                                    wgmma_layout) for _, size in chunks)
     m0 = plgpu.layout_cast(jnp.full((cols,), _FLOOR, jnp.float32),
@@ -1533,7 +1580,48 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
     e0 = (plgpu.layout_cast(jnp.zeros((SUB, cols), jnp.float32),
                             wgmma_layout) if raw_v else None)
     mine = (n_tiles - wg + n_wgs - 1) // n_wgs
-    acc, m, l, e = lax.fori_loop(0, mine, tile, (acc0, m0, l0, e0))
+    if rebuild_early(spec, rope, config):
+      # v30: tile i's first rebuild wgmma is issued, then tile i - 1's tail
+      # (softmax, values, P, p·h_v) runs while the tensor core rebuilds,
+      # then tile i's head goes on from the product: the scores (and
+      # float8 key scales) of a tile wait one iteration in the carry
+      operand0 = b_s.at[0].T if fp8 else b_s.at[0]
+
+      def finish(i, carry, prev):
+        t, slot, s0 = tile_at(i)
+        masks = [s0 + j * SUB + plgpu.broadcasted_iota(
+            jnp.int32, (SUB, cols), 0, layout=wgmma_layout) < length
+                 for j in range(subs)]
+        return tail(i, carry, prev[0], masks, prev[1])
+
+      def pipelined(i, state):
+        carry, prev = state[:4], state[4:]
+        _, slot, _ = tile_at(i)
+        with jax.named_scope("k_wait"):
+          plgpu.barrier_wait(kprod_bar.at[slot])
+
+        def overlap(ref):
+          plgpu.wgmma(ref, hk_s.at[slot, pl.ds(0, SUB)], operand0)
+          new = lax.cond(i > 0, lambda: finish(i - 1, carry, prev),
+                         lambda: carry)
+          with jax.named_scope("rebuild"):
+            return ref[...], new
+        first, carry = pl.run_scoped(
+            overlap, plgpu.ACC((SUB, 2 * hh), jnp.float32))
+        scores, _, k_scales, _ = head(i, first)
+        return (*carry, scores, k_scales)
+
+      prev0 = ([plgpu.layout_cast(jnp.full((SUB, cols), _FLOOR, jnp.float32),
+                                  wgmma_layout)] * subs,
+               [plgpu.layout_cast(jnp.zeros((SUB,), jnp.float32),
+                                  row_layout)] * (subs if fp8 else 0))
+      *carry, scores, k_scales = lax.fori_loop(
+          0, mine, pipelined, (acc0, m0, l0, e0, *prev0))
+      acc, m, l, e = lax.cond(
+          mine > 0, lambda: finish(mine - 1, tuple(carry), (scores, k_scales)),
+          lambda: tuple(carry))
+    else:
+      acc, m, l, e = lax.fori_loop(0, mine, tile, (acc0, m0, l0, e0))
     if private:
       l = _reduce_rows(l, red_s.at[wg], "add")
     if raw_v:    # the same correction in every latent row of a column

@@ -977,6 +977,60 @@ def test_merge_in_kernel_lowers_for_sm90(case, rope):
   assert "ld.relaxed.gpu.global.b32" in text
 
 
+# (G, J, Q, H, R, shared, bits): RoPE paths v30 takes (16-bit and float8)
+EARLY_CASES = [
+    (2, 4, 1, 128, 256, False, 16),     # G-LRD-4, MHA
+    (8, 1, 1, 128, 64, False, 16),      # M-LRD (128-row tiles)
+    (4, 2, 2, 128, 128, False, 16),     # G-LRD-2, both heads a CTA
+    (1, 3, 3, 64, 192, True, 16),       # SmolLM2's shared latent
+    (2, 4, 4, 128, 256, False, 8),      # float8 G-LRD-4, GQA 4
+    (8, 1, 1, 128, 64, False, 8),       # float8 M-LRD
+]
+
+
+def _early_spec(g, j, qk, h, r, shared, bits):
+  return (_fp8_spec(g, j, qk, h, r, shared) if bits == 8 else
+          LatentSpec(groups=g, kv_per_group=j, q_per_kv=qk, head_dim=h,
+                     k_rank=r, v_rank=r, shared=shared))
+
+
+@pytest.mark.parametrize("wgs", [2, 3])
+@pytest.mark.parametrize("case", EARLY_CASES,
+                         ids=lambda c: "-".join(map(str, c)))
+def test_rebuild_early_lowers_for_sm90(case, wgs):
+  """rebuild_early (v30): the tile loop with the first rebuild wgmma in
+  flight across the previous tile's tail lowers for sm_90 with the chosen
+  config and with one ring slot per WG; a shared latent with one slot per
+  WG is refused by name (its slot holds the previous tile's values while
+  the next tile's keys are awaited); int4 and fused heads keep the plain
+  loop."""
+  spec = _early_spec(*case)
+  s = 4096
+  chosen = dataclasses.replace(mg.choose_config(
+      spec, batch=2, cache_len=s, rope=True, compute_wgs=wgs),
+      rebuild_early=True)
+  assert mg.rebuild_early(spec, True, chosen)
+  assert not mg.rebuild_early(spec, False, chosen)
+  assert not mg.rebuild_early(
+      spec, True, dataclasses.replace(chosen, rope_mode="fold"))
+  int4 = LatentSpec(groups=2, kv_per_group=4, q_per_kv=1, head_dim=128,
+                    k_rank=256, v_rank=256, bits=4, quant_group=32)
+  assert not mg.rebuild_early(int4, True, chosen)
+  lowered = 0
+  for cfg in (chosen, dataclasses.replace(chosen, block_s=64, stages=wgs,
+                                          splits=3)):
+    reason = mg.unsupported_reason(spec, jnp.bfloat16, s, True, cfg)
+    if spec.shared and cfg.stages < 2 * wgs:
+      assert "rebuild_early with a shared latent" in reason
+      continue
+    if reason:
+      continue
+    assert "mosaic_gpu" in _lower(spec, 2, s, True, config=cfg).as_text()
+    lowered += 1
+  if not lowered:      # (G-LRD-4 with three compute WGs: never fits)
+    pytest.skip("does not fit")
+
+
 @pytest.mark.parametrize("wgs", [2, 3])
 @pytest.mark.parametrize("merge_wgs", [True, False])
 def test_kernel_stores_one_partial_per_split_when_wgs_merge(merge_wgs, wgs):
@@ -1177,6 +1231,56 @@ def test_compiled_partials_per_wg(case, wgs, merge_wgs):
       continue
     assert check(spec, batch=batch, cache_len=s, lengths=lengths,
                  dtype=jnp.bfloat16, rope=rope, bias=True, config=cfg)
+
+
+@gpu
+@needs_hopper
+@pytest.mark.parametrize("case", GPU_GRID,
+                         ids=lambda c: "-".join(map(str, c[:7])))
+def test_compiled_rebuild_early(case):
+  """rebuild_early (v30) against the reference on the RoPE grid (ragged
+  lengths down to 1, GQA, a shared latent, the key bias): the chosen
+  config, and 64-row tiles with one ring slot per WG and 3 splits (empty
+  splits past the shorter sequences: a WG with no tile runs no tail)."""
+  g, j, qk, h, rk, rv, shared, batch, s, lengths = case
+  spec = LatentSpec(groups=g, kv_per_group=j, q_per_kv=qk, head_dim=h,
+                    k_rank=rk, v_rank=rv, shared=shared)
+  cfg = dataclasses.replace(mg.choose_config(
+      spec, batch=batch, cache_len=s, rope=True), rebuild_early=True)
+  ran = 0
+  for c in (cfg, dataclasses.replace(cfg, block_s=64, stages=2, splits=3)):
+    if mg.unsupported_reason(spec, jnp.bfloat16, s, True, c):
+      continue
+    assert check(spec, batch=batch, cache_len=s, lengths=lengths,
+                 dtype=jnp.bfloat16, rope=True, bias=True, config=c)
+    ran += 1
+  assert ran
+
+
+@gpu
+@needs_hopper
+@pytest.mark.parametrize("case", [
+    (8, 1, 1, 128, 64, False, 2, 1024, [1000, 64]),     # M-LRD
+    (2, 4, 1, 128, 256, False, 2, 512, [512, 77]),      # G-LRD-4
+    (1, 3, 3, 64, 192, True, 2, 320, [320, 1]),         # SmolLM2 shared
+    (2, 4, 4, 128, 256, False, 2, 256, [256, 90]),      # GQA 4, G-LRD-4
+], ids=lambda c: "-".join(map(str, c[:6])))
+def test_compiled_fp8_rebuild_early(case):
+  """rebuild_early (v30) on float8 latents with RoPE (the e4m3 rebuild in
+  flight while the previous tile's values are upcast), against the
+  reference with the same e4m3 B_k; the chosen config and 64-row tiles."""
+  g, j, qk, h, r, shared, batch, s, lengths = case
+  spec = _fp8_spec(g, j, qk, h, r, shared)
+  cfg = dataclasses.replace(mg.choose_config(
+      spec, batch=batch, cache_len=s, rope=True), rebuild_early=True)
+  ran = 0
+  for c in (cfg, dataclasses.replace(cfg, block_s=64, stages=2, splits=3)):
+    if mg.unsupported_reason(spec, jnp.bfloat16, s, True, c):
+      continue
+    assert check(spec, batch=batch, cache_len=s, lengths=lengths,
+                 dtype=jnp.bfloat16, rope=True, bias=True, config=c)
+    ran += 1
+  assert ran
 
 
 @gpu
