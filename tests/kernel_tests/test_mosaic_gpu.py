@@ -1111,6 +1111,15 @@ def check(spec, *, batch, cache_len, lengths, dtype, rope, bias=False,
   return True
 
 
+# (G, J, Q, H, R, shared, batch, S, lengths): float8 caches on the GPU
+FP8_GPU_CASES = [
+    (8, 1, 1, 128, 64, False, 2, 1024, [1000, 64]),     # M-LRD
+    (2, 4, 1, 128, 256, False, 2, 512, [512, 77]),      # G-LRD-4
+    (1, 3, 3, 64, 192, True, 2, 320, [320, 1]),         # SmolLM2 shared
+    (2, 2, 2, 128, 128, False, 3, 448, [448, 1, 200]),  # GQA 2
+    (2, 4, 4, 128, 256, False, 2, 256, [256, 90]),      # GQA 4, G-LRD-4
+]
+
 GPU_GRID = [
     # (G, J, Q, H, R_k, R_v, shared, batch, S, lengths)
     (1, 1, 1, 64, 64, 64, False, 1, 64, [1]),
@@ -1233,6 +1242,28 @@ def test_compiled_partials_per_wg(case, wgs, merge_wgs):
                  dtype=jnp.bfloat16, rope=rope, bias=True, config=cfg)
 
 
+def _check_fitting_rope(spec, batch, s, lengths, configs) -> int:
+  """Each of `configs` that fits shared memory against the reference
+  (bf16, RoPE, key bias) -> how many ran."""
+  ran = 0
+  for c in configs:
+    if mg.unsupported_reason(spec, jnp.bfloat16, s, True, c):
+      continue
+    assert check(spec, batch=batch, cache_len=s, lengths=lengths,
+                 dtype=jnp.bfloat16, rope=True, bias=True, config=c)
+    ran += 1
+  return ran
+
+
+def _check_rebuild_early(spec, batch, s, lengths):
+  """rebuild_early with the chosen config, and with 64-row tiles, one ring
+  slot per WG and 3 splits; at least one of them fits."""
+  cfg = dataclasses.replace(mg.choose_config(
+      spec, batch=batch, cache_len=s, rope=True), rebuild_early=True)
+  assert _check_fitting_rope(spec, batch, s, lengths, (
+      cfg, dataclasses.replace(cfg, block_s=64, stages=2, splits=3)))
+
+
 @gpu
 @needs_hopper
 @pytest.mark.parametrize("case", GPU_GRID,
@@ -1245,42 +1276,20 @@ def test_compiled_rebuild_early(case):
   g, j, qk, h, rk, rv, shared, batch, s, lengths = case
   spec = LatentSpec(groups=g, kv_per_group=j, q_per_kv=qk, head_dim=h,
                     k_rank=rk, v_rank=rv, shared=shared)
-  cfg = dataclasses.replace(mg.choose_config(
-      spec, batch=batch, cache_len=s, rope=True), rebuild_early=True)
-  ran = 0
-  for c in (cfg, dataclasses.replace(cfg, block_s=64, stages=2, splits=3)):
-    if mg.unsupported_reason(spec, jnp.bfloat16, s, True, c):
-      continue
-    assert check(spec, batch=batch, cache_len=s, lengths=lengths,
-                 dtype=jnp.bfloat16, rope=True, bias=True, config=c)
-    ran += 1
-  assert ran
+  _check_rebuild_early(spec, batch, s, lengths)
 
 
 @gpu
 @needs_hopper
-@pytest.mark.parametrize("case", [
-    (8, 1, 1, 128, 64, False, 2, 1024, [1000, 64]),     # M-LRD
-    (2, 4, 1, 128, 256, False, 2, 512, [512, 77]),      # G-LRD-4
-    (1, 3, 3, 64, 192, True, 2, 320, [320, 1]),         # SmolLM2 shared
-    (2, 4, 4, 128, 256, False, 2, 256, [256, 90]),      # GQA 4, G-LRD-4
-], ids=lambda c: "-".join(map(str, c[:6])))
+@pytest.mark.parametrize("case", [FP8_GPU_CASES[i] for i in (0, 1, 2, 4)],
+                         ids=lambda c: "-".join(map(str, c[:6])))
 def test_compiled_fp8_rebuild_early(case):
   """rebuild_early (v30) on float8 latents with RoPE (the e4m3 rebuild in
   flight while the previous tile's values are upcast), against the
   reference with the same e4m3 B_k; the chosen config and 64-row tiles."""
   g, j, qk, h, r, shared, batch, s, lengths = case
   spec = _fp8_spec(g, j, qk, h, r, shared)
-  cfg = dataclasses.replace(mg.choose_config(
-      spec, batch=batch, cache_len=s, rope=True), rebuild_early=True)
-  ran = 0
-  for c in (cfg, dataclasses.replace(cfg, block_s=64, stages=2, splits=3)):
-    if mg.unsupported_reason(spec, jnp.bfloat16, s, True, c):
-      continue
-    assert check(spec, batch=batch, cache_len=s, lengths=lengths,
-                 dtype=jnp.bfloat16, rope=True, bias=True, config=c)
-    ran += 1
-  assert ran
+  _check_rebuild_early(spec, batch, s, lengths)
 
 
 @gpu
@@ -1326,13 +1335,9 @@ def test_compiled_several_kv_heads_per_cta(case):
                            kv_heads_per_cta=hc)
     # fused heads: off by default, an option (compiled tests passed in
     # run 5 of eval/results/kernel_tests_h200.txt)
-    for c in (cfg, dataclasses.replace(cfg, splits=1),
-              dataclasses.replace(cfg, fuse_heads=True)):
-      if mg.unsupported_reason(spec, jnp.bfloat16, s, True, c):
-        continue
-      assert check(spec, batch=batch, cache_len=s, lengths=lengths,
-                   dtype=jnp.bfloat16, rope=True, bias=True, config=c)
-      ran += 1
+    ran += _check_fitting_rope(spec, batch, s, lengths, (
+        cfg, dataclasses.replace(cfg, splits=1),
+        dataclasses.replace(cfg, fuse_heads=True)))
   assert ran
 
 
@@ -1351,13 +1356,8 @@ def test_compiled_value_ranks_not_multiples_of_64(case, rope, mode):
 
 @gpu
 @needs_hopper
-@pytest.mark.parametrize("case", [
-    (8, 1, 1, 128, 64, False, 2, 1024, [1000, 64]),     # M-LRD
-    (2, 4, 1, 128, 256, False, 2, 512, [512, 77]),      # G-LRD-4
-    (1, 3, 3, 64, 192, True, 2, 320, [320, 1]),         # SmolLM2 shared
-    (2, 2, 2, 128, 128, False, 3, 448, [448, 1, 200]),  # GQA 2
-    (2, 4, 4, 128, 256, False, 2, 256, [256, 90]),      # GQA 4, G-LRD-4
-], ids=lambda c: "-".join(map(str, c[:6])))
+@pytest.mark.parametrize("case", FP8_GPU_CASES,
+                         ids=lambda c: "-".join(map(str, c[:6])))
 @pytest.mark.parametrize("path", ["rope", "norope", "fp8_scores",
                                   "fp8_scores_one_acc",
                                   "fp8_scores_values_during_scores"])
