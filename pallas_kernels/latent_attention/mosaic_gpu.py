@@ -268,9 +268,11 @@ class MosaicConfig:
   # p·h_v while the tensor core rebuilds, instead of waiting for the
   # rebuild first (a software pipeline of depth one; both operands of the
   # rebuild are in shared memory, so nothing in registers is read while it
-  # is in flight). A tile's key slot is then free only after the previous
-  # tile's tail, so with one slot per WG the next tile's load has less
-  # time to land (NOTES.md v30).
+  # is in flight). Off: correct (compiled tests) but slower on every RoPE
+  # row (Llama-2 B8 64K G-LRD-2 1,372 vs 1,290 µs, G-LRD-4 2,547 vs 2,298,
+  # fp8 3,333 vs 2,831): the wait for the previous tile's p·h_v wgmma also
+  # waits for the rebuild issued before it, so only its softmax and P
+  # store overlap, and ptxas spills more (NOTES.md v30).
   rebuild_early: bool = False
   # Mosaic GPU's in-kernel profiler (eval/profile_kernel.py): the named
   # stages of each tile (`jax.named_scope` below) timed in SM cycles per
@@ -1588,7 +1590,8 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
       operand0 = b_s.at[0].T if fp8 else b_s.at[0]
 
       def finish(i, carry, prev):
-        t, slot, s0 = tile_at(i)
+        """Tile i's tail from its carried (scores, float8 key scales)."""
+        _, _, s0 = tile_at(i)
         masks = [s0 + j * SUB + plgpu.broadcasted_iota(
             jnp.int32, (SUB, cols), 0, layout=wgmma_layout) < length
                  for j in range(subs)]
