@@ -7,7 +7,10 @@ waits), reads the trace it writes, and reports per warpgroup role the mean
 SM cycles each stage takes per tile, the cycles between tiles, and the share
 of the loop each stage holds. A diagnostic, like eval/probe_mosaic_rope.py;
 the profile buffer costs shared memory and a clock read per stage, so the
-kernel runs a little slower than unprofiled.
+kernel runs a little slower than unprofiled. Where the buffer for every
+tile does not fit next to the ring (long contexts), the kernel records
+its first tiles only (`profiled_tiles` in the table). The trace comes back
+through a host callback: run with JAX_PLATFORMS=cuda,cpu (or unset).
 
   python -m eval.profile_kernel [--context 4096] [--batch 8] [--groups 4 2 1]
       [--shape smollm2-135m --shared] [--kv-heads-per-cta 3] [--splits 8]
@@ -128,17 +131,44 @@ def breakdown(spec, *, batch: int, context: int, rope: bool,
           "top": "; ".join(f"{k[:40]} {v:.1f}" for k, v in top)}
 
 
+# profiler ranges a warpgroup records besides its tiles' stages
+_PROFILE_SLACK = 16
+# the fewest tiles a profile is worth taking for (periods need three)
+MIN_PROFILED_TILES = 4
+
+
+def profile_space_that_fits(spec, rope: bool, config, tiles: int) -> int:
+  """Profiler ranges per warpgroup for `tiles` tiles of every compute
+  stage, cut to what shared memory holds next to the kernel's own
+  buffers (the kernel then records its first tiles and drops the rest).
+  Raises ValueError, naming the bytes, where not even MIN_PROFILED_TILES
+  fit."""
+  want = len(COMPUTE_STAGES) * tiles + _PROFILE_SLACK
+  room = mg.SMEM_BYTES - mg.smem_bytes(spec, rope, config)
+  per_range = mg.profile_smem_bytes(spec, rope, dataclasses.replace(
+      config, profile_space=1))
+  space = min(want, room // per_range)
+  floor = len(COMPUTE_STAGES) * MIN_PROFILED_TILES + _PROFILE_SLACK
+  if space < min(want, floor):
+    raise ValueError(
+        f"the profiler's buffers do not fit: the kernel takes "
+        f"{mg.smem_bytes(spec, rope, config)} of {mg.SMEM_BYTES} bytes of "
+        f"shared memory, {MIN_PROFILED_TILES} profiled tiles need "
+        f"{floor * per_range} more (try --stages 2 or --block-s 64)")
+  return space
+
+
 def profile_one(spec, *, batch: int, context: int, rope: bool,
                 stages: int | None, rope_mode: str | None = None,
                 **overrides) -> dict:
   q, hk, hv, k_up, inv, lengths = _inputs(spec, batch, context)
   base = _config(spec, batch=batch, context=context, rope=rope,
                  rope_mode=rope_mode, **overrides)
+  base = dataclasses.replace(base, stages=stages or base.stages)
   tiles = context // base.block_s // base.splits + 1
+  space = profile_space_that_fits(spec, rope, base, tiles)
   with tempfile.TemporaryDirectory() as tmp:
-    cfg = dataclasses.replace(
-        base, stages=stages or base.stages,
-        profile_space=len(COMPUTE_STAGES) * tiles + 16, profile_dir=tmp)
+    cfg = dataclasses.replace(base, profile_space=space, profile_dir=tmp)
     out = mg.latent_attention(q, hk, hv, k_up, lengths, spec=spec,
                               inv_freq=inv if rope else None, config=cfg)
     jax.block_until_ready(out)
@@ -148,6 +178,9 @@ def profile_one(spec, *, batch: int, context: int, rope: bool,
       trace = json.load(f)
   cyc = stage_cycles(trace)
   row = {"stages": cfg.stages, "splits": cfg.splits,
+         # a WG's first tiles, where the buffer holds fewer than all
+         "profiled_tiles": min(tiles, (space - _PROFILE_SLACK)
+                               // len(COMPUTE_STAGES)),
          "rope_mode": cfg.rope_mode, "heads": cfg.kv_heads_per_cta,
          "reductions": "private" if cfg.private_reductions else "turns"}
   comp = cyc["compute"]
@@ -204,6 +237,12 @@ def main(argv=None) -> int:
   ap.add_argument("--out", default=os.path.join("eval", "results"))
   ap.add_argument("--name", default="profile_kernel")
   args = ap.parse_args(argv)
+  try:
+    jax.devices("cpu")
+  except RuntimeError:
+    ap.error("the in-kernel profiler writes its trace through a host "
+             "callback, which needs JAX's CPU platform: run with "
+             "JAX_PLATFORMS=cuda,cpu (or leave JAX_PLATFORMS unset)")
   if args.scale_per_token and args.bits != 4:
     ap.error(f"--scale-per-token is for --bits 4 (got --bits {args.bits}; "
              "float8 always has one scale per token)")
@@ -246,7 +285,7 @@ def main(argv=None) -> int:
         print({k: (round(v) if isinstance(v, float) else v)
                for k, v in row.items()}, flush=True)
   cols = ["variant", "shape", "batch", "stages", "splits", "heads",
-          "rope_mode", "reductions", "period_cyc", *COMPUTE_STAGES,
+          "rope_mode", "reductions", "profiled_tiles", "period_cyc", *COMPUTE_STAGES,
           "k_free", "v_free", *CONVERTER_STAGES,
           "kernel_us", "other_us", "span_us", "launches", "note"]
   md = ("# Mosaic GPU latent kernel: SM cycles per tile and stage\n\n"

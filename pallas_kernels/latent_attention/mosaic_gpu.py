@@ -521,8 +521,12 @@ def unsupported_reason(spec: LatentSpec, dtype, cache_len: int, rope: bool,
     return (f"rebuild_early with a shared latent and stages "
             f"{config.stages} (needs two ring slots per compute WG)")
   if smem_bytes(spec, rope, config) > SMEM_BYTES:
+    profiler = profile_smem_bytes(spec, rope, config)
     return (f"{smem_bytes(spec, rope, config)} bytes of shared memory "
-            f"(limit {SMEM_BYTES})")
+            f"(limit {SMEM_BYTES}" + (f"; the profiler's buffers for "
+                                      f"profile_space={config.profile_space}"
+                                      f" take {profiler})" if profiler
+                                      else ")"))
   return merge_in_kernel_refused(config, split_spans(cache_len, config)[0])
 
 
@@ -542,8 +546,21 @@ def merge_in_kernel_refused(config: MosaicConfig, splits: int) -> str | None:
   return None
 
 
+# Mosaic GPU's in-kernel profiler keeps, for every warpgroup, profile_space
+# ranges in shared memory: two events of two 4-byte entries each
+PROFILE_BYTES_PER_RANGE = 16
+
+
+def profile_smem_bytes(spec: LatentSpec, rope: bool,
+                       config: MosaicConfig) -> int:
+  """Shared memory of the profiler's buffers (0 when not profiling)."""
+  wgs = config.compute_wgs + 1 + converter_wgs(spec, rope, config)
+  return PROFILE_BYTES_PER_RANGE * wgs * config.profile_space
+
+
 def smem_bytes(spec: LatentSpec, rope: bool, config: MosaicConfig) -> int:
-  """Shared memory the kernel allocates (2-byte elements)."""
+  """Shared memory the kernel allocates (2-byte elements), the profiler's
+  buffers included."""
   bs, nq = config.block_s, query_cols(spec, rope)
   hc = heads_per_cta(rope, config)
   ring = bs * (spec.k_rank + (0 if spec.shared else spec.v_rank))
@@ -586,7 +603,8 @@ def smem_bytes(spec: LatentSpec, rope: bool, config: MosaicConfig) -> int:
   # + Pallas's cross-warp reduction scratch (2 KB by default) and 1 KB for
   # barriers and alignment (SmolLM2's shared latent measured 2840 bytes
   # above the buffers alone: a config at the limit failed to compile)
-  return 2 * (config.stages * ring + fixed + unused + extra) + 2048 + 1024
+  return (2 * (config.stages * ring + fixed + unused + extra) + 2048 + 1024
+          + profile_smem_bytes(spec, rope, config))
 
 
 def choose_config(spec: LatentSpec, *, batch: int, cache_len: int, rope: bool,
@@ -2120,8 +2138,10 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
                              x_size=x_size)
   params = {}
   if config.profile_space:
+    # events past profile_space are dropped (a truncated trace), not
+    # written over the shared memory next to the buffer
     params.update(profile_space=config.profile_space,
-                  profile_dir=config.profile_dir)
+                  profile_dir=config.profile_dir, profile_bounds_check=True)
   if int4:
     # the column loads of the scale tiles (strided) are refused by the
     # warpgroup semantics' layout inference ("cannot apply swizzle to

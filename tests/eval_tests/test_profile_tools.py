@@ -3,6 +3,7 @@ on hand-made traces (the GPU runs produce the real ones)."""
 
 import dataclasses
 
+import jax.numpy as jnp
 import pytest
 
 from eval.profile_decode import kernel_kind, summarize
@@ -145,6 +146,74 @@ def test_profile_kernel_refuses_scale_per_token_without_4_bits(capsys):
       main(["--bits", bits, "--scale-per-token"])
     assert exit_info.value.code == 2
     assert "--scale-per-token is for --bits 4" in capsys.readouterr().err
+
+
+def test_profile_kernel_asks_for_the_cpu_platform(capsys, monkeypatch):
+  """The in-kernel profiler hands its trace to the host through a callback
+  that needs JAX's CPU platform (with JAX_PLATFORMS=cuda the fourteenth
+  session's profiles died in jax.debug.callback): the command refuses to
+  start without it and says which setting to use."""
+  from eval import profile_kernel
+
+  def no_cpu(backend=None):
+    raise RuntimeError(f"Unknown backend {backend}")
+  monkeypatch.setattr(profile_kernel.jax, "devices", no_cpu)
+  with pytest.raises(SystemExit) as exit_info:
+    profile_kernel.main(["--bits", "16"])
+  assert exit_info.value.code == 2
+  assert "JAX_PLATFORMS=cuda,cpu" in capsys.readouterr().err
+
+
+def test_profile_space_is_cut_to_the_shared_memory_left(monkeypatch):
+  """The profiler's buffers (16 bytes a range and warpgroup) go next to
+  the kernel's ring: at 64K the ranges for every tile of Llama-2 G-LRD-4
+  (bf16, B1) would not fit, so only the first tiles are profiled, and the
+  kernel with that buffer fits exactly as `unsupported_reason` counts it;
+  a short context gets every tile; where not even four tiles fit the
+  error names the bytes."""
+  from eval.bench_kernels import palu_spec
+  from eval.profile_kernel import (COMPUTE_STAGES, MIN_PROFILED_TILES,
+                                   profile_space_that_fits)
+  from pallas_kernels.latent_attention import mosaic_gpu as mg
+  spec = palu_spec(32, 32, 128, 0.5, 16, 4, False)
+  cfg = mg.choose_config(spec, batch=1, cache_len=65536, rope=True)
+  tiles = 65536 // cfg.block_s // cfg.splits + 1
+  space = profile_space_that_fits(spec, True, cfg, tiles)
+  assert space < len(COMPUTE_STAGES) * tiles
+  profiled = dataclasses.replace(cfg, profile_space=space, profile_dir="x")
+  assert mg.smem_bytes(spec, True, profiled) <= mg.SMEM_BYTES
+  assert mg.unsupported_reason(spec, jnp.bfloat16, 65536, True,
+                               profiled) is None
+  over = dataclasses.replace(profiled, profile_space=space + 1)
+  assert "the profiler's buffers" in mg.unsupported_reason(
+      spec, jnp.bfloat16, 65536, True, over)
+  assert profile_space_that_fits(spec, True, cfg, 5) == (
+      len(COMPUTE_STAGES) * 5 + 16)
+  monkeypatch.setattr(mg, "SMEM_BYTES", mg.smem_bytes(spec, True, cfg) + 64)
+  with pytest.raises(ValueError, match="profiler's buffers do not fit"):
+    profile_space_that_fits(spec, True, cfg, tiles)
+  assert MIN_PROFILED_TILES >= 3       # a period needs three tile starts
+
+
+def test_profiler_bytes_follow_mosaic_gpu_accounting():
+  """profile_smem_bytes against Mosaic GPU's own ProfilerSpec (the
+  independent count: Pallas asks it for profile_space·2·2 entries per
+  warpgroup trace), for two and three compute WGs and the int4
+  converter's extra warpgroup."""
+  from jax.experimental.mosaic.gpu import profiler
+  from pallas_kernels.common import LatentSpec
+  from pallas_kernels.latent_attention import mosaic_gpu as mg
+  spec = LatentSpec(groups=2, kv_per_group=4, q_per_kv=1, head_dim=128,
+                    k_rank=256, v_rank=256, bits=4, quant_group=256)
+  for wgs, rope, conv in ((2, True, False), (3, True, False),
+                          (2, False, True)):
+    cfg = mg.MosaicConfig(compute_wgs=wgs, stages=wgs, profile_space=300,
+                          int4_converter=conv)
+    all_wgs = wgs + 1 + mg.converter_wgs(spec, rope, cfg)
+    assert all_wgs == wgs + 1 + conv
+    want = profiler.ProfilerSpec(300 * 2 * 2).smem_bytes(
+        block=(128 * all_wgs,))
+    assert mg.profile_smem_bytes(spec, rope, cfg) == want
 
 
 def test_bench_kernels_config_labels_name_only_options_that_apply():
