@@ -159,6 +159,14 @@ class MosaicConfig:
   # sequence's last tile (as the 16-bit path does), instead of a select
   # per element in every tile
   int4_mask_last: bool = True
+  # float8 (written in the fourteenth session, not yet compiled or timed):
+  # the same for float8 values. Their upcast in every tile selects rows past
+  # the length to zero (about 96 SEL a thread a 64-row tile, with the row
+  # iota and compare; the float8 RoPE kernel's integer/logic pipe is its
+  # busiest unit, NOTES.md "Hardware counters"); with this the value tile
+  # is cleared once, in the sequence's last tile, and P's rows past the
+  # length are selected to 0 (their value scales may be anything).
+  fp8_mask_last: bool = False
   # int4 (quant groups in multiples of 32): codes converted in the layout
   # they load in (8 per 32-bit register) and that layout's registers read
   # as the wgmma layout's, which permutes the columns within each 32
@@ -1072,13 +1080,19 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
   col_layout = plgpu.Layout.WGMMA.reduce(0)    # one value per column
   row_layout = plgpu.Layout.WGMMA.reduce(1)    # one value per row
   token_scaled = int4_token_scales(spec)      # int4: scales per token
+  # values' rows past the length cleared in the last tile only (int4 and,
+  # with fp8_mask_last, float8), not in every tile's conversion
+  mask_last = ((int4 and config.int4_mask_last)
+               or (fp8 and config.fp8_mask_last))
 
-  def upcast(ref, rows_from):
+  def upcast(ref, rows_from, mask=True):
     """float8 codes [SUB, R] in shared memory -> f16 [SUB, R] (exact), in
-    the wgmma layout, rows at or past the length zeroed (codes there may
-    be anything, and 0·NaN is NaN on the tensor core)."""
+    the wgmma layout; with `mask`, rows at or past the length zeroed
+    (codes there may be anything, and 0·NaN is NaN on the tensor core)."""
     v = plgpu.load(ref, (), layout=plgpu.Layout.WGMMA_UPCAST_2X)
     v = plgpu.layout_cast(v.astype(jnp.float16), wgmma_layout)
+    if not mask:
+      return v
     row = rows_from + plgpu.broadcasted_iota(jnp.int32, v.shape, 0,
                                              layout=wgmma_layout)
     return jnp.where(row < length, v, jnp.zeros_like(v))
@@ -1138,8 +1152,8 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
 
   def values_to_tile(slot, s0, tile, mask, store_scope=None):
     """Value ring slot `slot`'s codes -> 16-bit values in `tile` [bs, R_v]:
-    float8 upcast (rows past the length zeroed), int4 dequantized (zeroed
-    with `mask`). store_scope: a profiler stage name for the stores."""
+    float8 upcast, int4 dequantized (rows past the length zeroed with
+    `mask`). store_scope: a profiler stage name for the stores."""
     for j in range(subs):
       rows = pl.ds(j * SUB, SUB)
       if raw_v:     # c - 8; the scales and offsets go with P
@@ -1151,7 +1165,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
         v = dequant4(hv_s.at[slot, rows], sv_s.at[slot, rows],
                      zv_s.at[slot, rows], s0 + j * SUB, mask)
       else:
-        v = upcast(hv_s.at[slot, rows], s0 + j * SUB)
+        v = upcast(hv_s.at[slot, rows], s0 + j * SUB, mask)
       with (jax.named_scope(store_scope) if store_scope
             else contextlib.nullcontext()):
         tile.at[rows][...] = v
@@ -1263,7 +1277,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
       with jax.named_scope("v_wait"):
         plgpu.barrier_wait(vprod_bar.at[slot])
       with jax.named_scope("upcast"):
-        values_to_tile(slot, s0, vb_s.at[wg], not config.int4_mask_last)
+        values_to_tile(slot, s0, vb_s.at[wg], not mask_last)
 
     def tile_at(i):
       """WG-local tile i -> (its tile index t, ring slot, first row)."""
@@ -1363,7 +1377,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
               k_scales.append(token_scales(sk_s.at[slot, rows]))
               if spec.shared:      # the same latents are the values
                 vb_s.at[wg, rows][...] = upcast(hk_s.at[slot, rows],
-                                                s0 + j * SUB)
+                                                s0 + j * SUB, not mask_last)
           if fused:    # every head's keys side by side [SUB, hc·H]
             with jax.named_scope("rebuild"):
               k_all = latent_product(b_s, True, width=hc * 2 * hh, a=keys)
@@ -1460,7 +1474,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
                            zk_s.at[slot, rows], s0 + j * SUB,
                            spec.shared and not config.int4_mask_last)
             else:
-              a = upcast(hk_s.at[slot, rows], s0 + j * SUB)
+              a = upcast(hk_s.at[slot, rows], s0 + j * SUB, not mask_last)
               k_scales.append(token_scales(sk_s.at[slot, rows]))
             if release_keys:       # codes and scales are in registers
               plgpu.barrier_arrive(kcons_bar.at[slot])
@@ -1540,7 +1554,10 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
             p_s.at[wg, j].T[...] = jnp.where(valid, prob * sc, 0.0).astype(
                 p_s.dtype)
             continue
-          if fp8:     # the values' scale per token, folded into P
+          if fp8 and config.fp8_mask_last:   # (scales past the length:
+            prob = jnp.where(valid_rows[j],     # anything, so selected away)
+                             prob * row(p_scales[j]), 0.0)
+          elif fp8:   # the values' scale per token, folded into P
             prob = prob * row(p_scales[j])
           p_s.at[wg, j].T[...] = prob.astype(p_s.dtype)
         plgpu.commit_smem()                 # visible to the tensor core
@@ -1558,7 +1575,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
           plgpu.barrier_wait(vprod_bar.at[slot])
 
       if not staged or (int4 and config.int4_mask_last and not converter
-                        and not raw_v):
+                        and not raw_v) or (fp8 and config.fp8_mask_last):
         @pl.when(s0 + bs > length)
         def _():
           # rows past the length get probability 0, but 0·inf is NaN on the

@@ -594,6 +594,24 @@ def test_fp8_scores_lower_for_sm90(case, block_s, promote):
   assert "mosaic_gpu" in text
 
 
+@pytest.mark.parametrize("rope", [True, False], ids=["rope", "norope"])
+@pytest.mark.parametrize("case", FP8_CASES,
+                         ids=lambda c: "-".join(map(str, c)))
+def test_fp8_mask_last_lowers_for_sm90(case, rope):
+  """fp8_mask_last: float8 values upcast without a select, the WG's value
+  tile cleared past the length in the last tile only, P's rows past the
+  length selected to 0; lowers for sm_90 on both paths (the shared
+  latent's keys double as its values)."""
+  g, j, qk, h, r, shared, batch, s = case
+  spec = _fp8_spec(g, j, qk, h, r, shared)
+  config = dataclasses.replace(mg.choose_config(
+      spec, batch=batch, cache_len=s, rope=rope), fp8_mask_last=True)
+  if mg.unsupported_reason(spec, jnp.bfloat16, s, rope, config):
+    pytest.skip("does not fit")
+  assert "mosaic_gpu" in _lower(spec, batch, s, rope,
+                                config=config).as_text()
+
+
 def test_e4m3_hi_lo_keeps_bf16_precision():
   """hi + lo (two e4m3 roundings) against x: within bf16's half ulp
   (2^-8 relative) wherever lo stays a normal e4m3 number, and within its
@@ -1500,6 +1518,52 @@ def test_compiled_rows_past_the_length_do_not_matter(mode):
                             hv.at[:, 30:].set(jnp.inf), k_up, lengths,
                             spec=spec, inv_freq=inv, config=cfg)
   np.testing.assert_array_equal(np.asarray(out), np.asarray(base))
+
+
+@gpu
+@needs_hopper
+@pytest.mark.parametrize("mask_last", [False, True],
+                         ids=["per_tile", "mask_last"])
+@pytest.mark.parametrize("rope", [True, False], ids=["rope", "norope"])
+@pytest.mark.parametrize("case", [FP8_GPU_CASES[i] for i in (0, 1, 2)],
+                         ids=lambda c: "-".join(map(str, c[:6])))
+def test_compiled_fp8_rows_past_the_length_do_not_matter(case, rope,
+                                                         mask_last):
+  """float8 caches with NaN codes past every sequence's length (and, with
+  fp8_mask_last, infinite scales there too): the output equals the clean
+  cache's bit for bit, for the values cleared in every tile's upcast (the
+  default) and in the last tile only (fp8_mask_last)."""
+  g, j, qk, h, r, shared, batch, s, lengths = case
+  spec = _fp8_spec(g, j, qk, h, r, shared)
+  q, hk, hv, k_up, k_bias, inv = make_inputs(spec, batch, s, jnp.bfloat16)
+  if rope:     # the fp8 rebuild multiplies e4m3 B_k (as in `check`)
+    k_up = jnp.asarray(fp8_quant.round_weight_columns(
+        k_up, [spec.k_rank] * spec.groups), jnp.bfloat16)
+  lengths = jnp.asarray(lengths, jnp.int32)
+  past = jnp.arange(s)[None, :] >= lengths[:, None]            # [B, S]
+
+  def spoil(side):
+    if side is None:
+      return None
+    codes = jnp.where(past[..., None], jnp.asarray(jnp.nan, side.codes.dtype),
+                      side.codes)
+    scale = (jnp.where(past[..., None], jnp.inf, side.scale).astype(
+        side.scale.dtype) if mask_last else side.scale)
+    return side._replace(codes=codes, scale=scale)
+  cfg = dataclasses.replace(mg.choose_config(
+      spec, batch=batch, cache_len=s, rope=rope), fp8_mask_last=mask_last)
+  if mg.unsupported_reason(spec, jnp.bfloat16, s, rope, cfg):
+    pytest.skip("does not fit")
+  kw = dict(spec=spec, inv_freq=inv if rope else None,
+            k_bias=k_bias if rope else None, config=cfg)
+  clean = mg.latent_attention(q, hk, hv, k_up, lengths, **kw)
+  spoiled = mg.latent_attention(q, spoil(hk), spoil(hv), k_up, lengths, **kw)
+  assert np.all(np.isfinite(np.asarray(clean)))
+  np.testing.assert_array_equal(np.asarray(spoiled), np.asarray(clean))
+  # and the option computes what the reference does
+  assert check(spec, batch=batch, cache_len=s, lengths=list(
+      np.asarray(lengths)), dtype=jnp.bfloat16, rope=rope, bias=rope,
+               config=cfg)
 
 
 @gpu
