@@ -178,7 +178,8 @@ def profile_one(spec, *, batch: int, context: int, rope: bool,
       trace = json.load(f)
   cyc = stage_cycles(trace)
   row = {"stages": cfg.stages, "splits": cfg.splits,
-         # a WG's first tiles, where the buffer holds fewer than all
+         # the tiles the buffer was sized for (one range per compute
+         # stage each; a tile of several sub-tiles or heads records more)
          "profiled_tiles": min(tiles, (space - _PROFILE_SLACK)
                                // len(COMPUTE_STAGES)),
          "rope_mode": cfg.rope_mode, "heads": cfg.kv_heads_per_cta,
@@ -285,8 +286,8 @@ def main(argv=None) -> int:
         print({k: (round(v) if isinstance(v, float) else v)
                for k, v in row.items()}, flush=True)
   cols = ["variant", "shape", "batch", "stages", "splits", "heads",
-          "rope_mode", "reductions", "profiled_tiles", "period_cyc", *COMPUTE_STAGES,
-          "k_free", "v_free", *CONVERTER_STAGES,
+          "rope_mode", "reductions", "profiled_tiles", "period_cyc",
+          *COMPUTE_STAGES, "k_free", "v_free", *CONVERTER_STAGES,
           "kernel_us", "other_us", "span_us", "launches", "note"]
   md = ("# Mosaic GPU latent kernel: SM cycles per tile and stage\n\n"
         f"{args.shape} shape, 50 %, bf16, the in-kernel profiler "
