@@ -530,11 +530,10 @@ def unsupported_reason(spec: LatentSpec, dtype, cache_len: int, rope: bool,
             f"{config.stages} (needs two ring slots per compute WG)")
   if smem_bytes(spec, rope, config) > SMEM_BYTES:
     profiler = profile_smem_bytes(spec, rope, config)
+    note = (f"; the profiler's buffers for profile_space="
+            f"{config.profile_space} take {profiler}" if profiler else "")
     return (f"{smem_bytes(spec, rope, config)} bytes of shared memory "
-            f"(limit {SMEM_BYTES}" + (f"; the profiler's buffers for "
-                                      f"profile_space={config.profile_space}"
-                                      f" take {profiler})" if profiler
-                                      else ")"))
+            f"(limit {SMEM_BYTES}{note})")
   return merge_in_kernel_refused(config, split_spans(cache_len, config)[0])
 
 
@@ -1284,6 +1283,12 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
       t = wg + n_wgs * i
       return t, lax.rem(t, stages), start + t * bs
 
+    def rows_valid(s0, j):
+      """[SUB, cols] bool: sub-tile j's rows (of a tile from row s0) that
+      are before the sequence's length."""
+      return s0 + j * SUB + plgpu.broadcasted_iota(
+          jnp.int32, (SUB, cols), 0, layout=wgmma_layout) < length
+
     def head(i, first=None):
       """Tile i up to its scores: keys rebuilt (RoPE) or read, scored,
       masked past the length -> (scores [SUB, cols] per sub-tile, their
@@ -1389,8 +1394,8 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
               if fused:
                 k = k_all[:, jj * 2 * hh:(jj + 1) * 2 * hh]
               elif first is not None and j == 0 and jj == 0:
-                k = first     # (released here, as latent_product would)
-                if release_keys and not int4 and jj == hc - 1:
+                k = first     # (released here, as latent_product would
+                if release_keys and hc == 1:    # after the CTA's last head)
                   plgpu.barrier_arrive(kcons_bar.at[slot])
               else:
                 k = latent_product(b_s.at[jj].T if fp8 else b_s.at[jj],
@@ -1499,9 +1504,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
             s = pl.run_scoped(score, plgpu.ACC((SUB, nq), jnp.float32))
             if release_keys:
               plgpu.barrier_arrive(kcons_bar.at[slot])
-        pos = s0 + j * SUB + plgpu.broadcasted_iota(
-            jnp.int32, (SUB, cols), 0, layout=wgmma_layout)
-        valid_rows.append(pos < length)       # (raw int4 values: P's too)
+        valid_rows.append(rows_valid(s0, j))  # (raw int4 values: P's too)
         scores.append(jnp.where(valid_rows[-1], s, _FLOOR))
       return scores, valid_rows, k_scales, (t, slot, s0)
 
@@ -1627,10 +1630,8 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
       def finish(i, carry, prev):
         """Tile i's tail from its carried (scores, float8 key scales)."""
         _, _, s0 = tile_at(i)
-        masks = [s0 + j * SUB + plgpu.broadcasted_iota(
-            jnp.int32, (SUB, cols), 0, layout=wgmma_layout) < length
-                 for j in range(subs)]
-        return tail(i, carry, prev[0], masks, prev[1])
+        return tail(i, carry, prev[0], [rows_valid(s0, j)
+                                        for j in range(subs)], prev[1])
 
       def pipelined(i, state):
         carry, prev = state[:4], state[4:]

@@ -1097,6 +1097,14 @@ def test_merge_in_kernel_refuses_too_many_partials():
     _lower(spec, batch, s, False, config=config)
 
 
+def e4m3_rebuild_weight(k_up, spec, dtype):
+  """B_k as the float8 rebuild multiplies it (e4m3 with power-of-two column
+  scales, as `--k-up-bits 8` stores it), for the kernel and the reference
+  alike."""
+  return jnp.asarray(fp8_quant.round_weight_columns(
+      k_up, [spec.k_rank] * spec.groups), dtype)
+
+
 def check(spec, *, batch, cache_len, lengths, dtype, rope, bias=False,
           config=None, mode=None, seed=0):
   """Compiled kernel vs the reference; `mode` sets the RoPE scoring of the
@@ -1110,10 +1118,7 @@ def check(spec, *, batch, cache_len, lengths, dtype, rope, bias=False,
   q, hk, hv, k_up, k_bias, inv = make_inputs(spec, batch, cache_len, dtype,
                                              seed)
   if spec.bits == 8 and rope:
-    # the fp8 rebuild multiplies e4m3 B_k: give both sides that B_k, as
-    # `--k-up-bits 8` stores it
-    k_up = jnp.asarray(fp8_quant.round_weight_columns(
-        k_up, [spec.k_rank] * spec.groups), dtype)
+    k_up = e4m3_rebuild_weight(k_up, spec, dtype)
   kw = dict(spec=spec, inv_freq=inv if rope else None,
             k_bias=k_bias if bias else None)
   lengths = jnp.asarray(lengths, jnp.int32)
@@ -1536,11 +1541,10 @@ def test_compiled_fp8_rows_past_the_length_do_not_matter(case, rope,
   g, j, qk, h, r, shared, batch, s, lengths = case
   spec = _fp8_spec(g, j, qk, h, r, shared)
   q, hk, hv, k_up, k_bias, inv = make_inputs(spec, batch, s, jnp.bfloat16)
-  if rope:     # the fp8 rebuild multiplies e4m3 B_k (as in `check`)
-    k_up = jnp.asarray(fp8_quant.round_weight_columns(
-        k_up, [spec.k_rank] * spec.groups), jnp.bfloat16)
-  lengths = jnp.asarray(lengths, jnp.int32)
-  past = jnp.arange(s)[None, :] >= lengths[:, None]            # [B, S]
+  if rope:
+    k_up = e4m3_rebuild_weight(k_up, spec, jnp.bfloat16)
+  lens = jnp.asarray(lengths, jnp.int32)
+  past = jnp.arange(s)[None, :] >= lens[:, None]               # [B, S]
 
   def spoil(side):
     if side is None:
@@ -1556,14 +1560,13 @@ def test_compiled_fp8_rows_past_the_length_do_not_matter(case, rope,
     pytest.skip("does not fit")
   kw = dict(spec=spec, inv_freq=inv if rope else None,
             k_bias=k_bias if rope else None, config=cfg)
-  clean = mg.latent_attention(q, hk, hv, k_up, lengths, **kw)
-  spoiled = mg.latent_attention(q, spoil(hk), spoil(hv), k_up, lengths, **kw)
+  clean = mg.latent_attention(q, hk, hv, k_up, lens, **kw)
+  spoiled = mg.latent_attention(q, spoil(hk), spoil(hv), k_up, lens, **kw)
   assert np.all(np.isfinite(np.asarray(clean)))
   np.testing.assert_array_equal(np.asarray(spoiled), np.asarray(clean))
   # and the option computes what the reference does
-  assert check(spec, batch=batch, cache_len=s, lengths=list(
-      np.asarray(lengths)), dtype=jnp.bfloat16, rope=rope, bias=rope,
-               config=cfg)
+  assert check(spec, batch=batch, cache_len=s, lengths=lengths,
+               dtype=jnp.bfloat16, rope=rope, bias=rope, config=cfg)
 
 
 @gpu
