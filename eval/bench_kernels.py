@@ -507,7 +507,10 @@ def _cfg_str(c, spec=None, rope: bool = True) -> str:
                if applies(mosaic_gpu.int4_converter) else "")
             + (" values_during_scores"
                if applies(mosaic_gpu.values_during_scores) else "")
-            + (" fused" if applies(mosaic_gpu.fused_heads) else ""))
+            + (" fused" if applies(mosaic_gpu.fused_heads) else "")
+            + (" rebuild_early" if applies(mosaic_gpu.rebuild_early) else "")
+            + (" fp8_values_masked_per_tile" if spec is not None
+               and spec.bits == 8 and not c.fp8_mask_last else ""))
   return f"bs={c.block_s} P={c.splits} w={c.num_warps} st={c.num_stages}"
 
 

@@ -231,6 +231,16 @@ def test_bench_kernels_config_labels_name_only_options_that_apply():
   assert _cfg_str(c, bf16, False) == "bs=128 P=2 stages=4"
   assert _cfg_str(c, fp8, True) == "bs=128 P=2 stages=4"
   assert _cfg_str(c, fp8, False) == "bs=128 P=2 stages=4 fp8_scores"
+  # the options an A/B forces on (or v31's default off) are named too, only
+  # where they act: rebuild_early on the RoPE rebuild path, the per-tile
+  # float8 value mask on float8 caches
+  early = dataclasses.replace(c, rebuild_early=True)
+  assert _cfg_str(early, bf16, True) == "bs=128 P=2 stages=4 rebuild_early"
+  assert _cfg_str(early, bf16, False) == "bs=128 P=2 stages=4"
+  per_tile = dataclasses.replace(c, fp8_mask_last=False)
+  assert _cfg_str(per_tile, fp8, True) == (
+      "bs=128 P=2 stages=4 fp8_values_masked_per_tile")
+  assert _cfg_str(per_tile, bf16, True) == "bs=128 P=2 stages=4"
   shared = LatentSpec(groups=1, kv_per_group=3, q_per_kv=3, head_dim=64,
                       k_rank=192, v_rank=192, shared=True)
   heads = MosaicConfig(block_s=64, stages=4, splits=8, kv_heads_per_cta=3)

@@ -597,15 +597,16 @@ def test_fp8_scores_lower_for_sm90(case, block_s, promote):
 @pytest.mark.parametrize("rope", [True, False], ids=["rope", "norope"])
 @pytest.mark.parametrize("case", FP8_CASES,
                          ids=lambda c: "-".join(map(str, c)))
-def test_fp8_mask_last_lowers_for_sm90(case, rope):
-  """fp8_mask_last: float8 values upcast without a select, the WG's value
-  tile cleared past the length in the last tile only, P's rows past the
-  length selected to 0; lowers for sm_90 on both paths (the shared
-  latent's keys double as its values)."""
+def test_fp8_values_masked_in_every_tile_lowers_for_sm90(case, rope):
+  """fp8_mask_last=False (the form before v31): float8 values selected to 0
+  past the length in every tile's upcast, instead of the default's value
+  tile cleared in the last tile and P's rows past the length selected to
+  0; lowers for sm_90 on both paths (the shared latent's keys double as
+  its values). The default form lowers in every other float8 test."""
   g, j, qk, h, r, shared, batch, s = case
   spec = _fp8_spec(g, j, qk, h, r, shared)
   config = dataclasses.replace(mg.choose_config(
-      spec, batch=batch, cache_len=s, rope=rope), fp8_mask_last=True)
+      spec, batch=batch, cache_len=s, rope=rope), fp8_mask_last=False)
   if mg.unsupported_reason(spec, jnp.bfloat16, s, rope, config):
     pytest.skip("does not fit")
   assert "mosaic_gpu" in _lower(spec, batch, s, rope,
@@ -1536,8 +1537,8 @@ def test_compiled_fp8_rows_past_the_length_do_not_matter(case, rope,
                                                          mask_last):
   """float8 caches with NaN codes past every sequence's length (and, with
   fp8_mask_last, infinite scales there too): the output equals the clean
-  cache's bit for bit, for the values cleared in every tile's upcast (the
-  default) and in the last tile only (fp8_mask_last)."""
+  cache's bit for bit, for the values cleared in every tile's upcast
+  (fp8_mask_last=False) and in the last tile only (the default)."""
   g, j, qk, h, r, shared, batch, s, lengths = case
   spec = _fp8_spec(g, j, qk, h, r, shared)
   q, hk, hv, k_up, k_bias, inv = make_inputs(spec, batch, s, jnp.bfloat16)
