@@ -193,6 +193,15 @@ class MosaicConfig:
   # thread, next to the rebuild's 64 accumulator registers). Llama-2 B8
   # 64K 4,469 vs 6,405 µs, Llama-3 B8 1,137 vs 1,343 µs (NOTES.md, v17).
   int4_keys_smem: bool = True
+  # int4 with RoPE and one scale and offset per token (int4_token_scales,
+  # own value latent): the key codes are not dequantized for the rebuild.
+  # Two masks per 8 codes make them int8 bytes in registers (the A operand),
+  # B_k is int8 with one power-of-two f32 scale per column (β ≥ max |column|
+  # / 127: `int8_rebuild_weight` is the B_k a reference uses), and
+  # one int8 wgmma (exact int32 sums, twice the bf16 rate) gives c·b; then
+  # K = s·β·(c·b) + z·Σ_r β·b per token (scale s, offset z) and column.
+  # Written in the fifteenth session (NOTES.md, v32).
+  int4_int8_rebuild: bool = False
   # int4 without RoPE, one scale and offset per token (int4_token_scales),
   # own key latent: the keys are not dequantized. The mask-or alone gives
   # M + c (M = 128 in bf16, 1024 in f16; exact), the score wgmma takes
@@ -431,6 +440,15 @@ def rebuild_early(spec: LatentSpec, rope: bool, config: MosaicConfig
           and spec.bits != 4 and not fused_heads(spec, rope, config))
 
 
+def int8_rebuild(spec: LatentSpec, rope: bool, config: MosaicConfig
+                 ) -> bool:
+  """Whether the int4 RoPE keys are rebuilt from their codes by an int8
+  wgmma (`MosaicConfig.int4_int8_rebuild`)."""
+  return (config.int4_int8_rebuild and rope and spec.bits == 4
+          and config.rope_mode == "rebuild" and not spec.shared
+          and int4_token_scales(spec))
+
+
 def fp8_scores(spec: LatentSpec, rope: bool, config: MosaicConfig) -> bool:
   """Whether the no-RoPE scores come straight from e4m3 key codes."""
   return (config.fp8_scores and spec.bits == 8 and not rope
@@ -468,7 +486,8 @@ def unsupported_reason(spec: LatentSpec, dtype, cache_len: int, rope: bool,
       return "4-bit latents with RoPE and MosaicConfig(int4_rope=False)"
     if rope and config.rope_mode != "rebuild":
       return "4-bit latents with rope_mode 'fold' (rebuild only)"
-    if rope and config.int4_keys_smem and spec.k_rank != spec.v_rank:
+    if (rope and config.int4_keys_smem and spec.k_rank != spec.v_rank
+        and not int8_rebuild(spec, rope, config)):
       return (f"int4_keys_smem with k_rank {spec.k_rank} != v_rank "
               f"{spec.v_rank} (the keys borrow the value tile)")
     if not config.int4_latents:
@@ -590,12 +609,15 @@ def smem_bytes(spec: LatentSpec, rope: bool, config: MosaicConfig) -> int:
     fixed += config.stages * (bs // SUB) * 2 * hh * 2  # cos/sin rows (f32)
   elif rope:
     hh = spec.head_dim // 2
-    # B_k (e4m3 with fp8 latents), q, then the f32 rows: inv_freq, bias
-    # halves (and B_k's column scales)
-    b_units = spec.k_rank * hh if fp8 else 2 * spec.k_rank * hh
+    # B_k (e4m3 with fp8 latents, int8 with int4_int8_rebuild), q, then
+    # the f32 rows: inv_freq, bias halves (and B_k's column scales; int8:
+    # and its column sums)
+    i8 = int8_rebuild(spec, rope, config)
+    b_units = spec.k_rank * hh if fp8 or i8 else 2 * spec.k_rank * hh
     # q per head [nq, H], or block-diagonal [hc·nq, hc·H] when fused
     q_units = 2 * nq * hh * (hc if fused_heads(spec, rope, config) else 1)
-    fixed += hc * (b_units + q_units + (5 if fp8 else 3) * hh * 2)
+    vec_rows = 5 if fp8 else 7 if i8 else 3
+    fixed += hc * (b_units + q_units + vec_rows * hh * 2)
     fixed += config.stages * (bs // SUB) * 2 * hh * 2  # cos/sin rows (f32)
   else:
     fixed += nq * spec.k_rank
@@ -831,6 +853,49 @@ def int4_fused_column_order(rank: int) -> np.ndarray:
   return 32 * block + 8 * q + j + 4 * e
 
 
+def int8_key_column_order(rank: int) -> np.ndarray:
+  """The column permutation of `_int4_codes_as_int8`: column c of the
+  array it returns holds column π(c) of the codes. Within each block of 32
+  columns, c = 16e + 4q + i -> 8q + 2i + e (e < 2, q < 4, i < 4): a thread
+  of the WGMMA_UPCAST_4X layout holds codes 8q..8q+7 of the block in one
+  32-bit register; its even codes (one mask) are the wgmma 8-bit layout's
+  four columns 4q..4q+3 of the block's first 16, its odd codes (a shift
+  and a mask) those of the second 16."""
+  c = np.arange(rank)
+  block, e, q, i = c // 32, c % 32 // 16, c % 16 // 4, c % 4
+  return 32 * block + 8 * q + 2 * i + e
+
+
+def _int4_codes_as_int8(codes):
+  """Unsigned 4-bit codes [64, R] in the WGMMA_UPCAST_4X layout (8 per
+  32-bit register, read as int4: only the bits count) -> the codes 0..15
+  as int8 [64, R] in the wgmma 8-bit layout (signed, as an int8 wgmma's
+  register operand must be), columns in `int8_key_column_order(R)`. Two
+  instructions per 8 codes, no conversion."""
+  @plgpu.inline_mgpu(
+      arg_types=(plgpu.Layout.WGMMA_UPCAST_4X,),
+      return_type=plgpu.ShapeDtypeStruct(codes.shape, jnp.int8,
+                                         layout=plgpu.Layout.WGMMA_8BIT))
+  def widen(_, array):
+    i32 = ir.IntegerType.get_signless(32)
+    const = lambda v: arith_dialect.constant(i32, ir.IntegerAttr.get(i32, v))
+    out_ty = ir.VectorType.get((4,), ir.IntegerType.get_signless(8))
+    layout = mgpu.WGMMA_LAYOUT_8BIT
+    regs = np.empty(layout.registers_shape(array.shape), dtype=object)
+    low_nibbles = const(0x0F0F0F0F)
+    for idx, reg in np.ndenumerate(array.registers):
+      k = idx[1]                          # block of 32 columns
+      word = mgpu.utils.bitcast(reg, i32)
+      even = arith_dialect.andi(word, low_nibbles)
+      odd = arith_dialect.andi(arith_dialect.shrui(word, const(4)),
+                               low_nibbles)
+      regs[(idx[0], 2 * k, *idx[2:])] = mgpu.utils.bitcast(even, out_ty)
+      regs[(idx[0], 2 * k + 1, *idx[2:])] = mgpu.utils.bitcast(odd, out_ty)
+    return mgpu.FragmentedArray(_registers=regs, _layout=layout,
+                                _is_signed=True)
+  return widen(codes)
+
+
 def _dequant_int4_fused(codes, scales, offsets, dtype, centered=False):
   """Unsigned 4-bit codes [64, R] in the WGMMA_UPCAST_4X layout (8 per
   32-bit register, read as int4: only the bits count) and, per quant
@@ -1057,6 +1122,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
   # without RoPE: a tile's values staged while its last score wgmma runs
   early = values_during_scores(spec, rope, config)
   fused = fused_heads(spec, rope, config)
+  i8 = int8_rebuild(spec, rope, config)   # int4 RoPE keys: an int8 rebuild
   if native:      # latents per score wgmma: one swizzle row (≤ 128)
     k_step = (_swizzle(spec.k_rank, 1) if config.fp8_promote
               else spec.k_rank)
@@ -1258,10 +1324,14 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
       if has_bias and not fold:
         key_bias = [(col(vec_s.at[jj, 1]), col(vec_s.at[jj, 2]))
                     for jj in range(hc)]
-      if fp8:   # B_k's power-of-two column scales per KV head, f32
+      if fp8 or i8:   # B_k's column scales per KV head, f32 (float8:
+        # powers of two), and with int8 codes Σ_r β·b per column
         colf = lambda k: lax.broadcast_in_dim(
             plgpu.load(k, (), layout=col_layout), (SUB, hh), [1])
         b_scales = [(colf(vec_s.at[jj, 3]), colf(vec_s.at[jj, 4]))
+                    for jj in range(hc)]
+        if i8:
+          b_sums = [(colf(vec_s.at[jj, 5]), colf(vec_s.at[jj, 6]))
                     for jj in range(hc)]
       rows = plgpu.broadcasted_iota(jnp.int32, (SUB, hh), 0,
                                     layout=wgmma_layout).astype(jnp.float32)
@@ -1334,6 +1404,20 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
             plgpu.barrier_arrive(kcons_bar.at[slot])
           return out
 
+        def int8_product(a, b_ref):
+          """int8 codes [SUB, R_k] (registers, wgmma 8-bit layout) · int8
+          B_k [H, R_k] (K-major) -> f32 [SUB, H]: one wgmma per swizzle
+          row of R_k (a register operand is one swizzle row wide), summed
+          exactly in int32."""
+          step = _swizzle(rk, 1)
+          def product(ref):
+            for o in range(0, rk, step):
+              plgpu.wgmma(ref, a[:, o:o + step],
+                          b_ref.at[:, pl.ds(o, step)].T)
+            return ref[...]
+          return pl.run_scoped(product, plgpu.ACC(
+              (SUB, 2 * hh), jnp.int32)).astype(jnp.float32)
+
         if fold:
           c0 = col(base_s.at[slot, j, 0])
           z0 = col(base_s.at[slot, j, 1])
@@ -1363,7 +1447,16 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
           cos = sin = None
           per_head = []
           keys = None          # int4: the sub-tile's latents in registers
-          if int4:
+          if i8:    # int4 codes as int8 bytes, their token scale and offset
+            with jax.named_scope("upcast"):
+              keys = _int4_codes_as_int8(plgpu.load(
+                  hk_s.at[slot, rows], layout=plgpu.Layout.WGMMA_UPCAST_4X))
+              key_rows = [lax.broadcast_in_dim(token_scales(r.at[slot, rows]),
+                                               (SUB, hh), [0])
+                          for r in (sk_s, zk_s)]
+              if release_keys:     # codes, scales, offsets in registers
+                plgpu.barrier_arrive(kcons_bar.at[slot])
+          elif int4:
             with jax.named_scope("upcast"):
               keys = dequant4(hk_s.at[slot, rows], sk_s.at[slot, rows],
                               zk_s.at[slot, rows], s0 + j * SUB,
@@ -1396,6 +1489,8 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
                 k = first     # (released here, as latent_product would
                 if release_keys and hc == 1:    # after the CTA's last head)
                   plgpu.barrier_arrive(kcons_bar.at[slot])
+              elif i8:
+                k = int8_product(keys, b_s.at[jj])
               else:
                 k = latent_product(b_s.at[jj].T if fp8 else b_s.at[jj],
                                    jj == hc - 1, a=keys)
@@ -1404,6 +1499,11 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
                 row = lax.broadcast_in_dim(k_scales[j], (SUB, hh), [0])
                 cs1, cs2 = b_scales[jj]
                 k1, k2 = k1 * row * cs1, k2 * row * cs2
+              if i8:     # s·β·(c·b) + z·Σ_r β·b, per row and column
+                sc, off = key_rows
+                (cs1, cs2), (bs1, bs2) = b_scales[jj], b_sums[jj]
+                k1 = k1 * sc * cs1 + off * bs1
+                k2 = k2 * sc * cs2 + off * bs2
             with jax.named_scope("rope"):
               # keys are rounded once, to the rotation type: f32->16-bit
               # converts issue at 16/clk/SM on sm_90 (8x slower than an
@@ -1897,6 +1997,43 @@ def _e4m3_columns(k_up: Array, spec: LatentSpec) -> tuple[Array, Array]:
   return jnp.swapaxes(codes, 1, 2), scale
 
 
+def pow2_int8_scale(amax: Array) -> Array:
+  """The power of two at or above amax / 127 (1 where amax is 0): int8
+  codes round(x / scale) stay within ±127, and code·scale (7 significant
+  bits) is exact in bf16. Exact in integer arithmetic, as `pow2_scale`:
+  amax = mant·2^exp, mant in [0.5, 1), and amax/127 <= 2^e <=> mant <=
+  (127/128)·2^(e + 7 - exp)."""
+  f32 = jnp.float32
+  mant, exp = jnp.frexp(jnp.minimum(jnp.asarray(amax, f32),
+                                    jnp.finfo(f32).max))
+  e = exp - 7 + (mant > 127 / 128).astype(exp.dtype)
+  e = jnp.clip(e, jnp.finfo(f32).minexp, jnp.finfo(f32).maxexp - 1)
+  power = lax.bitcast_convert_type((e + 127).astype(jnp.int32) << 23, f32)
+  return jnp.where(amax > 0, power, 1.0)
+
+
+def int8_columns(k_up: Array, spec: LatentSpec) -> tuple[Array, Array]:
+  """B_k per KV head as int8 codes, K-major [G·J, H, R_k] (rows in their
+  natural order), and one power-of-two f32 scale per column [G·J, H]
+  (`pow2_int8_scale` of the column's max |B_k|): B_k ≈ codes · scale, what
+  `int4_int8_rebuild` multiplies; `int8_rebuild_weight` gives that B_k."""
+  bk, _ = _per_kv_head(k_up, None, spec, jnp.float32)     # [G·J, R_k, H]
+  scale = pow2_int8_scale(jnp.max(jnp.abs(bk), axis=1))
+  codes = jnp.clip(jnp.round(bk / scale[:, None, :]), -127, 127)
+  return jnp.swapaxes(codes.astype(jnp.int8), 1, 2), scale
+
+
+def int8_rebuild_weight(k_up: Array, spec: LatentSpec) -> Array:
+  """B_k [G·R_k, J·H] as `int4_int8_rebuild` rounds it (codes · scale,
+  f32, exact in bf16; rounding it again gives it back): the weights a
+  reference computes with to match that kernel."""
+  codes, scale = int8_columns(k_up, spec)
+  g, j, h = spec.groups, spec.kv_per_group, spec.head_dim
+  w = jnp.swapaxes(codes.astype(jnp.float32), 1, 2) * scale[:, None, :]
+  return w.reshape(g, j, spec.k_rank, h).transpose(0, 2, 1, 3).reshape(
+      g * spec.k_rank, j * h)
+
+
 def _subtile_angles(inv_freq: Array, cache_len: int) -> Array:
   """cos/sin of the first position of each sub-tile of 64 rows
   [S/64, 2, H/2] (f32, as the model computes its tables: pos·θ in f32)."""
@@ -2008,6 +2145,15 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
       bk, col_scale = _e4m3_columns(k_up, spec)
       vecs = jnp.concatenate([vecs, col_scale.reshape(-1, 2, hh)], axis=1)
       n_vec = 5
+    i8 = int8_rebuild(spec, rope, config)
+    if i8:    # B_k as int8 codes, K-major, rows in the keys' column order,
+      # + its column scales and Σ_r β·b per column (f32 rows)
+      codes8, col_scale = int8_columns(k_up, spec)
+      col_sum = jnp.sum(codes8.astype(jnp.float32), axis=2) * col_scale
+      bk = codes8[..., int8_key_column_order(rk)]
+      vecs = jnp.concatenate([vecs, col_scale.reshape(-1, 2, hh),
+                              col_sum.reshape(-1, 2, hh)], axis=1)
+      n_vec = 7
     # each CTA's `hc` KV heads side by side (free reshapes)
     bk = bk.reshape((x_size, hc) + bk.shape[1:])
     qh = qh.reshape(batch, x_size, hc, nq, 2 * hh)
@@ -2026,6 +2172,7 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
       operands += (sk, zk, sv, zv)
     if fp8:
       operands += (sk, sv)
+    if fp8 or i8:
       b_smem = plgpu.SMEM((hc, 2 * hh, rk), bk.dtype,
                           transforms=_transforms(_swizzle(rk, 1), 1))
     else:

@@ -279,6 +279,12 @@ def test_bench_kernels_config_labels_name_only_options_that_apply():
   assert _cfg_str(early, token, False) == (
       "bs=64 P=1 stages=4 raw_keys raw_values values_during_scores")
   assert _cfg_str(early, token, True) == "bs=64 P=1 stages=4"
+  # the int8 rebuild: int4 keys with RoPE and one scale per token only
+  i8 = dataclasses.replace(plain, int4_int8_rebuild=True)
+  assert _cfg_str(i8, token, True) == "bs=64 P=1 stages=4 int8_rebuild"
+  assert _cfg_str(i8, token, False) == (
+      "bs=64 P=1 stages=4 raw_keys raw_values")
+  assert _cfg_str(i8, int4, True) == "bs=64 P=1 stages=4"
 
 
 def _stub_bench(monkeypatch, configs):

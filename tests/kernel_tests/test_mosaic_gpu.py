@@ -1098,6 +1098,80 @@ def test_merge_in_kernel_refuses_too_many_partials():
     _lower(spec, batch, s, False, config=config)
 
 
+def test_int8_key_column_order_matches_the_two_register_layouts():
+  """`_int4_codes_as_int8` turns a thread's register k of the
+  WGMMA_UPCAST_4X layout (columns 32k + 8q..8q+7, code v in bits
+  4v..4v+3) into its even codes (v = 2i, byte i) as register 2k and its
+  odd codes (v = 2i + 1) as register 2k + 1 of the wgmma 8-bit layout,
+  whose register b holds columns 16b + 4q + i. The order must name, for
+  each of those columns, the code it holds, keep each block of 32 whole,
+  and be a permutation."""
+  rank = 256
+  order = mg.int8_key_column_order(rank)
+  for q in range(4):
+    for k in range(rank // 32):
+      for i in range(4):
+        for e in range(2):          # even codes in 2k, odd ones in 2k + 1
+          assert order[16 * (2 * k + e) + 4 * q + i] == (
+              32 * k + 8 * q + 2 * i + e)
+  np.testing.assert_array_equal(np.sort(order), np.arange(rank))
+  np.testing.assert_array_equal(order // 32, np.arange(rank) // 32)
+
+
+def test_int8_rebuild_weight_rounds_each_column_once():
+  """B_k's int8 rounding for the int4 RoPE rebuild: per KV head and
+  column a power of two s ≥ max |column| / 127 (and < twice that), codes
+  within ±127, each weight within s/2 of B_k, the result exact in bf16
+  and unchanged when rounded again. Independent check: numpy."""
+  spec = LatentSpec(groups=2, kv_per_group=2, q_per_kv=1, head_dim=64,
+                    k_rank=96, v_rank=96, bits=4, quant_group=96)
+  rng = np.random.default_rng(3)
+  w = rng.standard_normal((2 * 96, 2 * 64)).astype(np.float32)
+  w[:96, 5] = 0.0                                   # a zero column
+  w[96:, 70] *= 1e-3                                # a small one
+  codes, scale = mg.int8_columns(jnp.asarray(w), spec)
+  codes, scale = np.asarray(codes), np.asarray(scale)
+  assert codes.dtype == np.int8 and codes.shape == (4, 64, 96)
+  assert np.all(np.abs(codes.astype(np.int32)) <= 127)
+  # per (group, head) block of columns: its max over the group's rows
+  blocks = w.reshape(2, 96, 2, 64).transpose(0, 2, 1, 3).reshape(4, 96, 64)
+  amax = np.abs(blocks).max(axis=1)
+  np.testing.assert_array_equal(np.log2(scale), np.round(np.log2(scale)))
+  live = amax > 0
+  assert np.all(scale[live] >= amax[live] / 127)
+  assert np.all(scale[live] < 2 * amax[live] / 127)
+  assert np.all(scale[~live] == 1.0)
+  rounded = np.asarray(mg.int8_rebuild_weight(jnp.asarray(w), spec))
+  # weight (96g + r, 64j + n) has its head's column scale [2g + j, n]
+  per_weight = np.broadcast_to(scale.reshape(2, 1, 2, 64),
+                               (2, 96, 2, 64)).reshape(192, 128)
+  assert np.all(np.abs(rounded - w) <= per_weight / 2)
+  as_bf16 = np.asarray(jnp.asarray(rounded, jnp.bfloat16), np.float32)
+  np.testing.assert_array_equal(as_bf16, rounded)
+  again = np.asarray(mg.int8_rebuild_weight(jnp.asarray(as_bf16), spec))
+  np.testing.assert_array_equal(again, rounded)
+
+
+@pytest.mark.parametrize("case", [(2, 4, 1, 128, 256, 2, 1024),
+                                  (2, 4, 4, 128, 256, 1, 1024),
+                                  (8, 1, 1, 128, 64, 2, 512)],
+                         ids=lambda c: "-".join(map(str, c)))
+def test_int4_int8_rebuild_lowers_for_sm90(case):
+  """int4_int8_rebuild (int4 RoPE keys, one scale per token: codes as int8
+  bytes into an int8 wgmma with an int8 B_k) lowers for sm_90; with quant
+  groups of 32 (scales per group) it does not apply."""
+  g, j, qk, h, r, batch, s = case
+  spec = _int4_spec(g, j, qk, h, r, False, None)
+  config = dataclasses.replace(mg.choose_config(
+      spec, batch=batch, cache_len=s, rope=True), int4_int8_rebuild=True)
+  assert mg.int8_rebuild(spec, True, config)
+  assert not mg.int8_rebuild(spec, False, config)
+  assert not mg.int8_rebuild(_int4_spec(g, j, qk, h, r, False), True, config)
+  assert mg.unsupported_reason(spec, jnp.bfloat16, s, True, config) is None
+  assert "mosaic_gpu" in _lower(spec, batch, s, True,
+                                config=config).as_text()
+
+
 def e4m3_rebuild_weight(k_up, spec, dtype):
   """B_k as the float8 rebuild multiplies it (e4m3 with power-of-two column
   scales, as `--k-up-bits 8` stores it), for the kernel and the reference
@@ -1120,6 +1194,9 @@ def check(spec, *, batch, cache_len, lengths, dtype, rope, bias=False,
                                              seed)
   if spec.bits == 8 and rope:
     k_up = e4m3_rebuild_weight(k_up, spec, dtype)
+  if config is not None and mg.int8_rebuild(spec, rope, config):
+    # B_k as the int8 rebuild multiplies it (exact in bf16), both sides
+    k_up = mg.int8_rebuild_weight(k_up, spec).astype(dtype)
   kw = dict(spec=spec, inv_freq=inv if rope else None,
             k_bias=k_bias if bias else None)
   lengths = jnp.asarray(lengths, jnp.int32)
@@ -1434,7 +1511,8 @@ def _check_int4_case(case, variant, rope, quant_group=32,
   RoPE); how many ran."""
   g, j, qk, h, r, shared, batch, s, lengths = case
   spec = _int4_spec(g, j, qk, h, r, shared, quant_group)
-  changes = {**INT4_VARIANTS, **TOKEN_VARIANTS}[variant]
+  changes = {**INT4_VARIANTS, **TOKEN_VARIANTS,
+             "int8_rebuild": dict(int4_int8_rebuild=True)}[variant]
   cfg = dataclasses.replace(mg.choose_config(
       spec, batch=batch, cache_len=s, rope=rope), **changes)
   ran = 0
@@ -1478,6 +1556,24 @@ def test_compiled_int4_token_scales_match_reference(case, variant, rope):
   (the quantizer's quant_group = the rank): token-major scale rows, the
   reference dequantizing the same codes."""
   assert _check_int4_case(case, variant, rope, quant_group=None)
+
+
+@gpu
+@needs_hopper
+@pytest.mark.parametrize("case", [
+    (2, 4, 1, 128, 256, False, 2, 512, [512, 77]),      # G-LRD-4
+    (2, 4, 4, 128, 256, False, 3, 448, [448, 1, 200]),  # GQA 4
+    (4, 1, 1, 128, 64, False, 2, 320, [320, 65]),       # M-LRD
+    (2, 2, 2, 128, 128, False, 2, 384, [384, 130]),     # G-LRD-2
+], ids=lambda c: "-".join(map(str, c[:6])))
+def test_compiled_int4_int8_rebuild_matches_reference(case):
+  """int4_int8_rebuild: 4-bit keys with one scale and offset per token
+  turned into int8 bytes (permuted columns, B_k's rows to match) and
+  multiplied by the int8-rounded B_k on the tensor core, K = s·β·(c·b) +
+  z·Σβ·b; against the reference on the same codes with the same rounded
+  B_k (key bias on), the chosen config and 64-row tiles with 3 splits."""
+  assert _check_int4_case(case, "int8_rebuild", rope=True,
+                          quant_group=None)
 
 
 @gpu
