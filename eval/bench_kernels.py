@@ -509,7 +509,9 @@ def _cfg_str(c, spec=None, rope: bool = True) -> str:
                if applies(mosaic_gpu.values_during_scores) else "")
             + (" fused" if applies(mosaic_gpu.fused_heads) else "")
             + (" rebuild_early" if applies(mosaic_gpu.rebuild_early) else "")
-            + (" int8_rebuild" if applies(mosaic_gpu.int8_rebuild) else "")
+            + ((" int8_rebuild" + ("" if c.int4_int8_keys_smem
+                                   else " int8_keys_in_registers"))
+               if applies(mosaic_gpu.int8_rebuild) else "")
             + (" fp8_values_masked_per_tile" if spec is not None
                and spec.bits == 8 and not c.fp8_mask_last else ""))
   return f"bs={c.block_s} P={c.splits} w={c.num_warps} st={c.num_stages}"

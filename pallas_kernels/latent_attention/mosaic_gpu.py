@@ -202,6 +202,10 @@ class MosaicConfig:
   # K = s·β·(c·b) + z·Σ_r β·b per token (scale s, offset z) and column.
   # Written in the fifteenth session (NOTES.md, v32).
   int4_int8_rebuild: bool = False
+  # int4_int8_rebuild: the int8 bytes stored to the WG's own int8 key tile
+  # and the wgmma's A read from there (as int4_keys_smem does for the
+  # 16-bit keys), instead of taken from registers
+  int4_int8_keys_smem: bool = True
   # int4 without RoPE, one scale and offset per token (int4_token_scales),
   # own key latent: the keys are not dequantized. The mask-or alone gives
   # M + c (M = 128 in bf16, 1024 in f16; exact), the score wgmma takes
@@ -618,6 +622,8 @@ def smem_bytes(spec: LatentSpec, rope: bool, config: MosaicConfig) -> int:
     q_units = 2 * nq * hh * (hc if fused_heads(spec, rope, config) else 1)
     vec_rows = 5 if fp8 else 7 if i8 else 3
     fixed += hc * (b_units + q_units + vec_rows * hh * 2)
+    if i8 and config.int4_int8_keys_smem:   # each WG's int8 key tile
+      fixed += config.compute_wgs * SUB * spec.k_rank // 2
     fixed += config.stages * (bs // SUB) * 2 * hh * 2  # cos/sin rows (f32)
   else:
     fixed += nq * spec.k_rank
@@ -1058,6 +1064,8 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
   fold = rope and config.rope_mode == "fold"
   converters = converter_wgs(spec, rope, config)
   converter = converters > 0
+  if int8_rebuild(spec, rope, config) and config.int4_int8_keys_smem:
+    *rest, k8_s = rest     # [compute WGs, SUB, R_k] int8: each WG's keys
   if config.merge_wgs:     # WG w + 1's partial stored for WG w
     *rest, merge_bar = rest
   if converter:            # value ring slots: dequantized / free again
@@ -1411,7 +1419,9 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
           exactly in int32."""
           step = _swizzle(rk, 1)
           def product(ref):
-            for o in range(0, rk, step):
+            if not isinstance(a, jax.Array):    # a ref: one wgmma
+              plgpu.wgmma(ref, a, b_ref.T)
+            for o in range(0, rk, step) if isinstance(a, jax.Array) else ():
               plgpu.wgmma(ref, a[:, o:o + step],
                           b_ref.at[:, pl.ds(o, step)].T)
             return ref[...]
@@ -1451,6 +1461,10 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
             with jax.named_scope("upcast"):
               keys = _int4_codes_as_int8(plgpu.load(
                   hk_s.at[slot, rows], layout=plgpu.Layout.WGMMA_UPCAST_4X))
+              if config.int4_int8_keys_smem:   # the rebuild's A from there
+                k8_s.at[wg][...] = keys
+                plgpu.commit_smem()
+                keys = k8_s.at[wg]
               key_rows = [lax.broadcast_in_dim(token_scales(r.at[slot, rows]),
                                                (SUB, hh), [0])
                           for r in (sk_s, zk_s)]
@@ -2286,6 +2300,9 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
   if config.merge_wgs:   # WG w's partial stored (w ≥ 1; index 0 unused)
     scratch.append(plgpu.Barrier(num_arrivals=1,
                                  num_barriers=config.compute_wgs))
+  if int8_rebuild(spec, rope, config) and config.int4_int8_keys_smem:
+    scratch.append(plgpu.SMEM((config.compute_wgs, SUB, rk), jnp.int8,
+                              transforms=_transforms(_swizzle(rk, 1), 1)))
   parts = stored_parts(config, splits)
   merged = config.merge_in_kernel
   if why := merge_in_kernel_refused(config, splits):

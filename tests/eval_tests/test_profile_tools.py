@@ -285,6 +285,8 @@ def test_bench_kernels_config_labels_name_only_options_that_apply():
   assert _cfg_str(i8, token, False) == (
       "bs=64 P=1 stages=4 raw_keys raw_values")
   assert _cfg_str(i8, int4, True) == "bs=64 P=1 stages=4"
+  assert _cfg_str(dataclasses.replace(i8, int4_int8_keys_smem=False), token,
+                  True) == "bs=64 P=1 stages=4 int8_rebuild int8_keys_in_registers"
 
 
 def _stub_bench(monkeypatch, configs):
