@@ -200,11 +200,12 @@ class MosaicConfig:
   # / 127: `int8_rebuild_weight` is the B_k a reference uses), and
   # one int8 wgmma (exact int32 sums, twice the bf16 rate) gives c·b; then
   # K = s·β·(c·b) + z·Σ_r β·b per token (scale s, offset z) and column.
-  # Written in the fifteenth session (NOTES.md, v32).
+  # Compiled tests pass on the H200; off: measured level on G-LRD-4 (Llama-2
+  # B8 64K 4,041 vs 4,055 µs) and 13-25 % slower on M-LRD (NOTES.md, v32).
   int4_int8_rebuild: bool = False
   # int4_int8_rebuild: the int8 bytes stored to the WG's own int8 key tile
   # and the wgmma's A read from there (as int4_keys_smem does for the
-  # 16-bit keys), instead of taken from registers
+  # 16-bit keys), instead of taken from registers (4-29 % slower)
   int4_int8_keys_smem: bool = True
   # int4 without RoPE, one scale and offset per token (int4_token_scales),
   # own key latent: the keys are not dequantized. The mask-or alone gives
