@@ -509,8 +509,6 @@ def _cfg_str(c, spec=None, rope: bool = True) -> str:
                if applies(mosaic_gpu.values_during_scores) else "")
             + (" fused" if applies(mosaic_gpu.fused_heads) else "")
             + (" rebuild_early" if applies(mosaic_gpu.rebuild_early) else "")
-            + (" max_during_pv" if applies(lambda sp, r, cc: (
-                mosaic_gpu.lagged_max_applies(sp, r, cc, DTYPE))) else "")
             + ((" int8_rebuild" + ("" if c.int4_int8_keys_smem
                                    else " int8_keys_in_registers"))
                if applies(mosaic_gpu.int8_rebuild) else "")

@@ -66,7 +66,6 @@ from jax import lax
 from jax._src.lib.mlir import ir
 from jax._src.lib.mlir.dialects import arith as arith_dialect
 from jax._src.lib.mlir.dialects import llvm as llvm_dialect
-from jax._src.lib.mlir.dialects import vector as vector_dialect
 from jax.experimental import pallas as pl
 from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -262,16 +261,6 @@ class MosaicConfig:
   # and the softmax sum is kept as per-thread partials [rows, N] until the
   # end (one cross-warp reduction per tile instead of two, NOTES.md v13).
   private_reductions: bool = True
-  # v33 (private reductions, bf16 P, not raw int4 values): a tile's
-  # probabilities are taken against the running max of the tiles before it
-  # (exp(min(s - m, LAG_CLAMP)), no cross-warp reduction first), P is
-  # stored and p·h_v issued, and the tile's column max is reduced while the
-  # tensor core mixes; the accumulator and sums are then rescaled to the
-  # new max. A WG-uniform vote sends a tile whose max rose past the clamp
-  # (each WG's first tile takes the max first instead) to the exact order
-  # again: P and p·h_v redone against the new max. The reduction leaves the
-  # chain: ~690 of a G-LRD-4 tile's ~3,970 cycles (NOTES.md v33).
-  max_during_pv: bool = False
   # v24 (off: measured slower or level, NOTES.md v24): the split partials
   # merged in the kernel instead of in XLA. Every compute WG stores its
   # partial as before and signals a semaphore of its (batch, program); the
@@ -797,76 +786,6 @@ def softmax_step(m, l, blocks, *, column_max=lambda x: x.max(axis=0)):
   return m_new, l * corr + total.sum(axis=0), corr, probs
 
 
-# max_during_pv: the largest exponent a probability may take against a
-# lagging reference: e^64 ≈ 6e27 keeps bf16 P and the f32 sums finite
-LAG_CLAMP = 64.0
-
-
-def lagged_probs(blocks, m_ref):
-  """A tile's score blocks ([rows, N] f32) -> probabilities against the
-  reference m_ref [N] (a running max that may lag the tile's own):
-  exp(min(s - m_ref, LAG_CLAMP)), exact wherever s - m_ref ≤ LAG_CLAMP."""
-  return tuple(jnp.exp(jnp.minimum(
-      s - lax.broadcast_in_dim(m_ref, s.shape, [1]), LAG_CLAMP))
-      for s in blocks)
-
-
-def lagged_rescale(m, m_ref, tile_max):
-  """The running max m (that of the accumulator and sums so far), the
-  reference the tile's probabilities were taken against, and the tile's
-  column max -> (m', the old accumulator's factor exp(m - m'), the tile's
-  factor exp(m_ref - m'), whether any column's max rose past m_ref +
-  LAG_CLAMP: its clamped probabilities must be redone against m')."""
-  m_new = jnp.maximum(m_ref, tile_max)
-  return (m_new, jnp.exp(m - m_new), jnp.exp(m_ref - m_new),
-          tile_max - m_ref > LAG_CLAMP)
-
-
-def lagged_max_applies(spec: LatentSpec, rope: bool, config: MosaicConfig,
-                       dtype) -> bool:
-  """Whether the kernel takes its column max during p·h_v
-  (`MosaicConfig.max_during_pv`): private reductions, P in bf16 (float8
-  and f16 queries store P in f16, whose range e^LAG_CLAMP exceeds), and
-  not with raw int4 values (their per-column sum e follows the max)."""
-  return (config.max_during_pv and config.private_reductions
-          and spec.bits != 8 and jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16)
-          and not raw_int4_values(spec, rope, config))
-
-
-def _any_over(flags):
-  """[N] f32 flags (1 or 0) in the column layout (identical in every warp,
-  as the reductions leave it) -> one int32 the whole warpgroup agrees on:
-  1 if any column is set (a vote across each warp's lanes, which hold the
-  columns between them), else 0."""
-  @plgpu.inline_mgpu(
-      arg_types=(plgpu.Layout.WGMMA.reduce(0),),
-      return_type=plgpu.ShapeDtypeStruct((), jnp.int32,
-                                         layout=plgpu.Layout.WG_SPLAT))
-  def vote(_, array):
-    i32 = ir.IntegerType.get_signless(32)
-    f32 = ir.F32Type.get()
-    half = arith_dialect.constant(f32, ir.FloatAttr.get(f32, 0.5))
-    mine = None
-    for reg in array.registers.flat:
-      for k in range(ir.VectorType(reg.type).shape[0]):
-        bit = arith_dialect.cmpf(arith_dialect.CmpFPredicate.OGT,
-                                 vector_dialect.extract(reg, [], [k]), half)
-        mine = bit if mine is None else arith_dialect.ori(mine, bit)
-    word = arith_dialect.extui(i32, mine)
-    out = llvm_dialect.inline_asm(
-        i32, [word],
-        """
-        {
-        .reg .pred p, q;
-        setp.ne.u32 p, $1, 0;
-        vote.sync.any.pred q, p, 0xffffffff;
-        selp.u32 $0, 1, 0, q;
-        }
-        """, "=r,r", has_side_effects=True)
-    return mgpu.FragmentedArray.splat(out, (), is_signed=True)
-  return vote(flags)
-
-
 def reduction_scratch_elems(cols: int) -> int:
   """f32 elements of one compute WG's reduction scratch for [64, cols]
   reduced over its rows: 256 per 8 columns (4 warps x 32 lanes x 2), at
@@ -1213,7 +1132,6 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
   early = values_during_scores(spec, rope, config)
   fused = fused_heads(spec, rope, config)
   i8 = int8_rebuild(spec, rope, config)   # int4 RoPE keys: an int8 rebuild
-  lagged = lagged_max_applies(spec, rope, config, dtype)   # v33
   if native:      # latents per score wgmma: one swizzle row (≤ 128)
     k_step = (_swizzle(spec.k_rank, 1) if config.fp8_promote
               else spec.k_rank)
@@ -1710,17 +1628,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
       i's (t, slot, first row) if the caller has them."""
       acc, m, l, e = carry
       t, slot, s0 = where or tile_at(i)
-      if lagged:
-        top = functools.reduce(jnp.maximum, scores)
-        with jax.named_scope("softmax"):
-          # against the running max; a WG's first tile (m = -inf) takes
-          # its own max first
-          m_ref = lax.cond(
-              i == 0,
-              lambda: jnp.maximum(m, _reduce_rows(top, red_s.at[wg], "max")),
-              lambda: m)
-          probs = lagged_probs(scores, m_ref)
-      elif private:
+      if private:
         with jax.named_scope("softmax"):
           m_new, l, corr, probs = softmax_step(
               m, l, scores,
@@ -1749,9 +1657,9 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
         p_offsets = [token_scales(zv_s.at[slot, pl.ds(j * SUB, SUB)])
                      for j in range(subs)] if raw_v else []
         plgpu.barrier_arrive(vcons_bar.at[slot])
-      def store_p(probs, e):
-        """P (per token value scales folded in) to the WG's Pᵀ tile, made
-        visible to the tensor core; raw int4 values: e accumulated."""
+      with jax.named_scope("p_store"):
+        if raw_v:     # e rescaled as the accumulator
+          e = e * lax.broadcast_in_dim(corr, e.shape, [1])
         for j, prob in enumerate(probs):
           row = lambda v, prob=prob: lax.broadcast_in_dim(v, prob.shape, [0])
           if raw_v:   # r = p·scale, e += p·(offset + 8·scale) (rows past
@@ -1770,15 +1678,8 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
             prob = prob * row(p_scales[j])
           p_s.at[wg, j].T[...] = prob.astype(p_s.dtype)
         plgpu.commit_smem()                 # visible to the tensor core
-        return e
-
-      with jax.named_scope("p_store"):
-        if raw_v:     # e rescaled as the accumulator
-          e = e * lax.broadcast_in_dim(corr, e.shape, [1])
-        e = store_p(probs, e)
-        if not lagged:     # (lagged: rescaled once the tile's max is known)
-          acc = tuple(a * lax.broadcast_in_dim(corr, a.shape, [1])
-                      for a in acc)
+        acc = tuple(a * lax.broadcast_in_dim(corr, a.shape, [1])
+                    for a in acc)
       values = vb_s.at[wg] if staged else (hk_s if spec.shared else hv_s).at[
           slot]
       if converter:     # the tile's 16-bit values from the converter WG
@@ -1810,40 +1711,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
               plgpu.wgmma(ref, values.at[pl.ds(j * SUB, SUB),
                                          pl.ds(off, size)].T,
                           p_s.at[wg, j].T)
-        fresh = [plgpu.ACC((size, cols), jnp.float32) for _, size in chunks]
-        if lagged:
-          def mix_and_max(*refs):
-            """This tile's p·h_v on its own accumulators while the WG
-            reduces the tile's column max."""
-            mix(refs)
-            tile_max = _reduce_rows(top, red_s.at[wg], "max")
-            return tuple(r[...] for r in refs), tile_max
-          pv, tile_max = pl.run_scoped(mix_and_max, *fresh)
-          m_new, corr_old, corr_tile, over = lagged_rescale(m, m_ref,
-                                                            tile_max)
-          cols_of = lambda c, x: lax.broadcast_in_dim(c, x.shape, [1])
-          total = lambda ps: functools.reduce(jnp.add, ps)
-
-          def redo():
-            """A column's max rose past the clamp: P and p·h_v again,
-            against the new max (the first p·h_v has been read)."""
-            again = tuple(jnp.exp(s - cols_of(m_new, s)) for s in scores)
-            store_p(again, e)
-            out = pl.run_scoped(
-                lambda *refs: (mix(refs), tuple(r[...] for r in refs))[1],
-                *fresh)
-            return out, total(again)
-
-          def keep():
-            return (tuple(p * cols_of(corr_tile, p) for p in pv),
-                    total(probs) * cols_of(corr_tile, probs[0]))
-          tile_acc, tile_l = lax.cond(
-              _any_over(jnp.where(over, 1.0, 0.0)) > 0, redo, keep)
-          acc = tuple(a * cols_of(corr_old, a) + p
-                      for a, p in zip(acc, tile_acc))
-          l = l * cols_of(corr_old, l) + tile_l
-        else:
-          acc = pl.run_state(mix)(tuple(plgpu.ACC.init(a) for a in acc))
+        acc = pl.run_state(mix)(tuple(plgpu.ACC.init(a) for a in acc))
         if not staged:         # (staged: released after the upcasts)
           plgpu.barrier_arrive(
               (vcons_bar if split_rings else kcons_bar).at[slot])

@@ -237,9 +237,6 @@ def test_bench_kernels_config_labels_name_only_options_that_apply():
   early = dataclasses.replace(c, rebuild_early=True)
   assert _cfg_str(early, bf16, True) == "bs=128 P=2 stages=4 rebuild_early"
   assert _cfg_str(early, bf16, False) == "bs=128 P=2 stages=4"
-  lag = dataclasses.replace(c, max_during_pv=True)
-  assert _cfg_str(lag, bf16, False) == "bs=128 P=2 stages=4 max_during_pv"
-  assert _cfg_str(lag, fp8, True) == "bs=128 P=2 stages=4"  # (f16 P)
   per_tile = dataclasses.replace(c, fp8_mask_last=False)
   assert _cfg_str(per_tile, fp8, True) == (
       "bs=128 P=2 stages=4 fp8_values_masked_per_tile")

@@ -155,52 +155,6 @@ def test_online_softmax_steps_and_split_merge_equal_one_softmax(
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("jump", [0.0, 40.0, 120.0],
-                         ids=["steady", "jump_within_clamp", "jump_past_clamp"])
-def test_lagged_max_steps_equal_one_softmax(jump):
-  """max_during_pv (v33) as the kernel runs it, in plain arrays: each
-  tile's probabilities against the running max of the tiles before it
-  (`lagged_probs`; a WG's first tile against its own max), its p·v on
-  its own, then `lagged_rescale` to the tile's max, and P and p·v again
-  against the new max where a column's max rose past the clamp. Later
-  tiles' scores jump by `jump` (past LAG_CLAMP = 64: the redo runs).
-  Two interleaved WGs, merged by combine_splits, equal softmax(s)·v
-  (jax.nn.softmax)."""
-  rng = np.random.default_rng(2)
-  s = rng.standard_normal((512, 8)) * 4
-  s[256:, 3] += jump                              # one column jumps
-  s = jnp.asarray(s, jnp.float32)
-  v = jnp.asarray(rng.standard_normal((512, 32)), jnp.float32)
-  parts, redone = [], 0
-  for wg in range(2):
-    m = jnp.full((8,), -1e30, jnp.float32)
-    l = jnp.zeros((64, 8), jnp.float32)
-    acc = jnp.zeros((32, 8), jnp.float32)
-    for i, t in enumerate(range(wg, 8, 2)):
-      block = s[t * 64:(t + 1) * 64]
-      m_ref = jnp.maximum(m, block.max(axis=0)) if i == 0 else m
-      (p,) = mg.lagged_probs([block], m_ref)
-      m_new, corr_old, corr_tile, over = mg.lagged_rescale(
-          m, m_ref, block.max(axis=0))
-      if bool(jnp.any(over)):
-        redone += 1
-        p = jnp.exp(block - m_new[None, :])
-        tile_acc, tile_l = v[t * 64:(t + 1) * 64].T @ p, p
-      else:
-        assert np.all(np.isfinite(np.asarray(p)))
-        tile_acc = (v[t * 64:(t + 1) * 64].T @ p) * corr_tile[None, :]
-        tile_l = p * corr_tile[None, :]
-      acc = acc * corr_old[None, :] + tile_acc
-      l = l * corr_old[None, :] + tile_l
-      m = m_new
-    parts.append((acc.T, m, l.sum(axis=0)))
-  assert redone == (2 if jump > mg.LAG_CLAMP else 0)
-  acc, m, l = (jnp.stack(x) for x in zip(*parts))
-  got = combine_splits(acc, m, l)
-  want = jax.nn.softmax(s, axis=0).T @ v
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("width", [6, 2048], ids=["narrow", "wide"])
 @pytest.mark.parametrize("rows_first", [False, True],
                          ids=["heads_rows", "rows_heads"])
@@ -1620,62 +1574,6 @@ def test_compiled_int4_int8_rebuild_matches_reference(case):
   B_k (key bias on), the chosen config and 64-row tiles with 3 splits."""
   assert _check_int4_case(case, "int8_rebuild", rope=True,
                           quant_group=None)
-
-
-@pytest.mark.parametrize("rope", [True, False], ids=["rope", "norope"])
-@pytest.mark.parametrize("spec", [
-    LatentSpec(groups=2, kv_per_group=4, q_per_kv=1, head_dim=128,
-               k_rank=256, v_rank=256),
-    LatentSpec(groups=8, kv_per_group=1, q_per_kv=4, head_dim=128,
-               k_rank=64, v_rank=64),
-    LatentSpec(groups=1, kv_per_group=3, q_per_kv=3, head_dim=64,
-               k_rank=192, v_rank=192, shared=True),
-    _int4_spec(2, 4, 1, 128, 256, False)],
-    ids=["g4", "m_lrd_gqa", "shared", "int4"])
-def test_max_during_pv_lowers_for_sm90(spec, rope):
-  """max_during_pv (v33): the column max reduced while p·h_v runs, the
-  WG-uniform vote and the redo lower for sm_90 on both paths, 16-bit and
-  int4 (quant groups of 32) latents; float8 and f16 queries keep the
-  exact order (their P is f16)."""
-  config = dataclasses.replace(mg.choose_config(
-      spec, batch=2, cache_len=1024, rope=rope), max_during_pv=True)
-  assert mg.lagged_max_applies(spec, rope, config, jnp.bfloat16)
-  assert not mg.lagged_max_applies(spec, rope, config, jnp.float16)
-  assert "mosaic_gpu" in _lower(spec, 2, 1024, rope,
-                                config=config).as_text()
-
-
-@gpu
-@needs_hopper
-@pytest.mark.parametrize("rope", [True, False], ids=["rope", "norope"])
-@pytest.mark.parametrize("case", [
-    (2, 4, 1, 128, 256, False, 2, 512, [512, 77]),       # G-LRD-4
-    (8, 1, 4, 128, 64, False, 2, 1024, [1000, 64]),      # M-LRD, GQA 4
-    (1, 3, 3, 64, 192, True, 2, 512, [512, 300]),        # shared latent
-], ids=lambda c: "-".join(map(str, c[:6])))
-def test_compiled_max_during_pv_matches_reference(case, rope):
-  """max_during_pv against the reference, ragged lengths, with the keys'
-  latents of the second half of the cache multiplied by 40: the scores
-  jump by far more than LAG_CLAMP there, so the redo (P and p·h_v again
-  against the new max) runs as well as the lagged tiles before and after
-  it."""
-  g, j, qk, h, r, shared, batch, s, lengths = case
-  spec = LatentSpec(groups=g, kv_per_group=j, q_per_kv=qk, head_dim=h,
-                    k_rank=r, v_rank=r, shared=shared)
-  q, hk, hv, k_up, k_bias, inv = make_inputs(spec, batch, s, jnp.bfloat16)
-  hk = hk.at[:, s // 2:].multiply(40)
-  config = dataclasses.replace(mg.choose_config(
-      spec, batch=batch, cache_len=s, rope=rope), max_during_pv=True)
-  kw = dict(spec=spec, inv_freq=inv if rope else None,
-            k_bias=k_bias if rope else None)
-  lens = jnp.asarray(lengths, jnp.int32)
-  out = np.asarray(mg.latent_attention(q, hk, hv, k_up, lens, config=config,
-                                       **kw))
-  with jax.default_matmul_precision("highest"):
-    want = np.asarray(reference_for(rope)(q, hk, hv, k_up, lens, **kw))
-  assert np.all(np.isfinite(out))
-  np.testing.assert_allclose(out, want, atol=TOL[jnp.bfloat16] * np.max(
-      np.abs(want)), rtol=0)
 
 
 @gpu
