@@ -1652,11 +1652,12 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
         # float8: the values' scales per token (loaded before the slot is
         # handed back to the producer)
         # (and with raw int4 values their offsets)
-        p_scales = [token_scales(sv_s.at[slot, pl.ds(j * SUB, SUB)])
-                    for j in range(subs)] if fp8 or raw_v else []
-        p_offsets = [token_scales(zv_s.at[slot, pl.ds(j * SUB, SUB)])
-                     for j in range(subs)] if raw_v else []
-        plgpu.barrier_arrive(vcons_bar.at[slot])
+        with jax.named_scope("scale"):     # (a profiler stage of its own)
+          p_scales = [token_scales(sv_s.at[slot, pl.ds(j * SUB, SUB)])
+                      for j in range(subs)] if fp8 or raw_v else []
+          p_offsets = [token_scales(zv_s.at[slot, pl.ds(j * SUB, SUB)])
+                       for j in range(subs)] if raw_v else []
+          plgpu.barrier_arrive(vcons_bar.at[slot])
       with jax.named_scope("p_store"):
         if raw_v:     # e rescaled as the accumulator
           e = e * lax.broadcast_in_dim(corr, e.shape, [1])
