@@ -1414,17 +1414,18 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
           return out
 
         def int8_product(a, b_ref):
-          """int8 codes [SUB, R_k] (registers, wgmma 8-bit layout) · int8
-          B_k [H, R_k] (K-major) -> f32 [SUB, H]: one wgmma per swizzle
-          row of R_k (a register operand is one swizzle row wide), summed
-          exactly in int32."""
-          step = _swizzle(rk, 1)
+          """int8 codes [SUB, R_k] (the WG's int8 tile, or registers in the
+          wgmma 8-bit layout) · int8 B_k [H, R_k] (K-major) -> f32 [SUB, H],
+          summed exactly in int32."""
           def product(ref):
-            if not isinstance(a, jax.Array):    # a ref: one wgmma
+            if isinstance(a, jax.Array):
+              # a register operand is one swizzle row wide: a wgmma each
+              step = _swizzle(rk, 1)
+              for o in range(0, rk, step):
+                plgpu.wgmma(ref, a[:, o:o + step],
+                            b_ref.at[:, pl.ds(o, step)].T)
+            else:
               plgpu.wgmma(ref, a, b_ref.T)
-            for o in range(0, rk, step) if isinstance(a, jax.Array) else ():
-              plgpu.wgmma(ref, a[:, o:o + step],
-                          b_ref.at[:, pl.ds(o, step)].T)
             return ref[...]
           return pl.run_scoped(product, plgpu.ACC(
               (SUB, 2 * hh), jnp.int32)).astype(jnp.float32)
