@@ -548,6 +548,12 @@ def add_roofline(rows: list[dict], read_bps: float, peak_tflops: float,
       r["hbm_roof_gbps"] = best / 1e9
 
 
+# the markdown table's columns (eval/replace_bench_rows.py writes the same)
+TABLE_COLUMNS = ("shape", "batch", "context", "variant", "backend", "rank",
+                 "us", "gbps", "tflops", "roofline_frac", "bound", "speedup",
+                 "config")
+
+
 def rows_of_other_runs(path: str, shapes, batches) -> list[dict]:
   """The rows of a results file that this run does not re-time: those
   whose shape is not in `shapes` or whose batch is not in `batches` (none
@@ -659,8 +665,6 @@ def main(argv=None) -> int:
 
   def save(rows):
     add_roofline(rows, bw, peak, fp8_peak)
-    cols = ["shape", "batch", "context", "variant", "backend", "rank", "us",
-            "gbps", "tflops", "roofline_frac", "bound", "speedup", "config"]
     new = [{**meta, **r} for r in rows]
     fp8 = f", fp8 {fp8_peak:.0f}" if fp8_peak else ""
     md = (f"# Decode attention kernels ({meta['device']})\n\n"
@@ -670,7 +674,7 @@ def main(argv=None) -> int:
              "their own rates)" if kept else "")
           + ". Speedup is over the fastest full-KV baseline of the same "
           "shape, batch and context, timed in the same call.\n\n"
-          + markdown_table(kept + new, cols))
+          + markdown_table(kept + new, TABLE_COLUMNS))
     jpath, _ = write_results(args.out, args.name, kept + new, md)
     plot_results(jpath)          # a PNG next to it, with matplotlib
 
