@@ -201,7 +201,7 @@ class MosaicConfig:
   # one int8 wgmma (exact int32 sums, twice the bf16 rate) gives c·b; then
   # K = s·β·(c·b) + z·Σ_r β·b per token (scale s, offset z) and column.
   # Compiled tests pass on the H200; off: measured level on G-LRD-4 (Llama-2
-  # B8 64K 4,041 vs 4,055 µs) and 13-25 % slower on M-LRD (NOTES.md, v32).
+  # B8 64K 4,041 vs 4,055 µs) and 17-25 % slower on M-LRD (NOTES.md, v32).
   int4_int8_rebuild: bool = False
   # int4_int8_rebuild: the int8 bytes stored to the WG's own int8 key tile
   # and the wgmma's A read from there (as int4_keys_smem does for the
