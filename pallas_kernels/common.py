@@ -13,6 +13,7 @@ it) with 16-bit scales and offsets per group of `quant_group` latents.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple
 
 import jax
@@ -207,19 +208,22 @@ E4M3_CODE = jnp.float8_e4m3fn
 E4M3_MAX = 448.0
 
 
-def pow2_scale(amax: Array, dtype) -> Array:
-  """The power of two at or above amax / 448 (e4m3's largest finite
-  value), within `dtype`'s normal range (1 where amax is 0): a scale under
-  which no e4m3 code saturates and code·scale is exact."""
+def pow2_scale(amax: Array, dtype, code_max: float = E4M3_MAX) -> Array:
+  """The power of two at or above amax / code_max (the code's largest
+  finite value: e4m3's 448 by default, 127 for int8), within `dtype`'s
+  normal range (1 where amax is 0): a scale under which no code saturates
+  and code·scale is exact."""
   info = jnp.finfo(dtype)
   f32 = jnp.float32
   # exact in integer arithmetic: XLA:GPU's exp2 and log2 are approximate
   # (an exp2 scale was 2^k·(1 - 2^-24) on the H200), and with its bf16
   # rounding folded away the jitted fake quantization then differed from
   # the stored codes by an ulp. amax = mant·2^exp, mant in [0.5, 1), and
-  # amax/448 <= 2^e  <=>  mant <= 0.875·2^(e + 9 - exp) (448 = 0.875·2^9).
+  # with code_max = c·2^k (c in [0.5, 1)): amax/code_max <= 2^e  <=>
+  # mant <= c·2^(e + k - exp) (448 = 0.875·2^9, 127 = (127/128)·2^7).
+  c, k = math.frexp(code_max)
   mant, exp = jnp.frexp(jnp.minimum(jnp.asarray(amax, f32), jnp.finfo(f32).max))
-  e = exp - 9 + (mant > E4M3_MAX / 512).astype(exp.dtype)
+  e = exp - k + (mant > c).astype(exp.dtype)
   e = jnp.clip(e, info.minexp, info.maxexp - 1)
   power = lax.bitcast_convert_type((e + 127).astype(jnp.int32) << 23, f32)
   return jnp.where(amax > 0, power, 1.0).astype(dtype)

@@ -1065,7 +1065,8 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
   fold = rope and config.rope_mode == "fold"
   converters = converter_wgs(spec, rope, config)
   converter = converters > 0
-  if int8_rebuild(spec, rope, config) and config.int4_int8_keys_smem:
+  i8 = int8_rebuild(spec, rope, config)   # int4 RoPE keys: an int8 rebuild
+  if i8 and config.int4_int8_keys_smem:
     *rest, k8_s = rest     # [compute WGs, SUB, R_k] int8: each WG's keys
   if config.merge_wgs:     # WG w + 1's partial stored for WG w
     *rest, merge_bar = rest
@@ -1131,7 +1132,6 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
   # without RoPE: a tile's values staged while its last score wgmma runs
   early = values_during_scores(spec, rope, config)
   fused = fused_heads(spec, rope, config)
-  i8 = int8_rebuild(spec, rope, config)   # int4 RoPE keys: an int8 rebuild
   if native:      # latents per score wgmma: one swizzle row (≤ 128)
     k_step = (_swizzle(spec.k_rank, 1) if config.fp8_promote
               else spec.k_rank)
@@ -1476,7 +1476,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
             with jax.named_scope("upcast"):
               keys = dequant4(hk_s.at[slot, rows], sk_s.at[slot, rows],
                               zk_s.at[slot, rows], s0 + j * SUB,
-                              spec.shared and not config.int4_mask_last)
+                              spec.shared and not mask_last)
               if release_keys:     # codes, scales, offsets in registers
                 plgpu.barrier_arrive(kcons_bar.at[slot])
               if spec.shared or config.int4_keys_smem:
@@ -1592,7 +1592,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
             elif int4:
               a = dequant4(hk_s.at[slot, rows], sk_s.at[slot, rows],
                            zk_s.at[slot, rows], s0 + j * SUB,
-                           spec.shared and not config.int4_mask_last)
+                           spec.shared and not mask_last)
             else:
               a = upcast(hk_s.at[slot, rows], s0 + j * SUB, not mask_last)
               k_scales.append(token_scales(sk_s.at[slot, rows]))
@@ -1673,7 +1673,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
             p_s.at[wg, j].T[...] = jnp.where(valid, prob * sc, 0.0).astype(
                 p_s.dtype)
             continue
-          if fp8 and config.fp8_mask_last:   # (scales past the length:
+          if fp8 and mask_last:   # (scales past the length:
             prob = jnp.where(valid_rows[j],     # anything, so selected away)
                              prob * row(p_scales[j]), 0.0)
           elif fp8:   # the values' scale per token, folded into P
@@ -1693,8 +1693,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
         with jax.named_scope("v_wait"):
           plgpu.barrier_wait(vprod_bar.at[slot])
 
-      if not staged or (int4 and config.int4_mask_last and not converter
-                        and not raw_v) or (fp8 and config.fp8_mask_last):
+      if not staged or (mask_last and not converter and not raw_v):
         @pl.when(s0 + bs > length)
         def _():
           # rows past the length get probability 0, but 0·inf is NaN on the
@@ -2014,29 +2013,19 @@ def _e4m3_columns(k_up: Array, spec: LatentSpec) -> tuple[Array, Array]:
   return jnp.swapaxes(codes, 1, 2), scale
 
 
-def pow2_int8_scale(amax: Array) -> Array:
-  """The power of two at or above amax / 127 (1 where amax is 0): int8
-  codes round(x / scale) stay within ±127, and code·scale (7 significant
-  bits) is exact in bf16. Exact in integer arithmetic, as `pow2_scale`:
-  amax = mant·2^exp, mant in [0.5, 1), and amax/127 <= 2^e <=> mant <=
-  (127/128)·2^(e + 7 - exp)."""
-  f32 = jnp.float32
-  mant, exp = jnp.frexp(jnp.minimum(jnp.asarray(amax, f32),
-                                    jnp.finfo(f32).max))
-  e = exp - 7 + (mant > 127 / 128).astype(exp.dtype)
-  e = jnp.clip(e, jnp.finfo(f32).minexp, jnp.finfo(f32).maxexp - 1)
-  power = lax.bitcast_convert_type((e + 127).astype(jnp.int32) << 23, f32)
-  return jnp.where(amax > 0, power, 1.0)
+INT8_MAX = 127      # int8 codes of B_k stay within ±127
 
 
 def int8_columns(k_up: Array, spec: LatentSpec) -> tuple[Array, Array]:
   """B_k per KV head as int8 codes, K-major [G·J, H, R_k] (rows in their
-  natural order), and one power-of-two f32 scale per column [G·J, H]
-  (`pow2_int8_scale` of the column's max |B_k|): B_k ≈ codes · scale, what
-  `int4_int8_rebuild` multiplies; `int8_rebuild_weight` gives that B_k."""
+  natural order), and one power-of-two f32 scale per column [G·J, H] (at
+  or above the column's max |B_k| / 127, so code·scale has 7 significant
+  bits and is exact in bf16): B_k ≈ codes · scale, what `int4_int8_rebuild`
+  multiplies; `int8_rebuild_weight` gives that B_k."""
   bk, _ = _per_kv_head(k_up, None, spec, jnp.float32)     # [G·J, R_k, H]
-  scale = pow2_int8_scale(jnp.max(jnp.abs(bk), axis=1))
-  codes = jnp.clip(jnp.round(bk / scale[:, None, :]), -127, 127)
+  scale = pow2_scale(jnp.max(jnp.abs(bk), axis=1), jnp.float32,
+                     code_max=INT8_MAX)
+  codes = jnp.clip(jnp.round(bk / scale[:, None, :]), -INT8_MAX, INT8_MAX)
   return jnp.swapaxes(codes.astype(jnp.int8), 1, 2), scale
 
 
@@ -2125,6 +2114,7 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
   batch, s = hk.shape[:2]
   if config is None:
     config = choose_config(spec, batch=batch, cache_len=s, rope=rope)
+  i8 = int8_rebuild(spec, rope, config)   # int4 RoPE keys: an int8 rebuild
   converter = int4_converter(spec, rope, config)
   dtype = q.dtype
   nq = query_cols(spec, rope)
@@ -2162,7 +2152,6 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
       bk, col_scale = _e4m3_columns(k_up, spec)
       vecs = jnp.concatenate([vecs, col_scale.reshape(-1, 2, hh)], axis=1)
       n_vec = 5
-    i8 = int8_rebuild(spec, rope, config)
     if i8:    # B_k as int8 codes, K-major, rows in the keys' column order,
       # + its column scales and Σ_r β·b per column (f32 rows)
       codes8, col_scale = int8_columns(k_up, spec)
@@ -2303,7 +2292,7 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
   if config.merge_wgs:   # WG w's partial stored (w ≥ 1; index 0 unused)
     scratch.append(plgpu.Barrier(num_arrivals=1,
                                  num_barriers=config.compute_wgs))
-  if int8_rebuild(spec, rope, config) and config.int4_int8_keys_smem:
+  if i8 and config.int4_int8_keys_smem:
     scratch.append(plgpu.SMEM((config.compute_wgs, SUB, rk), jnp.int8,
                               transforms=_transforms(_swizzle(rk, 1), 1)))
   parts = stored_parts(config, splits)
