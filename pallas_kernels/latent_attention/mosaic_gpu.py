@@ -529,8 +529,8 @@ def unsupported_reason(spec: LatentSpec, dtype, cache_len: int, rope: bool,
     return f"kv_heads_per_cta {hc} with rope_mode {config.rope_mode!r}"
   if query_cols(spec, rope) * hc > 256:
     return "more than 256 query columns per program"
-  if config.block_s not in (SUB, 2 * SUB):
-    return f"block_s {config.block_s} (64 or 128)"
+  if config.block_s not in (SUB, 2 * SUB, 4 * SUB):
+    return f"block_s {config.block_s} (64, 128 or 256)"
   if cache_len % config.block_s:
     return (f"cache length {cache_len} (needs a multiple of block_s="
             f"{config.block_s})")

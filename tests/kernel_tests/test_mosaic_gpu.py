@@ -1393,6 +1393,69 @@ def test_compiled_fp8_rebuild_early(case):
   _check_rebuild_early(spec, batch, s, lengths)
 
 
+# (G, J, Q, H, R, shared, batch, S, lengths, bits): caches whose length is
+# a multiple of 256 (ragged lengths, GQA, a shared latent; float8 and int4
+# with one scale per token and latent group)
+TILE_256_CASES = [
+    (8, 1, 1, 128, 64, False, 2, 1024, [1000, 64], 16),     # M-LRD
+    (3, 1, 3, 64, 64, False, 2, 512, [511, 65], 16),        # SmolLM2-like
+    (2, 2, 2, 64, 128, True, 2, 512, [512, 3], 16),         # shared latent
+    (8, 1, 1, 128, 64, False, 2, 1024, [1000, 64], 8),      # float8 M-LRD
+    (2, 1, 4, 128, 64, False, 3, 512, [512, 1, 200], 8),    # float8 GQA 4
+    (4, 1, 1, 128, 64, False, 2, 512, [512, 65], 4),        # int4 M-LRD
+]
+
+
+def _tile_256_spec(g, j, qk, h, r, shared, bits):
+  if bits == 8:
+    return _fp8_spec(g, j, qk, h, r, shared)
+  if bits == 4:
+    return _int4_spec(g, j, qk, h, r, shared, None)
+  return LatentSpec(groups=g, kv_per_group=j, q_per_kv=qk, head_dim=h,
+                    k_rank=r, v_rank=r, shared=shared)
+
+
+@pytest.mark.parametrize("rope", [True, False], ids=["rope", "norope"])
+@pytest.mark.parametrize("case", TILE_256_CASES,
+                         ids=lambda c: "-".join(map(str, c[:6] + c[9:])))
+def test_256_row_tiles_lower_for_sm90(case, rope):
+  """The compiled test's configs lower for sm_90 on the CPU, and each case
+  fits shared memory with one of them."""
+  *shape, batch, s, _, bits = case
+  spec = _tile_256_spec(*shape, bits)
+  base = mg.choose_config(spec, batch=batch, cache_len=s, rope=rope)
+  ran = 0
+  for splits in (1, 2):
+    c = dataclasses.replace(base, block_s=256, stages=2, splits=splits)
+    if mg.unsupported_reason(spec, jnp.bfloat16, s, rope, c):
+      continue
+    assert "mosaic_gpu" in _lower(spec, batch, s, rope, config=c).as_text()
+    ran += 1
+  assert ran
+
+
+@gpu
+@needs_hopper
+@pytest.mark.parametrize("rope", [True, False], ids=["rope", "norope"])
+@pytest.mark.parametrize("case", TILE_256_CASES,
+                         ids=lambda c: "-".join(map(str, c[:6] + c[9:])))
+def test_compiled_256_row_tiles(case, rope):
+  """Tiles of 256 rows (four 64-row sub-tiles per softmax update, one ring
+  slot per compute WG), one split and three, against the reference; at
+  least one of them fits each case."""
+  *shape, batch, s, lengths, bits = case
+  spec = _tile_256_spec(*shape, bits)
+  base = mg.choose_config(spec, batch=batch, cache_len=s, rope=rope)
+  ran = 0
+  for splits in (1, 2):
+    c = dataclasses.replace(base, block_s=256, stages=2, splits=splits)
+    if mg.unsupported_reason(spec, jnp.bfloat16, s, rope, c):
+      continue
+    ran += check(spec, batch=batch, cache_len=s, lengths=lengths,
+                 dtype=jnp.bfloat16, rope=rope, bias=rope, config=c)
+  assert ran
+
+
 @gpu
 @needs_hopper
 @pytest.mark.parametrize("case", [GPU_GRID[i] for i in (0, 3, 4, 5, 6)],
