@@ -648,7 +648,8 @@ def choose_config(spec: LatentSpec, *, batch: int, cache_len: int, rope: bool,
   """Tiles of 128 rows where one ring slot per compute WG fits (a softmax
   update and its cross-warp reduction then serve twice the rows;
   eval/results/profile_kernel_h200.md), else 64 — and 64 with several KV
-  heads per CTA where only 64-row tiles get two slots per WG; two slots
+  heads per CTA where only 64-row tiles get two slots per WG; 256 without
+  RoPE for float8 or raw int4 codes where one slot per WG fits; two slots
   per WG where they fit; splits so that the grid fills the GPU in one wave
   at most (one CTA per SM: the ring takes its shared memory and the
   registers), each
@@ -701,6 +702,16 @@ def choose_config(spec: LatentSpec, *, batch: int, cache_len: int, rope: bool,
     # (int4_raw_values) 128-row tiles in 2 slots win instead: Llama-2 B8
     # 128K 813 vs 963 µs, B1 64K 64.8 vs 72.8 µs (NOTES.md v27)
     bs = SUB
+  if (not rope and not spec.shared and cache_len % (4 * SUB) == 0
+      and (spec.bits == 8 or raw_int4_values(spec, rope, MosaicConfig()))
+      and fits(4 * SUB, w)):
+    # 1-byte or raw 4-bit codes without RoPE: the chain's per-tile part
+    # (the column max across warps, P's store, the p·h_v round trip)
+    # outweighs the per-row part, so 256-row tiles in one slot per WG win
+    # where they fit (M-LRD 50 %, NOTES.md v34: float8 Llama-2 B8 64K 755
+    # vs 661 µs, B1 99.8 vs 93.1; int4 with a scale per token 755 vs 650
+    # and 102.6 vs 91.5; Llama-3 B8 195 vs 176 and 200 vs 175)
+    bs = 4 * SUB
   if (bs == 2 * SUB and hc > 1 and not fits(bs, 2 * w)
       and fits(SUB, 2 * w)):
     # several heads per CTA: each WG's tile chain is long, and with one

@@ -1415,6 +1415,24 @@ def _tile_256_spec(g, j, qk, h, r, shared, bits):
                     k_rank=r, v_rank=r, shared=shared)
 
 
+def test_choose_config_takes_256_rows_for_narrow_codes_without_rope():
+  """The rule measured in v34 (NOTES.md): 256-row tiles for float8 and raw
+  int4 codes without RoPE where one slot per WG fits; not with RoPE, not
+  for 16-bit latents or int4 dequantized per quant group, not for
+  Llama-2 G-LRD-4 (its values' 16-bit tiles do not fit)."""
+  chosen = lambda spec, rope, s=65536: mg.choose_config(
+      spec, batch=8, cache_len=s, rope=rope).block_s
+  fp8_mlrd = _fp8_spec(32, 1, 1, 128, 64, False)
+  int4_mlrd = _int4_spec(32, 1, 1, 128, 64, False, None)
+  assert chosen(fp8_mlrd, False) == chosen(int4_mlrd, False) == 256
+  assert chosen(fp8_mlrd, False, s=65536 + 128) == 128   # not a multiple
+  assert chosen(fp8_mlrd, True) == chosen(int4_mlrd, True) == 128
+  assert chosen(_int4_spec(32, 1, 1, 128, 64, False), False) == 64
+  assert chosen(LatentSpec(groups=32, kv_per_group=1, q_per_kv=1,
+                           head_dim=128, k_rank=64, v_rank=64), False) == 128
+  assert chosen(_fp8_spec(8, 4, 1, 128, 256, False), False) == 64
+
+
 @pytest.mark.parametrize("rope", [True, False], ids=["rope", "norope"])
 @pytest.mark.parametrize("case", TILE_256_CASES,
                          ids=lambda c: "-".join(map(str, c[:6] + c[9:])))
@@ -1440,15 +1458,17 @@ def test_256_row_tiles_lower_for_sm90(case, rope):
 @pytest.mark.parametrize("case", TILE_256_CASES,
                          ids=lambda c: "-".join(map(str, c[:6] + c[9:])))
 def test_compiled_256_row_tiles(case, rope):
-  """Tiles of 256 rows (four 64-row sub-tiles per softmax update, one ring
-  slot per compute WG), one split and three, against the reference; at
-  least one of them fits each case."""
+  """Tiles of 256 rows (four 64-row sub-tiles per softmax update): the
+  chosen config where it takes them (float8 and raw int4 codes without
+  RoPE), and one ring slot per compute WG with one split and two, against
+  the reference; at least one of them fits each case."""
   *shape, batch, s, lengths, bits = case
   spec = _tile_256_spec(*shape, bits)
   base = mg.choose_config(spec, batch=batch, cache_len=s, rope=rope)
   ran = 0
-  for splits in (1, 2):
-    c = dataclasses.replace(base, block_s=256, stages=2, splits=splits)
+  for c in [base] * (base.block_s == 256) + [
+      dataclasses.replace(base, block_s=256, stages=2, splits=splits)
+      for splits in (1, 2)]:
     if mg.unsupported_reason(spec, jnp.bfloat16, s, rope, c):
       continue
     ran += check(spec, batch=batch, cache_len=s, lengths=lengths,
