@@ -708,9 +708,9 @@ def choose_config(spec: LatentSpec, *, batch: int, cache_len: int, rope: bool,
     # 1-byte or raw 4-bit codes without RoPE: the chain's per-tile part
     # (the column max across warps, P's store, the p·h_v round trip)
     # outweighs the per-row part, so 256-row tiles in one slot per WG win
-    # where they fit (M-LRD 50 %, NOTES.md v34: float8 Llama-2 B8 64K 755
-    # vs 661 µs, B1 99.8 vs 93.1; int4 with a scale per token 755 vs 650
-    # and 102.6 vs 91.5; Llama-3 B8 195 vs 176 and 200 vs 175)
+    # where they fit (50 %, NOTES.md v34: float8 M-LRD Llama-2 B8 64K 762
+    # vs 655 µs, Llama-3 189 vs 174; int4 with a scale per token M-LRD 747
+    # vs 642 and 200 vs 174, G-LRD-2 540 vs 438 and 146 vs 124)
     bs = 4 * SUB
   if (bs == 2 * SUB and hc > 1 and not fits(bs, 2 * w)
       and fits(SUB, 2 * w)):
@@ -720,7 +720,10 @@ def choose_config(spec: LatentSpec, *, batch: int, cache_len: int, rope: bool,
     # WG 65.6 µs vs 72.5 µs per call, eval/results/
     # bench_kernels_h200_smollm2_v13.md)
     bs = SUB
-  stages = 2 * w if fits(bs, 2 * w) else w
+  # (256 rows: two slots per WG, where they fit, ran slower than one:
+  # float8 M-LRD Llama-2 B8 64K 802 vs 655 µs, Llama-3 200 vs 174; NOTES.md
+  # v34)
+  stages = 2 * w if fits(bs, 2 * w) and bs < 4 * SUB else w
   programs = batch * spec.groups * (spec.kv_per_group // hc if rope else 1)
   tiles = max(1, cache_len // bs)
   # one full wave: 32 programs × 5 splits = 160 CTAs on 132 SMs ran a

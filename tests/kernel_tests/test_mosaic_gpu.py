@@ -1416,8 +1416,9 @@ def _tile_256_spec(g, j, qk, h, r, shared, bits):
 
 
 def test_choose_config_takes_256_rows_for_narrow_codes_without_rope():
-  """The rule measured in v34 (NOTES.md): 256-row tiles for float8 and raw
-  int4 codes without RoPE where one slot per WG fits; not with RoPE, not
+  """The rule measured in v34 (NOTES.md): 256-row tiles in one ring slot
+  per WG for float8 and raw int4 codes without RoPE where they fit; not
+  with RoPE, not
   for 16-bit latents or int4 dequantized per quant group, not for
   Llama-2 G-LRD-4 (its values' 16-bit tiles do not fit)."""
   chosen = lambda spec, rope, s=65536: mg.choose_config(
@@ -1425,6 +1426,9 @@ def test_choose_config_takes_256_rows_for_narrow_codes_without_rope():
   fp8_mlrd = _fp8_spec(32, 1, 1, 128, 64, False)
   int4_mlrd = _int4_spec(32, 1, 1, 128, 64, False, None)
   assert chosen(fp8_mlrd, False) == chosen(int4_mlrd, False) == 256
+  # in one ring slot per compute WG (two measured slower)
+  assert mg.choose_config(fp8_mlrd, batch=8, cache_len=65536,
+                          rope=False).stages == mg.COMPUTE_WGS
   assert chosen(fp8_mlrd, False, s=65536 + 128) == 128   # not a multiple
   assert chosen(fp8_mlrd, True) == chosen(int4_mlrd, True) == 128
   assert chosen(_int4_spec(32, 1, 1, 128, 64, False), False) == 64
