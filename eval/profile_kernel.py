@@ -216,7 +216,7 @@ def main(argv=None) -> int:
                   help="one latent serves keys and values (SmolLM2)")
   ap.add_argument("--kv-heads-per-cta", type=int, default=None)
   ap.add_argument("--splits", type=int, default=None)
-  ap.add_argument("--block-s", type=int, default=None, choices=[64, 128],
+  ap.add_argument("--block-s", type=int, default=None, choices=[64, 128, 256],
                   help="rows per tile (default: the kernel's choice; the "
                   "profiler's buffers take shared memory too)")
   ap.add_argument("--turns", action="store_true",
