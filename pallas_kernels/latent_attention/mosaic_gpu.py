@@ -82,7 +82,7 @@ SUB = 64                 # rows per key sub-tile: the wgmma M
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class MosaicConfig:
-  """Launch parameters: cache rows per tile (64 or 128: a tile is one ring
+  """Launch parameters: cache rows per tile (64, 128 or 256: a tile is one ring
   slot, one softmax update and one p·h_v product; its keys are rebuilt
   and scored in sub-tiles of 64 rows), ring slots (even: each compute WG
   owns every other slot), sequence splits."""
