@@ -1,4 +1,4 @@
-"""Replace some variants' rows of a bench_kernels results file by a later call's.
+"""Replace some variants' rows of bench_kernels results by a later call's.
 
   python -m eval.replace_bench_rows eval/results/bench_kernels_h200.json \\
       eval/results/bench_kernels_h200_fp8_v31.json \\
@@ -82,8 +82,8 @@ def main(argv=None) -> int:
   out_dir, name = os.path.split(os.path.splitext(args.results)[0])
   jpath, mpath = write_results(out_dir or ".", name, out, md)
   plot_results(jpath)
-  print(f"{jpath}: {len(out)} rows ({sum(r.get('variant') in args.variants for r in out)} "
-        f"from {args.later})")
+  replaced = sum(r.get("variant") in args.variants for r in out)
+  print(f"{jpath}: {len(out)} rows ({replaced} from {args.later})")
   return 0
 
 

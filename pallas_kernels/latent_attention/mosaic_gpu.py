@@ -2016,15 +2016,23 @@ def _per_kv_head(k_up: Array, k_bias: Array | None, spec: LatentSpec,
   return bk, k_bias.astype(dtype).astype(jnp.float32).reshape(g * j, h)
 
 
+def _scaled_columns(k_up: Array, spec: LatentSpec, code_max: float
+                    ) -> tuple[Array, Array]:
+  """B_k per KV head over its power-of-two scale per column, f32
+  [G·J, R_k, H] (each column within ±code_max), and the scales [G·J, H]."""
+  bk, _ = _per_kv_head(k_up, None, spec, jnp.float32)
+  scale = pow2_scale(jnp.max(jnp.abs(bk), axis=1), jnp.float32,
+                     code_max=code_max)
+  return bk / scale[:, None, :], scale
+
+
 def _e4m3_columns(k_up: Array, spec: LatentSpec) -> tuple[Array, Array]:
   """B_k per KV head as e4m3 codes, K-major [G·J, H, R_k], and its
   power-of-two scale per column [G·J, H] (f32): B_k = codes · scale, as
   `--k-up-bits 8` stores it (`fp8_quant.round_weight_columns`); a B_k not
   already so rounded is rounded here."""
-  bk, _ = _per_kv_head(k_up, None, spec, jnp.float32)     # [G·J, R_k, H]
-  scale = pow2_scale(jnp.max(jnp.abs(bk), axis=1), jnp.float32)
-  codes = (bk / scale[:, None, :]).astype(E4M3_CODE)
-  return jnp.swapaxes(codes, 1, 2), scale
+  scaled, scale = _scaled_columns(k_up, spec, E4M3_MAX)
+  return jnp.swapaxes(scaled.astype(E4M3_CODE), 1, 2), scale
 
 
 INT8_MAX = 127      # int8 codes of B_k stay within ±127
@@ -2036,10 +2044,8 @@ def int8_columns(k_up: Array, spec: LatentSpec) -> tuple[Array, Array]:
   or above the column's max |B_k| / 127, so code·scale has 7 significant
   bits and is exact in bf16): B_k ≈ codes · scale, what `int4_int8_rebuild`
   multiplies; `int8_rebuild_weight` gives that B_k."""
-  bk, _ = _per_kv_head(k_up, None, spec, jnp.float32)     # [G·J, R_k, H]
-  scale = pow2_scale(jnp.max(jnp.abs(bk), axis=1), jnp.float32,
-                     code_max=INT8_MAX)
-  codes = jnp.clip(jnp.round(bk / scale[:, None, :]), -INT8_MAX, INT8_MAX)
+  scaled, scale = _scaled_columns(k_up, spec, INT8_MAX)
+  codes = jnp.clip(jnp.round(scaled), -INT8_MAX, INT8_MAX)
   return jnp.swapaxes(codes.astype(jnp.int8), 1, 2), scale
 
 

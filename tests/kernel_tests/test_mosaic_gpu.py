@@ -1406,21 +1406,32 @@ TILE_256_CASES = [
 ]
 
 
-def _tile_256_spec(g, j, qk, h, r, shared, bits):
+def _tile_256_configs(case, rope):
+  """A TILE_256_CASES case -> (spec, batch, S, lengths, the configs of
+  256-row tiles that fit it: the chosen one where it takes them, and one
+  ring slot per compute WG with one split and two)."""
+  g, j, qk, h, r, shared, batch, s, lengths, bits = case
   if bits == 8:
-    return _fp8_spec(g, j, qk, h, r, shared)
-  if bits == 4:
-    return _int4_spec(g, j, qk, h, r, shared, None)
-  return LatentSpec(groups=g, kv_per_group=j, q_per_kv=qk, head_dim=h,
-                    k_rank=r, v_rank=r, shared=shared)
+    spec = _fp8_spec(g, j, qk, h, r, shared)
+  elif bits == 4:
+    spec = _int4_spec(g, j, qk, h, r, shared, None)
+  else:
+    spec = LatentSpec(groups=g, kv_per_group=j, q_per_kv=qk, head_dim=h,
+                      k_rank=r, v_rank=r, shared=shared)
+  base = mg.choose_config(spec, batch=batch, cache_len=s, rope=rope)
+  configs = [base] * (base.block_s == 256) + [
+      dataclasses.replace(base, block_s=256, stages=2, splits=splits)
+      for splits in (1, 2)]
+  return spec, batch, s, lengths, [
+      c for c in configs
+      if not mg.unsupported_reason(spec, jnp.bfloat16, s, rope, c)]
 
 
 def test_choose_config_takes_256_rows_for_narrow_codes_without_rope():
   """The rule measured in v34 (NOTES.md): 256-row tiles in one ring slot
   per WG for float8 and raw int4 codes without RoPE where they fit; not
-  with RoPE, not
-  for 16-bit latents or int4 dequantized per quant group, not for
-  Llama-2 G-LRD-4 (its values' 16-bit tiles do not fit)."""
+  with RoPE, not for 16-bit latents or int4 dequantized per quant group,
+  not for Llama-2 G-LRD-4 (its values' 16-bit tiles do not fit)."""
   chosen = lambda spec, rope, s=65536: mg.choose_config(
       spec, batch=8, cache_len=s, rope=rope).block_s
   fp8_mlrd = _fp8_spec(32, 1, 1, 128, 64, False)
@@ -1443,17 +1454,10 @@ def test_choose_config_takes_256_rows_for_narrow_codes_without_rope():
 def test_256_row_tiles_lower_for_sm90(case, rope):
   """The compiled test's configs lower for sm_90 on the CPU, and each case
   fits shared memory with one of them."""
-  *shape, batch, s, _, bits = case
-  spec = _tile_256_spec(*shape, bits)
-  base = mg.choose_config(spec, batch=batch, cache_len=s, rope=rope)
-  ran = 0
-  for splits in (1, 2):
-    c = dataclasses.replace(base, block_s=256, stages=2, splits=splits)
-    if mg.unsupported_reason(spec, jnp.bfloat16, s, rope, c):
-      continue
+  spec, batch, s, _, configs = _tile_256_configs(case, rope)
+  assert configs
+  for c in configs:
     assert "mosaic_gpu" in _lower(spec, batch, s, rope, config=c).as_text()
-    ran += 1
-  assert ran
 
 
 @gpu
@@ -1466,18 +1470,11 @@ def test_compiled_256_row_tiles(case, rope):
   chosen config where it takes them (float8 and raw int4 codes without
   RoPE), and one ring slot per compute WG with one split and two, against
   the reference; at least one of them fits each case."""
-  *shape, batch, s, lengths, bits = case
-  spec = _tile_256_spec(*shape, bits)
-  base = mg.choose_config(spec, batch=batch, cache_len=s, rope=rope)
-  ran = 0
-  for c in [base] * (base.block_s == 256) + [
-      dataclasses.replace(base, block_s=256, stages=2, splits=splits)
-      for splits in (1, 2)]:
-    if mg.unsupported_reason(spec, jnp.bfloat16, s, rope, c):
-      continue
-    ran += check(spec, batch=batch, cache_len=s, lengths=lengths,
+  spec, batch, s, lengths, configs = _tile_256_configs(case, rope)
+  assert configs
+  for c in configs:
+    assert check(spec, batch=batch, cache_len=s, lengths=lengths,
                  dtype=jnp.bfloat16, rope=rope, bias=rope, config=c)
-  assert ran
 
 
 @gpu
