@@ -513,7 +513,8 @@ def _cfg_str(c, spec=None, rope: bool = True) -> str:
                                    else " int8_keys_in_registers"))
                if applies(mosaic_gpu.int8_rebuild) else "")
             + (" fp8_values_masked_per_tile" if spec is not None
-               and spec.bits == 8 and not c.fp8_mask_last else ""))
+               and spec.bits == 8 and not c.fp8_mask_last else "")
+            + (" value_halves" if applies(mosaic_gpu.value_halves) else ""))
   return f"bs={c.block_s} P={c.splits} w={c.num_warps} st={c.num_stages}"
 
 

@@ -166,6 +166,16 @@ class MosaicConfig:
   # to 0 (their value scales may be anything). Llama-2 B8 128K without
   # RoPE 1,123 -> 958 µs, with RoPE 5,674 -> 5,267 µs (NOTES.md, v31).
   fp8_mask_last: bool = True
+  # float8 values (own value latent): upcast and mixed in two column
+  # windows of R_v (`value_windows`) through one f16 tile per compute WG of
+  # a window's width instead of R_v's: about half that tile's shared memory
+  # for one more wgmma wait a tile (the second window's upcast waits for
+  # the first window's p·h_v, and the value slot is released after it).
+  # For shapes that do not fit otherwise: 30 % G-LRD-4 (ranks of 352)
+  # needs 237,312 bytes with the whole tile, 4.9 KB over the limit
+  # (NOTES.md v35). Lowers for sm_90 (CPU tests); not yet compiled on a GPU,
+  # so `choose_config` picks it only with CHOOSE_VALUE_HALVES.
+  value_halves: bool = False
   # int4 (quant groups in multiples of 32): codes converted in the layout
   # they load in (8 per 32-bit register) and that layout's registers read
   # as the wgmma layout's, which permutes the columns within each 32
@@ -377,6 +387,48 @@ def values_during_scores(spec: LatentSpec, rope: bool, config: MosaicConfig
           and not spec.shared and not int4_converter(spec, rope, config))
 
 
+def value_halves(spec: LatentSpec, rope: bool, config: MosaicConfig
+                 ) -> bool:
+  """Whether float8 values go through two column windows of a narrower
+  tile (`MosaicConfig.value_halves`; own value latent)."""
+  return config.value_halves and spec.bits == 8 and not spec.shared
+
+
+def value_windows(v_rank: int) -> tuple[tuple[int, int], ...]:
+  """(first column, width) of the two column windows of R_v that
+  `value_halves` upcasts and mixes in turn: the same width, a multiple of
+  64 (each window is one p·h_v accumulator, M = width), the smallest ≥
+  R_v / 2 whose second window, which ends at R_v, starts on a swizzle
+  tile of the 1-byte codes; where R_v / 2 is not such a width the windows
+  overlap (their common rows get the same sums, so either copy is right).
+  352 -> ((0, 192), (160, 192)); 256 -> ((0, 128), (128, 128))."""
+  tile = _swizzle(v_rank, 1)
+  for width in range(SUB * -(-v_rank // (2 * SUB)), v_rank, SUB):
+    if (v_rank - width) % tile == 0:
+      return ((0, width), (v_rank - width, width))
+  raise ValueError(f"v_rank {v_rank} has no two windows narrower than it "
+                   f"(multiples of {SUB}, the second on a {tile}-byte "
+                   "swizzle tile)")
+
+
+def _has_value_windows(v_rank: int) -> bool:
+  try:
+    value_windows(v_rank)
+  except ValueError:
+    return False
+  return True
+
+
+def value_tile_cols(spec: LatentSpec, rope: bool, config: MosaicConfig
+                    ) -> int:
+  """Columns of each compute WG's 16-bit value tile: R_v, or one window's
+  width with `value_halves` (R_v where it has no windows:
+  `unsupported_reason` refuses that)."""
+  if value_halves(spec, rope, config) and _has_value_windows(spec.v_rank):
+    return value_windows(spec.v_rank)[0][1]
+  return spec.v_rank
+
+
 def scores_dtype(config: MosaicConfig, dtype):
   """Operand type of the RoPE scores wgmma (rotated keys and q)."""
   return jnp.dtype(jnp.float16 if config.rotation_dtype == "float16" else
@@ -511,6 +563,16 @@ def unsupported_reason(spec: LatentSpec, dtype, cache_len: int, rope: bool,
   elif spec.bits != 16:
     return (f"{spec.bits}-bit latents (Mosaic GPU path reads 16-bit, float8 "
             "or, without RoPE, 4-bit latents)")
+  if config.value_halves:
+    if not value_halves(spec, rope, config):
+      return "value_halves takes float8 caches with an own value latent"
+    if values_during_scores(spec, rope, config):
+      return ("value_halves with values_during_scores (the windows are "
+              "staged after the softmax)")
+    try:
+      value_windows(spec.v_rank)
+    except ValueError as err:
+      return f"value_halves: {err}"
   if spec.v_rank % 16 or spec.v_rank < SUB:
     return (f"v_rank {spec.v_rank} (needs a multiple of 16, at least 64: "
             "p·h_v takes 64-row pieces of it)")
@@ -596,8 +658,9 @@ def smem_bytes(spec: LatentSpec, rope: bool, config: MosaicConfig) -> int:
   ring = bs * (spec.k_rank + (0 if spec.shared else spec.v_rank))
   fp8 = spec.bits == 8
   if fp8:   # 1-byte codes; 16-bit scales per token; each WG's f16 values
+    # (with value_halves one window wide)
     ring = ring // 2 + 2 * bs
-    extra = config.compute_wgs * bs * spec.v_rank
+    extra = config.compute_wgs * bs * value_tile_cols(spec, rope, config)
   elif spec.bits == 4:   # packed codes; a scale and an offset per quant
     # group; each WG's 16-bit values
     sides = (spec.k_rank,) + (() if spec.shared else (spec.v_rank,))
@@ -642,6 +705,12 @@ def smem_bytes(spec: LatentSpec, rope: bool, config: MosaicConfig) -> int:
           + profile_smem_bytes(spec, rope, config))
 
 
+# value_halves (v35) lowers for sm_90 but has not been compiled and tested
+# on a GPU: until then choose_config leaves it off, and shapes that need it
+# fall back (30 % G-LRD-4 float8: to the jnp reference)
+CHOOSE_VALUE_HALVES = False
+
+
 def choose_config(spec: LatentSpec, *, batch: int, cache_len: int, rope: bool,
                   n_sms: int = 132, compute_wgs: int = COMPUTE_WGS,
                   kv_heads_per_cta: int | None = None) -> MosaicConfig:
@@ -676,14 +745,16 @@ def choose_config(spec: LatentSpec, *, batch: int, cache_len: int, rope: bool,
 
   The compute WGs merge their partials in the kernel (`merge_wgs`) up to
   MERGE_WGS_SPLITS splits; a caller who replaces `splits` keeps the
-  choice made for the chosen count."""
+  choice made for the chosen count. float8 values in two column windows
+  (`value_halves`) only with CHOOSE_VALUE_HALVES, and only where the whole
+  value tile does not fit at 64 rows."""
   # "fold" measured no faster than "rebuild" on the H200 (NOTES.md, v9)
   # and rounds q·B_k to 16 bits: rebuild is the default
   mode = "rebuild"
   w = compute_wgs
-  fits = lambda bs, st, hc: smem_bytes(spec, rope, MosaicConfig(
+  fits = lambda bs, st, hc, halves=False: smem_bytes(spec, rope, MosaicConfig(
       block_s=bs, stages=st, rope_mode=mode, compute_wgs=w,
-      kv_heads_per_cta=hc)) <= SMEM_BYTES
+      kv_heads_per_cta=hc, value_halves=halves)) <= SMEM_BYTES
   hc = kv_heads_per_cta
   if hc is None:
     whole = spec.kv_per_group
@@ -692,6 +763,13 @@ def choose_config(spec: LatentSpec, *, batch: int, cache_len: int, rope: bool,
           and fits(SUB, w if spec.shared else 2 * w, whole)
           and query_cols(spec, rope) * whole <= 256 else 1)
   fits = functools.partial(fits, hc=hc)
+  halves = (CHOOSE_VALUE_HALVES and spec.bits == 8 and not spec.shared
+            and not fits(SUB, w) and _has_value_windows(spec.v_rank)
+            and fits(SUB, w, halves=True))
+  if halves:
+    # float8 values whose whole 16-bit tile per WG does not fit even at 64
+    # rows in one slot per WG (30 % G-LRD-4): two windows of it
+    fits = functools.partial(fits, halves=True)
   bs = 2 * SUB if cache_len % (2 * SUB) == 0 and fits(2 * SUB, w) else SUB
   if (spec.bits == 4 and not rope
       and not raw_int4_values(spec, rope, MosaicConfig())):
@@ -733,7 +811,8 @@ def choose_config(spec: LatentSpec, *, batch: int, cache_len: int, rope: bool,
   splits = max(1, min(want, tiles * bs // min_rows))
   return MosaicConfig(block_s=bs, stages=stages, splits=splits,
                       rope_mode=mode, compute_wgs=w, kv_heads_per_cta=hc,
-                      merge_wgs=splits <= MERGE_WGS_SPLITS)
+                      merge_wgs=splits <= MERGE_WGS_SPLITS,
+                      value_halves=halves)
 
 
 # ------------------------------------------------ plain math the kernel uses
@@ -1155,7 +1234,12 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
   rk, rv = spec.k_rank, spec.v_rank
   hc = heads_per_cta(rope, config)
   cols = hc * nq               # query columns of the CTA: nq per KV head
-  chunks = value_row_chunks(spec.v_rank)
+  # float8 values in two column windows of R_v through a narrower tile
+  halves = value_halves(spec, rope, config)
+  # the p·h_v accumulators' latent rows (offset, rows) and where each reads
+  # its values in the value tile (with halves: a window, from column 0)
+  chunks = (value_windows(rv) if halves else value_row_chunks(rv))
+  tile_chunks = tuple((0, w) for _, w in chunks) if halves else chunks
   j_per = spec.kv_per_group // hc if rope else 1   # CTAs per latent group
   x, p, b = lax.axis_index("x"), lax.axis_index("p"), lax.axis_index("b")
   wg = lax.axis_index("wg")
@@ -1237,10 +1321,12 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
                                              layout=wgmma_layout)
     return jnp.where(row < length, v, jnp.zeros_like(v))
 
-  def values_to_tile(slot, s0, tile, mask, store_scope=None):
+  def values_to_tile(slot, s0, tile, mask, store_scope=None, window=None):
     """Value ring slot `slot`'s codes -> 16-bit values in `tile` [bs, R_v]:
     float8 upcast, int4 dequantized (rows past the length zeroed with
-    `mask`). store_scope: a profiler stage name for the stores."""
+    `mask`). store_scope: a profiler stage name for the stores. window
+    (`value_halves`): the (first column, width) of the float8 codes that
+    fill the tile [bs, width]."""
     for j in range(subs):
       rows = pl.ds(j * SUB, SUB)
       if raw_v:     # c - 8; the scales and offsets go with P
@@ -1252,7 +1338,10 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
         v = dequant4(hv_s.at[slot, rows], sv_s.at[slot, rows],
                      zv_s.at[slot, rows], s0 + j * SUB, mask)
       else:
-        v = upcast(hv_s.at[slot, rows], s0 + j * SUB, mask)
+        codes = hv_s.at[slot, rows]
+        if window is not None:
+          codes = hv_s.at[slot, rows, pl.ds(*window)]
+        v = upcast(codes, s0 + j * SUB, mask)
       with (jax.named_scope(store_scope) if store_scope
             else contextlib.nullcontext()):
         tile.at[rows][...] = v
@@ -1364,11 +1453,13 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
 
     def stage_values(slot, s0):
       """The tile's value codes -> 16-bit values in the WG's tile `vb_s`
-      (float8 upcast, int4 dequantized; rows past the length zeroed)."""
+      (float8 upcast, int4 dequantized; rows past the length zeroed; with
+      value_halves the first window's)."""
       with jax.named_scope("v_wait"):
         plgpu.barrier_wait(vprod_bar.at[slot])
       with jax.named_scope("upcast"):
-        values_to_tile(slot, s0, vb_s.at[wg], not mask_last)
+        values_to_tile(slot, s0, vb_s.at[wg], not mask_last,
+                       window=chunks[0] if halves else None)
 
     def tile_at(i):
       """WG-local tile i -> (its tile index t, ring slot, first row)."""
@@ -1672,7 +1763,8 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
                       for j in range(subs)] if fp8 or raw_v else []
           p_offsets = [token_scales(zv_s.at[slot, pl.ds(j * SUB, SUB)])
                        for j in range(subs)] if raw_v else []
-          plgpu.barrier_arrive(vcons_bar.at[slot])
+          if not halves:   # (halves: after the second window's upcast)
+            plgpu.barrier_arrive(vcons_bar.at[slot])
       with jax.named_scope("p_store"):
         if raw_v:     # e rescaled as the accumulator
           e = e * lax.broadcast_in_dim(corr, e.shape, [1])
@@ -1707,7 +1799,7 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
         with jax.named_scope("v_wait"):
           plgpu.barrier_wait(vprod_bar.at[slot])
 
-      if not staged or (mask_last and not converter and not raw_v):
+      def clear_past_length():
         @pl.when(s0 + bs > length)
         def _():
           # rows past the length get probability 0, but 0·inf is NaN on the
@@ -1719,14 +1811,44 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
           values[...] = jnp.where(s0 + row < length, v, jnp.zeros_like(v))
           plgpu.commit_smem()
 
-      with jax.named_scope("pv"):
-        def mix(refs):
+      def mix(accs, which):
+        """acc[n] += values(n)ᵀ·P for the accumulators n in `which` (their
+        value columns in the tile: `tile_chunks`); returns them."""
+        def run(refs):
           for j in range(subs):
-            for ref, (off, size) in zip(refs, chunks):
+            for ref, n in zip(refs, which):
+              off, size = tile_chunks[n]
               plgpu.wgmma(ref, values.at[pl.ds(j * SUB, SUB),
                                          pl.ds(off, size)].T,
                           p_s.at[wg, j].T)
-        acc = pl.run_state(mix)(tuple(plgpu.ACC.init(a) for a in acc))
+        return pl.run_state(run)(tuple(plgpu.ACC.init(accs[n])
+                                       for n in which))
+
+      if halves:
+        # window 0 was staged with the tile's values; window 1 waits for
+        # window 0's p·h_v to reuse the tile (run_state's end waits for the
+        # wgmma in each warp, and a warpgroup barrier for all four: a
+        # warp's stores cover token rows that every warp's part of the
+        # wgmma reads), and the value slot is released once it is read
+        acc = list(acc)
+        for n, window in enumerate(chunks):
+          if n:
+            with jax.named_scope("upcast"):
+              plgpu.commit_smem()          # (its warpgroup barrier)
+              values_to_tile(slot, s0, values, not mask_last, window=window)
+              plgpu.barrier_arrive(vcons_bar.at[slot])
+              plgpu.commit_smem()
+          if mask_last:
+            clear_past_length()
+          with jax.named_scope("pv"):
+            (acc[n],) = mix(acc, (n,))
+        return tuple(acc), m_new, l, e
+
+      if not staged or (mask_last and not converter and not raw_v):
+        clear_past_length()
+
+      with jax.named_scope("pv"):
+        acc = mix(acc, range(len(chunks)))
         if not staged:         # (staged: released after the upcasts)
           plgpu.barrier_arrive(
               (vcons_bar if split_rings else kcons_bar).at[slot])
@@ -2270,8 +2392,9 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
     ring_v = plgpu.SMEM((config.stages, bs, rv), dtype,
                         transforms=_transforms(_swizzle(rv)))
   # p·h_v: A (h_v tile, transposed) and B (Pᵀ) share one swizzle
+  v_cols = value_tile_cols(spec, rope, config)   # R_v, or a window's width
   v_swizzle = (k_swizzle if spec.shared and not (fp8 or int4)
-               else _swizzle(rv))
+               else _swizzle(v_cols))
   p_dtype = jnp.float16 if fp8 else dtype
   p_smem = plgpu.SMEM((config.compute_wgs, bs // SUB, cols, SUB), p_dtype,
                       transforms=_transforms(min(v_swizzle, _swizzle(SUB))))
@@ -2284,8 +2407,8 @@ def latent_attention(q: Array, hk: Array, hv: Array | None, k_up: Array,
   if fp8:   # scale rings of keys and values, each WG's f16 value tile
     scratch += [plgpu.SMEM((config.stages, bs), sk.dtype),
                 plgpu.SMEM((config.stages, bs), sv.dtype),
-                plgpu.SMEM((config.compute_wgs, bs, rv), jnp.float16,
-                           transforms=_transforms(_swizzle(rv)))]
+                plgpu.SMEM((config.compute_wgs, bs, v_cols), jnp.float16,
+                           transforms=_transforms(v_swizzle))]
   if int4:  # scale and offset rings of keys and values, each WG's values
     groups_of = lambda r: (config.stages, bs) + (
         () if int4_token_scales(spec) else (r // spec.quant_group,))

@@ -241,6 +241,10 @@ def test_bench_kernels_config_labels_name_only_options_that_apply():
   assert _cfg_str(per_tile, fp8, True) == (
       "bs=128 P=2 stages=4 fp8_values_masked_per_tile")
   assert _cfg_str(per_tile, bf16, True) == "bs=128 P=2 stages=4"
+  # the float8 value windows (v35) only on float8 caches
+  halves = dataclasses.replace(c, value_halves=True)
+  assert _cfg_str(halves, fp8, True) == "bs=128 P=2 stages=4 value_halves"
+  assert _cfg_str(halves, bf16, True) == "bs=128 P=2 stages=4"
   shared = LatentSpec(groups=1, kv_per_group=3, q_per_kv=3, head_dim=64,
                       k_rank=192, v_rank=192, shared=True)
   heads = MosaicConfig(block_s=64, stages=4, splits=8, kv_heads_per_cta=3)

@@ -1719,8 +1719,19 @@ def test_compiled_fp8_rows_past_the_length_do_not_matter(case, rope,
   fp8_mask_last, infinite scales there too): the output equals the clean
   cache's bit for bit, for the values cleared in every tile's upcast
   (fp8_mask_last=False) and in the last tile only (the default)."""
+  check_fp8_rows_past(case, rope, fp8_mask_last=mask_last)
+
+
+def check_fp8_rows_past(case, rope, **changes):
+  """An FP8_GPU_CASES case with NaN codes past every sequence's length (and,
+  with fp8_mask_last, infinite scales there too) gives the clean cache's
+  output bit for bit, and the reference's, with the chosen config and
+  `changes` to it; skips a config the shape cannot take."""
   g, j, qk, h, r, shared, batch, s, lengths = case
   spec = _fp8_spec(g, j, qk, h, r, shared)
+  cfg = dataclasses.replace(mg.choose_config(
+      spec, batch=batch, cache_len=s, rope=rope), **changes)
+  mask_last = cfg.fp8_mask_last
   q, hk, hv, k_up, k_bias, inv = make_inputs(spec, batch, s, jnp.bfloat16)
   if rope:
     k_up = e4m3_rebuild_weight(k_up, spec, jnp.bfloat16)
@@ -1735,8 +1746,6 @@ def test_compiled_fp8_rows_past_the_length_do_not_matter(case, rope,
     scale = (jnp.where(past[..., None], jnp.inf, side.scale).astype(
         side.scale.dtype) if mask_last else side.scale)
     return side._replace(codes=codes, scale=scale)
-  cfg = dataclasses.replace(mg.choose_config(
-      spec, batch=batch, cache_len=s, rope=rope), fp8_mask_last=mask_last)
   if mg.unsupported_reason(spec, jnp.bfloat16, s, rope, cfg):
     pytest.skip("does not fit")
   kw = dict(spec=spec, inv_freq=inv if rope else None,
