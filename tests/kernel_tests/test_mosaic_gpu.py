@@ -1343,15 +1343,15 @@ def test_compiled_partials_per_wg(case, wgs, merge_wgs):
                  dtype=jnp.bfloat16, rope=rope, bias=True, config=cfg)
 
 
-def _check_fitting_rope(spec, batch, s, lengths, configs) -> int:
+def check_fitting(spec, batch, s, lengths, configs, rope=True) -> int:
   """Each of `configs` that fits shared memory against the reference
-  (bf16, RoPE, key bias) -> how many ran."""
+  (bf16; with RoPE a key bias too) -> how many ran."""
   ran = 0
   for c in configs:
-    if mg.unsupported_reason(spec, jnp.bfloat16, s, True, c):
+    if mg.unsupported_reason(spec, jnp.bfloat16, s, rope, c):
       continue
     assert check(spec, batch=batch, cache_len=s, lengths=lengths,
-                 dtype=jnp.bfloat16, rope=True, bias=True, config=c)
+                 dtype=jnp.bfloat16, rope=rope, bias=rope, config=c)
     ran += 1
   return ran
 
@@ -1361,7 +1361,7 @@ def _check_rebuild_early(spec, batch, s, lengths):
   slot per WG and 3 splits; at least one of them fits."""
   cfg = dataclasses.replace(mg.choose_config(
       spec, batch=batch, cache_len=s, rope=True), rebuild_early=True)
-  assert _check_fitting_rope(spec, batch, s, lengths, (
+  assert check_fitting(spec, batch, s, lengths, (
       cfg, dataclasses.replace(cfg, block_s=64, stages=2, splits=3)))
 
 
@@ -1520,7 +1520,7 @@ def test_compiled_several_kv_heads_per_cta(case):
                            kv_heads_per_cta=hc)
     # fused heads: off by default, an option (compiled tests passed in
     # run 5 of eval/results/kernel_tests_h200.txt)
-    ran += _check_fitting_rope(spec, batch, s, lengths, (
+    ran += check_fitting(spec, batch, s, lengths, (
         cfg, dataclasses.replace(cfg, splits=1),
         dataclasses.replace(cfg, fuse_heads=True)))
   assert ran
