@@ -45,7 +45,9 @@ def palu_config(cfg, ratio: float, bits: int, group: int = GROUP,
   library's default (`cache_quant_group`): one per token and latent group
   for float8 (the format the Mosaic GPU fp8 path reads), one per 32
   latents for integer codes; scale_per_token: one per token and group for
-  integer codes too."""
+  integer codes too. float8 latents come with an e4m3 B_k (`--k-up-bits
+  8`), which the Mosaic GPU kernel's fp8 key rebuild takes (with a 16-bit
+  B_k it refuses RoPE calls)."""
   size = min(group, cfg.n_kv_heads)
   width = (2 if shared else 1) * size * cfg.head_dim
   rank = int(round((1 - ratio) * width / 16)) * 16
@@ -54,7 +56,7 @@ def palu_config(cfg, ratio: float, bits: int, group: int = GROUP,
                     kv_bits=bits,
                     quant_group=(rank if scale_per_token or bits == 8
                                  else 32),
-                    shared_kv=shared)
+                    shared_kv=shared, k_up_bits=8 if bits == 8 else 16)
 
 
 # the default list; any name `variant_spec` parses can be asked for

@@ -195,10 +195,13 @@ def palu_spec(n_heads, n_kv, head_dim, ratio, bits, group=GROUP,
   """G-LRD latents keeping 1 - ratio of each group's key/value dims, the
   rank rounded to the nearest multiple the kernel takes at `bits` (the
   bytes reported are those of the rounded rank). shared: one latent of
-  twice the rank serves keys and values (the same bytes per token)."""
+  twice the rank serves keys and values (the same bytes per token).
+  float8 latents come with an e4m3 B_k (`--k-up-bits 8`), the form the
+  Mosaic GPU kernel's fp8 key rebuild takes."""
   spec = LatentSpec(groups=n_kv // group, kv_per_group=group,
                     q_per_kv=n_heads // n_kv, head_dim=head_dim, k_rank=16,
-                    v_rank=16, bits=bits, shared=shared)
+                    v_rank=16, bits=bits, shared=shared,
+                    k_up_bits=8 if bits == 8 else 16)
   unit = rank_unit(spec)
   width = (2 if shared else 1) * group * head_dim
   rank = max(unit, int(round((1 - ratio) * width / unit)) * unit)

@@ -396,7 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
                  "per --quant-group [16]")
   k.add_argument("--k-up-bits", type=int, choices=[16, 8], default=None,
                  help="8: key up-projection B_k in e4m3 codes with a power-"
-                 "of-two scale per column (for fp8 key rebuilds) [16]")
+                 "of-two scale per column: with --kv-bits 8 the Mosaic GPU "
+                 "kernel's fp8 key rebuild needs it (with 16, RoPE decoding "
+                 "on Hopper falls back to a slower kernel) [16]")
   k.add_argument("--quant-group", type=quant_group, default=None,
                  help="latents per quantization group (per token), or "
                  "'group': one scale per token and latent group (the "

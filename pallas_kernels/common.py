@@ -45,6 +45,9 @@ class LatentSpec:
     bits: 16 for a bf16/fp16 cache, 8 for float8 e4m3 codes, else 4/3/2
       for packed integer codes.
     quant_group: latents per scale/offset pair.
+    k_up_bits: how the model stores B_k: 16 bits, or 8 (`--k-up-bits 8`):
+      e4m3 values times a power-of-two scale per latent group and column,
+      the B_k an fp8 key rebuild multiplies exactly.
   """
   groups: int
   kv_per_group: int
@@ -55,6 +58,7 @@ class LatentSpec:
   shared: bool = False
   bits: int = 16
   quant_group: int = 32
+  k_up_bits: int = 16
 
   @property
   def heads_per_group(self) -> int:

@@ -449,6 +449,12 @@ def unsupported_reason(spec: LatentSpec, dtype, cache_len: int, rope: bool,
               f"token and latent group: quant_group = the rank)")
     if spec.k_rank % 32 or spec.v_rank % 32:
       return "float8 ranks not multiples of 32 (the 1-byte swizzle)"
+    if rope and spec.k_up_bits != 8:
+      # the fp8 rebuild rounds B_k to e4m3; a model that keeps it in 16
+      # bits would decode with other keys than its perplexity measures
+      return ("float8 latents with RoPE and a 16-bit B_k (the kernel "
+              "rebuilds keys with an e4m3 B_k: compress with --k-up-bits 8 "
+              "to decode on it)")
   elif spec.bits == 4:
     if rope and not config.int4_rope:
       return "4-bit latents with RoPE and MosaicConfig(int4_rope=False)"

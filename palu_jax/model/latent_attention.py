@@ -72,13 +72,17 @@ class LatentAttention(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, group_size: int,
                k_ranks: Sequence[int], v_ranks: Sequence[int], dtype,
                rngs: nnx.Rngs, shared_kv: bool = False, kv_bits: int = 16,
-               quant_group: int = 32, scale_dtype=jnp.bfloat16):
+               quant_group: int = 32, scale_dtype=jnp.bfloat16,
+               k_up_bits: int = 16):
     self.cfg = cfg
     self.group_size = group_size
     self.shared_kv = shared_kv
     self.kv_bits = kv_bits
     self.quant_group = quant_group
     self.scale_dtype = jnp.dtype(scale_dtype)
+    # 8: B_k holds e4m3 values (`--k-up-bits 8`), what the Mosaic GPU
+    # kernel's fp8 key rebuild multiplies; the kernels are told (LatentSpec)
+    self.k_up_bits = k_up_bits
     self.k_slices = rank_slices(k_ranks)
     self.v_slices = rank_slices(v_ranks)
     d, h = cfg.dim, cfg.head_dim
@@ -163,7 +167,8 @@ class LatentAttention(nnx.Module):
     return LatentSpec(groups=len(self.k_slices), kv_per_group=self.group_size,
                       q_per_kv=c.q_per_kv, head_dim=c.head_dim,
                       k_rank=ks.pop(), v_rank=vs.pop(), shared=self.shared_kv,
-                      bits=self.kv_bits, quant_group=self.quant_group)
+                      bits=self.kv_bits, quant_group=self.quant_group,
+                      k_up_bits=self.k_up_bits)
 
   def uses_kernel(self) -> bool:
     """Whether one-token decode goes through the latent kernels' api."""

@@ -25,7 +25,7 @@ class Block(nnx.Module):
   """Pre-norm residual block: attention then SwiGLU MLP.
 
   `latent` = (group_size, k_ranks, v_ranks, shared_kv, (kv_bits,
-  quant_group, scale_dtype)) makes the attention a Palu
+  quant_group, scale_dtype, k_up_bits)) makes the attention a Palu
   `LatentAttention`; None keeps the dense one.
   """
 
@@ -39,7 +39,8 @@ class Block(nnx.Module):
       self.attn = LatentAttention(cfg, group_size=group_size, k_ranks=k_ranks,
                                   v_ranks=v_ranks, dtype=dtype, rngs=rngs,
                                   shared_kv=shared_kv, kv_bits=quant[0],
-                                  quant_group=quant[1], scale_dtype=quant[2])
+                                  quant_group=quant[1], scale_dtype=quant[2],
+                                  k_up_bits=quant[3])
     self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype=dtype)
     self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
@@ -76,7 +77,8 @@ class Transformer(nnx.Module):
               latent=None if palu is None else
               (palu.group_size, palu.k_ranks[i], palu.v_ranks[i],
                palu.shared_kv,
-               (palu.kv_bits, palu.layer_quant_group(i), palu.scale_dtype)))
+               (palu.kv_bits, palu.layer_quant_group(i), palu.scale_dtype,
+                palu.k_up_bits)))
         for i in range(cfg.n_layers)])
     self.final_norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype=dtype)
     self.lm_head = (None if cfg.tie_embeddings else

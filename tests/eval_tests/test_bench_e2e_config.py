@@ -19,7 +19,10 @@ def test_variant_names_and_configs():
   p = palu_config(cfg, *variant_spec("palu50_fp8"))
   assert (p.group_size, p.k_ranks[0][0], p.kv_bits, p.quant_group) == (
       4, 256, 8, 256)
+  # and an e4m3 B_k: the Mosaic GPU kernel's fp8 rebuild takes no other
+  assert p.k_up_bits == 8
   assert palu_config(cfg, *variant_spec("palu50_int4")).quant_group == 32
+  assert palu_config(cfg, *variant_spec("palu50_int4")).k_up_bits == 16
   p = palu_config(cfg, *variant_spec("palu50_int4"), scale_per_token=True)
   assert p.quant_group == 256
   assert len(p.k_ranks) == cfg.n_layers

@@ -21,14 +21,22 @@ def test_join_and_front():
               "kv_bytes_per_token": 11520},
              {"name": "default-50-fp8", "ppl_wikitext2": 24.1,
               "kv_bytes_per_token": 6120},
+             {"name": "default-50-fp8-kup8", "ppl_wikitext2": 24.4,
+              "kv_bytes_per_token": 6120},
              {"name": "default-50-mlrd", "ppl_wikitext2": 46.9,
               "kv_bytes_per_token": 11520},
              {"name": "glrd-30-fisher-white"}]        # skipped: no ppl
   rows = {r["config"]: r for r in config_table.build_table(speed, quality)}
-  # by hand: dense (21.6, 100) beats 50 % bf16 (24.1, 90) and fp8 (24.1,
-  # 20) on both axes; per head (46.9, 130) is the fastest
+  # by hand: dense (21.6, 100) beats 50 % bf16 (24.1, 90) and fp8 with an
+  # e4m3 B_k (24.4, 20) on both axes; per head (46.9, 130) is the fastest
   assert rows["dense"]["pareto"] and rows["50 %, per head, bf16"]["pareto"]
   assert not rows["50 %, head groups, bf16"]["pareto"]
+  # the float8 speed row (its kernel rebuilds keys with an e4m3 B_k) goes
+  # with the e4m3-B_k quality row; fp8 with a 16-bit B_k has no speed
+  e4m3 = rows["50 %, head groups, fp8 + e4m3 B_k"]
+  assert (e4m3["tokens_per_s"], e4m3["ppl_wikitext2"]) == (20.0, 24.4)
+  assert not e4m3["pareto"] and e4m3["preset"] == "small"
+  assert rows["50 %, head groups, fp8"]["tokens_per_s"] is None
   assert not rows["50 %, head groups, fp8"]["pareto"]
   # speed without a quality row: listed, never on the front
   g2 = rows["50 %, 2 heads per latent, bf16"]

@@ -550,8 +550,11 @@ FP8_CASES = [
 
 
 def _fp8_spec(g, j, qk, h, r, shared):
+  """float8 latents, one scale per token and group, and an e4m3 B_k (the
+  rebuild's operand; `check` rounds k_up to it)."""
   return LatentSpec(groups=g, kv_per_group=j, q_per_kv=qk, head_dim=h,
-                    k_rank=r, v_rank=r, shared=shared, bits=8, quant_group=r)
+                    k_rank=r, v_rank=r, shared=shared, bits=8, quant_group=r,
+                    k_up_bits=8)
 
 
 @pytest.mark.parametrize("rope", [True, False], ids=["rope", "norope"])
@@ -953,6 +956,13 @@ def test_fp8_reasons():
   assert "quant_group 32" in mg.unsupported_reason(
       dataclasses.replace(spec, quant_group=32), jnp.bfloat16, 1024, False,
       on)
+  # a model that keeps B_k in 16 bits: the fp8 rebuild would round it to
+  # e4m3 behind the model's back, so RoPE calls go elsewhere; without RoPE
+  # B_k is folded into the query in f32 and the kernel takes it
+  bf16_b = dataclasses.replace(spec, k_up_bits=16)
+  assert "--k-up-bits 8" in mg.unsupported_reason(
+      bf16_b, jnp.bfloat16, 1024, True, on)
+  assert mg.unsupported_reason(bf16_b, jnp.bfloat16, 1024, False, on) is None
 
 
 # ------------------------------------------ GPU: compiled kernel vs reference

@@ -1,5 +1,7 @@
 """float8 (e4m3) latent codes: rounding bounds, storage and accounting."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -153,6 +155,17 @@ def test_one_scale_per_token_and_latent_group():
   assert cache.layers[1].k_scale.shape[-1] == 5
   spec = model.layers[0].attn.kernel_spec()
   assert spec.quant_group == spec.k_rank == 64
+  # B_k kept in 16 bits (the default): the kernel's fp8 rebuild would round
+  # it, so it takes the calls without RoPE only; with --k-up-bits 8 both
+  assert spec.k_up_bits == 16
+  assert mg.unsupported_reason(spec, jnp.bfloat16, 1024, False,
+                               mg.MosaicConfig()) is None
+  assert "--k-up-bits 8" in mg.unsupported_reason(
+      spec, jnp.bfloat16, 1024, True, mg.MosaicConfig())
+  e4m3 = Transformer(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0),
+                     palu=dataclasses.replace(palu, k_up_bits=8))
+  spec = e4m3.layers[0].attn.kernel_spec()
+  assert spec.k_up_bits == 8
   assert mg.unsupported_reason(spec, jnp.bfloat16, 1024, True,
                                mg.MosaicConfig()) is None
   assert model.layers[1].attn.kernel_spec() is None     # unequal ranks
