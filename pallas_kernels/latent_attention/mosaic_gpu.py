@@ -323,9 +323,8 @@ def _kernel(lengths_g, hk_g, hv_g, *rest, spec: LatentSpec, rope: bool,
         v = dequant4(hv_s.at[slot, rows], sv_s.at[slot, rows],
                      zv_s.at[slot, rows], s0 + j * SUB, mask)
       else:
-        codes = hv_s.at[slot, rows]
-        if window is not None:
-          codes = hv_s.at[slot, rows, pl.ds(*window)]
+        codes = (hv_s.at[slot, rows] if window is None
+                 else hv_s.at[slot, rows, pl.ds(*window)])
         v = upcast(codes, s0 + j * SUB, mask)
       with (jax.named_scope(store_scope) if store_scope
             else contextlib.nullcontext()):

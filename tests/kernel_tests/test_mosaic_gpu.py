@@ -1482,9 +1482,7 @@ def test_compiled_256_row_tiles(case, rope):
   the reference; at least one of them fits each case."""
   spec, batch, s, lengths, configs = _tile_256_configs(case, rope)
   assert configs
-  for c in configs:
-    assert check(spec, batch=batch, cache_len=s, lengths=lengths,
-                 dtype=jnp.bfloat16, rope=rope, bias=rope, config=c)
+  assert check_fitting(spec, batch, s, lengths, configs, rope) == len(configs)
 
 
 @gpu
