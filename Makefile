@@ -12,7 +12,7 @@ PYTHON312 := $(shell \
   elif ls $$HOME/.pyenv/versions/3.12*/bin/python3.12 >/dev/null 2>&1; then ls $$HOME/.pyenv/versions/3.12*/bin/python3.12 | tail -1; \
   elif python3 -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' >/dev/null 2>&1; then command -v python3; fi)
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast device-wheels clean
 
 $(STAMP): pyproject.toml
 	@if [ -z "$(PYTHON312)" ]; then echo "error: palu-jax needs Python 3.12 (python3.12 not found)"; exit 1; fi
@@ -34,6 +34,18 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
+
+# Wheels for the GPU machine of the `device` tool (eval/device/setup.sh
+# installs them there; carry .whl): the packages its image lacks or may hold
+# in other versions, pinned to what this venv runs. Pure-Python wheels, so
+# the platform flags only matter if one of them ever ships binaries.
+DEVICE_PACKAGES := flax|optax|orbax-checkpoint|gguf
+device-wheels: $(STAMP)
+	rm -rf .whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+	  -d .whl $$($(PY) -m pip list --format=freeze | grep -E '^($(DEVICE_PACKAGES))==')
+	@ls .whl
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

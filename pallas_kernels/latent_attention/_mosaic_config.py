@@ -322,6 +322,15 @@ def value_halves(spec: LatentSpec, rope: bool, config: MosaicConfig
   return config.value_halves and spec.bits == 8 and not spec.shared
 
 
+def _window_width(v_rank: int) -> int | None:
+  """The width of `value_windows`, or None where R_v has none."""
+  tile = _swizzle(v_rank, 1)
+  for width in range(SUB * -(-v_rank // (2 * SUB)), v_rank, SUB):
+    if (v_rank - width) % tile == 0:
+      return width
+  return None
+
+
 def value_windows(v_rank: int) -> tuple[tuple[int, int], ...]:
   """(first column, width) of the two column windows of R_v that
   `value_halves` upcasts and mixes in turn: the same width, a multiple of
@@ -330,21 +339,16 @@ def value_windows(v_rank: int) -> tuple[tuple[int, int], ...]:
   tile of the 1-byte codes; where R_v / 2 is not such a width the windows
   overlap (their common rows get the same sums, so either copy is right).
   352 -> ((0, 192), (160, 192)); 256 -> ((0, 128), (128, 128))."""
-  tile = _swizzle(v_rank, 1)
-  for width in range(SUB * -(-v_rank // (2 * SUB)), v_rank, SUB):
-    if (v_rank - width) % tile == 0:
-      return ((0, width), (v_rank - width, width))
-  raise ValueError(f"v_rank {v_rank} has no two windows narrower than it "
-                   f"(multiples of {SUB}, the second on a {tile}-byte "
-                   "swizzle tile)")
+  width = _window_width(v_rank)
+  if width is None:
+    raise ValueError(f"v_rank {v_rank} has no two windows narrower than it "
+                     f"(multiples of {SUB}, the second on a "
+                     f"{_swizzle(v_rank, 1)}-byte swizzle tile)")
+  return ((0, width), (v_rank - width, width))
 
 
 def _has_value_windows(v_rank: int) -> bool:
-  try:
-    value_windows(v_rank)
-  except ValueError:
-    return False
-  return True
+  return _window_width(v_rank) is not None
 
 
 def value_tile_cols(spec: LatentSpec, rope: bool, config: MosaicConfig
@@ -352,9 +356,9 @@ def value_tile_cols(spec: LatentSpec, rope: bool, config: MosaicConfig
   """Columns of each compute WG's 16-bit value tile: R_v, or one window's
   width with `value_halves` (R_v where it has no windows:
   `unsupported_reason` refuses that)."""
-  if value_halves(spec, rope, config) and _has_value_windows(spec.v_rank):
-    return value_windows(spec.v_rank)[0][1]
-  return spec.v_rank
+  width = (_window_width(spec.v_rank) if value_halves(spec, rope, config)
+           else None)
+  return spec.v_rank if width is None else width
 
 
 def scores_dtype(config: MosaicConfig, dtype):
