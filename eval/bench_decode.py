@@ -25,7 +25,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from eval.report import markdown_table, write_results
@@ -41,6 +40,12 @@ SHAPES = {
     "llama2-7b": ModelConfig(
         vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,
         head_dim=128, hidden_dim=11008, max_seq_len=32768),
+    # Llama-2-70B's shape (issue 21's "70B-shaped model"): 80 layers, 64
+    # query heads, 8 KV heads of 128; 138 GB of bf16 weights, so it is
+    # built straight into its shards (`fill_sharded`)
+    "llama2-70b": ModelConfig(
+        vocab_size=32000, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8,
+        head_dim=128, hidden_dim=28672, max_seq_len=32768),
     "tiny": ModelConfig(  # CPU smoke test of this script
         vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
         head_dim=16, hidden_dim=128, max_seq_len=4096),
@@ -87,17 +92,45 @@ def _pseudo_random(seed, *, shape, dtype):
 
   `jax.random` programs over multi-GiB arrays compiled for minutes on the
   GPU; decode speed does not depend on the values, only on their not being
-  all zeros.
+  all zeros. The index is built per dimension (no reshape of a flat iota),
+  so a sharded output is computed shard by shard (`fill_sharded`).
   """
-  i = jax.lax.iota(jnp.float32, int(np.prod(shape))) * 0.6180339 + seed
-  x = jnp.sin(i) * 43758.5453
-  return ((x - jnp.floor(x) - 0.5) * 0.1).astype(dtype).reshape(shape)
+  i = jnp.zeros(shape, jnp.float32)
+  stride = 1.0
+  for d in reversed(range(len(shape))):
+    i = i + jax.lax.broadcasted_iota(jnp.float32, shape, d) * stride
+    stride *= shape[d]
+  x = jnp.sin(i * 0.6180339 + seed) * 43758.5453
+  return ((x - jnp.floor(x) - 0.5) * 0.1).astype(dtype)
 
 
 def _fill(tree, seed: int):
   leaves, treedef = jax.tree_util.tree_flatten(tree)
   out = [_pseudo_random(jnp.float32(seed + k), shape=x.shape, dtype=x.dtype)
          for k, x in enumerate(leaves)]
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+@functools.lru_cache(maxsize=None)
+def _sharded_filler(shape, dtype, sharding):
+  return jax.jit(functools.partial(_pseudo_random, shape=shape, dtype=dtype),
+                 out_shardings=sharding)
+
+
+def fill_sharded(state, mesh, seed: int):
+  """`_fill` of an abstract NNX state, each parameter computed straight
+  into its shards on `mesh` (its logical axes), so no device ever holds a
+  whole sharded weight: a 70B-shaped model does not fit one device. The
+  values equal `_fill`'s."""
+  from palu_jax.sharding.shard import variable_sharding
+  is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+  variables, treedef = jax.tree_util.tree_flatten(state, is_leaf=is_var)
+  out = []
+  for k, var in enumerate(variables):
+    x = var.get_value()
+    fill = _sharded_filler(tuple(x.shape), jnp.dtype(x.dtype),
+                           variable_sharding(var, mesh))
+    out.append(var.replace(fill(jnp.float32(seed + k))))
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -114,17 +147,21 @@ def cache_len(ctx: int, steps: int) -> int:
   return ctx + steps + CHUNK
 
 
-def _random_cache(model, *, batch, max_len):
+def _random_cache(model, *, batch, max_len, mesh=None):
   """An empty cache whose buffers hold non-zero values (never time zeros).
 
   Built in one jitted program, so the zero buffers of `init_cache` are never
   materialized next to the filled ones (at 64K context that doubled the
-  cache's memory and ran out of it)."""
-  @jax.jit
+  cache's memory and ran out of it); with `mesh`, straight into its shards
+  (`cache_shardings`), as no device could hold a 70B model's whole cache."""
   def build():
     cache = model.init_cache(batch, max_len)
     return cache.replace(layers=_fill(cache.layers, 1000))
-  return build()
+  if mesh is None:
+    return jax.jit(build)()
+  from palu_jax.sharding.shard import cache_shardings
+  return jax.jit(build, out_shardings=cache_shardings(
+      jax.eval_shape(build), mesh))()
 
 
 def weight_read_bytes(model) -> int:
@@ -156,12 +193,12 @@ def bench_one(model, graphdef, state, *, batch, ctx, steps, repeats, bw,
   cfg = model.cfg
   if steps % CHUNK:
     raise ValueError(f"--steps must be a multiple of {CHUNK}")
-  cache = _random_cache(model, batch=batch, max_len=cache_len(ctx, steps))
+  cache = _random_cache(model, batch=batch, max_len=cache_len(ctx, steps),
+                        mesh=mesh)
   scope = contextlib.nullcontext()
   if mesh is not None:
-    from palu_jax.sharding.shard import cache_shardings, put, shard_state
-    state = shard_state(state, mesh)
-    cache = jax.tree.map(put, cache, cache_shardings(cache, mesh))
+    from palu_jax.sharding.shard import shard_state
+    state = shard_state(state, mesh)   # a no-op for `fill_sharded` states
     scope = jax.set_mesh(mesh)
   def fresh(cache):  # new arrays each time: the loop state is donated
     return DecodeState(

@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from eval.bench_decode import SHAPES, _fill, bench_one, measure_bandwidth
+from eval.bench_decode import (SHAPES, _fill, bench_one, fill_sharded,
+                               measure_bandwidth)
 from eval.plots import plot_results
 from eval.report import markdown_table, write_results
 from palu_jax.config import PaluConfig
@@ -84,13 +85,15 @@ def variant_spec(name: str):
   return int(m["pct"]) / 100, bits, int(m["group"] or GROUP), False
 
 
-def build(cfg, palu, dtype, dense_decode: str | None = None):
+def build(cfg, palu, dtype, dense_decode: str | None = None, mesh=None):
   """dense_decode: the dense model's decode kernel ("cudnn", "xla" or None
-  for the best available, `palu_jax.model.dense_decode.pick`)."""
+  for the best available, `palu_jax.model.dense_decode.pick`); mesh: the
+  weights are made straight into their shards on it (`fill_sharded`)."""
   abstract = nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype,
                                                 rngs=nnx.Rngs(0), palu=palu))
   graphdef, state = nnx.split(abstract)
-  model = nnx.merge(graphdef, _fill(state, 0))
+  model = nnx.merge(graphdef, _fill(state, 0) if mesh is None
+                    else fill_sharded(state, mesh, 0))
   if palu is None:
     for layer in model.layers:
       layer.attn.decode_impl = dense_decode
@@ -164,7 +167,7 @@ def main(argv=None) -> int:
     palu = None if spec is None else palu_config(
         cfg, *spec, scale_per_token=args.scale_per_token)
     model = build(cfg, palu, jnp.bfloat16,
-                  "xla" if name == "base_xla" else None)
+                  "xla" if name == "base_xla" else None, mesh=mesh)
     graphdef, state = nnx.split(model)
     weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(state))
     probe = model.init_cache(1, 1024)

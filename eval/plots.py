@@ -90,6 +90,52 @@ def plot_e2e(rows: list[dict], path: str, plt) -> None:
   plt.close(fig)
 
 
+def plot_sharded(rows: list[dict], path: str, plt) -> None:
+  """bench_sharded: decode tokens/s vs devices (one line per variant and
+  context, one panel per batch), or compression seconds vs devices."""
+  meshed = [r for r in rows if r.get("mesh") != "none"]
+  if meshed and "total_s" in {k for r in meshed for k in r}:
+    fig, ax = plt.subplots(figsize=(4.5, 3.6))
+    pts = sorted((r["devices"], r["total_s"]) for r in meshed
+                 if r.get("total_s"))
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+            label="calibration + decomposition")
+    if pts:      # linear scaling from the fewest devices
+      ax.plot([p[0] for p in pts], [pts[0][1] * pts[0][0] / p[0]
+                                    for p in pts], "--", color="gray",
+              label="linear")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("devices")
+    ax.set_ylabel("seconds")
+    ax.legend(fontsize=7)
+    _save(fig, path)
+    plt.close(fig)
+    return
+  batches = sorted({r["batch"] for r in meshed}) or [None]
+  fig, axes = plt.subplots(1, len(batches), figsize=(4.5 * len(batches), 3.6),
+                           squeeze=False)
+  for ax, batch in zip(axes[0], batches):
+    lines = defaultdict(list)
+    for r in meshed:
+      if r["batch"] == batch and r.get("tokens_per_s"):
+        c = r["context"]
+        lines[f"{r['variant']} {f'{c // 1024}K' if c % 1024 == 0 else c}"
+              ].append(
+            (r["devices"], r["tokens_per_s"]))
+    for name, pts in sorted(lines.items()):
+      pts.sort()
+      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+              label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_title(f"batch {batch}")
+    ax.set_xlabel("devices")
+    ax.set_ylabel("decode tokens/s")
+    if lines:
+      ax.legend(fontsize=7)
+  _save(fig, path)
+  plt.close(fig)
+
+
 def loss_png(losses) -> bytes | None:
   """A fine-tuning loss curve (per step and a 20-step moving mean) as PNG
   bytes, or None without matplotlib."""
@@ -190,11 +236,14 @@ def plot_results(json_path: str) -> str | None:
   png = os.path.splitext(json_path)[0] + ".png"
   if rows and "shape" in rows[0]:
     plot_kernels(rows, png, plt)
+  elif rows and "mesh" in rows[0]:
+    plot_sharded(rows, png, plt)
   elif rows and "context" in rows[0] and "batch" in rows[0]:
     # bench_e2e (rows that did not fit have no tokens_per_s: empty panels)
     plot_e2e(rows, png, plt)
   else:
-    raise ValueError(f"{json_path}: not a bench_kernels or bench_e2e result")
+    raise ValueError(f"{json_path}: not a bench_kernels, bench_e2e or "
+                     "bench_sharded result")
   return png
 
 

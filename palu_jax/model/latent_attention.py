@@ -307,14 +307,28 @@ def _dense_causal_attention(q: Array, keys: Array, values: Array,
   return o.reshape(b, t, n, chunks * h)[..., :r]
 
 
+def _groups_split_whole(spec) -> bool:
+  """Whether cutting a layer's stored latents (codes, scales, offsets)
+  into equal slices of the last axis gives each slice whole groups: each
+  group's codes fill whole bytes and its quant groups stay inside it."""
+  if spec.bits == 16:
+    return True
+  if spec.bits == 3:                    # two bit planes across all groups
+    return False
+  ranks = (spec.k_rank,) + (() if spec.shared else (spec.v_rank,))
+  return spec.quant_group > 0 and all(
+      r * spec.bits % 8 == 0 and r % spec.quant_group == 0 for r in ranks)
+
+
 def _per_device(attend, q, hk, hv, k_up, lengths, k_bias, *, spec):
   """attend(q [B, N, H], hk, hv, k_up, lengths, spec=, k_bias=) on every
   device over its own batch rows and latent groups when a mesh is set
   (`jax.set_mesh`, as `Generator(mesh=)` does): the Pallas kernels are
   custom calls XLA cannot partition, so without this it would gather the
   whole cache to every device. Groups go over "model" when they divide it
-  and the latents are 16-bit (packed codes stay whole); batch rows over
-  "data" when they divide it; whatever does not divide is replicated."""
+  and each group's codes are whole bytes of their own (16-bit, float8,
+  4- and 2-bit latents; not 3-bit bit planes); batch rows over "data" when
+  they divide it; whatever does not divide is replicated."""
   from jax.sharding import PartitionSpec as P
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
@@ -322,20 +336,28 @@ def _per_device(attend, q, hk, hv, k_up, lengths, k_bias, *, spec):
   sizes = dict(mesh.shape)
   d, m = sizes.get("data", 1), sizes.get("model", 1)
   b_ax = "data" if d > 1 and q.shape[0] % d == 0 else None
-  g_ax = ("model" if m > 1 and spec.groups % m == 0 and spec.bits == 16
-          else None)
+  g_ax = ("model" if m > 1 and spec.groups % m == 0
+          and _groups_split_whole(spec) else None)
   local = dataclasses.replace(spec, groups=spec.groups // (m if g_ax else 1))
   latent = P(b_ax, None, g_ax)
-  side = lambda x: None if x is None else jax.tree.map(lambda _: latent, x)
+  # Width-0 arrays (float8's offsets, a shared latent's values) stay out
+  # of shard_map and are made again inside: XLA's CPU SPMD partitioner
+  # crashed (SIGSEGV) on them as manual-sharded operands.
+  leaves, tree = jax.tree.flatten((hk, hv))
+  full = [x for x in leaves if x.size]
 
-  def body(q, hk, hv, k_up, lengths, k_bias):
+  def body(q, full, k_up, lengths, k_bias):
+    it = iter(full)
+    hk, hv = jax.tree.unflatten(tree, [
+        next(it) if x.size else jnp.zeros((q.shape[0],) + x.shape[1:],
+                                          x.dtype) for x in leaves])
     return attend(q, hk, hv, k_up, lengths, spec=local, k_bias=k_bias)
   return jax.shard_map(
       body, mesh=mesh,
-      in_specs=(P(b_ax, g_ax, None), side(hk), side(hv), P(g_ax, None),
+      in_specs=(P(b_ax, g_ax, None), [latent] * len(full), P(g_ax, None),
                 P(b_ax), None if k_bias is None else P(g_ax)),
       out_specs=P(b_ax, g_ax, None), check_vma=False,
-  )(q, hk, hv, k_up, lengths, k_bias)
+  )(q, full, k_up, lengths, k_bias)
 
 
 @functools.cache

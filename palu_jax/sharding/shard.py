@@ -6,8 +6,9 @@ logical_axes=...)`); `shard_state` puts each on the mesh by the one rule
 table (`mesh.RULES`). An array without the metadata (LoRA factors, say) is
 replicated. Caches are sharded by structure: batch over "data", a dense
 cache's KV heads and a latent cache's latent width ("kv_groups") over
-"model"; packed low-bit latents only over "data" (their bytes mix groups
-at the edges).
+"model", float8 and packed 4-/2-bit codes with their scales too (a group's
+codes are whole bytes, side by side in group order); 3-bit codes only over
+"data" (two bit planes, each spanning every group).
 
 Sharding decides where arrays live; XLA's SPMD partitioner then runs the
 same jitted programs on every device, so a sharded model computes what
@@ -106,9 +107,13 @@ def cache_shardings(cache: Cache, mesh: Mesh) -> Cache:
       arrays = {f.name: getattr(layer, f.name)
                 for f in dataclasses.fields(layer)
                 if f.metadata.get("pytree_node", True)}
+      # codes, scales, offsets [B, S, *]: a device's slice of the last axis
+      # holds whole quant groups' codes, except with 3-bit bit planes
+      width = None if layer.bits == 3 else "kv_groups"
       layers.append(layer.replace(**{
-          k: named_sharding(("batch", "seq", None), v.shape, mesh,
-                            name=f"{name}.{k}") for k, v in arrays.items()}))
+          k: named_sharding(("batch", "seq", width if v.shape[-1] else None),
+                            v.shape, mesh, name=f"{name}.{k}")
+          for k, v in arrays.items()}))
     else:
       raise TypeError(f"{name}: no sharding rule for {type(layer).__name__}")
   return Cache(layers=tuple(layers), lengths=named_sharding(

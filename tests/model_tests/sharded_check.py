@@ -30,14 +30,16 @@ def palu(bits):
                     kv_bits=bits, quant_group=8)
 
 
-MODELS = {"dense": None, "palu16": palu(16), "palu_int4": palu(4)}
+MODELS = {"dense": None, "palu16": palu(16), "palu_int4": palu(4),
+          "palu_fp8": palu(8)}
 # greedy generation (a compile of the whole decode loop each) on a subset
 GREEDY = {("dense", "data=4,model=2"), ("palu16", "model=8"),
           ("palu16", "data=2,model=4"), ("palu_int4", "data=2,model=4")}
 # the same through the decode-kernel path (its jnp backend on CPU) run per
-# device by shard_map: 4 groups over model=4 / model=2, batch over data
+# device by shard_map: 4 groups over model=4 / model=2, batch over data;
+# int4 and float8 codes with their scales split by group like 16-bit ones
 KERNEL_GREEDY = {("palu16", "data=2,model=4"), ("palu16", "data=4,model=2"),
-                 ("palu_int4", "data=2,model=4")}
+                 ("palu_int4", "data=2,model=4"), ("palu_fp8", "data=4,model=2")}
 
 
 def main():

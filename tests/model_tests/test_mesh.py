@@ -75,3 +75,46 @@ def test_real_mesh_on_8_host_devices():
                            os.path.dirname(os.path.abspath(__file__)))))
   got = json.loads(out.stdout.strip().splitlines()[-1])
   assert got == {"devices": 8, "shards": 8, "shapes": [[2, 16, 2, 32]]}
+
+
+@pytest.mark.parametrize("bits,k_rank,v_rank,shared,quant_group,whole", [
+    (16, 64, 64, False, 32, True),
+    (8, 64, 64, False, 64, True),     # float8: a byte a latent
+    (4, 64, 64, False, 32, True),     # two codes a byte, groups side by side
+    (2, 64, 64, False, 32, True),
+    (3, 64, 64, False, 32, False),    # bit planes span every group
+    (4, 48, 48, False, 32, False),    # a quant group straddles two groups
+    (2, 18, 18, False, 2, False),     # 18 2-bit codes: 4.5 bytes a group
+    (4, 64, 0, True, 64, True),       # shared latent: keys' side only
+])
+def test_stored_latents_split_by_group(bits, k_rank, v_rank, shared,
+                                       quant_group, whole):
+  """Which caches the decode kernels may read per device over "model"
+  (`_per_device`): a slice of the stored last axis must hold whole latent
+  groups, which the codes' layout (`int_quant.pack`) gives for 8, 4 and
+  2 bits when each group fills whole bytes and whole quant groups."""
+  from palu_jax.model.latent_attention import _groups_split_whole
+  from pallas_kernels.common import LatentSpec
+  spec = LatentSpec(groups=4, kv_per_group=1, q_per_kv=1, head_dim=128,
+                    k_rank=k_rank, v_rank=v_rank or k_rank, shared=shared,
+                    bits=bits, quant_group=quant_group)
+  assert _groups_split_whole(spec) is whole
+
+
+@pytest.mark.parametrize("bits", [2, 4, 3])
+def test_packed_codes_of_a_group_are_its_own_bytes(bits):
+  """The layout `_groups_split_whole` relies on: with 2 and 4 bits, the
+  bytes of group g of the packed codes are the packed codes of group g
+  alone; with 3 bits (two bit planes) they are not."""
+  import numpy as np
+  from palu_jax.quantize.int_quant import pack
+  rng = np.random.default_rng(0)
+  groups, rank = 4, 32
+  codes = rng.integers(0, 2 ** bits, (3, groups * rank)).astype(np.uint8)
+  packed = np.asarray(pack(codes, bits))
+  per = packed.shape[-1] // groups
+  same = all(np.array_equal(packed[:, g * per:(g + 1) * per],
+                            np.asarray(pack(codes[:, g * rank:(g + 1) * rank],
+                                            bits)))
+             for g in range(groups))
+  assert same is (bits != 3)

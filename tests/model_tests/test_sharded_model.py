@@ -35,14 +35,14 @@ MESHES = ("data=8", "model=8", "data=2,model=4", "data=4,model=2")
 
 
 @pytest.mark.parametrize("mesh", MESHES)
-@pytest.mark.parametrize("model", ["dense", "palu16", "palu_int4"])
+@pytest.mark.parametrize("model", ["dense", "palu16", "palu_int4", "palu_fp8"])
 def test_sharded_logits_equal_one_device(results, model, mesh):
   r = results[f"{model}|{mesh}"]
   # f32; sharded contractions sum in another order
   assert r["max_abs_diff"] <= 1e-5 * max(1.0, r["max_abs"]), r
 
 
-@pytest.mark.parametrize("model", ["dense", "palu16", "palu_int4"])
+@pytest.mark.parametrize("model", ["dense", "palu16", "palu_int4", "palu_fp8"])
 def test_data_parallel_perplexity_equals_one_device(results, model):
   one, many = results[f"{model}|ppl"]
   # float32 sums in another order; with int4 latents an ulp can also move
@@ -50,7 +50,7 @@ def test_data_parallel_perplexity_equals_one_device(results, model):
   assert many == pytest.approx(one, rel=1e-5)
 
 
-@pytest.mark.parametrize("model", ["dense", "palu16", "palu_int4"])
+@pytest.mark.parametrize("model", ["dense", "palu16", "palu_int4", "palu_fp8"])
 def test_data_parallel_zero_shot_scores_equal_one_device(results, model):
   r = results[f"{model}|zeroshot"]
   assert r["max_abs_diff"] < 1e-4 and r["same_greedy"]
@@ -68,7 +68,7 @@ def test_decode_kernel_path_per_device_identical(results):
   shard_map, one call per device over its groups and rows."""
   runs = [r for r in results.values()
           if isinstance(r, dict) and "same_tokens_kernel_path" in r]
-  assert len(runs) == results["kernel_greedy_runs"] == 3
+  assert len(runs) == results["kernel_greedy_runs"] == 4
   assert all(r["same_tokens_kernel_path"] for r in runs)
 
 
@@ -88,9 +88,14 @@ def test_parameters_and_caches_are_really_sharded(results):
   assert results["dense|data=2,model=4"]["cache_specs"]["k"] == [
       "data", None, "model", None]
   assert results["dense|model=8"]["cache_specs"]["k"] == [None] * 4
-  # packed int4 codes: batch only
-  assert results["palu_int4|data=2,model=4"]["cache_specs"]["k_codes"] == [
-      "data", None, None]
+  # int4 codes (4 groups of 8 latents: 4 bytes each) and their scales and
+  # offsets split like 16-bit latents; float8 codes too, with no offsets
+  for name in ("k_codes", "k_scale", "k_offset", "v_codes", "v_scale"):
+    assert results["palu_int4|data=2,model=4"]["cache_specs"][name] == [
+        "data", None, "model"], name
+  fp8 = results["palu_fp8|data=4,model=2"]["cache_specs"]
+  assert fp8["k_codes"] == fp8["k_scale"] == ["data", None, "model"]
+  assert fp8["k_offset"] == ["data", None, None]     # width 0
 
 
 def test_data_parallel_calibration_equals_one_device(results):
@@ -154,24 +159,47 @@ def test_logical_axes_are_on_every_weight():
 
 def test_bench_sharded_writes_rows_for_each_mesh(tmp_path):
   """eval/bench_sharded.py on the tiny shape and 8 host devices (the
-  numbers mean nothing on a CPU; the rows, fields and files are checked)."""
+  numbers mean nothing on a CPU; the rows, fields and files are checked):
+  decode on three meshes, weights and caches made in their shards, then
+  calibration + decomposition on two data-parallel meshes."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
              XLA_FLAGS="--xla_force_host_platform_device_count=8")
   subprocess.run(
       [sys.executable, "-m", "eval.bench_sharded", "--model", "tiny",
-       "--variants", "base", "--batch", "8", "--context", "128",
-       "--meshes", "none", "data=1,model=1", "data=2,model=4",
-       "--steps", "8", "--repeats", "1", "--out", str(tmp_path)],
+       "--variants", "base", "palu50_int4", "--scale-per-token",
+       "--batches", "8",
+       "--contexts", "128", "--meshes", "none", "data=1,model=1",
+       "data=2,model=4", "--steps", "8", "--repeats", "1",
+       "--out", str(tmp_path)],
       env=env, check=True, capture_output=True, text=True, cwd=ROOT)
-  data = json.loads((tmp_path / "bench_sharded.json").read_text())
-  rows = data["rows"]
-  assert data["n_devices"] == 8
-  assert [(r["mesh"], r["devices"]) for r in rows] == [
-      ("none", 1), ("data=1,model=1", 1), ("data=2,model=4", 8)]
-  assert all(r["tokens_per_s"] > 0 for r in rows)
-  assert rows[0]["vs_unsharded"] == 1.0
-  assert rows[1]["scaling_efficiency"] == 1.0
-  # 2x4: each device holds a quarter of the sharded weights at most
-  assert rows[2]["weight_bytes_per_device"] < rows[1][
-      "weight_bytes_per_device"]
-  assert (tmp_path / "bench_sharded.md").exists()
+  data = json.loads((tmp_path / "bench_sharded_cpux8.json").read_text())
+  assert data["n_devices"] == 8 and data["task"] == "decode"
+  for variant in ("base", "palu50_int4"):
+    rows = [r for r in data["rows"] if r["variant"] == variant]
+    assert [(r["mesh"], r["devices"]) for r in rows] == [
+        ("none", 1), ("data=1,model=1", 1), ("data=2,model=4", 8)]
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+    assert rows[0]["vs_unsharded"] == 1.0
+    assert rows[1]["scaling_efficiency"] == 1.0
+    assert rows[2]["scaling_base"] == 1
+    # 2x4: each device holds a part of the weights and of the cache (int4
+    # codes too: split by latent group)
+    for key in ("weight_bytes_per_device", "cache_bytes_per_device"):
+      assert rows[2][key] < rows[1][key], key
+  for ext in ("md", "png"):
+    assert (tmp_path / f"bench_sharded_cpux8.{ext}").exists()
+
+  subprocess.run(
+      [sys.executable, "-m", "eval.bench_sharded", "--task", "compress",
+       "--model", "tiny", "--meshes", "data=1", "data=4",
+       "--calib-windows", "8", "--calib-seqlen", "32", "--out",
+       str(tmp_path)],
+      env=env, check=True, capture_output=True, text=True, cwd=ROOT)
+  rows = json.loads((tmp_path / "bench_sharded_compress_cpux8.json"
+                     ).read_text())["rows"]
+  assert [(r["mesh"], r["batch_size"]) for r in rows] == [("data=1", 1),
+                                                          ("data=4", 4)]
+  for r in rows:
+    assert r["cold_total_s"] > 0 and r["total_s"] == pytest.approx(
+        r["grams_s"] + r["fisher_s"] + r["decompose_s"])
+  assert rows[0]["speedup"] == 1.0 and rows[1]["scaling_base"] == 1
