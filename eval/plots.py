@@ -66,23 +66,25 @@ def plot_kernels(rows: list[dict], path: str, plt) -> None:
   plt.close(fig)
 
 
-def plot_e2e(rows: list[dict], path: str, plt) -> None:
-  """Decode tokens/s vs context per variant, one panel per batch."""
-  batches = sorted({r["batch"] for r in rows})
+def _tokens_per_s_panels(rows: list[dict], path: str, plt, *, x: str,
+                         line) -> None:
+  """Decode tokens/s vs rows' `x` field (log 2 axis), one panel per batch,
+  one line per `line(row)`."""
+  batches = sorted({r["batch"] for r in rows}) or [None]
   fig, axes = plt.subplots(1, len(batches), figsize=(4.5 * len(batches), 3.6),
                            squeeze=False)
   for ax, batch in zip(axes[0], batches):
     lines = defaultdict(list)
     for r in rows:
       if r["batch"] == batch and r.get("tokens_per_s"):
-        lines[r["variant"]].append((r["context"], r["tokens_per_s"]))
+        lines[line(r)].append((r[x], r["tokens_per_s"]))
     for name, pts in sorted(lines.items()):
       pts.sort()
       ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
               label=name)
     ax.set_xscale("log", base=2)
     ax.set_title(f"batch {batch}")
-    ax.set_xlabel("context")
+    ax.set_xlabel(x)
     ax.set_ylabel("decode tokens/s")
     if lines:
       ax.legend(fontsize=7)
@@ -90,48 +92,39 @@ def plot_e2e(rows: list[dict], path: str, plt) -> None:
   plt.close(fig)
 
 
+def plot_e2e(rows: list[dict], path: str, plt) -> None:
+  """Decode tokens/s vs context per variant, one panel per batch."""
+  _tokens_per_s_panels(rows, path, plt, x="context",
+                       line=lambda r: r["variant"])
+
+
+def _context_name(c: int) -> str:
+  return f"{c // 1024}K" if c % 1024 == 0 else str(c)
+
+
 def plot_sharded(rows: list[dict], path: str, plt) -> None:
-  """bench_sharded: decode tokens/s vs devices (one line per variant and
-  context, one panel per batch), or compression seconds vs devices."""
+  """bench_sharded: decode tokens/s vs devices (one line per model,
+  variant and context, one panel per batch), or compression seconds vs
+  devices against linear scaling."""
   meshed = [r for r in rows if r.get("mesh") != "none"]
-  if meshed and "total_s" in {k for r in meshed for k in r}:
-    fig, ax = plt.subplots(figsize=(4.5, 3.6))
-    pts = sorted((r["devices"], r["total_s"]) for r in meshed
-                 if r.get("total_s"))
-    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-            label="calibration + decomposition")
-    if pts:      # linear scaling from the fewest devices
-      ax.plot([p[0] for p in pts], [pts[0][1] * pts[0][0] / p[0]
-                                    for p in pts], "--", color="gray",
-              label="linear")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("devices")
-    ax.set_ylabel("seconds")
-    ax.legend(fontsize=7)
-    _save(fig, path)
-    plt.close(fig)
+  if not any("total_s" in r for r in meshed):
+    _tokens_per_s_panels(
+        meshed, path, plt, x="devices",
+        line=lambda r: (f"{r.get('model', '')} {r['variant']} "
+                        f"{_context_name(r['context'])}").strip())
     return
-  batches = sorted({r["batch"] for r in meshed}) or [None]
-  fig, axes = plt.subplots(1, len(batches), figsize=(4.5 * len(batches), 3.6),
-                           squeeze=False)
-  for ax, batch in zip(axes[0], batches):
-    lines = defaultdict(list)
-    for r in meshed:
-      if r["batch"] == batch and r.get("tokens_per_s"):
-        c = r["context"]
-        lines[f"{r['variant']} {f'{c // 1024}K' if c % 1024 == 0 else c}"
-              ].append(
-            (r["devices"], r["tokens_per_s"]))
-    for name, pts in sorted(lines.items()):
-      pts.sort()
-      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-              label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_title(f"batch {batch}")
-    ax.set_xlabel("devices")
-    ax.set_ylabel("decode tokens/s")
-    if lines:
-      ax.legend(fontsize=7)
+  fig, ax = plt.subplots(figsize=(4.5, 3.6))
+  pts = sorted((r["devices"], r["total_s"]) for r in meshed
+               if r.get("total_s"))
+  ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+          label="calibration + decomposition")
+  if pts:      # linear scaling from the fewest devices
+    ax.plot([p[0] for p in pts], [pts[0][1] * pts[0][0] / p[0] for p in pts],
+            "--", color="gray", label="linear")
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("devices")
+  ax.set_ylabel("seconds")
+  ax.legend(fontsize=7)
   _save(fig, path)
   plt.close(fig)
 
