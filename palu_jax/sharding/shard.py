@@ -107,8 +107,10 @@ def cache_shardings(cache: Cache, mesh: Mesh) -> Cache:
       arrays = {f.name: getattr(layer, f.name)
                 for f in dataclasses.fields(layer)
                 if f.metadata.get("pytree_node", True)}
-      # codes, scales, offsets [B, S, *]: a device's slice of the last axis
-      # holds whole quant groups' codes, except with 3-bit bit planes
+      # codes, scales, offsets [B, S, *] over "model" like 16-bit latents:
+      # where the groups divide it a device's slice is whole groups, which
+      # the decode kernels read in place (`latent_attention._per_device`);
+      # 3-bit codes are two bit planes, each spanning every group
       width = None if layer.bits == 3 else "kv_groups"
       layers.append(layer.replace(**{
           k: named_sharding(("batch", "seq", width if v.shape[-1] else None),
