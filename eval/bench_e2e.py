@@ -31,6 +31,7 @@ from eval.bench_decode import (SHAPES, _fill, bench_one, fill_sharded,
                                measure_bandwidth)
 from eval.plots import plot_results
 from eval.report import markdown_table, write_results
+from eval.sharded_sizes import FIT, footprint, longest_context
 from palu_jax.config import PaluConfig
 from palu_jax.model import Transformer
 
@@ -173,9 +174,14 @@ def main(argv=None) -> int:
     probe = model.init_cache(1, 1024)
     per_token = probe.nbytes() // 1024
     del probe
+    sizes = None if mesh is None else footprint(cfg, palu, mesh)
     for batch in args.batches:
-      fit = (int((0.92 * limit - weights) / (batch * per_token)) if limit
-             else None)                  # no memory limit known (CPU)
+      if not limit:                      # no memory limit known (CPU)
+        fit = None
+      elif sizes is None:
+        fit = int((FIT * limit - weights) / (batch * per_token))
+      else:                              # what one device of the mesh holds
+        fit = longest_context(limit, *sizes, batch)
       for ctx in args.contexts:
         row = {"variant": name, "device": device.device_kind,
                "batch": batch, "context": ctx,

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -42,12 +41,11 @@ from flax import nnx
 
 from eval.bench_decode import SHAPES, bench_one, cache_len, measure_bandwidth
 from eval.bench_e2e import build, palu_config, variant_spec
+from eval.sharded_sizes import FIT, footprint, longest_context
 from eval.plots import plot_results
 from eval.report import markdown_table, write_results
-from palu_jax.model import Transformer
 from palu_jax.sharding.mesh import make_mesh, spec_devices
 
-FIT = 0.92          # of a device's memory limit, as eval/bench_e2e.py
 DECODE_COLS = ["model", "variant", "mesh", "devices", "batch", "context",
                "ms_per_step", "tokens_per_s", "vs_unsharded",
                "scaling_efficiency", "scaling_base", "weight_gib_per_device",
@@ -60,48 +58,6 @@ COMPRESS_COLS = ["model", "mesh", "devices", "windows", "seqlen", "cold_total_s"
 def _mesh(spec: str, devices):
   return None if spec == "none" else make_mesh(
       spec, devices[:spec_devices(spec)])
-
-
-def per_device_bytes(abstract, shardings) -> int:
-  """Bytes one device holds of a pytree of abstract arrays placed by a
-  matching pytree of shardings (None: all of it on one device)."""
-  leaves = jax.tree_util.tree_leaves(abstract)
-  if shardings is None:
-    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
-               for x in leaves)
-  return sum(math.prod(s.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
-             for x, s in zip(leaves, jax.tree_util.tree_leaves(shardings)))
-
-
-def footprint(cfg, palu, mesh):
-  """(per-device weight bytes, f(batch, rows) -> per-device cache bytes)
-  of a model on `mesh` (None: one device), from shapes alone."""
-  from palu_jax.sharding.shard import cache_shardings, variable_sharding
-  abstract = nnx.eval_shape(lambda: Transformer(
-      cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), palu=palu))
-  _, state = nnx.split(abstract)
-  is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
-  shardings = None if mesh is None else jax.tree.map(
-      lambda v: variable_sharding(v, mesh), state, is_leaf=is_var)
-  weights = per_device_bytes(
-      jax.tree.map(lambda v: v.get_value(), state, is_leaf=is_var),
-      shardings)
-
-  def cache(batch: int, rows: int) -> int:
-    shapes = jax.eval_shape(lambda: abstract.init_cache(batch, rows))
-    return per_device_bytes(shapes, None if mesh is None
-                            else cache_shardings(shapes, mesh))
-  return weights, cache
-
-
-def longest_context(limit: int, weights: int, cache, batch: int) -> int:
-  """The longest cache that fits next to the weights at `batch` (0 when
-  the weights alone do not): from two cache sizes, as a cache grows
-  linearly in its rows."""
-  per_row = (cache(batch, 2048) - cache(batch, 1024)) / 1024
-  fixed = cache(batch, 1024) - 1024 * per_row
-  room = FIT * limit - weights - fixed
-  return max(0, int(room / per_row)) if per_row else 0
 
 
 def fill_ratios(rows: list[dict], value: str, key: tuple[str, ...],

@@ -6,7 +6,8 @@ import pytest
 from jax.sharding import AbstractMesh
 
 from eval.bench_decode import SHAPES, fill_sharded, _fill
-from eval.bench_sharded import default_name, footprint, longest_context
+from eval.bench_sharded import default_name
+from eval.sharded_sizes import footprint, longest_context
 
 # Llama-2-70B's parameters counted by hand from its shape (independent of
 # the model code): embeddings and LM head 2 x 32000 x 8192; per layer q and
