@@ -326,7 +326,10 @@ def main(argv=None) -> int:
     md = (f"# Per-device sizes, {args.model} shapes (from shapes alone)\n\n"
           f"bf16 weights; one device of {memory / 2**30:.0f} GiB, fits: at "
           f"most {FIT:.0%} of it; a cache of context + {args.steps} steps + "
-          "the decode loop's slack.\n\n" + markdown_table(rows, PLAN_COLS))
+          "the decode loop's slack. max_context_b1: the longest context "
+          "whose cache fits next to the weights at batch 1, by memory "
+          "alone (not the model's trained context).\n\n"
+          + markdown_table(rows, PLAN_COLS))
     write_results(args.out, name, {"task": "plan", "model": args.model,
                                    "memory_bytes": memory, "rows": rows}, md)
     print(md)
