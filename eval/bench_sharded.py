@@ -20,9 +20,15 @@ matrices and Fisher scores, data-parallel: windows over "data") and the
 decomposition (each layer's group SVDs spread over the mesh's devices),
 the library's default Palu 50 %, timed on each mesh.
 
+Plan (`--task plan`): what each device would hold, from shapes alone, on
+any machine (`eval/sharded_sizes.py`). `--append` keeps the rows of earlier
+calls in the results file, so a multi-GPU run of several calls (one per
+model or variant, as `eval/device/sharded.sh`) ends in one file.
+
   python -m eval.bench_sharded [--model llama2-7b] [--variants base palu50_g1]
       [--batches 1 16] [--contexts 16384 65536] [--meshes none model=2 ...]
   python -m eval.bench_sharded --task compress --meshes data=1 data=2 data=8
+  python -m eval.bench_sharded --task plan --model llama2-70b --meshes model=8
 """
 
 from __future__ import annotations
@@ -41,18 +47,21 @@ from flax import nnx
 
 from eval.bench_decode import SHAPES, bench_one, cache_len, measure_bandwidth
 from eval.bench_e2e import build, palu_config, variant_spec
-from eval.sharded_sizes import FIT, footprint, longest_context
 from eval.plots import plot_results
 from eval.report import markdown_table, write_results
+from eval.sharded_sizes import FIT, footprint, longest_context
 from palu_jax.sharding.mesh import make_mesh, spec_devices
 
 DECODE_COLS = ["model", "variant", "mesh", "devices", "batch", "context",
                "ms_per_step", "tokens_per_s", "vs_unsharded",
                "scaling_efficiency", "scaling_base", "weight_gib_per_device",
                "cache_gib_per_device", "max_context_b1", "note"]
-COMPRESS_COLS = ["model", "mesh", "devices", "windows", "seqlen", "cold_total_s",
-                 "grams_s", "fisher_s", "decompose_s", "total_s", "speedup",
-                 "scaling_efficiency", "note"]
+COMPRESS_COLS = ["model", "mesh", "devices", "windows", "seqlen",
+                 "cold_total_s", "grams_s", "fisher_s", "decompose_s",
+                 "total_s", "speedup", "scaling_efficiency", "note"]
+PLAN_COLS = ["model", "variant", "mesh", "devices", "batch", "context",
+             "weight_gib_per_device", "cache_gib_per_device",
+             "total_gib_per_device", "fits", "max_context_b1"]
 
 
 def _mesh(spec: str, devices):
@@ -209,24 +218,18 @@ def kept_rows(path: str, args) -> list[dict]:
     return []
   with open(path) as f:
     old = json.load(f)["rows"]
-  if args.task == "compress":
-    again = lambda r: (r.get("model") == args.model and r["mesh"] in  # noqa: E731
-                       args.meshes and r.get("windows") == args.calib_windows
-                       and r.get("seqlen") == args.calib_seqlen)
-  else:
-    layers = args.layers or SHAPES[args.model].n_layers
-    again = lambda r: (r.get("model") == args.model  # noqa: E731
-                       and r.get("layers") == layers
-                       and r["variant"] in args.variants
-                       and r["mesh"] in args.meshes
-                       and r["batch"] in args.batches
-                       and r["context"] in args.contexts)
+  layers = args.layers or SHAPES[args.model].n_layers
+
+  def again(r) -> bool:
+    if (r.get("model"), r.get("layers")) != (args.model, layers) or (
+        r["mesh"] not in args.meshes):
+      return False
+    if args.task == "compress":
+      return (r.get("windows"), r.get("seqlen")) == (args.calib_windows,
+                                                     args.calib_seqlen)
+    return (r["variant"] in args.variants and r["batch"] in args.batches
+            and r["context"] in args.contexts)
   return [r for r in old if not again(r)]
-
-
-PLAN_COLS = ["model", "variant", "mesh", "devices", "batch", "context",
-             "weight_gib_per_device", "cache_gib_per_device",
-             "total_gib_per_device", "fits", "max_context_b1"]
 
 
 def plan_rows(args, cfg, memory: float) -> list[dict]:
