@@ -157,7 +157,8 @@ def main(argv=None) -> int:
           f"\n\nbf16, greedy, {args.steps} steps per timing{layers}; HBM "
           f"{bw / 1e9:.0f} GB/s measured in this run. max_context: the "
           "longest context whose cache fits next to the weights at that "
-          "batch (92 % of the device memory limit).\n\n"
+          f"batch ({FIT * 100:.0f} % of the device memory limit; with "
+          "--mesh, one device's share).\n\n"
           + markdown_table(rows, cols))
     jpath, _ = write_results(args.out, args.name,
                              {"device": device.device_kind, "rows": rows}, md)
@@ -170,18 +171,13 @@ def main(argv=None) -> int:
     model = build(cfg, palu, jnp.bfloat16,
                   "xla" if name == "base_xla" else None, mesh=mesh)
     graphdef, state = nnx.split(model)
-    weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(state))
     probe = model.init_cache(1, 1024)
     per_token = probe.nbytes() // 1024
     del probe
-    sizes = None if mesh is None else footprint(cfg, palu, mesh)
+    sizes = footprint(cfg, palu, mesh)   # what one device holds
     for batch in args.batches:
-      if not limit:                      # no memory limit known (CPU)
-        fit = None
-      elif sizes is None:
-        fit = int((FIT * limit - weights) / (batch * per_token))
-      else:                              # what one device of the mesh holds
-        fit = longest_context(limit, *sizes, batch)
+      fit = (longest_context(limit, *sizes, batch) if limit
+             else None)                  # no memory limit known (CPU)
       for ctx in args.contexts:
         row = {"variant": name, "device": device.device_kind,
                "batch": batch, "context": ctx,

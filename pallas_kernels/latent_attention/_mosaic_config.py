@@ -684,7 +684,8 @@ def choose_config(spec: LatentSpec, *, batch: int, cache_len: int, rope: bool,
           and fits(SUB, w if spec.shared else 2 * w, whole)
           and query_cols(spec, rope) * whole <= 256 else 1)
   fits = functools.partial(fits, hc=hc)
-  halves = (CHOOSE_VALUE_HALVES and spec.bits == 8 and not spec.shared
+  halves = (CHOOSE_VALUE_HALVES
+            and value_halves(spec, rope, MosaicConfig(value_halves=True))
             and not fits(SUB, w) and _has_value_windows(spec.v_rank)
             and fits(SUB, w, halves=True))
   if halves:
